@@ -1,0 +1,77 @@
+"""The ``specdec`` command line: one entry point, one module per subcommand.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. User
+mistakes (missing folders, bad parameters, mismatched vocabularies) print one line to stderr
+and exit with status 2; nothing prints a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, help)
+COMMANDS = {
+    "demo": ("specdec.demo", "complete held-out code prompts with and without speculation"),
+    "generate": ("specdec.commands.generate", "generate text, streamed to stdout"),
+    "check": ("specdec.commands.check", "check that speculation is lossless for a model pair"),
+    "bench": ("specdec.bench.command", "benchmark drafters against plain and Hugging Face decoding"),
+    "serve": ("specdec.serving.command", "OpenAI-compatible HTTP server"),
+    "train": ("specdec.train.command", "train the tokenizer, target, draft or drafter heads"),
+}
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, exit status 2."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from specdec.engine import GenerationError
+    from specdec.models import ModelLoadError
+
+    return (UserError, ModelLoadError, GenerationError, FileNotFoundError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"specdec: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="specdec", description="Lossless speculative decoding.")
+    from specdec import __version__
+
+    parser.add_argument("--version", action="version", version=f"specdec {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not module_name.startswith(e.name):
+                raise
+            p.set_defaults(_missing=f"'specdec {name}' is not available in this installation")
+            continue
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "_missing", None):
+        print(f"specdec: error: {args._missing}", file=sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except user_errors() as e:
+        print(f"specdec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specdec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``specdec`` CLI that need no package of their own."""

@@ -1,0 +1,56 @@
+"""Options shared by the subcommands that load a target and a drafter."""
+
+from __future__ import annotations
+
+import argparse
+
+from specdec.cli import UserError
+from specdec.drafters.registry import DRAFTERS, DrafterSpec, make_drafter
+from specdec.engine import SpeculativeGenerator
+from specdec.models import load_model
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="demo-target", help="target folder or demo-target")
+    p.add_argument("--draft", default="demo-draft", help="draft model folder or demo-draft")
+    p.add_argument(
+        "--drafter",
+        default="draft",
+        choices=["none", *DRAFTERS],
+        help="drafting method (none = plain decoding)",
+    )
+    p.add_argument("--num-draft-tokens", "-k", type=int, default=4, help="draft tokens per step (K)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+
+
+def check_sampling_arguments(args: argparse.Namespace) -> None:
+    if args.num_draft_tokens < 1:
+        raise UserError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+
+
+def build_generator(args: argparse.Namespace) -> SpeculativeGenerator:
+    check_sampling_arguments(args)
+    target = load_model(args.target, dtype=args.dtype, device=args.device)
+    spec = DrafterSpec(target, args.draft, args.num_draft_tokens, args.dtype)
+    try:
+        drafter = make_drafter(args.drafter, spec)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return SpeculativeGenerator(target, drafter)

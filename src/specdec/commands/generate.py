@@ -1,0 +1,42 @@
+"""``specdec generate``: stream a completion to stdout and a stats line to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from specdec.commands.common import add_model_arguments, add_sampling_arguments, build_generator
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the prompt text")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+
+
+def run(args: argparse.Namespace) -> int:
+    gen = build_generator(args)
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    if args.json:
+        out = gen.generate(args.prompt, **kwargs)
+        record = {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
+        record["stats"] = out.stats.to_dict()
+        print(json.dumps(record))
+        return 0
+    stream = gen.stream(args.prompt, **kwargs)
+    for chunk in stream:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[specdec] {stream.stats.summary()}", file=sys.stderr)
+    return 0

@@ -1,0 +1,68 @@
+"""The one interface every drafter implements.
+
+The engine drives a drafter through three calls per request:
+
+1. ``prefill(prompt_ids, target_out)`` once, after the target has read the prompt;
+2. ``propose(ctx)`` before each verify pass: up to ``ctx.max_draft_tokens`` tokens;
+3. ``on_verified(result)`` after it: roll back own state (cache) and adapt.
+
+A drafter owns its state (a draft model's KV cache, an n-gram index) and never touches the
+target's cache. Proposals carry ``draft_probs`` when the drafter samples from a distribution
+(needed by lossless rejection sampling); deterministic drafters leave it ``None``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from specdec.sampling import SamplingParams
+from specdec.verify.chain import VerifyResult
+
+
+@dataclass(frozen=True)
+class TargetOutput:
+    """What the target computed on the prompt (for drafters that reuse it)."""
+
+    hidden: torch.Tensor | None = None  # (T, d) final normed hidden states
+
+
+@dataclass
+class DraftContext:
+    """What a drafter may read when proposing.
+
+    ``token_ids``: the committed sequence, prompt + generated; its last token is *pending*
+    (its target logits have not been computed yet): drafts continue after it.
+    """
+
+    token_ids: list[int]
+    sampling: SamplingParams
+    max_draft_tokens: int
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class DraftProposal:
+    tokens: torch.Tensor  # (K,) long
+    draft_probs: torch.Tensor | None = None  # (K, V) float32, or None for deterministic drafts
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    num_draft_tokens: int
+
+    def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None: ...
+
+    def propose(self, ctx: DraftContext) -> DraftProposal: ...
+
+    def on_verified(self, result: VerifyResult) -> None: ...
+
+
+def empty_proposal(device: torch.device | str = "cpu") -> DraftProposal:
+    return DraftProposal(torch.empty(0, dtype=torch.long, device=device))

@@ -1,0 +1,40 @@
+"""Build a drafter from its CLI / config name. One entry per drafter file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from specdec.drafters.base import Drafter
+from specdec.models.loading import LoadedModel, load_model
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    """What a drafter may be built from: the loaded target, a draft folder, K, dtype."""
+
+    target: LoadedModel
+    draft: str = "demo-draft"
+    num_draft_tokens: int = 4
+    dtype: str = "auto"
+
+
+def _draft_model(spec: DrafterSpec) -> Drafter:
+    from specdec.drafters.draft_model import DraftModelDrafter
+
+    draft = load_model(spec.draft, dtype=spec.dtype, device=str(spec.target.device))
+    return DraftModelDrafter(draft, spec.num_draft_tokens)
+
+
+DRAFTERS: dict[str, Callable[[DrafterSpec], Drafter]] = {
+    "draft": _draft_model,
+}
+
+
+def make_drafter(name: str, spec: DrafterSpec) -> Drafter | None:
+    """``none`` gives None (plain decoding); unknown names raise ValueError."""
+    if name == "none":
+        return None
+    if name not in DRAFTERS:
+        raise ValueError(f"unknown drafter {name!r}; choose none, {', '.join(DRAFTERS)}")
+    return DRAFTERS[name](spec)

@@ -1,0 +1,217 @@
+"""A lean Llama-family decoder (Llama 1-3, Mistral, Qwen2) for speculative decoding.
+
+Touvron et al. 2023 (Llama), with grouped-query attention (Ainslie et al. 2023), SwiGLU
+(Shazeer 2020), RMSNorm and rotary embeddings (Su et al. 2021; Llama-3 frequency scaling).
+Parameter names follow Hugging Face's so a checkpoint's state dict loads as it is, and a
+model saved by specdec loads in ``transformers``.
+
+Every forward pass reads and writes a preallocated :class:`~specdec.cache.KVCache`:
+``forward(tokens, input_pos, cache, attn_mask=None)``. ``input_pos`` are the RoPE positions;
+``cache_slots`` (defaults to ``input_pos``) are where the new keys/values go; a tree of draft
+tokens passes distinct slots and positions plus its own attention mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specdec.cache import KVCache
+from specdec.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse rotary frequencies ``(D/2,)``, with Llama-3 or linear scaling if configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, blended, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    return inv_freq.float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        d, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, d)
+        cos: torch.Tensor,  # (B, 1, T, D)
+        sin: torch.Tensor,  # (B, 1, T, D)
+        cache: KVCache,
+        slots: torch.Tensor,  # (B, T)
+        mask: torch.Tensor,  # (B, 1, T, S) bool, True = may attend
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache.write(self.layer_idx, slots, k, v)
+        keys, values = cache.read(self.layer_idx, mask.shape[-1])  # (B, Hkv, S, D)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
+        )  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, slots, mask):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Named ``model`` inside :class:`Transformer` so state-dict keys match Hugging Face's."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def causal_mask(input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Chain mask ``(B, 1, T, S)``: the token at position p sees slots 0..p."""
+    slots = torch.arange(kv_len, device=input_pos.device)
+    return (slots[None, None, :] <= input_pos[:, :, None])[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def new_cache(
+        self, batch_size: int = 1, max_seq_len: int | None = None, num_layers: int | None = None
+    ) -> KVCache:
+        cfg = self.config
+        p = self.lm_head.weight
+        return KVCache(
+            num_layers if num_layers is not None else cfg.num_hidden_layers,
+            batch_size,
+            cfg.num_key_value_heads,
+            max_seq_len or cfg.max_position_embeddings,
+            cfg.head_dim,
+            dtype=p.dtype,
+            device=p.device,
+        )
+
+    def rope(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = input_pos[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def run_layers(
+        self,
+        h: torch.Tensor,  # (B, T, d)
+        input_pos: torch.Tensor,  # (B, T)
+        cache: KVCache,
+        attn_mask: torch.Tensor | None = None,
+        cache_slots: torch.Tensor | None = None,
+        layers: range | None = None,
+    ) -> torch.Tensor:
+        """Run decoder layers ``layers`` (default: all) over hidden states ``h``."""
+        slots = input_pos if cache_slots is None else cache_slots
+        if attn_mask is None:
+            attn_mask = causal_mask(input_pos, int(slots.max()) + 1)
+        elif attn_mask.dim() == 3:
+            attn_mask = attn_mask[:, None]
+        cos, sin = self.rope(input_pos, h.dtype)
+        for i in layers if layers is not None else range(len(self.model.layers)):
+            h = self.model.layers[i](h, cos, sin, cache, slots, attn_mask)
+        return h
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T)
+        input_pos: torch.Tensor,  # (B, T) or (T,)
+        cache: KVCache,
+        attn_mask: torch.Tensor | None = None,  # (B, T, S) bool, True = may attend
+        cache_slots: torch.Tensor | None = None,  # (B, T); defaults to input_pos
+        num_logits: int | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, T', V)`` for the last ``num_logits`` tokens (all if None).
+
+        With ``return_hidden`` also the final normed hidden states ``(B, T, d)``.
+        """
+        if input_pos.dim() == 1:
+            input_pos = input_pos[None].expand(tokens.shape[0], -1)
+        h = self.model.embed_tokens(tokens)  # (B, T, d)
+        h = self.run_layers(h, input_pos, cache, attn_mask, cache_slots)
+        h = self.model.norm(h)
+        logits = self.lm_head(h if num_logits is None else h[:, -num_logits:])
+        return (logits, h) if return_hidden else logits

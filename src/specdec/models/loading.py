@@ -1,0 +1,137 @@
+"""Load Hugging Face model folders (config.json + safetensors, sharded or not) into specdec.
+
+``load_model("demo-target")`` resolves the pair shipped inside the package; any other name
+is a folder path. Unsupported architectures, missing folders and broken checkpoints raise
+:class:`ModelLoadError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specdec.cache import KVCache
+from specdec.models.config import ModelConfig, ModelLoadError
+from specdec.models.llama import Transformer, rope_inv_freq
+from specdec.models.tokenizer import Tokenizer
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED = ("demo-target", "demo-draft")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to decode: the module, its configuration, tokenizer and folder."""
+
+    module: Transformer
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    path: Path
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.lm_head.weight.device
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_position_embeddings
+
+    def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
+        return self.module.new_cache(batch_size, max_seq_len)
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.module(*args, **kwargs)
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    if str(name_or_path) in EMBEDDED:
+        path = ASSETS / str(name_or_path)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"the embedded model {name_or_path!r} is missing from {ASSETS}")
+        return path
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"no such model folder: {path}")
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a folder (expected a Hugging Face model folder)")
+    return path.resolve()
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return DTYPES.get(str(cfg.raw.get("torch_dtype", "float32")), torch.float32)
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(folder / shard)))
+        return state
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return load_file(str(single))
+    bins = folder / "pytorch_model.bin"
+    if bins.is_file():
+        return torch.load(bins, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+    raise ModelLoadError(f"{folder} has no model.safetensors, sharded index or pytorch_model.bin")
+
+
+def load_model(
+    name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu"
+) -> LoadedModel:
+    """Load a Llama-family model from a Hugging Face folder or an embedded name."""
+    folder = resolve_path(name_or_path)
+    cfg = ModelConfig.from_folder(folder)
+    torch_dtype = resolve_dtype(dtype, cfg)
+    state = read_state_dict(folder)
+    with torch.device("meta"):
+        module = Transformer(cfg)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # checkpoint tied in fact
+    expected = set(module.state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ModelLoadError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
+    state = {k: v.to(torch_dtype) for k, v in state.items() if k in expected}
+    module.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        module.lm_head.weight = module.model.embed_tokens.weight
+    module.inv_freq = rope_inv_freq(cfg)  # buffers are not in the checkpoint: rebuild off meta
+    module = module.to(device).eval().requires_grad_(False)
+    return LoadedModel(module, cfg, Tokenizer.from_folder(folder), folder)
+
+
+def check_compatible(target: LoadedModel, draft: LoadedModel) -> None:
+    """Refuse a draft whose token ids do not mean what the target's mean."""
+    tv, dv = target.config.vocab_size, draft.config.vocab_size
+    if tv != dv:
+        raise ModelLoadError(
+            f"vocabulary mismatch: target has {tv} tokens, draft has {dv}; "
+            "speculative decoding needs a draft with the target's tokenizer"
+        )
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        if target.tokenizer.fingerprint() != draft.tokenizer.fingerprint():
+            raise ModelLoadError(
+                "vocabulary mismatch: the draft's tokenizer maps tokens to different ids "
+                "than the target's"
+            )

@@ -1,0 +1,46 @@
+"""Shared test helpers: tiny random Llama-family checkpoints saved in Hugging Face format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def save_tiny_llama(
+    folder: Path,
+    vocab_size: int = 96,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    init_std: float = 0.02,
+    max_position_embeddings: int = 256,
+    eos_token_id: int | None = None,
+    base: Path | None = None,
+    noise: float = 0.0,
+) -> Path:
+    """Save a random tiny Llama to ``folder``. With ``base``, copy that model's weights and add
+    Gaussian ``noise`` (a draft that agrees with the base most of the time)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=init_std,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    if base is not None:
+        ref = LlamaForCausalLM.from_pretrained(base)
+        state = {k: v + noise * torch.randn_like(v) * v.std() for k, v in ref.state_dict().items()}
+        model.load_state_dict(state)
+    model.save_pretrained(folder)
+    return folder
