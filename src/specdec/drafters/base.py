@@ -44,9 +44,32 @@ class DraftContext:
 
 
 @dataclass(frozen=True)
+class DraftTree:
+    """A tree of draft tokens hanging below the pending token (the implicit root).
+
+    Nodes are in topological order (a parent before its children). A chain of K tokens is the
+    tree with ``parents = [-1, 0, 1, ..., K-2]``. ``draft_probs[i]`` is the draft distribution
+    node ``i`` was drawn from, i.e. the drafter's distribution after its parent (siblings share
+    it); None for deterministic drafters.
+    """
+
+    tokens: torch.Tensor  # (N,) long
+    parents: torch.Tensor  # (N,) long; -1 = child of the pending token
+    draft_probs: torch.Tensor | None = None  # (N, V) float32
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass(frozen=True)
 class DraftProposal:
+    """A chain (``tokens`` ``(K,)``, ``draft_probs`` ``(K, V)``) or, when ``tree`` is set, a tree
+    whose node tokens are ``tokens``."""
+
     tokens: torch.Tensor  # (K,) long
     draft_probs: torch.Tensor | None = None  # (K, V) float32, or None for deterministic drafts
+    tree: DraftTree | None = None
 
     @property
     def num_tokens(self) -> int:
