@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -224,12 +224,19 @@ class SpeculativeGenerator:
             pending = torch.tensor([tokens_so_far[-1]], device=device)
             inp = torch.cat([pending, proposal.tokens.to(device)])[None]  # (1, K+1)
             pos = torch.arange(len(tokens_so_far) - 1, len(tokens_so_far) + K, device=device)
-            logits = target(inp, pos, cache)[0]  # (K+1, V)
+            if getattr(drafter, "needs_hidden", False):  # EAGLE / Medusa read the target's features
+                logits, hidden = target(inp, pos, cache, return_hidden=True)
+            else:
+                logits, hidden = target(inp, pos, cache), None
+            logits = logits[0]  # (K+1, V)
             if params.greedy:
                 result = verify_greedy(proposal.tokens, logits)
             else:
                 target_probs = logits_to_probs(logits, params)  # (K+1, V)
                 result = verify_rejection(proposal.tokens, proposal.draft_probs, target_probs, generator)
+            if hidden is not None:  # rows of the pending token and the accepted drafts
+                rows = [0, *(1 + i for i in result.accepted_path)]
+                result = replace(result, target_hidden=hidden[0, rows])  # (num_accepted + 1, d)
             cache.truncate(len(tokens_so_far) + result.num_accepted)
             if drafter is not None and K > 0:
                 drafter.on_verified(result)

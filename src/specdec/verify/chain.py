@@ -21,7 +21,7 @@ a deterministic proposal: its ``draft_probs`` is the one-hot of its token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,9 @@ class VerifyResult:
     num_drafted: int
     bonus: bool
     accepted_path: tuple[int, ...] = ()
+    # (num_accepted + 1, d): the target's final hidden states at the pending token and the
+    # accepted drafts; set by the engine for drafters with ``needs_hidden`` (EAGLE, Medusa).
+    target_hidden: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def kinds(self) -> list[str]:
