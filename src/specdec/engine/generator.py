@@ -24,9 +24,11 @@ from specdec.cache import KVCache
 from specdec.drafters.base import DraftContext, Drafter, TargetOutput, empty_proposal
 from specdec.engine.stats import SpecStats
 from specdec.engine.textstream import StreamChunk, TextAssembler
+from specdec.engine.tree_step import tree_step
 from specdec.models.loading import LoadedModel, check_compatible
 from specdec.sampling import SamplingParams, logits_to_probs
 from specdec.verify.chain import verify_greedy, verify_rejection
+from specdec.verify.tree import tree_depth
 
 
 class GenerationError(ValueError):
@@ -220,23 +222,28 @@ class SpeculativeGenerator:
             t_draft = time.perf_counter()
             stats.draft_s += t_draft - t
 
-            K = proposal.num_tokens
-            pending = torch.tensor([tokens_so_far[-1]], device=device)
-            inp = torch.cat([pending, proposal.tokens.to(device)])[None]  # (1, K+1)
-            pos = torch.arange(len(tokens_so_far) - 1, len(tokens_so_far) + K, device=device)
-            if getattr(drafter, "needs_hidden", False):  # EAGLE / Medusa read the target's features
-                logits, hidden = target(inp, pos, cache, return_hidden=True)
+            if proposal.tree is not None:  # tree step: one pass, compacts the cache itself
+                K = tree_depth(proposal.tree)
+                needs_hidden = getattr(drafter, "needs_hidden", False)
+                result = tree_step(target, cache, tokens_so_far, proposal.tree, params, generator, needs_hidden)
             else:
-                logits, hidden = target(inp, pos, cache), None
-            logits = logits[0]  # (K+1, V)
-            if params.greedy:
-                result = verify_greedy(proposal.tokens, logits)
-            else:
-                target_probs = logits_to_probs(logits, params)  # (K+1, V)
-                result = verify_rejection(proposal.tokens, proposal.draft_probs, target_probs, generator)
-            if hidden is not None:  # rows of the pending token and the accepted drafts
-                rows = [0, *(1 + i for i in result.accepted_path)]
-                result = replace(result, target_hidden=hidden[0, rows])  # (num_accepted + 1, d)
+                K = proposal.num_tokens
+                pending = torch.tensor([tokens_so_far[-1]], device=device)
+                inp = torch.cat([pending, proposal.tokens.to(device)])[None]  # (1, K+1)
+                pos = torch.arange(len(tokens_so_far) - 1, len(tokens_so_far) + K, device=device)
+                if getattr(drafter, "needs_hidden", False):  # EAGLE / Medusa read the target's features
+                    logits, hidden = target(inp, pos, cache, return_hidden=True)
+                else:
+                    logits, hidden = target(inp, pos, cache), None
+                logits = logits[0]  # (K+1, V)
+                if params.greedy:
+                    result = verify_greedy(proposal.tokens, logits)
+                else:
+                    target_probs = logits_to_probs(logits, params)  # (K+1, V)
+                    result = verify_rejection(proposal.tokens, proposal.draft_probs, target_probs, generator)
+                if hidden is not None:  # rows of the pending token and the accepted drafts
+                    rows = [0, *(1 + i for i in result.accepted_path)]
+                    result = replace(result, target_hidden=hidden[0, rows])  # (num_accepted + 1, d)
             cache.truncate(len(tokens_so_far) + result.num_accepted)
             if drafter is not None and K > 0:
                 drafter.on_verified(result)
