@@ -26,8 +26,15 @@ def _draft_model(spec: DrafterSpec) -> Drafter:
     return DraftModelDrafter(draft, spec.num_draft_tokens)
 
 
+def _adaptive(spec: DrafterSpec) -> Drafter:
+    from specdec.drafters.adaptive import AdaptiveDrafter
+
+    return AdaptiveDrafter(_draft_model(spec), max_draft_tokens=2 * spec.num_draft_tokens)
+
+
 DRAFTERS: dict[str, Callable[[DrafterSpec], Drafter]] = {
     "draft": _draft_model,
+    "adaptive": _adaptive,
 }
 
 

@@ -1,0 +1,172 @@
+"""Adaptive draft length: choose K each step from an online cost model.
+
+With per-position conditional acceptance rates ``alpha_j`` (the chance that draft ``j`` is
+accepted given drafts ``1..j-1`` were), a chain of K drafts commits in expectation
+
+    E[accepted + 1 | K] = 1 + sum_{i=1..K} prod_{j=1..i} alpha_j
+
+tokens (Leviathan et al. 2023, Sec. 3.1, with i.i.d. alpha; here alpha varies by position as
+measured), and costs ``K * t_draft + t_step(K)`` seconds, where ``t_step(K)`` is the target's
+verify pass over K+1 tokens plus the engine's per-step bookkeeping. Each step picks
+
+    K* = argmax_{K in 0..K_max}  E[accepted + 1 | K] / (K * t_draft + t_step(K))
+
+and K = 0 (plain decoding, the draft model idles) when drafting does not pay. This is the
+throughput-optimal rule of Leviathan et al. (2023, Sec. 3.4, "optimal gamma") made online,
+in the spirit of dynamic draft lengths (HF transformers' heuristic schedule; Liu et al. 2024,
+"Optimizing speculative decoding for serving", goodput-based K).
+
+Everything is measured online with exponential moving averages (EMA):
+
+* ``t_draft`` — wall time of ``inner.propose`` divided by the K it proposed;
+* ``t_step(K)`` — wall time from the end of one ``propose`` to the start of the next (verify
+  pass, cache rollback, engine overhead), kept per K; an unmeasured K borrows the nearest
+  measured K's time (optimistic upward, which makes the model explore longer chains);
+* ``alpha_j`` — position j is *tried* when drafts 1..j-1 were accepted; it scores 1 if
+  accepted, 0 if it was the first rejection.
+
+While K = 0 the acceptance estimates cannot change, so every ``probe_interval`` consecutive
+plain steps one K = 1 step probes whether drafting pays again (e.g. on repetitive text).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from specdec.drafters.base import DraftContext, DraftProposal, Drafter, TargetOutput, empty_proposal
+from specdec.verify.chain import VerifyResult
+
+
+@dataclass
+class CostModel:
+    """Online estimates of draft/step times and per-position acceptance; picks K."""
+
+    max_draft_tokens: int
+    ema: float = 0.3  # weight of a new measurement
+    prior_acceptance: float = 0.6
+    t_draft: float | None = None  # seconds per draft token
+    t_step: dict[int, float] = field(default_factory=dict)  # K -> seconds per verify step
+    acceptance: list[float] = field(default_factory=list)  # (K_max,) conditional alpha_j
+
+    def __post_init__(self) -> None:
+        if self.max_draft_tokens < 1:
+            raise ValueError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}")
+        if not self.acceptance:
+            self.acceptance = [self.prior_acceptance] * self.max_draft_tokens
+
+    @staticmethod
+    def _update(old: float | None, new: float, weight: float) -> float:
+        return new if old is None else (1 - weight) * old + weight * new
+
+    def record_draft(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens > 0:
+            self.t_draft = self._update(self.t_draft, seconds / num_tokens, self.ema)
+
+    def record_step(self, num_drafted: int, seconds: float) -> None:
+        self.t_step[num_drafted] = self._update(self.t_step.get(num_drafted), seconds, self.ema)
+
+    def record_acceptance(self, num_drafted: int, num_accepted: int) -> None:
+        """Update alpha_j for the tried positions ``1 .. min(num_accepted + 1, num_drafted)``."""
+        for j in range(min(num_accepted + 1, num_drafted)):
+            accepted = 1.0 if j < num_accepted else 0.0
+            self.acceptance[j] = self._update(self.acceptance[j], accepted, self.ema)
+
+    def step_time(self, k: int) -> float | None:
+        """``t_step(k)``: measured, else the nearest measured K's (ties: the larger K)."""
+        if k in self.t_step:
+            return self.t_step[k]
+        if not self.t_step:
+            return None
+        nearest = min(self.t_step, key=lambda m: (abs(m - k), -m))
+        return self.t_step[nearest]
+
+    def expected_tokens(self, k: int) -> float:
+        """E[accepted + 1 | K = k] under the per-position acceptance estimates."""
+        total, prefix = 1.0, 1.0
+        for j in range(k):
+            prefix *= self.acceptance[j]
+            total += prefix
+        return total
+
+    def tokens_per_second(self, k: int) -> float | None:
+        step = self.step_time(k)
+        if step is None or (k > 0 and self.t_draft is None):
+            return None
+        cost = k * (self.t_draft or 0.0) + step
+        return self.expected_tokens(k) / cost if cost > 0 else None
+
+    def best_k(self) -> int | None:
+        """The K maximising expected tokens per second; None until timings are known."""
+        rates = {k: self.tokens_per_second(k) for k in range(self.max_draft_tokens + 1)}
+        known = {k: r for k, r in rates.items() if r is not None}
+        if len(known) < len(rates):
+            return None
+        return max(known, key=lambda k: (known[k], -k))
+
+
+class AdaptiveDrafter:
+    """Wrap a chain drafter (anything with a settable ``num_draft_tokens``) and choose its K.
+
+    ``num_draft_tokens`` of the wrapper is the cap K_max (the engine sizes caches with it).
+    Until the cost model has timings it drafts ``initial_draft_tokens``.
+    """
+
+    def __init__(
+        self,
+        inner: Drafter,
+        max_draft_tokens: int = 8,
+        initial_draft_tokens: int | None = None,
+        probe_interval: int = 16,
+        ema: float = 0.3,
+    ) -> None:
+        self.inner = inner
+        self.num_draft_tokens = max_draft_tokens
+        self.cost = CostModel(max_draft_tokens, ema=ema)
+        start = initial_draft_tokens if initial_draft_tokens is not None else inner.num_draft_tokens
+        self.initial_draft_tokens = max(1, min(start, max_draft_tokens))
+        self.probe_interval = probe_interval
+        self.model = getattr(inner, "model", None)  # lets the engine check vocab compatibility
+        self.needs_hidden = getattr(inner, "needs_hidden", False)
+        self.chosen: list[int] = []  # K chosen per step (for reports and tests)
+        self._plain_streak = 0
+        self._last_k: int | None = None
+        self._last_end = 0.0
+
+    def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:
+        self._last_k = None  # the prefill is no verify step: do not time it
+        self._plain_streak = 0
+        self.inner.prefill(prompt_ids, target_out)
+
+    def choose_k(self) -> int:
+        best = self.cost.best_k()
+        if best is None:
+            return self.initial_draft_tokens
+        if best == 0:
+            self._plain_streak += 1
+            if self._plain_streak >= self.probe_interval:
+                self._plain_streak = 0
+                return 1
+            return 0
+        self._plain_streak = 0
+        return best
+
+    def propose(self, ctx: DraftContext) -> DraftProposal:
+        start = time.perf_counter()
+        if self._last_k is not None:
+            self.cost.record_step(self._last_k, start - self._last_end)
+        k = min(self.choose_k(), ctx.max_draft_tokens)
+        self.chosen.append(k)
+        if k == 0:
+            proposal = empty_proposal()
+        else:
+            self.inner.num_draft_tokens = k
+            proposal = self.inner.propose(ctx)
+        end = time.perf_counter()
+        self.cost.record_draft(proposal.num_tokens, end - start)
+        self._last_k, self._last_end = proposal.num_tokens, end
+        return proposal
+
+    def on_verified(self, result: VerifyResult) -> None:
+        self.cost.record_acceptance(result.num_drafted, result.num_accepted)
+        self.inner.on_verified(result)

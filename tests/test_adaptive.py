@@ -1,0 +1,123 @@
+"""Adaptive draft length: the cost-model decision and greedy equality through the wrapper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec import DraftModelDrafter, SpeculativeGenerator, load_model
+from specdec.drafters.adaptive import AdaptiveDrafter, CostModel
+from specdec.drafters.registry import DrafterSpec, make_drafter
+
+
+def cost_model(alpha: float, t_draft: float, t_step: dict[int, float], k_max: int = 8) -> CostModel:
+    model = CostModel(k_max)
+    model.acceptance = [alpha] * k_max
+    model.t_draft = t_draft
+    model.t_step = dict(t_step)
+    return model
+
+
+def test_expected_tokens_matches_closed_form() -> None:
+    model = cost_model(0.5, 1.0, {0: 1.0})
+    # 1 + a + a^2 + a^3 with a = 0.5
+    assert model.expected_tokens(3) == pytest.approx(1.875)
+    assert model.expected_tokens(0) == 1.0
+
+
+def test_high_acceptance_and_cheap_drafts_choose_the_largest_k() -> None:
+    # verify cost nearly flat in K (memory-bound target), drafts 5% of a target step
+    steps = {k: 1.0 + 0.01 * k for k in range(9)}
+    assert cost_model(0.95, 0.05, steps).best_k() == 8
+
+
+def test_useless_drafts_choose_no_speculation() -> None:
+    steps = {k: 1.0 + 0.01 * k for k in range(9)}
+    assert cost_model(0.02, 0.05, steps).best_k() == 0
+
+
+def test_expensive_drafts_choose_a_middle_k() -> None:
+    steps = {k: 1.0 + 0.05 * k for k in range(9)}
+    best = cost_model(0.7, 0.3, steps).best_k()
+    assert best is not None and 0 < best < 8
+    model = cost_model(0.7, 0.3, steps)
+    rates = [model.tokens_per_second(k) for k in range(9)]
+    assert rates[best] == max(rates)
+
+
+def test_acceptance_updates_only_tried_positions() -> None:
+    model = CostModel(4, ema=1.0)  # ema 1: the latest measurement replaces the estimate
+    model.record_acceptance(num_drafted=4, num_accepted=1)
+    assert model.acceptance[:2] == [1.0, 0.0]
+    assert model.acceptance[2:] == [model.prior_acceptance] * 2
+
+
+def test_unmeasured_k_borrows_the_nearest_step_time() -> None:
+    model = CostModel(8)
+    assert model.best_k() is None  # no timings yet
+    model.record_step(4, 2.0)
+    model.record_step(1, 1.0)
+    assert model.step_time(0) == 1.0 and model.step_time(7) == 2.0
+    assert model.step_time(2) == 1.0 and model.step_time(3) == 2.0
+
+
+class ScriptedDrafter:
+    """A chain drafter that proposes token 0 K times (for the wrapper's K bookkeeping)."""
+
+    def __init__(self) -> None:
+        self.num_draft_tokens = 3
+        self.asked: list[int] = []
+
+    def prefill(self, prompt_ids, target_out) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def propose(self, ctx):  # type: ignore[no-untyped-def]
+        from specdec.drafters.base import DraftProposal
+
+        self.asked.append(self.num_draft_tokens)
+        return DraftProposal(torch.zeros(self.num_draft_tokens, dtype=torch.long))
+
+    def on_verified(self, result) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
+def test_wrapper_sets_inner_k_and_probes_after_plain_steps() -> None:
+    from specdec.drafters.base import DraftContext
+    from specdec.sampling import SamplingParams
+
+    inner = ScriptedDrafter()
+    drafter = AdaptiveDrafter(inner, max_draft_tokens=4, probe_interval=3)
+    ctx = DraftContext([1, 2, 3], SamplingParams(), max_draft_tokens=10)
+    assert drafter.propose(ctx).num_tokens == 3  # no timings yet: the inner's own K
+    # inject a cost model where drafting never pays
+    drafter.cost.acceptance = [0.0] * 4
+    drafter.cost.t_draft = 1.0
+    drafter.cost.t_step = {k: 1.0 for k in range(5)}
+    ks = [drafter.propose(ctx).num_tokens for _ in range(6)]
+    assert ks == [0, 0, 1, 0, 0, 1]  # the third plain step probes with K = 1
+    assert inner.asked == [3, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def pair(target_path, good_draft_path):  # type: ignore[no-untyped-def]
+    return target_path, good_draft_path
+
+
+@pytest.mark.parametrize("prompt_seed", [0, 1, 2])
+def test_greedy_output_equals_plain_decoding(pair, prompt_seed: int) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(prompt_seed)
+    target = load_model(pair[0], dtype="float32")
+    draft = load_model(pair[1], dtype="float32")
+    prompt = torch.randint(0, 96, (12,)).tolist()
+    plain = SpeculativeGenerator(target).generate(prompt, max_new_tokens=60, ignore_eos=True)
+    drafter = AdaptiveDrafter(DraftModelDrafter(draft, 2), max_draft_tokens=6, probe_interval=4)
+    out = SpeculativeGenerator(target, drafter).generate(prompt, max_new_tokens=60, ignore_eos=True)
+    assert out.token_ids == plain.token_ids
+    assert len(set(drafter.chosen)) > 1  # K really changed during the request
+
+
+def test_registry_builds_the_adaptive_wrapper(pair) -> None:  # type: ignore[no-untyped-def]
+    target = load_model(pair[0], dtype="float32")
+    drafter = make_drafter("adaptive", DrafterSpec(target, str(pair[1]), num_draft_tokens=3, dtype="float32"))
+    assert isinstance(drafter, AdaptiveDrafter)
+    assert drafter.num_draft_tokens == 6 and isinstance(drafter.inner, DraftModelDrafter)
