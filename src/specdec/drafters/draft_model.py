@@ -1,33 +1,66 @@
-"""A separate small draft model proposes a chain (Leviathan et al. 2023; Chen et al. 2023).
+"""A separate small draft model proposes a chain (Leviathan et al. 2023; Chen et al. 2023) or a
+dynamic tree (EAGLE-2, Li et al. 2024, Sec. 4).
 
-The drafter keeps its own KV cache. Bookkeeping, with ``n`` committed tokens (the last one
+The drafter keeps its own KV cache. Chain bookkeeping, with ``n`` committed tokens (the last one
 pending) when ``propose`` is called and K drafts proposed::
 
     fed to the draft:   token_ids[cache_len:n], d1, ..., d_{K-1}   -> cache holds n + K - 1
     after j accepted:   cache keeps n + min(j, K-1) slots; the rest is rolled back
 
 so the next ``propose`` feeds only the one or two tokens it has not seen.
+
+Tree mode (``tree_width > 1``) grows the tree depth by depth, one draft forward per depth for
+all expanded nodes, under tree attention over the draft's own cache (expanded node ``j`` is
+written to slot ``n + j``). Each expanded node gets ``tree_width`` children; at each depth the
+``tree_width`` nodes with the highest cumulative draft probability are expanded.
+
+* Greedy: children are the draft's top-k tokens (distinct); at the end the ``max_tree_nodes``
+  nodes with the highest cumulative probability are kept (EAGLE-2's reranking; a parent always
+  scores at least as high as its child, so the kept set is a tree).
+* Sampling: children are i.i.d. draws from the draft distribution ``q`` (duplicates allowed),
+  as the lossless recursive rejection of :mod:`specdec.verify.tree` requires. Nothing is
+  pruned after sampling (dropping a sibling because of its value would bias the siblings);
+  the node budget only limits how many children are drawn, decided before drawing them. A
+  duplicate of an earlier sibling is never expanded: if verification reaches it, it is rejected.
+
+After verification the accepted path's expanded nodes are compacted into the draft cache, which
+then holds ``n + m`` slots (``m`` = accepted nodes that were fed).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from specdec.drafters.base import DraftContext, DraftProposal, TargetOutput, empty_proposal
+from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, empty_proposal
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs, sample
 from specdec.verify.chain import VerifyResult
 
 
 class DraftModelDrafter:
-    def __init__(self, model: LoadedModel, num_draft_tokens: int = 4) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        num_draft_tokens: int = 4,
+        tree_width: int = 1,
+        max_tree_nodes: int | None = None,
+    ) -> None:
         if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
+        if not isinstance(tree_width, int) or tree_width < 1:
+            raise ValueError(f"tree_width must be an integer >= 1, got {tree_width}")
         self.model = model
         self.num_draft_tokens = num_draft_tokens
+        self.tree_width = tree_width
+        self.max_tree_nodes = max_tree_nodes or num_draft_tokens * tree_width
+        if self.max_tree_nodes < 1:
+            raise ValueError(f"max_tree_nodes must be >= 1, got {max_tree_nodes}")
         self.cache = model.new_cache(1)
         self._n = 0  # committed length at the last propose
         self._proposed = 0
+        self._fed_slot: list[int] = []  # per proposed tree node: its draft-cache offset from n, or -1
 
     def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:
         self.cache.truncate(0)
@@ -50,6 +83,8 @@ class DraftModelDrafter:
             return empty_proposal(self.model.device)
         start = self.cache.lengths[0]
         logits = self._forward(ctx.token_ids[start:], start)
+        if self.tree_width > 1:
+            return self._propose_tree(ctx, K, logits)
         tokens, probs = [], []
         for i in range(K):
             if ctx.sampling.greedy:
@@ -66,6 +101,96 @@ class DraftModelDrafter:
             torch.stack(probs) if probs else None,  # (K, V)
         )
 
+    def _children(self, logits: torch.Tensor, ctx: DraftContext, count: int):  # type: ignore[no-untyped-def]
+        """``count`` child tokens below a node with draft ``logits`` ``(V,)``, their log
+        probabilities and the distribution they were drawn from (None when greedy)."""
+        log_probs = logits.float().log_softmax(-1)  # (V,) ranking scores
+        if ctx.sampling.greedy:
+            tokens = log_probs.topk(count).indices  # (count,) distinct
+            return tokens.tolist(), log_probs[tokens].tolist(), None
+        draft_probs = logits_to_probs(logits, ctx.sampling)  # (V,)
+        tokens = torch.multinomial(draft_probs, count, replacement=True, generator=ctx.generator)
+        return tokens.tolist(), draft_probs[tokens].log().tolist(), draft_probs
+
+    def _propose_tree(self, ctx: DraftContext, K: int, root_logits: torch.Tensor) -> DraftProposal:
+        n, width, greedy = self._n, self.tree_width, ctx.sampling.greedy
+        budget = math.inf if greedy else self.max_tree_nodes  # sampling: a budget on draws
+        tokens: list[int] = []
+        parents: list[int] = []
+        scores: list[float] = []  # cumulative draft log probability
+        rows: list[torch.Tensor | None] = []  # distribution each node was drawn from
+        fed_slot: list[int] = []  # offset of the node's draft-cache slot from n, or -1
+        ancestors: dict[int, list[int]] = {-1: []}  # fed node -> slots offsets of its path
+        frontier: list[tuple[int, torch.Tensor]] = [(-1, root_logits)]
+        for depth in range(1, K + 1):
+            new_nodes: list[int] = []
+            for parent, logits in frontier:
+                count = int(min(width, budget - len(tokens)))
+                if count <= 0:
+                    break
+                kids, log_probs, row = self._children(logits, ctx, count)
+                base = scores[parent] if parent >= 0 else 0.0
+                seen: set[int] = set()
+                for token, lp in zip(kids, log_probs):
+                    new_nodes.append(len(tokens))
+                    fed_slot.append(-1 if token not in seen else -2)  # -2: a duplicate sibling
+                    seen.add(token)
+                    tokens.append(token)
+                    parents.append(parent)
+                    scores.append(base + lp)
+                    rows.append(row)
+            if depth == K:
+                break
+            free = self.cache.max_seq_len - n - sum(s >= 0 for s in fed_slot)
+            expandable = [i for i in new_nodes if fed_slot[i] == -1]
+            expand = sorted(expandable, key=lambda i: -scores[i])[: min(width, free)]
+            if not expand:
+                break
+            frontier = list(zip(expand, self._feed(expand, tokens, parents, fed_slot, ancestors, n + depth - 1)))
+        fed_slot = [max(s, -1) for s in fed_slot]
+        keep = list(range(len(tokens)))
+        if greedy and len(keep) > self.max_tree_nodes:  # EAGLE-2 reranking; ties keep parents first
+            depth_of = [0] * len(tokens)
+            for i, p in enumerate(parents):
+                depth_of[i] = 1 + (depth_of[p] if p >= 0 else 0)
+            keep = sorted(sorted(keep, key=lambda i: (-scores[i], depth_of[i], i))[: self.max_tree_nodes])
+        remap = {old: new for new, old in enumerate(keep)}
+        self._fed_slot = [fed_slot[i] for i in keep]
+        tree = DraftTree(
+            torch.tensor([tokens[i] for i in keep], dtype=torch.long),
+            torch.tensor([remap[parents[i]] if parents[i] >= 0 else -1 for i in keep], dtype=torch.long),
+            None if greedy else torch.stack([rows[i] for i in keep]),  # type: ignore[misc]
+        )
+        return DraftProposal(tree.tokens, tree.draft_probs, tree=tree)
+
+    def _feed(self, nodes, tokens, parents, fed_slot, ancestors, position):  # type: ignore[no-untyped-def]
+        """One draft forward over ``nodes`` (all at RoPE ``position``) with tree attention;
+        records their cache slots and returns their logits ``(F, V)``."""
+        n, device = self._n, self.model.device
+        first = sum(s >= 0 for s in fed_slot)
+        for j, node in enumerate(nodes):
+            fed_slot[node] = first + j
+            ancestors[node] = [*ancestors[parents[node]], first + j]
+        S = n + first + len(nodes)
+        mask = torch.zeros(1, len(nodes), S, dtype=torch.bool, device=device)  # (1, F, S)
+        mask[0, :, :n] = True  # the committed tokens, pending included
+        for j, node in enumerate(nodes):
+            mask[0, j, [n + s for s in ancestors[node]]] = True
+        inp = torch.tensor([[tokens[i] for i in nodes]], device=device)  # (1, F)
+        pos = torch.full_like(inp, position)
+        slots = torch.arange(n + first, S, device=device)[None]  # (1, F)
+        logits = self.model(inp, pos, self.cache, attn_mask=mask, cache_slots=slots)
+        return logits[0]  # (F, V)
+
     def on_verified(self, result: VerifyResult) -> None:
-        if self._proposed:
+        if not self._proposed:
+            return
+        if self.tree_width == 1:
             self.cache.truncate(self._n + min(result.num_accepted, self._proposed - 1))
+            return
+        keep: list[int] = []
+        for node in result.accepted_path:  # the fed nodes of a path form its prefix
+            if self._fed_slot[node] < 0:
+                break
+            keep.append(self._fed_slot[node])
+        self.cache.compact(self._n, keep)

@@ -1,0 +1,126 @@
+"""Prompt lookup decoding: draft by copying what followed the last n tokens earlier in the text.
+
+Saxena 2023, "Prompt Lookup Decoding" (also the n-gram candidate generator of HF
+transformers): no model, near-zero cost. The suffix of the sequence (its last ``n`` tokens, ``n``
+from ``max_ngram`` down to ``min_ngram``) is looked up among the earlier n-grams of prompt +
+generated text, and the tokens that followed a match are the draft. An :class:`NgramIndex` maps
+every n-gram to the positions right after its occurrences and is extended incrementally, so a
+step costs O(new tokens), never a rescan.
+
+With ``num_branches > 1`` the continuations of several matches (longest n first, then the most
+recent) are merged into a trie and proposed as a tree (siblings are distinct tokens: the drafter
+is deterministic, ``draft_probs`` None).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, empty_proposal
+from specdec.verify.chain import VerifyResult
+
+
+class NgramIndex:
+    """``n``-gram -> positions that follow its occurrences, for ``min_n <= n <= max_n``.
+
+    Only n-grams that already have a following token are indexed, so a lookup of the text's own
+    suffix never finds itself.
+    """
+
+    def __init__(self, min_n: int = 1, max_n: int = 3) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_n} and {max_n}")
+        self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = []
+        self._follow: dict[tuple[int, ...], list[int]] = {}
+
+    def reset(self, tokens: list[int]) -> None:
+        self.tokens = []
+        self._follow = {}
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        """Index ``tokens``, which must start with the tokens indexed so far."""
+        old = len(self.tokens)
+        self.tokens.extend(tokens[old:])
+        # n-grams ending right before position e, for every e that now has a token.
+        for e in range(max(old, 1), len(self.tokens)):
+            for n in range(self.min_n, min(self.max_n, e) + 1):
+                self._follow.setdefault(tuple(self.tokens[e - n : e]), []).append(e)
+
+    def continuations(self, query: list[int], max_len: int, max_count: int) -> list[list[int]]:
+        """Up to ``max_count`` distinct continuations (each <= ``max_len`` tokens) of ``query``'s
+        suffix: the longest matching n first, the most recent occurrence first."""
+        found: list[list[int]] = []
+        for n in range(min(self.max_n, len(query)), self.min_n - 1, -1):
+            for e in reversed(self._follow.get(tuple(query[len(query) - n :]), ())):
+                cont = self.tokens[e : e + max_len]
+                if any(cont == f[: len(cont)] for f in found):
+                    continue  # a duplicate or a prefix of a continuation already found
+                found.append(cont)
+                if len(found) == max_count:
+                    return found
+        return found
+
+
+def trie_tree(continuations: list[list[int]], max_nodes: int) -> DraftTree:
+    """Merge continuations into a trie (distinct siblings) of at most ``max_nodes`` nodes."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    child: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+    for cont in continuations:
+        parent = -1
+        for token in cont:
+            node = child.get((parent, token))
+            if node is None:
+                if len(tokens) == max_nodes:
+                    break
+                node = child[(parent, token)] = len(tokens)
+                tokens.append(token)
+                parents.append(parent)
+            parent = node
+    return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+
+
+class NgramDrafter:
+    """Prompt lookup drafter: a chain (``num_branches == 1``) or a trie of continuations."""
+
+    def __init__(
+        self,
+        num_draft_tokens: int = 4,
+        max_ngram: int = 3,
+        min_ngram: int = 1,
+        num_branches: int = 1,
+        max_tree_nodes: int | None = None,
+    ) -> None:
+        if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
+        if num_branches < 1:
+            raise ValueError(f"num_branches must be >= 1, got {num_branches}")
+        self.num_draft_tokens = num_draft_tokens
+        self.num_branches = num_branches
+        self.max_tree_nodes = max_tree_nodes or num_draft_tokens * num_branches
+        self.index = NgramIndex(min_ngram, max_ngram)
+
+    def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:
+        self.index.reset(prompt_ids)
+
+    def propose(self, ctx: DraftContext) -> DraftProposal:
+        ids, indexed = ctx.token_ids, self.index.tokens
+        if len(ids) < len(indexed) or (indexed and ids[len(indexed) - 1] != indexed[-1]):
+            self.index.reset(ids)  # not a continuation of what was indexed: a new request
+        else:
+            self.index.extend(ids)
+        K = min(self.num_draft_tokens, ctx.max_draft_tokens)
+        if K <= 0:
+            return empty_proposal()
+        found = self.index.continuations(ids, K, self.num_branches)
+        if not found:
+            return empty_proposal()
+        if len(found) == 1:
+            return DraftProposal(torch.tensor(found[0], dtype=torch.long))
+        tree = trie_tree(found, self.max_tree_nodes)
+        return DraftProposal(tree.tokens, tree=tree)
+
+    def on_verified(self, result: VerifyResult) -> None:
+        """Nothing to roll back: the index only holds committed tokens."""

@@ -1,0 +1,150 @@
+"""Staged speculative decoding (Spector & Re 2023, "Accelerating LLM inference with staged
+speculative decoding"): the draft model is itself sped up by speculation, and the target
+verifies a tree.
+
+Stage 2 (n-gram -> draft model): to write its chain of K drafts, the draft model does not run
+once per token; prompt lookup (:class:`~specdec.drafters.ngram.NgramIndex`) guesses the next
+tokens, and one draft forward over ``[last, g1 .. gm]`` verifies the guesses exactly like the
+target verifies drafts (greedy: longest argmax prefix; sampling: rejection sampling of a
+deterministic proposal, Leviathan et al. 2023). The chain is therefore distributed exactly as
+if the draft model had sampled it token by token, so its ``draft_probs`` are the draft model's
+distributions ``q_i`` at each position. A forward commits ``accepted + 1`` draft tokens.
+
+Stage 1 (draft model -> target): the chain is proposed as a tree with extra siblings at the
+first ``branch_depth`` positions (Spector & Re, Sec. 3.1, tree-structured batches): greedy adds
+the draft's next best tokens; sampling adds ``tree_width - 1`` more i.i.d. draws from ``q_i``
+(the chain token is the first draw), as the lossless recursive rejection of
+:mod:`specdec.verify.tree` requires. The extra siblings are leaves; they cost the target one
+tree row each and no draft forward.
+
+Draft cache bookkeeping: with ``n`` committed tokens, the cache holds ``n + K - 1`` slots after
+``propose`` (the chain's last token is never fed) and keeps ``n + min(j, K - 1)`` after ``j``
+chain tokens were accepted, as :class:`~specdec.drafters.draft_model.DraftModelDrafter` does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, empty_proposal
+from specdec.drafters.ngram import NgramIndex
+from specdec.models.loading import LoadedModel
+from specdec.sampling import logits_to_probs
+from specdec.verify.chain import VerifyResult, verify_greedy, verify_rejection
+
+
+class StagedDrafter:
+    def __init__(
+        self,
+        model: LoadedModel,
+        num_draft_tokens: int = 4,
+        tree_width: int = 2,
+        branch_depth: int = 1,
+        max_ngram: int = 3,
+        min_ngram: int = 1,
+    ) -> None:
+        if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
+        if tree_width < 1 or branch_depth < 0:
+            raise ValueError(f"need tree_width >= 1 and branch_depth >= 0, got {tree_width}, {branch_depth}")
+        self.model = model
+        self.num_draft_tokens = num_draft_tokens
+        self.tree_width = tree_width
+        self.branch_depth = branch_depth
+        self.index = NgramIndex(min_ngram, max_ngram)
+        self.cache = model.new_cache(1)
+        self.draft_forwards = 0  # draft-model passes during propose (stage-2 speedup: < tokens)
+        self._n = 0
+        self._chain_len = 0
+
+    def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:
+        self.cache.truncate(0)
+        self.index.reset(prompt_ids)
+        if len(prompt_ids) > 1:
+            self._forward(prompt_ids[:-1], 0)
+
+    def _forward(self, token_ids: list[int], start: int) -> torch.Tensor:
+        """Feed ``token_ids`` at ``start``; logits ``(T, V)`` of all of them."""
+        tokens = torch.tensor([token_ids], device=self.model.device)  # (1, T)
+        pos = torch.arange(start, start + len(token_ids), device=tokens.device)
+        logits = self.model(tokens, pos, self.cache)
+        self.cache.truncate(start + len(token_ids))
+        self.draft_forwards += 1
+        return logits[0]  # (T, V)
+
+    def _chain(self, ctx: DraftContext, K: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """K draft tokens, the draft logits ``(K, V)`` and distributions ``(K, V)`` they follow
+        (one-hot when greedy); each stage-2 step is one draft forward."""
+        ids = ctx.token_ids
+        start = self.cache.lengths[0]
+        unfed = ids[start:]  # ends with the pending token
+        chain: list[int] = []
+        logit_rows: list[torch.Tensor] = []
+        prob_rows: list[torch.Tensor] = []
+        while len(chain) < K:
+            remaining = K - len(chain)
+            query = ids[-self.index.max_n :] + chain
+            found = self.index.continuations(query, remaining - 1, 1) if remaining > 1 else []
+            guess = found[0] if found else []
+            logits = self._forward(unfed + guess, start)[-(len(guess) + 1) :]  # (m+1, V)
+            draft_probs = logits_to_probs(logits, ctx.sampling)  # (m+1, V)
+            guess_t = torch.tensor(guess, dtype=torch.long, device=logits.device)
+            if ctx.sampling.greedy:
+                inner = verify_greedy(guess_t, logits)
+            else:
+                inner = verify_rejection(guess_t, None, draft_probs, ctx.generator)
+            chain += inner.tokens
+            logit_rows.append(logits[: inner.num_accepted + 1])
+            prob_rows.append(draft_probs[: inner.num_accepted + 1])
+            # keep [unfed, accepted guesses]; the last token of the step is fed next time
+            start += len(unfed) + inner.num_accepted
+            self.cache.truncate(start)
+            unfed = chain[-1:]
+        return chain, torch.cat(logit_rows), torch.cat(prob_rows)  # (K,), (K, V), (K, V)
+
+    def propose(self, ctx: DraftContext) -> DraftProposal:
+        indexed = self.index.tokens
+        if len(ctx.token_ids) < len(indexed) or (indexed and ctx.token_ids[len(indexed) - 1] != indexed[-1]):
+            self.index.reset(ctx.token_ids)
+        else:
+            self.index.extend(ctx.token_ids)
+        n = len(ctx.token_ids)
+        K = min(self.num_draft_tokens, ctx.max_draft_tokens, self.cache.max_seq_len - n + 1)
+        self._n, self._chain_len = n, max(K, 0)
+        if K <= 0:
+            return empty_proposal(self.model.device)
+        chain, logits, draft_probs = self._chain(ctx, K)
+        tokens, parents = list(chain), [i - 1 for i in range(K)]
+        node_probs = list(range(K))  # node -> its row of draft_probs
+        for d in range(min(self.branch_depth, K)):
+            for token in self._alternatives(chain[d], logits[d], draft_probs[d], ctx):
+                tokens.append(token)
+                parents.append(d - 1)
+                node_probs.append(d)
+        greedy = ctx.sampling.greedy
+        probs = None if greedy else draft_probs[node_probs]  # (N, V)
+        if len(tokens) == K:
+            return DraftProposal(torch.tensor(chain, dtype=torch.long), probs)
+        tree = DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), probs)
+        return DraftProposal(tree.tokens, probs, tree=tree)
+
+    def _alternatives(
+        self, chain_token: int, logits: torch.Tensor, draft_probs: torch.Tensor, ctx: DraftContext
+    ) -> list[int]:
+        """Extra siblings of ``chain_token`` at one position (see the module docstring)."""
+        extra = self.tree_width - 1
+        if extra <= 0:
+            return []
+        if ctx.sampling.greedy:  # the draft's next best tokens, distinct from the chain token
+            ranked = logits.topk(min(extra + 1, logits.shape[-1])).indices.tolist()
+            return [t for t in ranked if t != chain_token][:extra]
+        draws = torch.multinomial(draft_probs, extra, replacement=True, generator=ctx.generator)
+        return draws.tolist()
+
+    def on_verified(self, result: VerifyResult) -> None:
+        if not self._chain_len:
+            return
+        on_chain = 0  # chain nodes are 0 .. K-1, along a path they come first
+        while on_chain < len(result.accepted_path) and result.accepted_path[on_chain] == on_chain:
+            on_chain += 1
+        self.cache.truncate(self._n + min(on_chain, self._chain_len - 1))
