@@ -2,5 +2,17 @@
 
 from specdec.drafters.base import DraftContext, Drafter, DraftProposal, TargetOutput
 from specdec.drafters.draft_model import DraftModelDrafter
+from specdec.drafters.eagle import EagleDrafter
+from specdec.drafters.early_exit import EarlyExitDrafter
+from specdec.drafters.medusa import MedusaDrafter
 
-__all__ = ["DraftContext", "DraftModelDrafter", "DraftProposal", "Drafter", "TargetOutput"]
+__all__ = [
+    "DraftContext",
+    "DraftModelDrafter",
+    "DraftProposal",
+    "Drafter",
+    "EagleDrafter",
+    "EarlyExitDrafter",
+    "MedusaDrafter",
+    "TargetOutput",
+]

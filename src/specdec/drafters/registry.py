@@ -17,6 +17,7 @@ class DrafterSpec:
     draft: str = "demo-draft"
     num_draft_tokens: int = 4
     dtype: str = "auto"
+    heads: str | None = None  # trained heads folder (early-exit / medusa / eagle); default <target>/<method>
 
 
 def _draft_model(spec: DrafterSpec) -> Drafter:
@@ -32,9 +33,30 @@ def _adaptive(spec: DrafterSpec) -> Drafter:
     return AdaptiveDrafter(_draft_model(spec), max_draft_tokens=2 * spec.num_draft_tokens)
 
 
+def _early_exit(spec: DrafterSpec) -> Drafter:
+    from specdec.drafters.early_exit import EarlyExitDrafter
+
+    return EarlyExitDrafter(spec.target, spec.heads, spec.num_draft_tokens)
+
+
+def _medusa(spec: DrafterSpec) -> Drafter:
+    from specdec.drafters.medusa import MedusaDrafter
+
+    return MedusaDrafter(spec.target, spec.heads, spec.num_draft_tokens)
+
+
+def _eagle(spec: DrafterSpec) -> Drafter:
+    from specdec.drafters.eagle import EagleDrafter
+
+    return EagleDrafter(spec.target, spec.heads, spec.num_draft_tokens)
+
+
 DRAFTERS: dict[str, Callable[[DrafterSpec], Drafter]] = {
     "draft": _draft_model,
     "adaptive": _adaptive,
+    "early-exit": _early_exit,
+    "medusa": _medusa,
+    "eagle": _eagle,
 }
 
 

@@ -1,0 +1,209 @@
+"""Small trained modules that turn a frozen target into its own drafter, and their files.
+
+Three kinds, one per drafter; all feed the target's frozen ``lm_head`` (Medusa-1 style heads
+with a shared vocabulary projection keep each head at ``d*d`` parameters, so the shipped files
+stay small):
+
+* :class:`ExitHead` — early exit after layer ``L`` (Elhoushi et al. 2024, LayerSkip, Sec. 3;
+  Zhang et al. 2023, Draft & Verify): ``lm_head(x + W x)`` with ``x = RMSNorm(h_L)``; the norm
+  starts as the target's final norm and ``W`` at zero, i.e. "the target's head on layer L".
+* :class:`MedusaHeads` — K residual SiLU blocks on the target's last hidden state (Cai et al.
+  2024, Medusa, Sec. 2.1.1): head ``k`` (0-based) predicts the token ``k + 2`` places after the
+  hidden state's token; ``W`` starts at zero, as in the paper.
+* :class:`EagleHead` — EAGLE's auto-regression head (Li et al. 2024, Sec. 4.1): ``fc`` maps
+  ``concat(embed(x_{t+1}), f_t)`` to ``d``, one decoder layer predicts the feature ``f_{t+1}``;
+  features are the target's final normed hidden states, so ``lm_head(f)`` are logits.
+
+A head folder holds ``config.json`` (``method`` plus the sizes) and ``model.safetensors``; the
+drafters look for ``<target folder>/<method>/`` by default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specdec.cache import KVCache
+from specdec.models.config import ModelConfig, ModelLoadError
+from specdec.models.llama import DecoderLayer, RMSNorm, Transformer, causal_mask, rope_inv_freq
+from specdec.sampling import SamplingParams, logits_to_probs, sample
+
+METHODS = ("early-exit", "medusa", "eagle")
+
+
+class ExitHead(nn.Module):
+    """Exit head after the first ``exit_layer`` decoder layers of the target."""
+
+    method = "early-exit"
+
+    def __init__(self, cfg: ModelConfig, exit_layer: int) -> None:
+        super().__init__()
+        if not 1 <= exit_layer < cfg.num_hidden_layers:
+            raise ValueError(f"exit_layer must be in [1, {cfg.num_hidden_layers - 1}], got {exit_layer}")
+        self.exit_layer = exit_layer
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def init_from(self, target: Transformer) -> ExitHead:
+        """Start as the target's own final norm (the adapter is zero)."""
+        with torch.no_grad():
+            self.norm.weight.copy_(target.model.norm.weight.float())
+        return self
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Layer-L hidden states ``(..., d)`` -> features for the target's ``lm_head`` ``(..., d)``."""
+        x = self.norm(h)
+        return x + self.proj(x)
+
+    def settings(self) -> dict[str, Any]:
+        return {"exit_layer": self.exit_layer}
+
+
+class MedusaHeads(nn.Module):
+    """``num_heads`` residual blocks ``x + SiLU(W x + b)``; head ``k`` looks ``k + 2`` ahead."""
+
+    method = "medusa"
+
+    def __init__(self, cfg: ModelConfig, num_heads: int) -> None:
+        super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        self.num_heads = num_heads
+        self.blocks = nn.ModuleList(nn.Linear(cfg.hidden_size, cfg.hidden_size) for _ in range(num_heads))
+        for block in self.blocks:
+            nn.init.zeros_(block.weight)
+            nn.init.zeros_(block.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``(..., d)`` -> one feature per head ``(..., num_heads, d)``."""
+        return torch.stack([h + F.silu(block(h)) for block in self.blocks], dim=-2)
+
+    def settings(self) -> dict[str, Any]:
+        return {"num_heads": self.num_heads}
+
+
+class EagleHead(nn.Module):
+    """One feature-level autoregressive decoder layer with its own KV cache."""
+
+    method = "eagle"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.layer = DecoderLayer(cfg, layer_idx=0)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        cfg, p = self.config, self.fc.weight
+        return KVCache(
+            1, batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim, dtype=p.dtype, device=p.device
+        )
+
+    def forward(
+        self,
+        token_embeds: torch.Tensor,  # (B, T, d) embeddings of x_{t+1}
+        features: torch.Tensor,  # (B, T, d) features f_t
+        input_pos: torch.Tensor,  # (B, T) positions t
+        cache: KVCache,
+        attn_mask: torch.Tensor | None = None,  # (B, T, S) bool
+    ) -> torch.Tensor:
+        """Predicted features ``f_{t+1}`` ``(B, T, d)``; writes keys/values at slots ``input_pos``."""
+        x = self.fc(torch.cat([token_embeds, features], dim=-1))  # (B, T, d)
+        if attn_mask is None:
+            mask = causal_mask(input_pos, int(input_pos.max()) + 1)  # (B, 1, T, S)
+        else:
+            mask = attn_mask[:, None]
+        freqs = input_pos[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return self.layer(x, cos, sin, cache, input_pos, mask)  # type: ignore[no-any-return]
+
+    def settings(self) -> dict[str, Any]:
+        return {}
+
+
+Head = ExitHead | MedusaHeads | EagleHead
+
+
+def new_head(method: str, cfg: ModelConfig, **settings: Any) -> Head:
+    """A freshly initialised head of ``method`` for a target with configuration ``cfg``."""
+    if method == "early-exit":
+        return ExitHead(cfg, int(settings.get("exit_layer") or max(1, cfg.num_hidden_layers // 2)))
+    if method == "medusa":
+        return MedusaHeads(cfg, int(settings.get("num_heads") or 4))
+    if method == "eagle":
+        return EagleHead(cfg)
+    raise ValueError(f"unknown head method {method!r}; choose {', '.join(METHODS)}")
+
+
+def save_head(head: Head, folder: str | Path, cfg: ModelConfig, dtype: torch.dtype | None = None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (in ``dtype``, default the head's own)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"method": head.method, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size}
+    meta.update(head.settings())
+    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
+def load_head(
+    folder: str | Path, cfg: ModelConfig, method: str, dtype: torch.dtype, device: torch.device | str
+) -> Head:
+    """Load a head saved by :func:`save_head`, checking it was trained for this target's sizes."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(
+            f"no {method} heads in {folder}; train them with "
+            f"'specdec train heads --method {method} --target <target> --out {folder}'"
+        )
+    meta = json.loads(config_path.read_text())
+    if meta.get("method") != method:
+        raise ModelLoadError(f"{folder} holds {meta.get('method')!r} heads, not {method!r}")
+    if (meta.get("hidden_size"), meta.get("vocab_size")) != (cfg.hidden_size, cfg.vocab_size):
+        raise ModelLoadError(
+            f"{folder}: heads were trained for hidden size {meta.get('hidden_size')} / vocabulary "
+            f"{meta.get('vocab_size')}, the target has {cfg.hidden_size} / {cfg.vocab_size}"
+        )
+    head = new_head(method, cfg, **meta)
+    head.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return head.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def resolve_head(
+    head: Head | str | Path | None,
+    target_path: Path,
+    cfg: ModelConfig,
+    method: str,
+    dtype,
+    device,  # type: ignore[no-untyped-def]
+) -> Head:
+    """A head object as given, else loaded from ``head`` (a folder) or ``<target>/<method>/``."""
+    if isinstance(head, nn.Module):
+        return head
+    return load_head(head if head is not None else target_path / method, cfg, method, dtype, device)
+
+
+def pick_tokens(
+    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draft tokens ``(K,)`` from head logits ``(K, V)``: the argmax when greedy, else samples,
+    returned with the exact distributions ``(K, V)`` they were drawn from (for rejection
+    sampling)."""
+    if sampling.greedy:
+        return logits.argmax(-1), None
+    draft_probs = logits_to_probs(logits, sampling)  # (K, V) float32
+    return sample(draft_probs, generator), draft_probs

@@ -1,0 +1,293 @@
+"""``specdec train heads``: train Medusa / EAGLE / early-exit heads by self-distillation.
+
+The target stays frozen. It reads packed sequences of the training corpus once (bf16
+autocast on CPU); its final hidden states ``f`` (and, for early exit, the hidden states after
+layer L) are kept, and the heads learn to reproduce the target's *own* next-token
+distributions ``softmax(lm_head(f))`` — self-distillation, so no labels beyond the target are
+needed and the heads imitate what the verifier will accept:
+
+* early exit:  ``KL(target_t || lm_head(ExitHead(h^L_t)))`` (LayerSkip, Elhoushi et al. 2024,
+  trains the early exit on the data; we distil, Draft & Verify style);
+* Medusa:      head k at token t vs the target's distribution of token t+k+2, i.e.
+  ``KL(target_{t+k+1} || head_k(f_t))`` (Cai et al. 2024, Sec. 2.3.2 self-distillation);
+* EAGLE:       feature regression ``SmoothL1(f^_{t+1}, f_{t+1})`` plus ``0.1 *`` the
+  cross-entropy of the head's token distribution against the target's (Li et al. 2024,
+  Sec. 4.2), with uniform noise U(-0.1, 0.1) on the input features (Sec. 4.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from specdec.drafters.heads import METHODS, EagleHead, ExitHead, Head, MedusaHeads, new_head, save_head
+from specdec.models.loading import DTYPES, LoadedModel, load_model
+
+
+@dataclass(frozen=True)
+class HeadTrainConfig:
+    method: str
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 128
+    num_sequences: int = 256  # training sequences of seq_len tokens, read once by the target
+    val_sequences: int = 32
+    lr: float = 2e-3
+    num_heads: int = 4  # Medusa
+    exit_layer: int | None = None  # early exit; default num_layers // 2
+    seed: int = 0
+    autocast: bool = True  # bf16 autocast for the frozen target's pass
+
+
+@dataclass(frozen=True)
+class HeadTrainResult:
+    head: Head
+    val_loss_before: float
+    val_loss_after: float
+    val_top1_before: list[float]  # per draft position: head argmax == target argmax
+    val_top1_after: list[float]
+    train_losses: list[float]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the frozen target computed on a set of sequences (float32)."""
+
+    tokens: torch.Tensor  # (N, T) long
+    final: torch.Tensor  # (N, T, d) final normed hidden states
+    exit: torch.Tensor | None  # (N, T, d) hidden states after layer L (early exit only)
+
+
+def pack_tokens(target: LoadedModel, texts: list[str], seq_len: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` sequences ``(count, seq_len)`` of consecutive tokens from shuffled documents
+    joined by EOS."""
+    if target.tokenizer is None:
+        raise ValueError(f"{target.path} has no tokenizer: cannot tokenize the training corpus")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    eos = target.tokenizer.eos_token_id
+    stream: list[int] = []
+    for i in order:
+        stream += target.tokenizer.encode(texts[i], add_special_tokens=False)
+        if eos is not None:
+            stream.append(eos)
+        if len(stream) >= count * seq_len:
+            break
+    count = min(count, len(stream) // seq_len)
+    if count == 0:
+        raise ValueError("the corpus is too small for one training sequence")
+    return torch.tensor(stream[: count * seq_len]).view(count, seq_len)
+
+
+@torch.no_grad()
+def target_features(
+    target: LoadedModel, tokens: torch.Tensor, exit_layer: int | None, batch_size: int, autocast: bool
+) -> Features:
+    """Run the frozen target over ``tokens`` ``(N, T)`` in batches."""
+    module = target.module
+    N, T = tokens.shape
+    finals, exits = [], []
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    for i in range(0, N, batch_size):
+        batch = tokens[i : i + batch_size].to(target.device)  # (B, T)
+        pos = torch.arange(T, device=batch.device)[None].expand(batch.shape[0], -1)  # (B, T)
+        cache = module.new_cache(batch.shape[0], T)
+        with ctx:
+            h = module.model.embed_tokens(batch)  # (B, T, d)
+            if exit_layer is not None:
+                h = module.run_layers(h, pos, cache, layers=range(exit_layer))
+                exits.append(h.float().cpu())
+                h = module.run_layers(h, pos, cache, layers=range(exit_layer, len(module.model.layers)))
+            else:
+                h = module.run_layers(h, pos, cache)
+            finals.append(module.model.norm(h).float().cpu())
+    return Features(tokens, torch.cat(finals), torch.cat(exits) if exits else None)
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean ``KL(teacher || student)`` over rows; logits ``(..., V)``."""
+    s = F.log_softmax(student_logits.float(), -1).flatten(0, -2)
+    t = F.log_softmax(teacher_logits.float(), -1).flatten(0, -2)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def head_loss(
+    head: Head,
+    target: LoadedModel,
+    tokens: torch.Tensor,
+    final: torch.Tensor,
+    exit: torch.Tensor | None,
+    noise: bool = False,
+) -> tuple[torch.Tensor, list[float]]:
+    """Training loss of ``head`` on one batch, and top-1 agreement with the target per draft
+    position. ``tokens`` ``(B, T)``, ``final`` / ``exit`` ``(B, T, d)``."""
+    lm_head = target.module.lm_head
+    lm_dtype = lm_head.weight.dtype
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return lm_head(x.to(lm_dtype)).float()
+
+    def agree(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+    if isinstance(head, ExitHead):
+        assert exit is not None
+        student, teacher = logits(head(exit)), logits(final)  # (B, T, V)
+        return _kl(student, teacher), [agree(student, teacher)]
+    if isinstance(head, MedusaHeads):
+        feats = head(final)  # (B, T, K, d)
+        losses, top1 = [], []
+        for k in range(head.num_heads):
+            student = logits(feats[:, : -(k + 1), k])  # (B, T-k-1, V): head k at token t
+            teacher = logits(final[:, k + 1 :])  # (B, T-k-1, V): target at token t+k+1
+            losses.append(_kl(student, teacher))
+            top1.append(agree(student, teacher))
+        return torch.stack(losses).sum(), top1
+    assert isinstance(head, EagleHead)
+    inputs = final[:, :-1]  # (B, T-1, d) f_t
+    if noise:
+        inputs = inputs + (torch.rand_like(inputs) - 0.5) * 0.2
+    B, T1 = inputs.shape[:2]
+    pos = torch.arange(T1, device=inputs.device)[None].expand(B, -1)  # (B, T-1)
+    embeds = target.module.model.embed_tokens(tokens[:, 1:]).to(inputs.dtype)  # (B, T-1, d) x_{t+1}
+    predicted = head(embeds, inputs, pos, head.new_cache(B, T1))  # (B, T-1, d) f^_{t+1}
+    wanted = final[:, 1:]  # (B, T-1, d) f_{t+1}
+    student, teacher = logits(predicted), logits(wanted)
+    loss = F.smooth_l1_loss(predicted, wanted) + 0.1 * _kl(student, teacher)
+    return loss, [agree(student, teacher)]
+
+
+def evaluate(head: Head, target: LoadedModel, feats: Features, batch_size: int) -> tuple[float, list[float]]:
+    head.eval()
+    total, top1, batches = 0.0, None, 0
+    with torch.no_grad():
+        for i in range(0, feats.tokens.shape[0], batch_size):
+            sl = slice(i, i + batch_size)
+            exit = feats.exit[sl] if feats.exit is not None else None
+            loss, agree = head_loss(head, target, feats.tokens[sl], feats.final[sl], exit)
+            total += float(loss)
+            top1 = agree if top1 is None else [a + b for a, b in zip(top1, agree, strict=True)]
+            batches += 1
+    head.train()
+    return total / batches, [a / batches for a in top1 or []]
+
+
+def train_head(
+    target: LoadedModel,
+    train_tokens: torch.Tensor,  # (N, T) long
+    val_tokens: torch.Tensor,  # (N', T) long
+    cfg: HeadTrainConfig,
+    progress: bool = True,
+) -> HeadTrainResult:
+    """Train a fresh head of ``cfg.method`` on the frozen ``target`` over packed sequences."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    mcfg = target.config
+    head = new_head(cfg.method, mcfg, num_heads=cfg.num_heads, exit_layer=cfg.exit_layer)
+    if isinstance(head, ExitHead):
+        head.init_from(target.module)
+    head = head.to(target.device).float().train()
+    exit_layer = head.exit_layer if isinstance(head, ExitHead) else None
+    bs = cfg.batch_size
+    train = target_features(target, train_tokens, exit_layer, bs, cfg.autocast)
+    val = target_features(target, val_tokens, exit_layer, bs, cfg.autocast)
+    val_before, top1_before = evaluate(head, target, val, bs)
+
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    bar = tqdm(range(cfg.steps), desc=f"train {cfg.method} heads", disable=not progress)
+    for _ in bar:
+        idx = torch.randint(train.tokens.shape[0], (bs,), generator=gen)  # (B,)
+        exit = train.exit[idx] if train.exit is not None else None
+        loss, _ = head_loss(head, target, train.tokens[idx], train.final[idx], exit, noise=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    val_after, top1_after = evaluate(head, target, val, bs)
+    head = head.eval().requires_grad_(False)
+    seconds = time.perf_counter() - start
+    return HeadTrainResult(head, val_before, val_after, top1_before, top1_after, losses, seconds)
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, choices=METHODS, help="which heads to train")
+    p.add_argument("--target", default="demo-target", help="target folder or demo-target (frozen)")
+    p.add_argument("--out", default=None, help="output folder (default: <target folder>/<method>)")
+    defaults = HeadTrainConfig("medusa")
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    p.add_argument("--num-sequences", type=int, default=defaults.num_sequences)
+    p.add_argument("--val-sequences", type=int, default=defaults.val_sequences)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--num-heads", type=int, default=defaults.num_heads, help="Medusa heads")
+    p.add_argument("--exit-layer", type=int, default=None, help="early exit after this many layers")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--no-autocast", action="store_true", help="run the target in its own dtype")
+    p.add_argument("--save-dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the saved heads")
+
+
+def run(args: argparse.Namespace) -> int:
+    from specdec.cli import UserError
+    from specdec.train.corpus import read_split
+
+    for name in ("steps", "batch_size", "seq_len", "num_sequences", "val_sequences", "num_heads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    target = load_model(args.target, dtype="float32")
+    cfg = HeadTrainConfig(
+        args.method,
+        args.steps,
+        args.batch_size,
+        args.seq_len,
+        args.num_sequences,
+        args.val_sequences,
+        args.lr,
+        args.num_heads,
+        args.exit_layer,
+        args.seed,
+        not args.no_autocast,
+    )
+    try:
+        train_tokens = pack_tokens(target, read_split("train"), cfg.seq_len, cfg.num_sequences, cfg.seed)
+        val_tokens = pack_tokens(target, read_split("validation"), cfg.seq_len, cfg.val_sequences, cfg.seed)
+        result = train_head(target, train_tokens, val_tokens, cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    out = Path(args.out) if args.out else target.path / args.method
+    save_head(result.head, out, target.config, DTYPES[args.save_dtype])
+    report = {
+        "config": asdict(cfg),
+        "target": str(target.path),
+        "val_loss_before": result.val_loss_before,
+        "val_loss_after": result.val_loss_after,
+        "val_top1_before": result.val_top1_before,
+        "val_top1_after": result.val_top1_after,
+        "final_train_loss": result.train_losses[-1],
+        "seconds": round(result.seconds, 1),
+    }
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    top1 = ", ".join(f"{a:.2f}" for a in result.val_top1_after)
+    print(
+        f"{args.method}: validation loss {result.val_loss_before:.3f} -> {result.val_loss_after:.3f}, "
+        f"top-1 agreement with the target [{top1}], {result.seconds:.0f}s; saved to {out}"
+    )
+    return 0
