@@ -1,0 +1,343 @@
+"""Continuous batching with speculative decoding: many sequences share each target pass.
+
+One target KV cache holds ``max_batch_size`` rows; a request owns a row from its prefill to
+its last token (Yu et al. 2022, "Orca": iteration-level scheduling). Each step:
+
+1. every active row's drafter proposes up to K tokens (K from :class:`SpeculationPolicy`);
+2. one target pass reads all rows: row ``b`` feeds ``[pending, d1 .. dK_b]`` at positions
+   ``n_b-1 ..``, padded to a common T with extra positions *after* its real ones;
+3. each row verifies its own drafts and rolls back its own cache row (ragged acceptance).
+
+Why padding is safe, worked example: row 0 has n = 10 and K_0 = 1, row 1 has K_1 = 3, so
+T = 4. Row 0 feeds positions 9, 10, 11, 12 where 11 and 12 are padding. The causal mask lets
+the query at position p see slots ``s <= p`` only, so the real tokens (positions 9, 10) never
+see the padding's slots 11, 12; those slots lie beyond the row's committed length and are
+overwritten by the next pass before any real token can see them.
+
+Rows are prefilled one at a time (B = 1) when they join, exactly like
+:class:`~specdec.engine.SpeculativeGenerator`'s prefill, and drafting runs per row with one
+drafter instance per row. All of this runs on the single engine thread; results leave
+through each request's ``emit`` callback.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from specdec.cache import KVCache
+from specdec.drafters.base import DraftContext, Drafter, DraftProposal, TargetOutput, empty_proposal
+from specdec.engine.stats import SpecStats
+from specdec.engine.textstream import StreamChunk, TextAssembler
+from specdec.models.loading import LoadedModel
+from specdec.sampling import SamplingParams, logits_to_probs
+from specdec.serving.metrics import ServerMetrics
+from specdec.serving.policy import SpeculationPolicy
+from specdec.verify.chain import verify_greedy, verify_rejection
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """Newly final output of one request. ``pieces[i]`` is the text of ``token_ids[i]`` (they
+    concatenate to ``text``). The last event has ``finish_reason`` (``eos``, ``stop``,
+    ``length``, ``cancelled`` or ``error``) and the request's ``stats``."""
+
+    token_ids: list[int]
+    text: str
+    kinds: list[str]
+    pieces: list[str]
+    finish_reason: str | None = None
+    error: str | None = None
+    stats: SpecStats | None = None
+
+
+@dataclass
+class EngineRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    emit: Callable[[EngineEvent], None]
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Sequence:
+    request: EngineRequest
+    row: int
+    tokens: list[int]
+    generator: torch.Generator
+    assembler: TextAssembler
+    stats: SpecStats
+    started: float
+    produced: int = 0
+    sent_chars: int = 0
+    sent_tokens: int = 0
+
+
+def rows_view(cache: KVCache, rows: slice) -> KVCache:
+    """A KVCache over ``rows`` of ``cache`` that shares its storage (writes go through)."""
+    view = object.__new__(KVCache)
+    view.k, view.v = cache.k[:, rows], cache.v[:, rows]  # (L, B', H, S, D) views
+    view.max_seq_len = cache.max_seq_len
+    view.lengths = cache.lengths[rows]
+    return view
+
+
+class BatchEngine:
+    """Owns the batched target cache, one drafter per row and the per-row sequences."""
+
+    def __init__(
+        self,
+        target: LoadedModel,
+        drafter_factory: Callable[[], Drafter | None],
+        max_batch_size: int,
+        metrics: ServerMetrics,
+        max_seq_len: int | None = None,
+        adaptive_draft_tokens: bool = True,
+    ) -> None:
+        self.target = target
+        self.metrics = metrics
+        self.drafter_factory = drafter_factory
+        self.drafters = [drafter_factory() for _ in range(max_batch_size)]
+        self.max_draft_tokens = max(
+            (getattr(d, "num_draft_tokens", 0) for d in self.drafters if d), default=0
+        )
+        self.context_len = min(max_seq_len or target.max_seq_len, target.max_seq_len)
+        self.cache = target.new_cache(max_batch_size, self.context_len + self.max_draft_tokens + 1)
+        self.rows: list[_Sequence | None] = [None] * max_batch_size
+        self.policy = SpeculationPolicy(self.max_draft_tokens, adaptive=adaptive_draft_tokens)
+        eos = set(target.config.eos_token_ids)
+        if target.tokenizer is not None and target.tokenizer.eos_token_id is not None:
+            eos.add(target.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+
+    # ----------------------------------------------------------------- rows
+    @property
+    def num_active(self) -> int:
+        return sum(seq is not None for seq in self.rows)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.rows) - self.num_active
+
+    @torch.inference_mode()
+    def add(self, request: EngineRequest) -> None:
+        """Prefill ``request`` into the lowest free row (the caller checked there is one)."""
+        row = self.rows.index(None)
+        generator = torch.Generator(device=self.target.device)
+        generator.manual_seed(
+            request.seed if request.seed is not None else int(torch.randint(2**62, ()).item())
+        )
+        ids = request.prompt_ids
+        seq = _Sequence(
+            request,
+            row,
+            list(ids),
+            generator,
+            TextAssembler(self.target.tokenizer, request.stop),
+            SpecStats(prompt_tokens=len(ids)),
+            time.perf_counter(),
+        )
+        self.rows[row] = seq
+        t = time.perf_counter()
+        try:
+            hidden = None
+            if len(ids) > 1:
+                tokens = torch.tensor([ids[:-1]], device=self.target.device)  # (1, n-1)
+                pos = torch.arange(len(ids) - 1, device=self.target.device)
+                _, hidden = self.target(
+                    tokens, pos, rows_view(self.cache, slice(row, row + 1)), num_logits=1, return_hidden=True
+                )
+                seq.stats.target_forwards += 1
+            self.cache.lengths[row] = len(ids) - 1
+            drafter = self.drafters[row]
+            if drafter is not None:
+                drafter.prefill(list(ids), TargetOutput(hidden[0] if hidden is not None else None))
+        except Exception as e:  # this request alone fails
+            self._finish(seq, "error", error=f"prefill failed: {e}")
+            return
+        seconds = time.perf_counter() - t
+        seq.stats.prefill_s = seconds
+        self.policy.observe_pass(len(ids) - 1, seconds)
+        self.metrics.add_phase("prefill", seconds)
+
+    def cancel_all(self, reason: str = "cancelled", error: str | None = None) -> None:
+        """End every active request with ``reason`` (shutdown, or a failed batched pass)."""
+        for seq in list(self.rows):
+            if seq is not None:
+                self._finish(seq, reason, error=error)
+
+    # ----------------------------------------------------------------- one step
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One batched propose -> verify -> commit over every active row."""
+        for seq in self.rows:
+            if seq is not None and seq.request.cancelled.is_set():
+                self._finish(seq, "cancelled")
+        active = [seq for seq in self.rows if seq is not None]
+        if not active:
+            return
+        k_max = self.policy.choose(len(active)) if self.max_draft_tokens else 0
+        t0 = time.perf_counter()
+        proposals: dict[int, DraftProposal] = {}
+        for seq in active:
+            t = time.perf_counter()
+            try:
+                proposals[seq.row] = self._propose(seq, k_max)
+            except Exception as e:  # a broken drafter fails its own request only
+                self._drafter_failed(seq, e)
+                continue
+            seconds = time.perf_counter() - t
+            seq.stats.draft_s += seconds
+            self.policy.observe_draft(proposals[seq.row].num_tokens, seconds)
+        active = [seq for seq in active if seq.row in proposals]
+        if not active:
+            return
+        t1 = time.perf_counter()
+        logits, hidden = self._verify_pass(active, proposals)  # (B', T, V), (B', T, d) | None
+        t2 = time.perf_counter()
+        num_tokens = sum(1 + proposals[s.row].num_tokens for s in active)
+        self.policy.observe_pass(num_tokens, t2 - t1)
+        self.metrics.record_pass(len(active), k_max)
+        for seq in active:
+            seq.stats.verify_s += t2 - t1
+            self._commit(
+                seq, proposals[seq.row], logits[seq.row], None if hidden is None else hidden[seq.row]
+            )
+        self.metrics.add_phase("draft", t1 - t0)
+        self.metrics.add_phase("verify", t2 - t1)
+        self.metrics.add_phase("commit", time.perf_counter() - t2)
+
+    def _propose(self, seq: _Sequence, k_max: int) -> DraftProposal:
+        drafter = self.drafters[seq.row]
+        budget = seq.request.max_new_tokens - seq.produced
+        # Drafters that read the target's hidden states (EAGLE, Medusa) need them every step.
+        k_row = max(k_max, 1) if getattr(drafter, "needs_hidden", False) else k_max
+        limit = min(budget - 1, self.context_len - len(seq.tokens) - 1, k_row)
+        if drafter is None or limit <= 0:
+            return empty_proposal(self.target.device)
+        ctx = DraftContext(seq.tokens, seq.request.sampling, limit, seq.generator)
+        return drafter.propose(ctx)
+
+    def _verify_pass(
+        self, active: list[_Sequence], proposals: dict[int, DraftProposal]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device = self.target.device
+        hi = max(seq.row for seq in active) + 1
+        T = 1 + max(p.num_tokens for p in proposals.values())
+        tokens = torch.zeros(hi, T, dtype=torch.long, device=device)  # (B', T); free rows: dummies
+        pos = torch.arange(T, device=device).repeat(hi, 1)  # (B', T)
+        for seq in active:
+            proposal = proposals[seq.row]
+            n, k = len(seq.tokens), proposal.num_tokens
+            tokens[seq.row, 0] = seq.tokens[-1]
+            tokens[seq.row, 1 : 1 + k] = proposal.tokens.to(device)
+            pos[seq.row] += n - 1  # real tokens at n-1 .. n-1+k, padding right after them
+        view = rows_view(self.cache, slice(0, hi))
+        if any(getattr(self.drafters[seq.row], "needs_hidden", False) for seq in active):
+            return self.target(tokens, pos, view, return_hidden=True)  # type: ignore[return-value]
+        return self.target(tokens, pos, view), None
+
+    def _commit(
+        self,
+        seq: _Sequence,
+        proposal: DraftProposal,
+        row_logits: torch.Tensor,
+        row_hidden: torch.Tensor | None,
+    ) -> None:
+        request = seq.request
+        k = proposal.num_tokens
+        logits = row_logits[: k + 1]  # (k+1, V)
+        if request.sampling.greedy:
+            result = verify_greedy(proposal.tokens, logits)
+        else:
+            target_probs = logits_to_probs(logits, request.sampling)  # (k+1, V)
+            result = verify_rejection(proposal.tokens, proposal.draft_probs, target_probs, seq.generator)
+        n = len(seq.tokens)
+        self.cache.lengths[seq.row] = n + result.num_accepted
+        drafter = self.drafters[seq.row]
+        if row_hidden is not None and getattr(drafter, "needs_hidden", False):
+            rows = [0, *(1 + i for i in result.accepted_path)]  # the pending token + accepted drafts
+            result = replace(result, target_hidden=row_hidden[rows])  # (num_accepted + 1, d)
+        if drafter is not None and k > 0:
+            try:
+                drafter.on_verified(result)
+            except Exception as e:
+                self._drafter_failed(seq, e)
+                return
+        seq.stats.record(k, result.num_accepted)
+        self.metrics.record_step(k, result.num_accepted)
+        self.policy.observe_acceptance(k, result.num_accepted)
+
+        new = result.tokens[: request.max_new_tokens - seq.produced]
+        kinds = result.kinds[: len(new)] if k > 0 else ["target"] * len(new)
+        seq.tokens += new
+        seq.produced += len(new)
+        finish = None
+        if not request.ignore_eos:
+            eos_at = next((i for i, t in enumerate(new) if t in self.eos_token_ids), None)
+            if eos_at is not None:
+                new, kinds, finish = new[:eos_at], kinds[:eos_at], "eos"
+        seq.stats.new_tokens += len(new)
+        chunks = list(seq.assembler.add(new, kinds))
+        if seq.assembler.stopped:
+            finish = "stop"
+        if finish is None and (seq.produced >= request.max_new_tokens or len(seq.tokens) >= self.context_len):
+            finish = "length"
+        if finish is not None:
+            chunks += list(seq.assembler.flush())
+            self._emit(seq, chunks)
+            self._finish(seq, finish)
+        elif chunks:
+            self._emit(seq, chunks)
+
+    # ----------------------------------------------------------------- output
+    def _emit(self, seq: _Sequence, chunks: list[StreamChunk]) -> None:
+        ids = [t for c in chunks for t in c.token_ids]
+        text = "".join(c.text for c in chunks)
+        kinds = [k for c in chunks for k in c.kinds]
+        if not ids and not text:
+            return
+        pieces = self._pieces(seq, len(ids), text)
+        seq.sent_tokens += len(ids)
+        seq.sent_chars += len(text)
+        seq.request.emit(EngineEvent(ids, text, kinds, pieces))
+
+    def _pieces(self, seq: _Sequence, num_tokens: int, text: str) -> list[str]:
+        """Split ``text`` among the event's tokens by where each token's text begins."""
+        tokenizer = self.target.tokenizer
+        if num_tokens == 0:
+            return []
+        if tokenizer is None:
+            return [""] * (num_tokens - 1) + [text]
+        ids = seq.assembler.ids
+        c0, c1 = seq.sent_chars, seq.sent_chars + len(text)
+        bounds = [c0]
+        for i in range(seq.sent_tokens + 1, seq.sent_tokens + num_tokens):
+            end = len(tokenizer.decode(ids[:i]).rstrip("\ufffd"))
+            bounds.append(min(max(end, bounds[-1]), c1))
+        bounds.append(c1)
+        return [text[bounds[i] - c0 : bounds[i + 1] - c0] for i in range(num_tokens)]
+
+    def _drafter_failed(self, seq: _Sequence, error: Exception) -> None:
+        """Fail the request and give its row a fresh drafter (the old one's state is suspect)."""
+        self._finish(seq, "error", error=f"drafter failed: {error}")
+        self.drafters[seq.row] = self.drafter_factory()
+
+    def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
+        if self.rows[seq.row] is not seq:
+            return
+        self.rows[seq.row] = None
+        self.cache.lengths[seq.row] = 0
+        seq.stats.new_tokens = len(seq.assembler.ids)
+        seq.stats.total_s = time.perf_counter() - seq.started
+        status = {"eos": "stop", "stop": "stop"}.get(reason, reason)
+        self.metrics.finish(status, len(seq.request.prompt_ids), seq.stats.new_tokens)
+        seq.request.emit(EngineEvent([], "", [], [], finish_reason=reason, error=error, stats=seq.stats))
