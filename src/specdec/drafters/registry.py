@@ -18,13 +18,28 @@ class DrafterSpec:
     num_draft_tokens: int = 4
     dtype: str = "auto"
     heads: str | None = None  # trained heads folder (early-exit / medusa / eagle); default <target>/<method>
+    tree_width: int = 1  # draft / ngram / staged: siblings per tree node (1 = a chain)
+    max_tree_nodes: int | None = None  # draft / ngram: tree node budget (default K * tree_width)
 
 
 def _draft_model(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.draft_model import DraftModelDrafter
 
     draft = load_model(spec.draft, dtype=spec.dtype, device=str(spec.target.device))
-    return DraftModelDrafter(draft, spec.num_draft_tokens)
+    return DraftModelDrafter(draft, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes)
+
+
+def _ngram(spec: DrafterSpec) -> Drafter:
+    from specdec.drafters.ngram import NgramDrafter
+
+    return NgramDrafter(spec.num_draft_tokens, num_branches=spec.tree_width, max_tree_nodes=spec.max_tree_nodes)
+
+
+def _staged(spec: DrafterSpec) -> Drafter:
+    from specdec.drafters.staged import StagedDrafter
+
+    draft = load_model(spec.draft, dtype=spec.dtype, device=str(spec.target.device))
+    return StagedDrafter(draft, spec.num_draft_tokens, tree_width=spec.tree_width)
 
 
 def _adaptive(spec: DrafterSpec) -> Drafter:
@@ -57,6 +72,8 @@ DRAFTERS: dict[str, Callable[[DrafterSpec], Drafter]] = {
     "early-exit": _early_exit,
     "medusa": _medusa,
     "eagle": _eagle,
+    "ngram": _ngram,
+    "staged": _staged,
 }
 
 
