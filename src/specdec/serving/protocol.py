@@ -116,8 +116,9 @@ def parse_request(raw: bytes, model: type[BaseModel]) -> Any:
         request = model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        message = f"invalid value for '{param}': {err['msg']}" if param else err["msg"]
+        where = ".".join(str(p) for p in err["loc"])
+        param = str(err["loc"][0]) if err["loc"] else None  # the top-level field, as OpenAI reports it
+        message = f"invalid value for '{where}': {err['msg']}" if where else err["msg"]
         raise APIError(400, message, param=param, code="invalid_value") from None
     request.check_unsupported()
     return request
