@@ -178,7 +178,8 @@ def load_head(
             f"{folder}: heads were trained for hidden size {meta.get('hidden_size')} / vocabulary "
             f"{meta.get('vocab_size')}, the target has {cfg.hidden_size} / {cfg.vocab_size}"
         )
-    head = new_head(method, cfg, **meta)
+    settings = {k: v for k, v in meta.items() if k not in ("method", "hidden_size", "vocab_size")}
+    head = new_head(method, cfg, **settings)
     head.load_state_dict(load_file(str(folder / "model.safetensors")))
     return head.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

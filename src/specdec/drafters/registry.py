@@ -18,8 +18,8 @@ class DrafterSpec:
     num_draft_tokens: int = 4
     dtype: str = "auto"
     heads: str | None = None  # trained heads folder (early-exit / medusa / eagle); default <target>/<method>
-    tree_width: int = 1  # draft / ngram / staged: siblings per tree node (1 = a chain)
-    max_tree_nodes: int | None = None  # draft / ngram: tree node budget (default K * tree_width)
+    tree_width: int = 1  # draft / ngram / staged / medusa: siblings per tree node (1 = a chain)
+    max_tree_nodes: int | None = None  # draft / ngram / medusa: tree node budget (default K * tree_width)
 
 
 def _draft_model(spec: DrafterSpec) -> Drafter:
@@ -57,7 +57,7 @@ def _early_exit(spec: DrafterSpec) -> Drafter:
 def _medusa(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.medusa import MedusaDrafter
 
-    return MedusaDrafter(spec.target, spec.heads, spec.num_draft_tokens)
+    return MedusaDrafter(spec.target, spec.heads, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes)
 
 
 def _eagle(spec: DrafterSpec) -> Drafter:

@@ -1,0 +1,188 @@
+"""Medusa and EAGLE drafters: greedy equality with plain decoding, exact sampling distribution,
+head training, and head files."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from helpers import save_tiny_llama
+from specdec import SpeculativeGenerator, load_model
+from specdec.drafters import EagleDrafter, MedusaDrafter
+from specdec.drafters.heads import load_head, new_head, save_head
+from specdec.drafters.medusa import best_first_tree
+from specdec.losslessness import exact_two_token_joint, goodness_of_fit, sample_two_tokens
+from specdec.models import LoadedModel, ModelLoadError
+from specdec.sampling import SamplingParams
+from specdec.train.heads import HeadTrainConfig, train_head
+
+PROMPTS = [[5], [1, 2, 3, 4, 5, 6, 7], [9, 40, 2, 2, 17, 80, 33, 61, 5, 5, 12]]
+
+
+def random_head(method: str, target: LoadedModel, seed: int, **settings):  # type: ignore[no-untyped-def]
+    """A head with random (not zero) weights, so that its drafts are sometimes right, often wrong."""
+    torch.manual_seed(seed)
+    head = new_head(method, target.config, **settings)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.1)
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+    return head.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def target(target_path):
+    return load_model(target_path, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def sequences(target):
+    """Text the target itself writes: 24 sequences of 32 tokens."""
+    gen = SpeculativeGenerator(target)
+    rows = []
+    for i in range(24):
+        start = [1 + (7 * i) % 90]
+        rows.append(start + gen.generate(start, max_new_tokens=31, temperature=1.0, seed=i).token_ids)
+    return torch.tensor(rows)  # (24, 32)
+
+
+@pytest.fixture(scope="module")
+def trained(target, sequences):
+    """Heads trained for a few steps (they draft better than random, far from perfectly)."""
+    results = {}
+    for method in ("medusa", "eagle", "early-exit"):
+        cfg = HeadTrainConfig(
+            method, steps=30, batch_size=4, lr=1e-2, num_heads=4, exit_layer=1, autocast=False
+        )
+        results[method] = train_head(target, sequences[:18], sequences[18:], cfg, progress=False)
+    return results
+
+
+def drafters(target: LoadedModel, trained) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    medusa, eagle = trained["medusa"].head, trained["eagle"].head
+    return {
+        "medusa-k2": MedusaDrafter(target, medusa, num_draft_tokens=2),
+        "medusa-k4": MedusaDrafter(target, medusa, num_draft_tokens=4),
+        "medusa-tree": MedusaDrafter(target, medusa, num_draft_tokens=3, tree_width=3, max_tree_nodes=10),
+        "eagle-k1": EagleDrafter(target, eagle, num_draft_tokens=1),
+        "eagle-k3": EagleDrafter(target, eagle, num_draft_tokens=3),
+        "eagle-k5": EagleDrafter(target, eagle, num_draft_tokens=5),
+    }
+
+
+def test_greedy_output_equals_plain_decoding(target, trained):
+    plain = SpeculativeGenerator(target)
+    cases = [(prompt, max_new) for prompt in PROMPTS for max_new in (1, 7, 40)]  # ends mid-block too
+    want = {(tuple(p), m): plain.generate(p, max_new_tokens=m).token_ids for p, m in cases}
+    for name, drafter in drafters(target, trained).items():
+        gen = SpeculativeGenerator(target, drafter)  # type: ignore[arg-type]
+        accepted = drafted = 0
+        for prompt, max_new in cases:
+            out = gen.generate(prompt, max_new_tokens=max_new)
+            assert out.token_ids == want[tuple(prompt), max_new], (name, prompt, max_new)
+            assert out.stats.target_forwards <= max_new + 1
+            accepted, drafted = accepted + out.stats.accepted_tokens, drafted + out.stats.draft_tokens
+        # The equality means something only if drafts are both kept and refused.
+        assert 0 < accepted < drafted, name
+
+
+def test_greedy_stops_at_eos_inside_a_block(target, trained):
+    prompt = PROMPTS[1]
+    ref = SpeculativeGenerator(target).generate(prompt, max_new_tokens=30).token_ids
+    eos = ref[9]
+    with_eos = replace(target, config=replace(target.config, eos_token_ids=(eos,)))
+    want = ref[: ref.index(eos)]
+    for name, drafter in drafters(with_eos, trained).items():
+        out = SpeculativeGenerator(with_eos, drafter).generate(prompt, max_new_tokens=30)  # type: ignore[arg-type]
+        assert out.token_ids == want and out.finish_reason == "eos", name
+
+
+def test_best_first_tree_keeps_the_best_nodes_as_a_tree():
+    scores = [[0.9, 0.05, 0.05], [0.5, 0.4, 0.1], [0.6, 0.3, 0.1]]
+    ranks, parents = best_first_tree(scores, 6)
+    assert ranks == [(0,), (0, 0), (0, 1), (0, 0, 0), (0, 1, 0), (0, 0, 1)]
+    assert parents == [-1, 0, 0, 1, 2, 1]
+    chain, chain_parents = best_first_tree([[1.0], [1.0], [1.0]], 10)
+    assert chain == [(0,), (0, 0), (0, 0, 0)] and chain_parents == [-1, 0, 1]
+
+
+# ------------------------------------------------------------------ lossless sampling
+PROMPT = [3, 1, 4]
+N = 1500
+
+
+@pytest.fixture(scope="module")
+def small_target(tmp_path_factory):
+    folder = save_tiny_llama(
+        tmp_path_factory.mktemp("vocab8") / "t", vocab_size=8, hidden_size=32, init_std=0.6, seed=3
+    )
+    return load_model(folder, dtype="float32")
+
+
+SAMPLING = [  # chain sampling is covered by test_early_exit.py (the same pick_tokens path)
+    ("medusa", dict(num_draft_tokens=2, tree_width=3), dict(temperature=0.8, top_k=5)),
+    ("eagle", dict(num_draft_tokens=3), dict(temperature=1.0)),
+]
+
+
+@pytest.mark.parametrize("method,options,sampling", SAMPLING, ids=[f"{m}-{o}-{s}" for m, o, s in SAMPLING])
+def test_sampling_matches_exact_target_distribution(small_target, method, options, sampling):
+    first, joint = exact_two_token_joint(small_target, PROMPT, SamplingParams(**sampling))
+    assert abs(joint.sum() - 1) < 1e-5  # the whole joint is enumerated
+    head = random_head(method, small_target, 5, **({"num_heads": 2} if method == "medusa" else {}))
+    cls = MedusaDrafter if method == "medusa" else EagleDrafter
+    gen = SpeculativeGenerator(small_target, cls(small_target, head, **options))  # type: ignore[arg-type]
+    fit = goodness_of_fit(sample_two_tokens(gen, PROMPT, N, **sampling), first, joint)
+    assert fit.pvalue > 1e-3, f"chi-square p = {fit.pvalue:.2e}"
+    assert fit.total_variation < 3 * fit.null_total_variation, fit
+
+
+# ------------------------------------------------------------------ training and files
+@pytest.mark.parametrize("method", ["medusa", "eagle", "early-exit"])
+def test_training_lowers_the_validation_loss(trained, method):
+    result = trained[method]
+    assert result.val_loss_after < 0.9 * result.val_loss_before
+    assert len(result.train_losses) == 30
+    assert not any(p.requires_grad for p in result.head.parameters())
+
+
+@pytest.mark.parametrize("method", ["medusa", "eagle", "early-exit"])
+def test_head_files_round_trip_and_default_location(target, target_path, tmp_path, method):
+    settings = {"num_heads": 3} if method == "medusa" else {"exit_layer": 1} if method == "early-exit" else {}
+    head = random_head(method, target, 3, **settings)
+    folder = tmp_path / "target"
+    shutil.copytree(target_path, folder)
+    save_head(head, folder / method, target.config)
+    loaded = load_head(folder / method, target.config, method, torch.float32, "cpu")
+    for (name, a), (_, b) in zip(head.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    from specdec.drafters.registry import DrafterSpec, make_drafter
+
+    copy = load_model(folder, dtype="float32")
+    by_name = make_drafter(method, DrafterSpec(copy, num_draft_tokens=3))  # loads <target>/<method>
+    by_object = make_drafter(method, DrafterSpec(copy, num_draft_tokens=3, heads=str(folder / method)))
+    outs = [
+        SpeculativeGenerator(copy, d).generate(PROMPTS[1], max_new_tokens=12) for d in (by_name, by_object)
+    ]
+    assert outs[0].token_ids == outs[1].token_ids
+    assert outs[0].stats.accepted_tokens == outs[1].stats.accepted_tokens
+
+
+def test_missing_or_mismatched_heads_are_user_errors(target, tmp_path):
+    with pytest.raises(ModelLoadError, match="train heads"):
+        MedusaDrafter(target)  # no <target>/medusa folder
+    other = save_tiny_llama(tmp_path / "other", hidden_size=32)
+    other_model = load_model(other, dtype="float32")
+    save_head(new_head("eagle", other_model.config), tmp_path / "eagle32", other_model.config)
+    with pytest.raises(ModelLoadError, match="hidden size"):
+        EagleDrafter(target, tmp_path / "eagle32")
+    save_head(new_head("eagle", target.config), tmp_path / "eagle64", target.config)
+    with pytest.raises(ModelLoadError, match="not 'medusa'"):
+        MedusaDrafter(target, tmp_path / "eagle64")
+    with pytest.raises(ValueError, match="one per head"):
+        MedusaDrafter(target, new_head("medusa", target.config, num_heads=2), num_draft_tokens=3)
