@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from specdec.drafters.base import DraftContext, DraftProposal, Drafter, TargetOutput, empty_proposal
+from specdec.drafters.base import DraftContext, Drafter, DraftProposal, TargetOutput, empty_proposal
 from specdec.verify.chain import VerifyResult
 
 

@@ -1,0 +1,138 @@
+"""``specdec bench``: time decoding methods side by side; ``--cost-curve`` times the target.
+
+    specdec bench                                  # demo pair, every method, three tasks
+    specdec bench --methods hf,draft,adaptive --tasks code --num-prompts 2 --runs 1
+    specdec bench --quick --target T --draft D     # a few seconds (CI)
+    specdec bench --cost-curve --sizes 100M,700M --dtypes bfloat16
+
+Writes ``bench.json``, ``bench.md`` and ``speedup.png`` (or ``cost_curve.json/.md/.png``)
+to ``--out`` and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+import torch
+
+from specdec.cli import UserError
+
+QUICK = {"num_prompts": 1, "runs": 1, "max_new_tokens": 12}
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="demo-target", help="target folder or demo-target")
+    p.add_argument("--draft", default="demo-draft", help="draft model folder or demo-draft")
+    p.add_argument(
+        "--methods",
+        default="all",
+        help="comma list of hf, hf-assisted, plain and drafter names (NAME@K sets K); "
+        "all = every one known (plain is always run: it is the baseline)",
+    )
+    p.add_argument("--tasks", default="code,edit,long", help="comma list of code, edit, long")
+    p.add_argument("--num-prompts", type=int, default=4, help="prompts per task")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 (long: 512)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per prompt (median is kept)")
+    p.add_argument("--num-draft-tokens", "-k", type=int, default=4, help="K of the fixed-K drafters")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<time>)")
+    p.add_argument("--quick", action="store_true", help="1 prompt per task, 1 run, 12 new tokens")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cost-curve", action="store_true", help="time target forwards over k tokens instead")
+    p.add_argument("--sizes", default="100M,300M,700M", help="cost curve: model sizes")
+    p.add_argument("--dtypes", default="bfloat16,float32", help="cost curve: dtypes")
+    p.add_argument("--max-k", type=int, default=32, help="cost curve: largest k")
+    p.add_argument("--repeats", type=int, default=3, help="cost curve: timings per k (median)")
+
+
+def _default_out(kind: str) -> Path:
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{kind}-{stamp}"
+
+
+def run_cost_curve(args: argparse.Namespace) -> int:
+    from specdec.bench import cost_curve
+
+    sizes, dtypes = _csv(args.sizes), _csv(args.dtypes)
+    bad = [s for s in sizes if s not in cost_curve.SIZES] + [
+        d for d in dtypes if d not in ("float32", "bfloat16", "float16")
+    ]
+    if bad:
+        raise UserError(f"unknown size or dtype {bad[0]!r}; sizes: {', '.join(cost_curve.SIZES)}")
+    if not 1 <= args.max_k <= 64 or args.repeats < 1:
+        raise UserError("--max-k must be in 1..64 and --repeats >= 1")
+    out = args.out or _default_out("cost-curve")
+    ks = list(range(1, args.max_k + 1))
+    data = cost_curve.measure(out, sizes, dtypes, ks, args.repeats, progress=not args.no_progress)
+    table = cost_curve.to_markdown(data)
+    (out / "cost_curve.md").write_text(table)
+    cost_curve.plot(data, out / "cost_curve.png")
+    print(table)
+    print(f"[specdec] wrote {out}/cost_curve.json, cost_curve.md, cost_curve.png")
+    return 0
+
+
+def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from specdec.bench.methods import available_methods, parse_method
+    from specdec.bench.runner import BenchConfig
+    from specdec.bench.tasks import TASKS
+
+    if args.quick:
+        args.num_prompts, args.runs = QUICK["num_prompts"], QUICK["runs"]
+        args.max_new_tokens = args.max_new_tokens or QUICK["max_new_tokens"]
+    for flag in ("num_prompts", "runs", "num_draft_tokens"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    methods = available_methods() if args.methods == "all" else _csv(args.methods)
+    tasks = _csv(args.tasks)
+    try:
+        for m in methods:
+            parse_method(m, args.num_draft_tokens)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise UserError(f"unknown task {unknown[0] if unknown else ''!r}; choose from {', '.join(TASKS)}")
+    return BenchConfig(
+        target=args.target,
+        draft=args.draft,
+        methods=tuple(methods),
+        tasks=tuple(tasks),
+        num_prompts=args.num_prompts,
+        max_new_tokens=args.max_new_tokens,
+        runs=args.runs,
+        num_draft_tokens=args.num_draft_tokens,
+        dtype=args.dtype,
+        device=args.device,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.cost_curve:
+        return run_cost_curve(args)
+    from specdec.bench.report import to_markdown, write_all
+    from specdec.bench.runner import run_bench
+
+    config = bench_config(args)
+    try:
+        result = run_bench(config, progress=not args.no_progress)
+    except ValueError as e:  # a task that does not fit the model's context, an unknown name
+        raise UserError(str(e)) from None
+    paths = write_all(result, args.out or _default_out("bench"))
+    print(to_markdown(result))
+    print(f"[specdec] wrote {', '.join(str(p) for p in paths.values())}")
+    return 0

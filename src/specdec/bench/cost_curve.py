@@ -1,0 +1,216 @@
+"""The verify cost curve: time of one target forward over k tokens, k = 1..32.
+
+Speculative decoding pays off when a forward over k + 1 tokens costs little more than over
+one token, i.e. when decoding is memory-bound (Leviathan et al. 2023, Sec. 3.3; Chen et al.
+2023, Sec. 2). This measures that curve on random-weight Llama targets of about 100M, 300M
+and 700M parameters (vocabulary 32000, built directly from a :class:`ModelConfig`), and
+compares plain decoding's time per token with the memory-bandwidth floor
+
+    floor = bytes of the weights one token streams / copy bandwidth
+
+(every weight matrix once, the embedding table excepted: a lookup reads one row). The
+bandwidth is measured with a large tensor copy (read + write bytes / time).
+
+Results go to ``cost_curve.json`` one (size, dtype) entry at a time; a rerun skips the
+entries already there, so an interrupted measurement resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specdec.models import LoadedModel, ModelConfig, Transformer
+from specdec.models.llama import rope_inv_freq
+
+CONTEXT = 128  # tokens already in the cache when the k tokens are scored
+
+
+def llama_config(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=CONTEXT + 128,
+    )
+
+
+SIZES: dict[str, ModelConfig] = {
+    "100M": llama_config(768, 8, 2048, 12, 12),
+    "300M": llama_config(1024, 18, 2816, 16, 16),
+    "700M": llama_config(1536, 24, 4096, 12, 4),
+}
+
+
+def random_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
+    """A Transformer with N(0, 0.02) weights and unit norms, built without a checkpoint."""
+    with torch.device("meta"):
+        module = Transformer(cfg)
+    module = module.to_empty(device="cpu").to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+    module.inv_freq = rope_inv_freq(cfg)
+    return module.eval().requires_grad_(False)
+
+
+def streamed_weight_bytes(module: Transformer) -> int:
+    """Bytes one decoding step reads from the weights (the embedding table counts one row)."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    emb = module.model.embed_tokens.weight
+    if emb is not module.lm_head.weight:
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second of a large tensor copy, counting the read and the write."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / min(times)
+
+
+@torch.inference_mode()
+def forward_times(module: Transformer, ks: list[int], repeats: int) -> dict[int, float]:
+    """Median seconds of one forward over k tokens after ``CONTEXT`` cached tokens."""
+    cache = module.new_cache(1, CONTEXT + max(ks) + 1)
+    context = torch.randint(0, module.config.vocab_size, (1, CONTEXT))
+    module(context, torch.arange(CONTEXT), cache, num_logits=1)
+    times = {}
+    for k in ks:
+        tokens = torch.randint(0, module.config.vocab_size, (1, k))  # (1, k)
+        pos = torch.arange(CONTEXT, CONTEXT + k)
+        module(tokens, pos, cache)  # warm-up for this shape
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            module(tokens, pos, cache)
+            runs.append(time.perf_counter() - start)
+        times[k] = statistics.median(runs)
+    return times
+
+
+def plain_decode_time(module: Transformer, cfg: ModelConfig, new_tokens: int) -> float:
+    """Seconds per token of plain greedy decoding with our engine (prefill excluded)."""
+    from specdec.engine import SpeculativeGenerator
+
+    target = LoadedModel(module, cfg, None, Path("random"))
+    generator = SpeculativeGenerator(target)
+    prompt = torch.randint(0, cfg.vocab_size, (CONTEXT,)).tolist()
+    generator.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
+    out = generator.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
+    return (out.stats.total_s - out.stats.prefill_s) / max(out.stats.new_tokens, 1)
+
+
+def measure(
+    out: Path,
+    sizes: list[str],
+    dtypes: list[str],
+    ks: list[int],
+    repeats: int = 3,
+    new_tokens: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure every (size, dtype) not yet in ``out/cost_curve.json``; return all entries."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "cost_curve.json"
+    data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"entries": {}}
+    if "bandwidth_bytes_per_s" not in data:
+        data["bandwidth_bytes_per_s"] = copy_bandwidth()
+    todo = [(s, d) for s in sizes for d in dtypes if f"{s}/{d}" not in data["entries"]]
+    for size, dtype in tqdm(todo, desc="cost curve", disable=not progress):
+        cfg = SIZES[size]
+        torch.manual_seed(0)
+        module = random_model(cfg, getattr(torch, dtype))
+        weight_bytes = streamed_weight_bytes(module)
+        times = forward_times(module, ks, repeats)
+        per_token = plain_decode_time(module, cfg, new_tokens)
+        floor = weight_bytes / data["bandwidth_bytes_per_s"]
+        data["entries"][f"{size}/{dtype}"] = {
+            "size": size,
+            "dtype": dtype,
+            "parameters": cfg.num_parameters,
+            "streamed_weight_bytes": weight_bytes,
+            "forward_s": {str(k): t for k, t in times.items()},
+            "plain_decode_s_per_token": per_token,
+            "bandwidth_floor_s": floor,
+            "plain_over_floor": per_token / floor,
+        }
+        del module
+        path.write_text(json.dumps(data, indent=1))
+    path.write_text(json.dumps(data, indent=1))
+    return data
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    bandwidth = data["bandwidth_bytes_per_s"] / 1e9
+    lines = [
+        f"Copy bandwidth: {bandwidth:.1f} GB/s (read + write).",
+        "",
+        "| model | dtype | params | t(k=1) ms | t(4)/t(1) | t(8)/t(1) | t(16)/t(1) | t(32)/t(1) "
+        "| plain ms/token | floor ms | plain / floor |",
+        "|" + "---|" * 11,
+    ]
+    for e in data["entries"].values():
+        t = {int(k): v for k, v in e["forward_s"].items()}
+        ratios = [f"{t[k] / t[1]:.2f}" if k in t and 1 in t else "–" for k in (4, 8, 16, 32)]
+        lines.append(
+            f"| {e['size']} | {e['dtype']} | {e['parameters'] / 1e6:.0f}M | {t.get(1, 0) * 1e3:.1f} | "
+            + " | ".join(ratios)
+            + f" | {e['plain_decode_s_per_token'] * 1e3:.1f} | {e['bandwidth_floor_s'] * 1e3:.1f} "
+            f"| {e['plain_over_floor']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    """Forward time against k (absolute and relative to k = 1); plain decoding against the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = list(data["entries"].values())
+    fig, (ax_abs, ax_rel, ax_floor) = plt.subplots(1, 3, figsize=(15, 4))
+    for e in entries:
+        ks = sorted(int(k) for k in e["forward_s"])
+        ts = [e["forward_s"][str(k)] * 1e3 for k in ks]
+        label = f"{e['size']} {e['dtype']}"
+        ax_abs.plot(ks, ts, marker=".", label=label)
+        ax_rel.plot(ks, [t / ts[0] for t in ts], marker=".", label=label)
+    ax_abs.set(xlabel="tokens per forward (k)", ylabel="ms per forward", yscale="log", title="target forward")
+    ax_rel.set(xlabel="tokens per forward (k)", ylabel="t(k) / t(1)", title="cost relative to k = 1")
+    ax_abs.legend(fontsize="small")
+    labels = [f"{e['size']}\n{e['dtype']}" for e in entries]
+    xs = range(len(entries))
+    ax_floor.bar(
+        [x - 0.2 for x in xs], [e["plain_decode_s_per_token"] * 1e3 for e in entries], 0.4, label="plain"
+    )
+    ax_floor.bar([x + 0.2 for x in xs], [e["bandwidth_floor_s"] * 1e3 for e in entries], 0.4, label="floor")
+    ax_floor.set_xticks(list(xs), labels, fontsize="small")
+    ax_floor.set(ylabel="ms per token", title="plain decoding vs bandwidth floor")
+    ax_floor.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

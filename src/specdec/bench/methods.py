@@ -1,0 +1,124 @@
+"""The decoding methods a benchmark compares, behind one call: ``generate(prompt_ids, n)``.
+
+* ``plain`` — :class:`~specdec.SpeculativeGenerator` without a drafter (our baseline);
+* ``hf`` — ``transformers`` ``AutoModelForCausalLM.generate``, greedy (``do_sample=False``);
+* ``hf-assisted`` — the same with ``assistant_model=`` the draft (HF's own draft schedule;
+  Gante 2023, "Assisted generation");
+* any name in :data:`specdec.drafters.registry.DRAFTERS` (``draft``, ``adaptive``, ...);
+  ``NAME@K`` overrides its number of draft tokens (``draft@8``).
+
+Every method decodes greedily, ignores EOS (all produce exactly ``n`` tokens unless the
+context ends) and runs in the target's dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specdec.drafters.registry import DRAFTERS, DrafterSpec, make_drafter
+from specdec.engine import SpecStats, SpeculativeGenerator
+from specdec.models.loading import LoadedModel
+
+HF_METHODS = ("hf", "hf-assisted")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed generation."""
+
+    token_ids: list[int]
+    wall_s: float
+    stats: SpecStats | None  # None for the Hugging Face methods
+
+
+class Method(Protocol):
+    name: str
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Run: ...
+
+
+class SpecdecMethod:
+    def __init__(self, name: str, generator: SpeculativeGenerator) -> None:
+        self.name = name
+        self.generator = generator
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
+        start = time.perf_counter()
+        out = self.generator.generate(prompt_ids, max_new_tokens=max_new_tokens, ignore_eos=True)
+        return Run(out.token_ids, time.perf_counter() - start, out.stats)
+
+
+class HFMethod:
+    """``transformers`` greedy generation, optionally assisted by a draft model."""
+
+    def __init__(self, name: str, model, assistant=None) -> None:  # type: ignore[no-untyped-def]
+        self.name = name
+        self.model = model
+        self.assistant = assistant
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
+        ids = torch.tensor([prompt_ids], device=self.model.device)  # (1, T)
+        kwargs = dict(
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        if self.assistant is not None:
+            kwargs["assistant_model"] = self.assistant
+        start = time.perf_counter()
+        out = self.model.generate(ids, **kwargs)  # (1, T + n)
+        wall = time.perf_counter() - start
+        return Run(out[0, ids.shape[1] :].tolist(), wall, None)
+
+
+def load_hf(path: str, dtype: torch.dtype, device: torch.device):  # type: ignore[no-untyped-def]
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, like ours
+    return model
+
+
+def available_methods() -> list[str]:
+    """Every method name known now: the Hugging Face baselines, ``plain`` and the drafters."""
+    return [*HF_METHODS, "plain", *DRAFTERS]
+
+
+def parse_method(name: str, default_k: int) -> tuple[str, int]:
+    """``draft@8`` -> ``("draft", 8)``; ``draft`` -> ``("draft", default_k)``."""
+    base, _, k = name.partition("@")
+    if base not in available_methods():
+        raise ValueError(f"unknown method {base!r}; choose from {', '.join(available_methods())}")
+    if not k:
+        return base, default_k
+    if not k.isdigit() or int(k) < 1:
+        raise ValueError(f"method {name!r}: the number after @ must be an integer >= 1")
+    return base, int(k)
+
+
+def build_method(name: str, target: LoadedModel, draft: str, default_k: int, hf_cache: dict) -> Method:  # type: ignore[type-arg]
+    """Build one method. ``hf_cache`` shares the loaded HF models between ``hf`` methods."""
+    base, k = parse_method(name, default_k)
+    if base in HF_METHODS:
+        if "target" not in hf_cache:
+            hf_cache["target"] = load_hf(str(target.path), target.dtype, target.device)
+        if base == "hf":
+            return HFMethod(name, hf_cache["target"])
+        if "draft" not in hf_cache:
+            from specdec.models.loading import resolve_path
+
+            hf_cache["draft"] = load_hf(str(resolve_path(draft)), target.dtype, target.device)
+        return HFMethod(name, hf_cache["target"], hf_cache["draft"])
+    dtype = str(target.dtype).removeprefix("torch.")
+    drafter = make_drafter("none" if base == "plain" else base, DrafterSpec(target, draft, k, dtype))
+    return SpecdecMethod(name, SpeculativeGenerator(target, drafter))

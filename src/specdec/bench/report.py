@@ -1,0 +1,114 @@
+"""Write a benchmark result as JSON, a markdown table and a speed-up plot (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from specdec.bench.runner import BenchResult, Row
+
+
+def to_dict(result: BenchResult) -> dict[str, Any]:
+    rows = [{**asdict(r), "efficiency": r.efficiency} for r in result.rows]
+    return {"config": asdict(result.config), "meta": result.meta, "rows": rows, "sources": result.sources}
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _split(row: Row) -> str:
+    if not row.time_split:
+        return "–"
+    parts = (row.time_split.get(k, 0.0) * 100 for k in ("draft", "verify", "overhead"))
+    return " / ".join(f"{p:.0f}" for p in parts)
+
+
+def _identical(row: Row) -> str:
+    if row.identical_fraction is None:
+        return "–"
+    return "yes" if row.identical else f"no ({row.identical_fraction:.0%})"
+
+
+def to_markdown(result: BenchResult) -> str:
+    """One table: a line per (task, method); ``overall`` sums tokens and time over tasks."""
+    head = (
+        "| task | method | tok/s | × plain | × HF | τ | accept | K/step | × plain / τ "
+        "| draft / verify / other % | identical |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    for r in result.rows:
+        if r.error:
+            continue
+        cells = [
+            r.task,
+            r.method,
+            _num(r.tokens_per_s, ".1f"),
+            _num(r.speedup_vs_plain, ".2f"),
+            _num(r.speedup_vs_hf, ".2f"),
+            _num(r.tau, ".2f"),
+            _num(r.acceptance_rate, ".0%"),
+            _num(r.mean_draft_len, ".1f"),
+            _num(r.efficiency, ".2f"),
+            _split(r),
+            _identical(r),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    m, c = result.meta, result.config
+    target = m.get("target", {})
+    draft = m.get("draft", {})
+    footer = [
+        f"{m['date_utc']} UTC · {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads; "
+        f"{', '.join(m['isa']) or 'no AVX'}) · torch {m['torch']} · transformers {m['transformers']}",
+        f"target {Path(target.get('path', c.target)).name} ({target.get('parameters', 0) / 1e6:.1f}M), "
+        f"draft {Path(draft.get('path', c.draft)).name} ({draft.get('parameters', 0) / 1e6:.1f}M), "
+        f"{m['dtype']}, greedy, batch 1, {c.num_prompts} prompts/task, median of {c.runs} runs, "
+        f"K = {c.num_draft_tokens} unless NAME@K.",
+    ]
+    failed = {r.method: r.error for r in result.rows if r.error and r.task == "overall"}
+    footer += [f"Not measured: {method} ({error})" for method, error in failed.items()]
+    return "\n".join(lines) + "\n\n" + "\n\n".join(footer) + "\n"
+
+
+def plot(result: BenchResult, path: Path) -> None:
+    """Grouped bars: speed-up per task and method, over plain and (if run) over HF generate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if not r.error]
+    tasks = list(dict.fromkeys(r.task for r in rows))
+    methods = [m for m in dict.fromkeys(r.method for r in rows) if m != "plain"]
+    baselines = [("speedup_vs_plain", "plain decoding")]
+    if any(r.speedup_vs_hf for r in rows):
+        baselines.append(("speedup_vs_hf", "HF generate (greedy)"))
+    fig, axes = plt.subplots(1, len(baselines), figsize=(6 * len(baselines), 3.8), squeeze=False)
+    width = 0.8 / max(len(methods), 1)
+    cell = {(r.task, r.method): r for r in rows}
+    for ax, (attr, label) in zip(axes[0], baselines, strict=True):
+        for j, method in enumerate(methods):
+            values = [getattr(cell[(t, method)], attr) or 0.0 if (t, method) in cell else 0.0 for t in tasks]
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(tasks))]
+            ax.bar(xs, values, width, label=method)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylabel(f"speed-up over {label}")
+        ax.set_title(f"new tokens/s ÷ {label}")
+    axes[0][-1].legend(fontsize="small", loc="best")
+    fig.suptitle(f"{result.meta['dtype']}, greedy, batch 1 — {result.meta['date_utc']} UTC", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(result: BenchResult, out: Path) -> dict[str, Path]:
+    """``bench.json``, ``bench.md`` and ``speedup.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench.json", "markdown": out / "bench.md", "plot": out / "speedup.png"}
+    paths["json"].write_text(json.dumps(to_dict(result), indent=1))
+    paths["markdown"].write_text(to_markdown(result))
+    plot(result, paths["plot"])
+    return paths

@@ -1,0 +1,275 @@
+"""Run every method on every prompt of every task, the Spec-Bench way (Xia et al. 2024).
+
+Greedy, batch 1, the same prompts for every method. Each method is warmed up once, then
+each prompt is generated ``runs`` times; a prompt's time is the median of its runs. Methods
+are interleaved per prompt and run so that load from other processes hits them alike.
+Throughput is new tokens / wall time of the whole ``generate`` call (prefill included), the
+same clock for our methods and for ``transformers``.
+
+``plain`` is always run: it is the speed-up baseline and its first run's tokens are the
+reference of the identical-output check.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from specdec.bench.methods import Method, Run, build_method
+from specdec.bench.tasks import Task, build_tasks
+from specdec.engine import SpecStats
+from specdec.models import ModelConfig, ModelLoadError, load_model
+from specdec.models.loading import LoadedModel, resolve_path
+
+BASELINES = ("plain", "hf")
+WARMUP_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    target: str = "demo-target"
+    draft: str = "demo-draft"
+    methods: tuple[str, ...] = ("hf", "hf-assisted", "plain", "draft", "adaptive")
+    tasks: tuple[str, ...] = ("code", "edit", "long")
+    num_prompts: int = 4
+    max_new_tokens: int | None = None  # None: the task's default
+    runs: int = 3
+    num_draft_tokens: int = 4
+    dtype: str = "auto"
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One (task, method) cell of the results; ``task == "overall"`` sums over tasks."""
+
+    task: str
+    method: str
+    prompts: int = 0
+    new_tokens: int = 0
+    wall_s: float = 0.0
+    tokens_per_s: float | None = None
+    speedup_vs_plain: float | None = None
+    speedup_vs_hf: float | None = None
+    tau: float | None = None  # mean tokens committed per target verify pass
+    acceptance_rate: float | None = None
+    mean_draft_len: float | None = None  # draft tokens per verify pass (K actually used)
+    time_split: dict[str, float] = field(default_factory=dict)  # fraction of generate time
+    identical: bool | None = None  # every prompt's tokens equal plain greedy's
+    identical_fraction: float | None = None
+    error: str | None = None
+
+    @property
+    def efficiency(self) -> float | None:
+        """Wall-clock speed-up over plain divided by tau (1.0 = no overhead)."""
+        if self.speedup_vs_plain is None or not self.tau:
+            return None
+        return self.speedup_vs_plain / self.tau
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    config: BenchConfig
+    meta: dict[str, Any]
+    rows: list[Row]
+    sources: dict[str, list[str]]  # task -> where each prompt comes from
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+    import transformers
+
+    return {
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "isa": isa,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _model_info(model: LoadedModel) -> dict[str, Any]:
+    return {"path": str(model.path), "parameters": model.config.num_parameters}
+
+
+def _draft_info(draft: str) -> dict[str, Any]:
+    try:
+        folder = resolve_path(draft)
+        return {"path": str(folder), "parameters": ModelConfig.from_folder(folder).num_parameters}
+    except ModelLoadError as e:
+        return {"path": draft, "error": str(e)}
+
+
+@dataclass
+class _Cell:
+    """Runs of one method on one task, collected per prompt."""
+
+    runs: dict[int, list[Run]] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _summarise(task: Task, method: str, cell: _Cell, reference: dict[int, list[int]]) -> Row:
+    if cell.error is not None or not cell.runs:
+        return Row(task.name, method, error=cell.error or "no runs")
+    new_tokens = sum(len(runs[0].token_ids) for runs in cell.runs.values())
+    wall = sum(statistics.median(r.wall_s for r in runs) for runs in cell.runs.values())
+    same = [cell.runs[i][0].token_ids == reference[i] for i in cell.runs]
+    stats = [r.stats for runs in cell.runs.values() for r in runs if r.stats is not None]
+    tau = acceptance = draft_len = None
+    split: dict[str, float] = {}
+    if stats:
+        total = SpecStats()
+        for s in stats:
+            total.verify_steps += s.verify_steps
+            total.committed_tokens += s.committed_tokens
+            total.draft_tokens += s.draft_tokens
+            total.accepted_tokens += s.accepted_tokens
+        tau = total.mean_accepted_length
+        acceptance = total.acceptance_rate if total.draft_tokens else None
+        draft_len = total.draft_tokens / total.verify_steps if total.verify_steps else None
+        seconds = sum(s.total_s for s in stats)
+        if seconds > 0:
+            split = {
+                "prefill": sum(s.prefill_s for s in stats) / seconds,
+                "draft": sum(s.draft_s for s in stats) / seconds,
+                "verify": sum(s.verify_s for s in stats) / seconds,
+                "overhead": sum(s.overhead_s for s in stats) / seconds,
+            }
+    return Row(
+        task=task.name,
+        method=method,
+        prompts=len(cell.runs),
+        new_tokens=new_tokens,
+        wall_s=wall,
+        tokens_per_s=new_tokens / wall if wall > 0 else None,
+        tau=tau,
+        acceptance_rate=acceptance,
+        mean_draft_len=draft_len,
+        time_split=split,
+        identical=all(same),
+        identical_fraction=sum(same) / len(same),
+    )
+
+
+def _with_speedups(rows: list[Row]) -> list[Row]:
+    from dataclasses import replace
+
+    speed = {(r.task, r.method): r.tokens_per_s for r in rows}
+    out = []
+    for r in rows:
+        ups = {}
+        for base in BASELINES:
+            base_speed = speed.get((r.task, base))
+            if r.tokens_per_s and base_speed:
+                ups[f"speedup_vs_{base}"] = r.tokens_per_s / base_speed
+        out.append(replace(r, **ups))
+    return out
+
+
+def _overall(task_rows: list[Row], methods: list[str]) -> list[Row]:
+    rows = []
+    for method in methods:
+        mine = [r for r in task_rows if r.method == method]
+        if any(r.error for r in mine):
+            rows.append(Row("overall", method, error=next(r.error for r in mine if r.error)))
+            continue
+        tokens, wall = sum(r.new_tokens for r in mine), sum(r.wall_s for r in mine)
+        identical = [r.identical_fraction * r.prompts for r in mine if r.identical_fraction is not None]
+        prompts = sum(r.prompts for r in mine)
+        rows.append(
+            Row(
+                "overall",
+                method,
+                prompts=prompts,
+                new_tokens=tokens,
+                wall_s=wall,
+                tokens_per_s=tokens / wall if wall > 0 else None,
+                identical=all(r.identical for r in mine),
+                identical_fraction=sum(identical) / prompts if prompts else None,
+            )
+        )
+    return rows
+
+
+def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
+    """Load the models, build the tasks and methods, time everything."""
+    from tqdm import tqdm
+
+    target = load_model(config.target, dtype=config.dtype, device=config.device)
+    methods = list(dict.fromkeys(["plain", *config.methods]))
+    tasks = build_tasks(
+        list(config.tasks),
+        config.num_prompts,
+        target.tokenizer,
+        target.config.vocab_size,
+        target.max_seq_len,
+        config.max_new_tokens,
+    )
+    built: dict[str, Method] = {}
+    errors: dict[str, str] = {}
+    hf_cache: dict = {}  # type: ignore[type-arg]
+    for name in methods:
+        try:
+            built[name] = build_method(name, target, config.draft, config.num_draft_tokens, hf_cache)
+        except Exception as e:  # a drafter that cannot be built is reported, not fatal
+            errors[name] = f"{type(e).__name__}: {e}"
+    if "plain" not in built:
+        raise RuntimeError(f"plain decoding failed to build: {errors['plain']}")
+
+    first = list(tasks[0].prompts[0])
+    for name, method in list(built.items()):
+        try:
+            method.generate(first, WARMUP_TOKENS)
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+            del built[name]
+
+    total = sum(len(t.prompts) for t in tasks) * config.runs * len(built)
+    bar = tqdm(total=total, desc="bench", unit="gen", disable=not progress)
+    rows: list[Row] = []
+    for task in tasks:
+        cells = {name: _Cell(error=errors.get(name)) for name in methods}
+        reference: dict[int, list[int]] = {}
+        for i, prompt in enumerate(task.prompts):
+            for _ in range(config.runs):
+                for name, method in built.items():
+                    cell = cells[name]
+                    bar.update(1)
+                    if cell.error is not None:
+                        continue
+                    bar.set_postfix_str(f"{task.name}/{name}")
+                    try:
+                        run = method.generate(list(prompt), task.max_new_tokens)
+                    except Exception as e:
+                        cell.error = f"{type(e).__name__}: {e}"
+                        continue
+                    cell.runs.setdefault(i, []).append(run)
+                    reference.setdefault(i, run.token_ids)  # plain runs first
+        rows += [_summarise(task, name, cells[name], reference) for name in methods]
+    bar.close()
+    rows = _with_speedups(rows + _overall(rows, methods))
+    meta = machine_info()
+    meta["dtype"] = str(target.dtype).removeprefix("torch.")
+    meta["target"] = _model_info(target)
+    meta["draft"] = _draft_info(config.draft)
+    meta["errors"] = errors
+    return BenchResult(config, meta, rows, {t.name: list(t.sources) for t in tasks})

@@ -1,0 +1,100 @@
+"""``specdec bench`` end to end on tiny random models, plus the task builders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from specdec.bench.methods import parse_method
+from specdec.bench.tasks import build_tasks, edit_prompts
+from specdec.cli import main
+
+METHODS = ["hf", "hf-assisted", "plain", "draft", "draft@2", "adaptive"]
+OURS = {"plain", "draft", "draft@2", "adaptive"}
+
+SOURCE = '''
+def area(width, height):
+    """The area of a rectangle."""
+    if width < 0 or height < 0:
+        raise ValueError("negative size")
+    result = width * height
+    print("computed", result)
+    print("done")
+    return result
+'''
+
+
+@pytest.fixture(scope="module")
+def bench_out(target_path: Path, good_draft_path: Path, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--quick", "--threads", "1", "--no-progress", "--out", str(out)]
+    argv += ["--target", str(target_path), "--draft", str(good_draft_path), "--methods", ",".join(METHODS)]
+    assert main(argv) == 0
+    return out
+
+
+def test_bench_writes_json_markdown_and_plot(bench_out: Path) -> None:
+    data = json.loads((bench_out / "bench.json").read_text())
+    rows = {(r["task"], r["method"]): r for r in data["rows"]}
+    assert {task for task, _ in rows} == {"code", "edit", "long", "overall"}
+    assert {method for _, method in rows} == set(METHODS)
+    for key in ("date_utc", "cpu", "cpu_count", "torch_threads", "dtype", "target", "draft"):
+        assert key in data["meta"]
+    for (task, method), row in rows.items():
+        assert row["error"] is None, (task, method, row["error"])
+        assert row["new_tokens"] == 12 * row["prompts"] and row["tokens_per_s"] > 0
+        assert row["speedup_vs_plain"] > 0 and row["speedup_vs_hf"] > 0
+        if task != "overall" and method in OURS - {"plain"}:
+            assert 1.0 <= row["tau"] <= 1 + row["mean_draft_len"] + 1e-9
+            assert set(row["time_split"]) == {"prefill", "draft", "verify", "overhead"}
+            assert sum(row["time_split"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert all(rows[(t, "plain")]["speedup_vs_plain"] == 1.0 for t in ("code", "edit", "long"))
+    assert all(rows[(t, "plain")]["tau"] == 1.0 for t in ("code", "edit", "long"))
+    markdown = (bench_out / "bench.md").read_text()
+    assert "| task | method | tok/s" in markdown and "hf-assisted" in markdown
+    assert (bench_out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_our_methods_reproduce_plain_greedy(bench_out: Path) -> None:
+    data = json.loads((bench_out / "bench.json").read_text())
+    for row in data["rows"]:
+        if row["method"] in OURS:
+            assert row["identical"] is True and row["identical_fraction"] == 1.0, row
+    # float32 HF generate runs the same greedy algorithm on the same weights
+    hf = [r for r in data["rows"] if r["method"] == "hf"]
+    assert all(r["identical"] for r in hf)
+
+
+def test_unknown_method_is_a_one_line_user_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--methods", "plain,nonsense", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'nonsense'" in err and err.count("\n") == 1
+
+
+def test_parse_method_reads_k_suffix() -> None:
+    assert parse_method("draft@8", 4) == ("draft", 8)
+    assert parse_method("plain", 4) == ("plain", 4)
+    with pytest.raises(ValueError):
+        parse_method("draft@0", 4)
+
+
+def test_edit_prompt_repeats_the_function_and_stops_after_the_docstring() -> None:
+    [(label, prompt)] = edit_prompts([("shapes.py", SOURCE)], 1)
+    assert label == "shapes.py:area"
+    first, second = prompt.split("\n\n\n")
+    assert '"""' not in first and "return result" in first
+    assert second == 'def area(width, height):\n    """The area of a rectangle."""\n'
+
+
+def test_tasks_fit_the_context_and_keep_the_prompt_end() -> None:
+    files = [("shapes.py", SOURCE * 40)]
+    tasks = build_tasks(["code", "edit", "long"], 2, None, 96, context=256, max_new_tokens=32, files=files)
+    assert [t.name for t in tasks] == ["code", "edit", "long"]
+    for task in tasks:
+        assert task.max_new_tokens == 32
+        for prompt in task.prompts:
+            assert 0 < len(prompt) <= 256 - 32 - 64 and max(prompt) < 96
+    with pytest.raises(ValueError, match="do not fit"):
+        build_tasks(["long"], 1, None, 96, context=256, max_new_tokens=512, files=files)
