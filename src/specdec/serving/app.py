@@ -189,19 +189,19 @@ def create_app(
         }
 
     def check_failed(event: EngineEvent) -> None:
-        if event.finish_reason == "error" or (event.finish_reason == "cancelled" and event.error):
+        if _failed(event):
             raise APIError(
                 500, event.error or "generation failed", type="server_error", code="generation_failed"
             )
 
-    async def sse(prepared: _Prepared, rid: str, chunk: Callable[..., dict[str, Any]]) -> AsyncIterator[str]:
+    async def sse(prepared: _Prepared, chunk: Callable[..., dict[str, Any]]) -> AsyncIterator[str]:
         try:
             first = chunk(None, "", role=True)
             if first:
                 yield _sse(first)
             while True:
                 event = await prepared.channel.queue.get()
-                if event.finish_reason in ("error",) or (event.finish_reason == "cancelled" and event.error):
+                if _failed(event):
                     yield _sse(APIError(500, event.error or "generation failed", type="server_error").body())
                     break
                 if event.token_ids or event.text:
@@ -210,6 +210,8 @@ def create_app(
                         "token_ids": event.token_ids,
                         "kinds": event.kinds,
                         "pieces": event.pieces,
+                        "drafted": event.drafted,
+                        "accepted": event.accepted,
                     }
                     yield _sse(body)
                 if event.finish_reason is not None:
@@ -250,7 +252,7 @@ def create_app(
             }
 
         if prepared.stream:
-            return StreamingResponse(sse(prepared, rid, chunk), media_type="text/event-stream")
+            return StreamingResponse(sse(prepared, chunk), media_type="text/event-stream")
         event, text, _ = await collect(http, prepared)
         check_failed(event)
         result = chunk(FINISH_REASONS.get(event.finish_reason or "", "stop"), text)
@@ -285,7 +287,7 @@ def create_app(
             }
 
         if prepared.stream:
-            return StreamingResponse(sse(prepared, rid, chunk), media_type="text/event-stream")
+            return StreamingResponse(sse(prepared, chunk), media_type="text/event-stream")
         event, text, _ = await collect(http, prepared)
         check_failed(event)
         return JSONResponse(
@@ -345,6 +347,11 @@ def create_app(
         return page.replace("{{MODEL}}", config.model_name)
 
     return app
+
+
+def _failed(event: EngineEvent) -> bool:
+    """The engine failed the request (an error, or a cancellation by shutdown)."""
+    return event.finish_reason == "error" or (event.finish_reason == "cancelled" and event.error is not None)
 
 
 def _sse(body: dict[str, Any]) -> str:

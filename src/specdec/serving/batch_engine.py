@@ -53,6 +53,8 @@ class EngineEvent:
     finish_reason: str | None = None
     error: str | None = None
     stats: SpecStats | None = None
+    drafted: int = 0  # the request's draft tokens so far (live acceptance in the playground)
+    accepted: int = 0
 
 
 @dataclass
@@ -308,7 +310,10 @@ class BatchEngine:
         pieces = self._pieces(seq, len(ids), text)
         seq.sent_tokens += len(ids)
         seq.sent_chars += len(text)
-        seq.request.emit(EngineEvent(ids, text, kinds, pieces))
+        stats = seq.stats
+        seq.request.emit(
+            EngineEvent(ids, text, kinds, pieces, drafted=stats.draft_tokens, accepted=stats.accepted_tokens)
+        )
 
     def _pieces(self, seq: _Sequence, num_tokens: int, text: str) -> list[str]:
         """Split ``text`` among the event's tokens by where each token's text begins."""
