@@ -1,0 +1,105 @@
+"""Self-speculative early-exit drafting: greedy equality, exact sampling distribution, and the
+claim that the drafter's kept KV entries equal the target's own for the first L layers."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from helpers import save_tiny_llama
+from specdec import SpeculativeGenerator, load_model
+from specdec.drafters import EarlyExitDrafter
+from specdec.drafters.heads import ExitHead, new_head
+from specdec.losslessness import exact_two_token_joint, goodness_of_fit, sample_two_tokens
+from specdec.models import LoadedModel
+from specdec.sampling import SamplingParams
+
+PROMPTS = [[5], [1, 2, 3, 4, 5, 6, 7], [9, 40, 2, 2, 17, 80, 33, 61, 5, 5, 12]]
+
+
+def exit_head(target: LoadedModel, exit_layer: int, seed: int = 0, noise: float = 0.05) -> ExitHead:
+    """The target's own norm at layer L plus a small random adapter."""
+    torch.manual_seed(seed)
+    head = new_head("early-exit", target.config, exit_layer=exit_layer)
+    assert isinstance(head, ExitHead)
+    head.init_from(target.module)
+    with torch.no_grad():
+        head.proj.weight.normal_(0.0, noise)
+    return head.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    folder = save_tiny_llama(tmp_path_factory.mktemp("ee") / "t", num_layers=3, init_std=0.15, seed=0)
+    return load_model(folder, dtype="float32")
+
+
+def test_greedy_output_equals_plain_decoding(target):
+    plain = SpeculativeGenerator(target)
+    cases = [(prompt, max_new) for prompt in PROMPTS for max_new in (1, 6, 40)]
+    want = {(tuple(p), m): plain.generate(p, max_new_tokens=m).token_ids for p, m in cases}
+    for exit_layer, k in [(1, 1), (1, 4), (2, 3), (2, 6)]:
+        gen = SpeculativeGenerator(target, EarlyExitDrafter(target, exit_head(target, exit_layer), k))
+        accepted = drafted = 0
+        for prompt, max_new in cases:
+            out = gen.generate(prompt, max_new_tokens=max_new)
+            assert out.token_ids == want[tuple(prompt), max_new], (exit_layer, k, prompt, max_new)
+            accepted, drafted = accepted + out.stats.accepted_tokens, drafted + out.stats.draft_tokens
+        assert 0 < accepted < drafted, (exit_layer, k)  # both paths of verification were taken
+
+
+def test_greedy_stops_at_eos_inside_a_block(target):
+    prompt = PROMPTS[2]
+    ref = SpeculativeGenerator(target).generate(prompt, max_new_tokens=30).token_ids
+    eos = ref[7]
+    with_eos = replace(target, config=replace(target.config, eos_token_ids=(eos,)))
+    gen = SpeculativeGenerator(with_eos, EarlyExitDrafter(with_eos, exit_head(target, 2), 5))
+    out = gen.generate(prompt, max_new_tokens=30)
+    assert out.token_ids == ref[: ref.index(eos)] and out.finish_reason == "eos"
+
+
+@torch.inference_mode()
+def test_kept_cache_entries_equal_the_targets_first_layers(target):
+    """After generation the drafter's cache holds, for every slot it kept, the keys/values the
+    target computes in layers 0..L-1 for the committed sequence (the reuse the docstring
+    claims)."""
+    drafter = EarlyExitDrafter(target, exit_head(target, 2), 4)
+    prompt = PROMPTS[1]
+    out = SpeculativeGenerator(target, drafter).generate(prompt, max_new_tokens=20)
+    tokens = torch.tensor([prompt + out.token_ids])  # (1, T)
+    cache = target.new_cache(1, tokens.shape[1])
+    target(tokens, torch.arange(tokens.shape[1]), cache)
+    kept = drafter.cache.lengths[0]
+    assert kept >= len(prompt) + 10
+    torch.testing.assert_close(
+        drafter.cache.k[:2, 0, :, :kept], cache.k[:2, 0, :, :kept], atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        drafter.cache.v[:2, 0, :, :kept], cache.v[:2, 0, :, :kept], atol=1e-5, rtol=1e-4
+    )
+
+
+def test_exit_layer_must_leave_layers_to_skip(target):
+    with pytest.raises(ValueError, match="exit_layer"):
+        new_head("early-exit", target.config, exit_layer=3)
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        EarlyExitDrafter(target, exit_head(target, 1), 0)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.2, top_p=0.85)])
+def test_sampling_matches_exact_target_distribution(tmp_path, sampling):
+    folder = save_tiny_llama(
+        tmp_path / "t", vocab_size=10, hidden_size=32, num_layers=3, init_std=0.6, seed=3
+    )
+    small = load_model(folder, dtype="float32")
+    prompt = [3, 1, 4]
+    first, joint = exact_two_token_joint(small, prompt, SamplingParams(**sampling))
+    assert abs(joint.sum() - 1) < 1e-5
+    gen = SpeculativeGenerator(small, EarlyExitDrafter(small, exit_head(small, 1, noise=0.3), 3))
+    fit = goodness_of_fit(sample_two_tokens(gen, prompt, 1500, **sampling), first, joint)
+    assert fit.pvalue > 1e-3, f"chi-square p = {fit.pvalue:.2e}"
+    assert fit.total_variation < 3 * fit.null_total_variation, fit
+    rate = gen.generate(prompt, max_new_tokens=30, seed=0, **sampling).stats.acceptance_rate
+    assert 0.0 < rate < 1.0  # the drafts are neither always right nor always wrong
