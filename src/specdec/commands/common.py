@@ -20,6 +20,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="drafting method (none = plain decoding)",
     )
     p.add_argument("--num-draft-tokens", "-k", type=int, default=4, help="draft tokens per step (K)")
+    p.add_argument(
+        "--heads", default=None, help="trained heads for early-exit / medusa / eagle (default: <target>/<method>)"
+    )
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
 
@@ -48,7 +51,7 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
 def build_generator(args: argparse.Namespace) -> SpeculativeGenerator:
     check_sampling_arguments(args)
     target = load_model(args.target, dtype=args.dtype, device=args.device)
-    spec = DrafterSpec(target, args.draft, args.num_draft_tokens, args.dtype)
+    spec = DrafterSpec(target, args.draft, args.num_draft_tokens, args.dtype, heads=args.heads)
     try:
         drafter = make_drafter(args.drafter, spec)
     except ValueError as e:

@@ -41,7 +41,7 @@ def drafter_factory(args: argparse.Namespace, target: LoadedModel) -> Callable[[
         draft = load_model(args.draft, dtype=args.dtype, device=args.device)
         check_compatible(target, draft)
         return lambda: DraftModelDrafter(draft, args.num_draft_tokens)
-    spec = DrafterSpec(target, args.draft, args.num_draft_tokens, args.dtype)
+    spec = DrafterSpec(target, args.draft, args.num_draft_tokens, args.dtype, heads=args.heads)
     try:
         built = [make_drafter(args.drafter, spec)]  # built once up front: bad names fail here
     except ValueError as e:
