@@ -98,3 +98,33 @@ def test_tasks_fit_the_context_and_keep_the_prompt_end() -> None:
             assert 0 < len(prompt) <= 256 - 32 - 64 and max(prompt) < 96
     with pytest.raises(ValueError, match="do not fit"):
         build_tasks(["long"], 1, None, 96, context=256, max_new_tokens=512, files=files)
+
+
+def test_cost_curve_measures_resumes_and_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from specdec.bench import cost_curve
+
+    tiny = cost_curve.llama_config(64, 2, 128, 4, 2)
+    monkeypatch.setitem(cost_curve.SIZES, "tiny", tiny)
+    monkeypatch.setattr(cost_curve, "copy_bandwidth", lambda: 1e9)
+    data = cost_curve.measure(
+        tmp_path, ["tiny"], ["float32"], [1, 2, 3], repeats=1, new_tokens=4, progress=False
+    )
+    entry = data["entries"]["tiny/float32"]
+    assert sorted(entry["forward_s"]) == ["1", "2", "3"] and all(t > 0 for t in entry["forward_s"].values())
+    module = cost_curve.random_model(tiny, torch.float32)
+    embedding = 32000 * 64 * 4
+    assert entry["streamed_weight_bytes"] == tiny.num_parameters * 4 - embedding
+    assert cost_curve.streamed_weight_bytes(module) == entry["streamed_weight_bytes"]
+    assert entry["bandwidth_floor_s"] == pytest.approx(entry["streamed_weight_bytes"] / 1e9)
+
+    def must_not_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a measured entry was measured again")
+
+    monkeypatch.setattr(cost_curve, "forward_times", must_not_run)
+    again = cost_curve.measure(tmp_path, ["tiny"], ["float32"], [1, 2, 3], progress=False)
+    assert again["entries"] == data["entries"]
+    cost_curve.plot(again, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    assert "| tiny | float32 |" in cost_curve.to_markdown(again)

@@ -49,13 +49,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost-curve", action="store_true", help="time target forwards over k tokens instead")
     p.add_argument("--sizes", default="100M,300M,700M", help="cost curve: model sizes")
     p.add_argument("--dtypes", default="bfloat16,float32", help="cost curve: dtypes")
-    p.add_argument("--max-k", type=int, default=32, help="cost curve: largest k")
+    p.add_argument("--ks", default="1-32", help="cost curve: tokens per forward, e.g. 1-8,12,16,32")
     p.add_argument("--repeats", type=int, default=3, help="cost curve: timings per k (median)")
 
 
 def _default_out(kind: str) -> Path:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{kind}-{stamp}"
+
+
+def _ks(text: str) -> list[int]:
+    """``1-4,8`` -> ``[1, 2, 3, 4, 8]``."""
+    ks: set[int] = set()
+    try:
+        for part in _csv(text):
+            low, _, high = part.partition("-")
+            ks.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise UserError(f"--ks must look like 1-8,12,16, got {text!r}") from None
+    if not ks or min(ks) < 1 or max(ks) > 64:
+        raise UserError(f"--ks must lie in 1..64, got {text!r}")
+    return sorted(ks)
 
 
 def run_cost_curve(args: argparse.Namespace) -> int:
@@ -67,10 +81,10 @@ def run_cost_curve(args: argparse.Namespace) -> int:
     ]
     if bad:
         raise UserError(f"unknown size or dtype {bad[0]!r}; sizes: {', '.join(cost_curve.SIZES)}")
-    if not 1 <= args.max_k <= 64 or args.repeats < 1:
-        raise UserError("--max-k must be in 1..64 and --repeats >= 1")
+    ks = _ks(args.ks)
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     out = args.out or _default_out("cost-curve")
-    ks = list(range(1, args.max_k + 1))
     data = cost_curve.measure(out, sizes, dtypes, ks, args.repeats, progress=not args.no_progress)
     table = cost_curve.to_markdown(data)
     (out / "cost_curve.md").write_text(table)

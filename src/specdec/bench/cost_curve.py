@@ -95,11 +95,11 @@ def forward_times(module: Transformer, ks: list[int], repeats: int) -> dict[int,
     cache = module.new_cache(1, CONTEXT + max(ks) + 1)
     context = torch.randint(0, module.config.vocab_size, (1, CONTEXT))
     module(context, torch.arange(CONTEXT), cache, num_logits=1)
+    module(context[:, :1], torch.arange(CONTEXT, CONTEXT + 1), cache)  # warm-up
     times = {}
     for k in ks:
         tokens = torch.randint(0, module.config.vocab_size, (1, k))  # (1, k)
         pos = torch.arange(CONTEXT, CONTEXT + k)
-        module(tokens, pos, cache)  # warm-up for this shape
         runs = []
         for _ in range(repeats):
             start = time.perf_counter()
