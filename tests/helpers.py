@@ -44,3 +44,22 @@ def save_tiny_llama(
         model.load_state_dict(state)
     model.save_pretrained(folder)
     return folder
+
+
+CHARS = ["<eos>", "\n"] + [chr(c) for c in range(32, 126)]  # 96 symbols; "~" left out
+
+
+def save_char_tokenizer(folder: Path) -> Path:
+    """A character-level tokenizer over 96 symbols (id 0 = ``<eos>``) for the tiny models."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<eos>"])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>"}
+    (folder / "tokenizer_config.json").write_text(__import__("json").dumps(config))
+    return folder

@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help, --version, or a usage error (already printed)
+        return int(e.code or 0)
     if getattr(args, "_missing", None):
         print(f"specdec: error: {args._missing}", file=sys.stderr)
         return 2

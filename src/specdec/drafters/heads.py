@@ -113,8 +113,9 @@ class EagleHead(nn.Module):
         input_pos: torch.Tensor,  # (B, T) positions t
         cache: KVCache,
         attn_mask: torch.Tensor | None = None,  # (B, T, S) bool
+        cache_slots: torch.Tensor | None = None,  # (B, T); defaults to input_pos
     ) -> torch.Tensor:
-        """Predicted features ``f_{t+1}`` ``(B, T, d)``; writes keys/values at slots ``input_pos``."""
+        """Predicted features ``f_{t+1}`` ``(B, T, d)``; writes keys/values at ``cache_slots``."""
         x = self.fc(torch.cat([token_embeds, features], dim=-1))  # (B, T, d)
         if attn_mask is None:
             mask = causal_mask(input_pos, int(input_pos.max()) + 1)  # (B, 1, T, S)
@@ -123,7 +124,8 @@ class EagleHead(nn.Module):
         freqs = input_pos[..., None].float() * self.inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        return self.layer(x, cos, sin, cache, input_pos, mask)  # type: ignore[no-any-return]
+        slots = input_pos if cache_slots is None else cache_slots
+        return self.layer(x, cos, sin, cache, slots, mask)  # type: ignore[no-any-return]
 
     def settings(self) -> dict[str, Any]:
         return {}

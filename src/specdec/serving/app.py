@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import uuid
@@ -328,6 +329,7 @@ def create_app(
         waiting, active = scheduler.load()
         return {
             "status": "ok",
+            "pid": os.getpid(),
             "model": config.model_name,
             "active": active,
             "waiting": waiting,

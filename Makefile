@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv first.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# CPU machines get the CPU wheel of torch (an unpinned torch pulls gigabytes of CUDA packages);
+# machines with an NVIDIA driver get the default (CUDA) build.
+TORCH  := $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+
+.PHONY: demo test lint bench serve clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet "$(TORCH)"
+	$(VENV)/bin/pip install --quiet -e ".[test,serve]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/specdec demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+
+bench: $(STAMP)
+	$(VENV)/bin/specdec bench
+
+serve: $(STAMP)
+	$(VENV)/bin/specdec serve
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,34 @@
+"""Fixtures: tiny random checkpoints (session-scoped, saved once) and fixed torch threads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import save_tiny_llama
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def target_path(tiny_dir: Path) -> Path:
+    return save_tiny_llama(tiny_dir / "target", init_std=0.15, seed=0)
+
+
+@pytest.fixture(scope="session")
+def good_draft_path(tiny_dir: Path, target_path: Path) -> Path:
+    """The target's weights plus a little noise: agrees with the target most of the time."""
+    return save_tiny_llama(tiny_dir / "good-draft", seed=1, base=target_path, noise=0.08)
+
+
+@pytest.fixture(scope="session")
+def far_draft_path(tiny_dir: Path) -> Path:
+    """An unrelated random model of the same vocabulary."""
+    return save_tiny_llama(tiny_dir / "far-draft", num_layers=1, hidden_size=32, init_std=0.15, seed=7)

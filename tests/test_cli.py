@@ -1,0 +1,88 @@
+"""The ``specdec`` CLI: streaming generation, JSON output, the check command, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import save_char_tokenizer, save_tiny_llama
+from specdec.cli import main
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    target = save_tiny_llama(d / "target", init_std=0.15, seed=0, eos_token_id=0)
+    draft = save_tiny_llama(d / "draft", seed=1, base=target, noise=0.05)
+    for folder in (target, draft):
+        save_char_tokenizer(folder)
+    other = save_tiny_llama(d / "other-vocab", vocab_size=120)
+    return {"target": str(target), "draft": str(draft), "other": str(other), "dir": d}
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_streams_text_and_stats(pair, capsys):
+    code, out, err = run_cli(capsys, "generate", "def f(x):", "--target", pair["target"], "--draft",
+                             pair["draft"], "--max-new-tokens", "20", "-k", "3")
+    assert code == 0
+    assert len(out.strip("\n")) > 0
+    assert "mean accepted length" in err and "acceptance" in err
+
+
+def test_generate_json_matches_plain(pair, capsys):
+    common = ["--target", pair["target"], "--max-new-tokens", "24", "--json", "--dtype", "float32"]
+    _, spec, _ = run_cli(capsys, "generate", "abc", "--draft", pair["draft"], *common)
+    _, plain, _ = run_cli(capsys, "generate", "abc", "--drafter", "none", *common)
+    spec, plain = json.loads(spec), json.loads(plain)
+    assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
+    assert set(spec["stats"]) >= {"target_forwards", "acceptance_rate", "mean_accepted_length", "per_position_acceptance"}
+    assert plain["stats"]["draft_tokens"] == 0
+
+
+def test_check_passes_for_a_correct_pair(pair, capsys):
+    code, out, _ = run_cli(capsys, "check", "--target", pair["target"], "--draft", pair["draft"], "--samples", "600",
+                           "--max-new-tokens", "16", "--first-tokens", "8", "--prompt", "x = ")
+    assert code == 0, out
+    assert out.strip().endswith("PASS") and "greedy equality: 1/1" in out and "chi-square p" in out
+
+
+BAD_INPUTS = [
+    (["--target", "/nonexistent/model"], "no such model folder"),
+    (["--target", "{dir}"], "not a Hugging Face model folder"),
+    (["--draft", "{other}"], "vocabulary mismatch"),
+    (["-k", "0"], "--num-draft-tokens must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--drafter", "telepathy"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(pair, capsys, extra, message):
+    argv = ["generate", "hello", "--target", pair["target"], "--draft", pair["draft"]]
+    argv += [a.format(**pair) for a in extra]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_prompt_longer_than_context(pair, capsys):
+    code, _, err = run_cli(capsys, "generate", "y" * 300, "--target", pair["target"], "--drafter", "none")
+    assert code == 2 and "context" in err and err.count("\n") == 1
+
+
+def test_real_process_exit_code_and_no_traceback(pair):
+    exe = shutil.which("specdec") or f"{sys.executable} -m specdec.cli"
+    cmd = exe.split() + ["generate", "hi", "--target", pair["target"], "--draft", pair["other"]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("specdec: error: vocabulary mismatch") and "Traceback" not in proc.stderr
