@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 import torch
-from serving_support import make_pair
 
 import specdec
+from serving_support import make_pair
 
 ray = pytest.importorskip("ray", reason='needs ray: pip install "ray[serve]"')
 serve = pytest.importorskip("ray.serve", reason='needs ray: pip install "ray[serve]"')
@@ -26,11 +26,24 @@ def test_two_replicas_behind_ray_serve(tmp_path: Path) -> None:
     target_path, draft_path = make_pair(tmp_path)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args([
-        "--target", str(target_path), "--draft", str(draft_path), "--dtype", "float32",
-        "--served-model-name", "tiny", "--replicas", "2", "--cpus-per-replica", "0.5",
-        "--max-batch-size", "2",
-    ])
+    args = parser.parse_args(
+        [
+            "--target",
+            str(target_path),
+            "--draft",
+            str(draft_path),
+            "--dtype",
+            "float32",
+            "--served-model-name",
+            "tiny",
+            "--replicas",
+            "2",
+            "--cpus-per-replica",
+            "0.5",
+            "--max-batch-size",
+            "2",
+        ]
+    )
     prompts = [f"the {word} model" for word in ("fast", "slow", "small", "large", "red", "blue")]
     target = specdec.load_model(target_path, dtype="float32")
     torch.manual_seed(0)

@@ -66,7 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_serve_arguments(p)
     p.add_argument("--replicas", type=int, default=2, help="server replicas")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs (and torch threads) per replica")
+    p.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, help="Ray CPUs (and torch threads) per replica"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
