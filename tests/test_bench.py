@@ -11,8 +11,8 @@ from specdec.bench.methods import parse_method
 from specdec.bench.tasks import build_tasks, edit_prompts
 from specdec.cli import main
 
-METHODS = ["hf", "hf-assisted", "plain", "draft", "draft@2", "adaptive"]
-OURS = {"plain", "draft", "draft@2", "adaptive"}
+METHODS = ["hf", "hf-assisted", "plain", "draft", "draft@2x2", "adaptive"]
+OURS = {"plain", "draft", "draft@2x2", "adaptive"}
 
 SOURCE = '''
 def area(width, height):
@@ -74,10 +74,12 @@ def test_unknown_method_is_a_one_line_user_error(capsys: pytest.CaptureFixture[s
 
 
 def test_parse_method_reads_k_suffix() -> None:
-    assert parse_method("draft@8", 4) == ("draft", 8)
-    assert parse_method("plain", 4) == ("plain", 4)
-    with pytest.raises(ValueError):
-        parse_method("draft@0", 4)
+    assert parse_method("draft@8", 4) == ("draft", 8, 1)
+    assert parse_method("plain", 4) == ("plain", 4, 1)
+    assert parse_method("medusa@3x2", 4) == ("medusa", 3, 2)
+    for bad in ("draft@0", "draft@4x", "draft@4x0", "draft@x2"):
+        with pytest.raises(ValueError):
+            parse_method(bad, 4)
 
 
 def test_edit_prompt_repeats_the_function_and_stops_after_the_docstring() -> None:

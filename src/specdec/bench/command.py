@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods",
         default="all",
-        help="comma list of hf, hf-assisted, plain and drafter names (NAME@K sets K); "
+        help="comma list of hf, hf-assisted, plain and drafter names (NAME@K sets K, NAME@KxW a tree); "
         "all = every one known (plain is always run: it is the baseline)",
     )
     p.add_argument("--tasks", default="code,edit,long", help="comma list of code, edit, long")

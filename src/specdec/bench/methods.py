@@ -5,7 +5,8 @@
 * ``hf-assisted`` — the same with ``assistant_model=`` the draft (HF's own draft schedule;
   Gante 2023, "Assisted generation");
 * any name in :data:`specdec.drafters.registry.DRAFTERS` (``draft``, ``adaptive``, ...);
-  ``NAME@K`` overrides its number of draft tokens (``draft@8``).
+  ``NAME@K`` overrides its number of draft tokens (``draft@8``), ``NAME@KxW`` also sets a
+  tree width (``draft@4x2``: a tree of depth 4 with 2 children per expanded node).
 
 Every method decodes greedily, ignores EOS (all produce exactly ``n`` tokens unless the
 context ends) and runs in the target's dtype.
@@ -94,21 +95,24 @@ def available_methods() -> list[str]:
     return [*HF_METHODS, "plain", *DRAFTERS]
 
 
-def parse_method(name: str, default_k: int) -> tuple[str, int]:
-    """``draft@8`` -> ``("draft", 8)``; ``draft`` -> ``("draft", default_k)``."""
-    base, _, k = name.partition("@")
+def parse_method(name: str, default_k: int) -> tuple[str, int, int]:
+    """``draft@8`` -> ``("draft", 8, 1)``; ``medusa@4x3`` -> ``("medusa", 4, 3)`` (K, tree width);
+    ``draft`` -> ``("draft", default_k, 1)``."""
+    base, _, suffix = name.partition("@")
     if base not in available_methods():
         raise ValueError(f"unknown method {base!r}; choose from {', '.join(available_methods())}")
-    if not k:
-        return base, default_k
-    if not k.isdigit() or int(k) < 1:
-        raise ValueError(f"method {name!r}: the number after @ must be an integer >= 1")
-    return base, int(k)
+    if not suffix:
+        return base, default_k, 1
+    k, x, width = suffix.partition("x")
+    width = width if x else "1"
+    if not (k.isdigit() and width.isdigit() and int(k) >= 1 and int(width) >= 1):
+        raise ValueError(f"method {name!r}: write NAME@K or NAME@KxW with integers K, W >= 1")
+    return base, int(k), int(width)
 
 
 def build_method(name: str, target: LoadedModel, draft: str, default_k: int, hf_cache: dict) -> Method:  # type: ignore[type-arg]
     """Build one method. ``hf_cache`` shares the loaded HF models between ``hf`` methods."""
-    base, k = parse_method(name, default_k)
+    base, k, width = parse_method(name, default_k)
     if base in HF_METHODS:
         if "target" not in hf_cache:
             hf_cache["target"] = load_hf(str(target.path), target.dtype, target.device)
@@ -120,5 +124,7 @@ def build_method(name: str, target: LoadedModel, draft: str, default_k: int, hf_
             hf_cache["draft"] = load_hf(str(resolve_path(draft)), target.dtype, target.device)
         return HFMethod(name, hf_cache["target"], hf_cache["draft"])
     dtype = str(target.dtype).removeprefix("torch.")
-    drafter = make_drafter("none" if base == "plain" else base, DrafterSpec(target, draft, k, dtype))
+    drafter = make_drafter(
+        "none" if base == "plain" else base, DrafterSpec(target, draft, k, dtype, tree_width=width)
+    )
     return SpecdecMethod(name, SpeculativeGenerator(target, drafter))

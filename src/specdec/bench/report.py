@@ -65,7 +65,7 @@ def to_markdown(result: BenchResult) -> str:
         f"target {Path(target.get('path', c.target)).name} ({target.get('parameters', 0) / 1e6:.1f}M), "
         f"draft {Path(draft.get('path', c.draft)).name} ({draft.get('parameters', 0) / 1e6:.1f}M), "
         f"{m['dtype']}, greedy, batch 1, {c.num_prompts} prompts/task, median of {c.runs} runs, "
-        f"K = {c.num_draft_tokens} unless NAME@K.",
+        f"K = {c.num_draft_tokens} unless NAME@K (NAME@KxW: tree of width W).",
     ]
     failed = {r.method: r.error for r in result.rows if r.error and r.task == "overall"}
     footer += [f"Not measured: {method} ({error})" for method, error in failed.items()]
