@@ -12,7 +12,14 @@ from specdec.drafters.base import DraftContext
 from specdec.drafters.ngram import NgramIndex, trie_tree
 from specdec.sampling import SamplingParams
 from specdec.verify.tree import children_of
-from test_draft_tree import SETTING_IDS, SETTINGS, accept_first_children, assert_fails_target, assert_matches_target
+from test_draft_tree import (  # noqa: F401  (vocab8 is a fixture)
+    SETTING_IDS,
+    SETTINGS,
+    accept_first_children,
+    assert_fails_target,
+    assert_matches_target,
+    vocab8,
+)
 
 GREEDY = SamplingParams(0.0)
 
