@@ -36,8 +36,6 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_sampling_arguments(args: argparse.Namespace) -> None:
-    if args.num_draft_tokens < 1:
-        raise UserError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
@@ -49,7 +47,8 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
 
 
 def build_generator(args: argparse.Namespace) -> SpeculativeGenerator:
-    check_sampling_arguments(args)
+    if args.num_draft_tokens < 1:
+        raise UserError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
     target = load_model(args.target, dtype=args.dtype, device=args.device)
     spec = DrafterSpec(target, args.draft, args.num_draft_tokens, args.dtype, heads=args.heads)
     try:

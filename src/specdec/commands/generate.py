@@ -6,7 +6,12 @@ import argparse
 import json
 import sys
 
-from specdec.commands.common import add_model_arguments, add_sampling_arguments, build_generator
+from specdec.commands.common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    build_generator,
+    check_sampling_arguments,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_sampling_arguments(args)
     gen = build_generator(args)
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
