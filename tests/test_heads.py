@@ -11,7 +11,7 @@ import torch
 
 from helpers import save_tiny_llama
 from specdec import SpeculativeGenerator, load_model
-from specdec.drafters import EagleDrafter, MedusaDrafter
+from specdec.drafters import DraftContext, EagleDrafter, MedusaDrafter, TargetOutput
 from specdec.drafters.heads import load_head, new_head, save_head
 from specdec.drafters.medusa import best_first_tree
 from specdec.losslessness import exact_two_token_joint, goodness_of_fit, sample_two_tokens
@@ -72,6 +72,7 @@ def drafters(target: LoadedModel, trained) -> dict[str, object]:  # type: ignore
         "eagle-k1": EagleDrafter(target, eagle, num_draft_tokens=1),
         "eagle-k3": EagleDrafter(target, eagle, num_draft_tokens=3),
         "eagle-k5": EagleDrafter(target, eagle, num_draft_tokens=5),
+        "eagle-tree": EagleDrafter(target, eagle, num_draft_tokens=4, tree_width=2, max_tree_nodes=7),
     }
 
 
@@ -102,6 +103,45 @@ def test_greedy_stops_at_eos_inside_a_block(target, trained):
         assert out.token_ids == want and out.finish_reason == "eos", name
 
 
+@torch.inference_mode()
+def reference_eagle_probs(target, head, token_ids: list[int], path: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """EAGLE's draft distribution after ``token_ids + path``, one entry at a time (no tree)."""
+    n = len(token_ids)
+    _, hidden = target(
+        torch.tensor([token_ids[:-1]]), torch.arange(n - 1), target.new_cache(1, n), return_hidden=True
+    )
+    cache = head.new_cache(1, n + len(path))
+    embed = target.module.model.embed_tokens
+    feature = head(embed(torch.tensor([token_ids[1:]])), hidden, torch.arange(n - 1)[None], cache)[0, -1]
+    for i, token in enumerate(path):
+        pos = torch.tensor([[n - 1 + i]])
+        feature = head(embed(torch.tensor([[token]])), feature[None, None], pos, cache)[0, -1]
+    return target.module.lm_head(feature).softmax(-1)  # (V,)
+
+
+def test_eagle_tree_children_are_the_top_k_of_their_path(target, trained):
+    """Tree attention in the head's cache reproduces sequential drafting along every path."""
+    head = trained["eagle"].head
+    drafter = EagleDrafter(target, head, num_draft_tokens=3, tree_width=2, max_tree_nodes=100)
+    for prompt in PROMPTS[1:]:
+        n = len(prompt)
+        _, hidden = target(
+            torch.tensor([prompt[:-1]]), torch.arange(n - 1), target.new_cache(1, n), return_hidden=True
+        )
+        drafter.prefill(prompt, TargetOutput(hidden[0]))
+        tree = drafter.propose(DraftContext(list(prompt), SamplingParams(), 3)).tree
+        assert tree is not None
+        tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+        paths = {-1: []}
+        for i, parent in enumerate(parents):
+            paths[i] = paths[parent] + [tokens[i]]
+        assert max(len(p) for p in paths.values()) == 3
+        for node in [-1, *sorted(set(parents) - {-1})]:
+            kids = {tokens[i] for i, parent in enumerate(parents) if parent == node}
+            want = set(reference_eagle_probs(target, head, prompt, paths[node]).topk(2).indices.tolist())
+            assert kids == want, (prompt, paths[node])
+
+
 def test_best_first_tree_keeps_the_best_nodes_as_a_tree():
     scores = [[0.9, 0.05, 0.05], [0.5, 0.4, 0.1], [0.6, 0.3, 0.1]]
     ranks, parents = best_first_tree(scores, 6)
@@ -124,9 +164,9 @@ def small_target(tmp_path_factory):
     return load_model(folder, dtype="float32")
 
 
-SAMPLING = [  # chain sampling is covered by test_early_exit.py (the same pick_tokens path)
+SAMPLING = [  # chain sampling (pick_tokens) is covered by test_early_exit.py
     ("medusa", dict(num_draft_tokens=2, tree_width=3), dict(temperature=0.8, top_k=5)),
-    ("eagle", dict(num_draft_tokens=3), dict(temperature=1.0)),
+    ("eagle", dict(num_draft_tokens=3, tree_width=2), dict(temperature=1.0)),
 ]
 
 

@@ -18,6 +18,21 @@ Bookkeeping with ``n`` committed tokens (the last one pending)::
 
 Entries built on the head's own predicted features are discarded after verification (they
 differ from the ones built on the target's features), as in the paper.
+
+Tree mode (``tree_width > 1``) grows a dynamic tree depth by depth (EAGLE-2, Li et al. 2024,
+Sec. 4): each expanded node gets ``tree_width`` children; at each depth the ``tree_width`` new
+nodes with the highest cumulative draft probability are expanded, all in one head pass under
+tree attention (expanded node ``j`` writes the head cache slot ``n - 1 + j``, attends to the
+target-feature entries and its expanded ancestors).
+
+* Greedy: children are the top-k tokens (distinct); at the end the ``max_tree_nodes`` nodes with
+  the highest cumulative probability are kept (a parent never scores below its child, so the
+  kept set is a tree).
+* Sampling: children are i.i.d. draws from the head's distribution ``q`` after their parent
+  (duplicates allowed), as the recursive rejection of :mod:`specdec.verify.tree` requires;
+  nothing is pruned after drawing, the budget only caps how many children are drawn, decided
+  before drawing them. A duplicate of an earlier sibling is never expanded (if verification
+  reaches it, it is rejected).
 """
 
 from __future__ import annotations
@@ -26,9 +41,10 @@ from pathlib import Path
 
 import torch
 
-from specdec.drafters.base import DraftContext, DraftProposal, TargetOutput
+from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput
 from specdec.drafters.heads import EagleHead, pick_tokens, resolve_head
 from specdec.models.loading import LoadedModel
+from specdec.sampling import logits_to_probs
 from specdec.verify.chain import VerifyResult
 
 
@@ -41,15 +57,26 @@ class EagleDrafter:
     needs_hidden = True  # the engine passes the verify pass's hidden states to on_verified
 
     def __init__(
-        self, target: LoadedModel, head: EagleHead | str | Path | None = None, num_draft_tokens: int = 4
+        self,
+        target: LoadedModel,
+        head: EagleHead | str | Path | None = None,
+        num_draft_tokens: int = 4,
+        tree_width: int = 1,
+        max_tree_nodes: int | None = None,
     ) -> None:
         if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
+        if not isinstance(tree_width, int) or tree_width < 1:
+            raise ValueError(f"tree_width must be an integer >= 1, got {tree_width}")
+        self.tree_width = tree_width
+        self.max_tree_nodes = max_tree_nodes or num_draft_tokens * tree_width
+        if self.max_tree_nodes < 1:
+            raise ValueError(f"max_tree_nodes must be >= 1, got {max_tree_nodes}")
         self.target = target
         self.head = resolve_head(head, target.path, target.config, "eagle", target.dtype, target.device)
         assert isinstance(self.head, EagleHead)
         self.num_draft_tokens = num_draft_tokens
-        capacity = target.max_seq_len + num_draft_tokens
+        capacity = target.max_seq_len + self.max_tree_nodes
         self.cache = self.head.new_cache(1, capacity)
         self.features = torch.zeros(
             capacity, target.config.hidden_size, dtype=target.dtype, device=target.device
@@ -90,6 +117,10 @@ class EagleDrafter:
         start = self.cache.lengths[0]
         next_tokens = torch.tensor(ctx.token_ids[start + 1 : n], device=device)  # (T,) x_{t+1}
         feature = self._step(next_tokens, self.features[start : n - 1], start)  # (d,)
+        if self.tree_width > 1:
+            proposal = self._tree(feature, ctx, K)
+            self.cache.truncate(n - 1)
+            return proposal
         tokens, probs = [], []
         for i in range(K):
             logits = self.target.module.lm_head(feature)[None]  # (1, V)
@@ -104,6 +135,75 @@ class EagleDrafter:
             torch.stack(tokens),  # (K,)
             torch.stack(probs) if probs else None,  # (K, V)
         )
+
+    def _tree(self, root_feature: torch.Tensor, ctx: DraftContext, K: int) -> DraftProposal:
+        """Grow a tree of depth <= K below the pending token (see the module docstring)."""
+        n, width, budget = len(ctx.token_ids), self.tree_width, self.max_tree_nodes
+        greedy = ctx.sampling.greedy
+        tokens: list[int] = []
+        parents: list[int] = []
+        scores: list[float] = []  # cumulative draft probability of each node's path
+        rows: list[torch.Tensor] = []  # sampling: the distribution each node was drawn from
+        fed: list[int] = []  # expanded nodes, in head-cache slot order (slot n - 1 + j)
+        ancestors: dict[int, list[int]] = {-1: []}  # expanded node -> its expanded path, itself included
+        frontier = [(-1, root_feature)]  # (expanded node, the head's feature after it)
+        for depth in range(1, K + 1):
+            logits = self.target.module.lm_head(torch.stack([f for _, f in frontier]))  # (E, V)
+            probs = logits.float().softmax(-1) if greedy else logits_to_probs(logits, ctx.sampling)  # (E, V)
+            expandable: list[tuple[int, int]] = []  # (node, frontier entry of its parent)
+            for e, (parent, _) in enumerate(frontier):
+                base = scores[parent] if parent >= 0 else 1.0
+                if greedy:
+                    kids = probs[e].topk(width).indices.tolist()
+                else:
+                    m = min(width, budget - len(tokens))
+                    if m <= 0:
+                        break
+                    kids = torch.multinomial(probs[e], m, replacement=True, generator=ctx.generator).tolist()
+                seen: set[int] = set()
+                for token in kids:
+                    if token not in seen:
+                        expandable.append((len(tokens), e))
+                    seen.add(token)
+                    tokens.append(token)
+                    parents.append(parent)
+                    scores.append(base * float(probs[e, token]))
+                    if not greedy:
+                        rows.append(probs[e])
+            if depth == K or not expandable:
+                break
+            expand = sorted(expandable, key=lambda ne: -scores[ne[0]])[:width]
+            frontier = self._expand(expand, frontier, tokens, parents, fed, ancestors, n + depth - 2)
+        if greedy and len(tokens) > budget:  # keep the best nodes; parents outrank their children
+            keep = sorted(sorted(range(len(tokens)), key=lambda i: (-scores[i], i))[:budget])
+            index = {old: new for new, old in enumerate(keep)}
+            tokens = [tokens[i] for i in keep]
+            parents = [index[parents[i]] if parents[i] >= 0 else -1 for i in keep]
+        device = self.target.device
+        draft_probs = torch.stack(rows) if rows else None  # (N, V)
+        token_t = torch.tensor(tokens, device=device)  # (N,)
+        tree = DraftTree(token_t, torch.tensor(parents, device=device), draft_probs)
+        return DraftProposal(token_t, draft_probs, tree)
+
+    def _expand(self, expand, frontier, tokens, parents, fed, ancestors, position):  # type: ignore[no-untyped-def]
+        """Feed the nodes ``expand`` (``(node, parent's frontier entry)``) to the head in one pass
+        at RoPE ``position``; the new frontier ``[(node, feature after it)]``."""
+        n_fed, E, device = len(fed), len(expand), self.target.device
+        start = self.cache.lengths[0]  # the n - 1 target-feature entries
+        for node, _ in expand:  # expanded nodes only have expanded ancestors
+            ancestors[node] = ancestors[parents[node]] + [len(fed)]
+            fed.append(node)
+        mask = torch.zeros(1, E, start + len(fed), dtype=torch.bool, device=device)  # (1, E, S)
+        mask[0, :, :start] = True
+        for j, (node, _) in enumerate(expand):
+            mask[0, j, [start + a for a in ancestors[node]]] = True
+        node_tokens = torch.tensor([tokens[node] for node, _ in expand], device=device)  # (E,)
+        embed = self.target.module.model.embed_tokens(node_tokens[None])  # (1, E, d)
+        features = torch.stack([frontier[e][1] for _, e in expand])[None]  # (1, E, d)
+        pos = torch.full((1, E), position, device=device)  # (1, E)
+        slots = torch.arange(start + n_fed, start + n_fed + E, device=device)[None]  # (1, E)
+        out = self.head(embed, features, pos, self.cache, attn_mask=mask, cache_slots=slots)  # (1, E, d)
+        return [(node, out[0, j]) for j, (node, _) in enumerate(expand)]
 
     def on_verified(self, result: VerifyResult) -> None:
         if result.target_hidden is None:
