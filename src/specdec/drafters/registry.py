@@ -18,8 +18,8 @@ class DrafterSpec:
     num_draft_tokens: int = 4
     dtype: str = "auto"
     heads: str | None = None  # trained heads folder (early-exit / medusa / eagle); default <target>/<method>
-    tree_width: int = 1  # draft / ngram / staged / medusa: siblings per tree node (1 = a chain)
-    max_tree_nodes: int | None = None  # draft / ngram / medusa: tree node budget (default K * tree_width)
+    tree_width: int = 1  # draft / ngram / staged / medusa / eagle: siblings per tree node (1 = a chain)
+    max_tree_nodes: int | None = None  # draft / ngram / medusa / eagle: tree node budget (default K * tree_width)
 
 
 def _draft_model(spec: DrafterSpec) -> Drafter:
@@ -63,7 +63,7 @@ def _medusa(spec: DrafterSpec) -> Drafter:
 def _eagle(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.eagle import EagleDrafter
 
-    return EagleDrafter(spec.target, spec.heads, spec.num_draft_tokens)
+    return EagleDrafter(spec.target, spec.heads, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes)
 
 
 DRAFTERS: dict[str, Callable[[DrafterSpec], Drafter]] = {
