@@ -46,6 +46,7 @@ def test_bench_writes_json_markdown_and_plot(bench_out: Path) -> None:
         assert row["error"] is None, (task, method, row["error"])
         assert row["new_tokens"] == 12 * row["prompts"] and row["tokens_per_s"] > 0
         assert row["speedup_vs_plain"] > 0 and row["speedup_vs_hf"] > 0
+        assert row["cpu_s"] > 0 and row["cpu_speedup_vs_plain"] > 0 and row["cpu_speedup_vs_hf"] > 0
         if task != "overall" and method in OURS - {"plain"}:
             assert 1.0 <= row["tau"] <= 1 + row["mean_draft_len"] + 1e-9
             assert set(row["time_split"]) == {"prefill", "draft", "verify", "overhead"}

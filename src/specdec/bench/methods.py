@@ -33,6 +33,7 @@ class Run:
 
     token_ids: list[int]
     wall_s: float
+    cpu_s: float  # process CPU time: immune to preemption by other processes (1 thread)
     stats: SpecStats | None  # None for the Hugging Face methods
 
 
@@ -48,9 +49,10 @@ class SpecdecMethod:
         self.generator = generator
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = self.generator.generate(prompt_ids, max_new_tokens=max_new_tokens, ignore_eos=True)
-        return Run(out.token_ids, time.perf_counter() - start, out.stats)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return Run(out.token_ids, wall, cpu, out.stats)
 
 
 class HFMethod:
@@ -73,10 +75,10 @@ class HFMethod:
         )
         if self.assistant is not None:
             kwargs["assistant_model"] = self.assistant
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = self.model.generate(ids, **kwargs)  # (1, T + n)
-        wall = time.perf_counter() - start
-        return Run(out[0, ids.shape[1] :].tolist(), wall, None)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return Run(out[0, ids.shape[1] :].tolist(), wall, cpu, None)
 
 
 def load_hf(path: str, dtype: torch.dtype, device: torch.device):  # type: ignore[no-untyped-def]

@@ -22,7 +22,7 @@ def _num(value: float | None, fmt: str) -> str:
 def _split(row: Row) -> str:
     if not row.time_split:
         return "–"
-    parts = (row.time_split.get(k, 0.0) * 100 for k in ("draft", "verify", "overhead"))
+    parts = (row.time_split.get(k, 0.0) * 100 for k in ("prefill", "draft", "verify", "overhead"))
     return " / ".join(f"{p:.0f}" for p in parts)
 
 
@@ -35,10 +35,10 @@ def _identical(row: Row) -> str:
 def to_markdown(result: BenchResult) -> str:
     """One table: a line per (task, method); ``overall`` sums tokens and time over tasks."""
     head = (
-        "| task | method | tok/s | × plain | × HF | τ | accept | K/step | × plain / τ "
-        "| draft / verify / other % | identical |"
+        "| task | method | tok/s | × plain | × HF | × plain, × HF (CPU time) | τ | accept | K/step "
+        "| × plain / τ | prefill / draft / verify / other % | identical |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in result.rows:
         if r.error:
             continue
@@ -48,6 +48,7 @@ def to_markdown(result: BenchResult) -> str:
             _num(r.tokens_per_s, ".1f"),
             _num(r.speedup_vs_plain, ".2f"),
             _num(r.speedup_vs_hf, ".2f"),
+            f"{_num(r.cpu_speedup_vs_plain, '.2f')}, {_num(r.cpu_speedup_vs_hf, '.2f')}",
             _num(r.tau, ".2f"),
             _num(r.acceptance_rate, ".0%"),
             _num(r.mean_draft_len, ".1f"),

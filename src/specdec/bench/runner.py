@@ -4,7 +4,9 @@ Greedy, batch 1, the same prompts for every method. Each method is warmed up onc
 each prompt is generated ``runs`` times; a prompt's time is the median of its runs. Methods
 are interleaved per prompt and run so that load from other processes hits them alike.
 Throughput is new tokens / wall time of the whole ``generate`` call (prefill included), the
-same clock for our methods and for ``transformers``.
+same clock for our methods and for ``transformers``. On a machine shared with other jobs the
+wall clock also counts time the process waited for a core; with one torch thread the process
+CPU time does not, so every figure is also given on CPU time (``cpu_*`` fields).
 
 ``plain`` is always run: it is the speed-up baseline and its first run's tokens are the
 reference of the identical-output check.
@@ -54,9 +56,12 @@ class Row:
     prompts: int = 0
     new_tokens: int = 0
     wall_s: float = 0.0
+    cpu_s: float = 0.0
     tokens_per_s: float | None = None
     speedup_vs_plain: float | None = None
     speedup_vs_hf: float | None = None
+    cpu_speedup_vs_plain: float | None = None  # the same ratios on process CPU time
+    cpu_speedup_vs_hf: float | None = None
     tau: float | None = None  # mean tokens committed per target verify pass
     acceptance_rate: float | None = None
     mean_draft_len: float | None = None  # draft tokens per verify pass (K actually used)
@@ -132,6 +137,7 @@ def _summarise(task: Task, method: str, cell: _Cell, reference: dict[int, list[i
         return Row(task.name, method, error=cell.error or "no runs")
     new_tokens = sum(len(runs[0].token_ids) for runs in cell.runs.values())
     wall = sum(statistics.median(r.wall_s for r in runs) for runs in cell.runs.values())
+    cpu = sum(statistics.median(r.cpu_s for r in runs) for runs in cell.runs.values())
     same = [cell.runs[i][0].token_ids == reference[i] for i in cell.runs]
     stats = [r.stats for runs in cell.runs.values() for r in runs if r.stats is not None]
     tau = acceptance = draft_len = None
@@ -160,6 +166,7 @@ def _summarise(task: Task, method: str, cell: _Cell, reference: dict[int, list[i
         prompts=len(cell.runs),
         new_tokens=new_tokens,
         wall_s=wall,
+        cpu_s=cpu,
         tokens_per_s=new_tokens / wall if wall > 0 else None,
         tau=tau,
         acceptance_rate=acceptance,
@@ -173,14 +180,18 @@ def _summarise(task: Task, method: str, cell: _Cell, reference: dict[int, list[i
 def _with_speedups(rows: list[Row]) -> list[Row]:
     from dataclasses import replace
 
-    speed = {(r.task, r.method): r.tokens_per_s for r in rows}
+    cell = {(r.task, r.method): r for r in rows}
     out = []
     for r in rows:
         ups = {}
         for base in BASELINES:
-            base_speed = speed.get((r.task, base))
-            if r.tokens_per_s and base_speed:
-                ups[f"speedup_vs_{base}"] = r.tokens_per_s / base_speed
+            b = cell.get((r.task, base))
+            if b is None or b.error or r.error:
+                continue
+            if r.wall_s > 0 and b.wall_s > 0:  # same tokens: the time ratio is the speed ratio
+                ups[f"speedup_vs_{base}"] = (r.new_tokens / r.wall_s) / (b.new_tokens / b.wall_s)
+            if r.cpu_s > 0 and b.cpu_s > 0:
+                ups[f"cpu_speedup_vs_{base}"] = (r.new_tokens / r.cpu_s) / (b.new_tokens / b.cpu_s)
         out.append(replace(r, **ups))
     return out
 
@@ -193,6 +204,7 @@ def _overall(task_rows: list[Row], methods: list[str]) -> list[Row]:
             rows.append(Row("overall", method, error=next(r.error for r in mine if r.error)))
             continue
         tokens, wall = sum(r.new_tokens for r in mine), sum(r.wall_s for r in mine)
+        cpu = sum(r.cpu_s for r in mine)
         identical = [r.identical_fraction * r.prompts for r in mine if r.identical_fraction is not None]
         prompts = sum(r.prompts for r in mine)
         rows.append(
@@ -202,6 +214,7 @@ def _overall(task_rows: list[Row], methods: list[str]) -> list[Row]:
                 prompts=prompts,
                 new_tokens=tokens,
                 wall_s=wall,
+                cpu_s=cpu,
                 tokens_per_s=tokens / wall if wall > 0 else None,
                 identical=all(r.identical for r in mine),
                 identical_fraction=sum(identical) / prompts if prompts else None,
