@@ -19,6 +19,7 @@ from specdec.drafters.base import DraftContext, DraftProposal
 from specdec.drafters.draft_model import DraftModelDrafter
 from specdec.sampling import SamplingParams
 from specdec.serving import ServerConfig, create_app
+from specdec.serving.batch_draft import BatchDraftModel
 from specdec.serving.batch_engine import BatchEngine, EngineEvent, EngineRequest
 from specdec.serving.metrics import ServerMetrics
 from specdec.serving.scheduler import Scheduler, ShuttingDownError
@@ -71,15 +72,16 @@ class PoisonedDrafter(DraftModelDrafter):
         return super().propose(ctx)
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_concurrent_greedy_outputs_equal_single_requests(pair, adaptive: bool) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("batched_draft", "adaptive"), [(False, False), (True, False), (True, True)])
+def test_concurrent_greedy_outputs_equal_single_requests(pair, batched_draft: bool, adaptive: bool) -> None:  # type: ignore[no-untyped-def]
     target, draft = pair
     work = prompts(16)
     torch.manual_seed(0)
     single = specdec.SpeculativeGenerator(target, DraftModelDrafter(draft, 3))
     expected = [single.generate(p, max_new_tokens=m, temperature=0.0).text for p, m in work]
     config = ServerConfig(MODEL, max_batch_size=8, adaptive_draft_tokens=adaptive)
-    with run_server(create_app(target, lambda: DraftModelDrafter(draft, 3), config)) as url:
+    drafting = BatchDraftModel(draft, 3) if batched_draft else (lambda: DraftModelDrafter(draft, 3))
+    with run_server(create_app(target, drafting, config)) as url:
         client = client_for(url)
 
         def ask(item: tuple[str, int]) -> str:

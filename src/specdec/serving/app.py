@@ -29,6 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from specdec.drafters.base import Drafter
 from specdec.models.loading import LoadedModel
 from specdec.sampling import SamplingParams
+from specdec.serving.batch_draft import BatchDraftModel
 from specdec.serving.batch_engine import BatchEngine, EngineEvent, EngineRequest
 from specdec.serving.chat import render_chat
 from specdec.serving.metrics import ServerMetrics
@@ -72,13 +73,19 @@ class _Prepared:
 
 
 def create_app(
-    target: LoadedModel, drafter_factory: Callable[[], Drafter | None], config: ServerConfig
+    target: LoadedModel,
+    drafting: BatchDraftModel | Callable[[], Drafter | None],
+    config: ServerConfig,
 ) -> FastAPI:
-    """Build the app; the engine thread starts with the app's lifespan and drains on shutdown."""
+    """Build the app; the engine thread starts with the app's lifespan and drains on shutdown.
+
+    ``drafting``: a :class:`BatchDraftModel` (draft model batched over rows), or a factory of
+    per-row drafters (one instance per batch row; returning None means plain decoding).
+    """
     metrics = ServerMetrics(config.model_name)
     engine = BatchEngine(
         target,
-        drafter_factory,
+        drafting,
         config.max_batch_size,
         metrics,
         config.max_seq_len,

@@ -15,9 +15,10 @@ see the padding's slots 11, 12; those slots lie beyond the row's committed lengt
 overwritten by the next pass before any real token can see them.
 
 Rows are prefilled one at a time (B = 1) when they join, exactly like
-:class:`~specdec.engine.SpeculativeGenerator`'s prefill, and drafting runs per row with one
-drafter instance per row. All of this runs on the single engine thread; results leave
-through each request's ``emit`` callback.
+:class:`~specdec.engine.SpeculativeGenerator`'s prefill. Drafting runs either batched (a
+:class:`~specdec.serving.batch_draft.BatchDraftModel`: K draft passes for all rows) or per row
+(any :class:`~specdec.drafters.base.Drafter`, one instance per row). All of this runs on the
+single engine thread; results leave through each request's ``emit`` callback.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from specdec.engine.stats import SpecStats
 from specdec.engine.textstream import StreamChunk, TextAssembler
 from specdec.models.loading import LoadedModel
 from specdec.sampling import SamplingParams, logits_to_probs
+from specdec.serving.batch_draft import BatchDraftModel, DraftRow
 from specdec.serving.metrics import ServerMetrics
 from specdec.serving.policy import SpeculationPolicy
 from specdec.verify.chain import verify_greedy, verify_rejection
@@ -93,12 +95,15 @@ def rows_view(cache: KVCache, rows: slice) -> KVCache:
 
 
 class BatchEngine:
-    """Owns the batched target cache, one drafter per row and the per-row sequences."""
+    """Owns the batched target cache, the drafting and the per-row sequences.
+
+    ``drafting``: a :class:`BatchDraftModel`, or a factory of per-row drafters (None: plain).
+    """
 
     def __init__(
         self,
         target: LoadedModel,
-        drafter_factory: Callable[[], Drafter | None],
+        drafting: BatchDraftModel | Callable[[], Drafter | None],
         max_batch_size: int,
         metrics: ServerMetrics,
         max_seq_len: int | None = None,
@@ -106,13 +111,20 @@ class BatchEngine:
     ) -> None:
         self.target = target
         self.metrics = metrics
-        self.drafter_factory = drafter_factory
-        self.drafters = [drafter_factory() for _ in range(max_batch_size)]
-        self.max_draft_tokens = max(
-            (getattr(d, "num_draft_tokens", 0) for d in self.drafters if d), default=0
+        self.batch_drafter = drafting if isinstance(drafting, BatchDraftModel) else None
+        self.drafter_factory: Callable[[], Drafter | None] = (
+            (lambda: None) if isinstance(drafting, BatchDraftModel) else drafting
+        )
+        self.drafters = [self.drafter_factory() for _ in range(max_batch_size)]
+        per_row = [getattr(d, "num_draft_tokens", 0) for d in self.drafters if d]
+        self.max_draft_tokens = (
+            self.batch_drafter.num_draft_tokens if self.batch_drafter else max(per_row, default=0)
         )
         self.context_len = min(max_seq_len or target.max_seq_len, target.max_seq_len)
-        self.cache = target.new_cache(max_batch_size, self.context_len + self.max_draft_tokens + 1)
+        capacity = self.context_len + self.max_draft_tokens + 1
+        self.cache = target.new_cache(max_batch_size, capacity)
+        if self.batch_drafter is not None:
+            self.batch_drafter.allocate(max_batch_size, capacity)
         self.rows: list[_Sequence | None] = [None] * max_batch_size
         self.policy = SpeculationPolicy(self.max_draft_tokens, adaptive=adaptive_draft_tokens)
         eos = set(target.config.eos_token_ids)
@@ -159,9 +171,12 @@ class BatchEngine:
                 )
                 seq.stats.target_forwards += 1
             self.cache.lengths[row] = len(ids) - 1
+            target_out = TargetOutput(hidden[0] if hidden is not None else None)
             drafter = self.drafters[row]
             if drafter is not None:
-                drafter.prefill(list(ids), TargetOutput(hidden[0] if hidden is not None else None))
+                drafter.prefill(list(ids), target_out)
+            if self.batch_drafter is not None:
+                self.batch_drafter.prefill(row, list(ids), target_out)
         except Exception as e:  # this request alone fails
             self._finish(seq, "error", error=f"prefill failed: {e}")
             return
@@ -188,8 +203,8 @@ class BatchEngine:
             return
         k_max = self.policy.choose(len(active)) if self.max_draft_tokens else 0
         t0 = time.perf_counter()
-        proposals: dict[int, DraftProposal] = {}
-        for seq in active:
+        proposals = self._propose_batched(active, k_max) if self.batch_drafter else {}
+        for seq in active if self.batch_drafter is None else []:
             t = time.perf_counter()
             try:
                 proposals[seq.row] = self._propose(seq, k_max)
@@ -217,12 +232,30 @@ class BatchEngine:
         self.metrics.add_phase("verify", t2 - t1)
         self.metrics.add_phase("commit", time.perf_counter() - t2)
 
+    def _limit(self, seq: _Sequence, k: int) -> int:
+        """Drafts the row may verify: within its token budget and the context."""
+        budget = seq.request.max_new_tokens - seq.produced
+        return min(budget - 1, self.context_len - len(seq.tokens) - 1, k)
+
+    def _propose_batched(self, active: list[_Sequence], k_max: int) -> dict[int, DraftProposal]:
+        assert self.batch_drafter is not None
+        t = time.perf_counter()
+        rows = [
+            DraftRow(s.row, s.tokens, s.request.sampling, s.generator, self._limit(s, k_max)) for s in active
+        ]
+        drafted = self.batch_drafter.propose(rows)  # a failure here fails the batch (scheduler)
+        seconds = time.perf_counter() - t
+        self.policy.observe_draft(sum(p.num_tokens for p in drafted.values()), seconds)
+        empty = empty_proposal(self.target.device)
+        for seq in active:
+            seq.stats.draft_s += seconds
+        return {seq.row: drafted.get(seq.row, empty) for seq in active}
+
     def _propose(self, seq: _Sequence, k_max: int) -> DraftProposal:
         drafter = self.drafters[seq.row]
-        budget = seq.request.max_new_tokens - seq.produced
         # Drafters that read the target's hidden states (EAGLE, Medusa) need them every step.
         k_row = max(k_max, 1) if getattr(drafter, "needs_hidden", False) else k_max
-        limit = min(budget - 1, self.context_len - len(seq.tokens) - 1, k_row)
+        limit = self._limit(seq, k_row)
         if drafter is None or limit <= 0:
             return empty_proposal(self.target.device)
         ctx = DraftContext(seq.tokens, seq.request.sampling, limit, seq.generator)
@@ -268,6 +301,8 @@ class BatchEngine:
         if row_hidden is not None and getattr(drafter, "needs_hidden", False):
             rows = [0, *(1 + i for i in result.accepted_path)]  # the pending token + accepted drafts
             result = replace(result, target_hidden=row_hidden[rows])  # (num_accepted + 1, d)
+        if self.batch_drafter is not None:
+            self.batch_drafter.on_verified(seq.row, n, result.num_accepted)
         if drafter is not None and k > 0:
             try:
                 drafter.on_verified(result)

@@ -10,6 +10,7 @@ from specdec.commands.common import add_model_arguments
 from specdec.drafters.base import Drafter
 from specdec.drafters.registry import DrafterSpec, make_drafter
 from specdec.models import LoadedModel, load_model
+from specdec.serving.batch_draft import BatchDraftModel
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,15 +33,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish requests on shutdown")
 
 
-def drafter_factory(args: argparse.Namespace, target: LoadedModel) -> Callable[[], Drafter | None]:
-    """One drafter per batch row; a draft model's weights are loaded once and shared."""
+def make_drafting(
+    args: argparse.Namespace, target: LoadedModel
+) -> BatchDraftModel | Callable[[], Drafter | None]:
+    """``--drafter draft``: one draft model drafting for all rows at once; any other drafter:
+    a factory of per-row instances (see :class:`~specdec.serving.batch_engine.BatchEngine`)."""
     if args.drafter == "draft":
-        from specdec.drafters.draft_model import DraftModelDrafter
         from specdec.models.loading import check_compatible
 
         draft = load_model(args.draft, dtype=args.dtype, device=args.device)
         check_compatible(target, draft)
-        return lambda: DraftModelDrafter(draft, args.num_draft_tokens)
+        return BatchDraftModel(draft, args.num_draft_tokens)
     spec = DrafterSpec(target, args.draft, args.num_draft_tokens, args.dtype, heads=args.heads)
     try:
         built = [make_drafter(args.drafter, spec)]  # built once up front: bad names fail here
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         adaptive_draft_tokens=not args.fixed_draft_tokens,
     )
-    app = create_app(target, drafter_factory(args, target), config)
+    app = create_app(target, make_drafting(args, target), config)
     print(f"[specdec] serving '{config.model_name}' on http://{args.host}:{args.port}  (playground at /)")
     uvicorn.run(
         app,

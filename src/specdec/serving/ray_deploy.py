@@ -33,7 +33,7 @@ class SpecdecReplica:
 
         from specdec.models import load_model
         from specdec.serving.app import ServerConfig, create_app
-        from specdec.serving.command import drafter_factory
+        from specdec.serving.command import make_drafting
 
         args = self.options
         torch.set_num_threads(max(1, int(args.cpus_per_replica)))
@@ -46,7 +46,7 @@ class SpecdecReplica:
             drain_timeout_s=args.drain_timeout,
             adaptive_draft_tokens=not args.fixed_draft_tokens,
         )
-        return create_app(target, drafter_factory(args, target), config)
+        return create_app(target, make_drafting(args, target), config)
 
 
 def build_application(args: argparse.Namespace) -> Application:

@@ -1,0 +1,120 @@
+"""A draft model that drafts for every batch row in the same forward passes.
+
+Per-row drafters run K sequential one-token passes *per row*; this runs K passes for the
+whole batch (Leviathan et al. 2023's draft model, batched as in Su et al. 2023). Its KV cache
+has one row per batch row, kept with the same invariant as the target's: slots below
+``lengths[row]`` hold the row's committed tokens, slots at or above it are scratch that every
+pass overwrites, contiguously from ``lengths[row]``, before any real token can attend to them.
+Rows that do not draft this step feed dummy tokens at ``lengths[row]`` onwards (scratch).
+
+Bookkeeping for one row with ``n`` committed tokens (the last one pending), K drafts::
+
+    first pass feeds tokens[lengths:n]       -> lengths = n
+    pass i (1 .. K-1) feeds d_i at n + i - 1 -> lengths = n + K - 1
+    after j accepted drafts                   -> lengths = n + min(j, K - 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specdec.drafters.base import DraftProposal, TargetOutput
+from specdec.models.loading import LoadedModel
+from specdec.sampling import SamplingParams, logits_to_probs, sample
+
+
+@dataclass(frozen=True)
+class DraftRow:
+    """One row's request for drafts: its committed ``tokens`` and at most ``max_tokens``."""
+
+    row: int
+    tokens: list[int]
+    sampling: SamplingParams
+    generator: torch.Generator
+    max_tokens: int
+
+
+class BatchDraftModel:
+    def __init__(self, model: LoadedModel, num_draft_tokens: int = 4) -> None:
+        if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
+        self.model = model
+        self.num_draft_tokens = num_draft_tokens
+        self.cache = model.new_cache(1, 1)
+        self._fed: dict[int, int] = {}  # row -> K of its last proposal
+
+    def allocate(self, batch_size: int, capacity: int) -> None:
+        self.cache = self.model.new_cache(batch_size, capacity)
+
+    def prefill(self, row: int, prompt_ids: list[int], target_out: TargetOutput) -> None:
+        from specdec.serving.batch_engine import rows_view
+
+        if len(prompt_ids) > 1:
+            tokens = torch.tensor([prompt_ids[:-1]], device=self.model.device)  # (1, n-1)
+            pos = torch.arange(len(prompt_ids) - 1, device=self.model.device)
+            self.model(tokens, pos, rows_view(self.cache, slice(row, row + 1)), num_logits=1)
+        self.cache.lengths[row] = len(prompt_ids) - 1
+        self._fed.pop(row, None)
+
+    def propose(self, rows: list[DraftRow]) -> dict[int, DraftProposal]:
+        """Drafts for each row with ``max_tokens > 0`` (K = the largest ``max_tokens``)."""
+        from specdec.serving.batch_engine import rows_view
+
+        rows = [r for r in rows if r.max_tokens > 0]
+        if not rows:
+            return {}
+        device = self.model.device
+        K = max(r.max_tokens for r in rows)
+        hi = max(r.row for r in rows) + 1
+        lengths = self.cache.lengths
+        feeds = {r.row: r.tokens[lengths[r.row] :] for r in rows}  # (pending and any unseen tokens)
+        U = max(len(f) for f in feeds.values())
+        tokens = torch.zeros(hi, U, dtype=torch.long, device=device)  # (B', U)
+        pos = torch.arange(U, device=device).repeat(hi, 1)  # (B', U)
+        for b in range(hi):  # non-drafting rows write scratch slots at/after their length
+            pos[b] = (pos[b] + lengths[b]).clamp_max(self.cache.max_seq_len - 1)
+        for r in rows:
+            tokens[r.row, : len(feeds[r.row])] = torch.tensor(feeds[r.row], device=device)
+        view = rows_view(self.cache, slice(0, hi))
+        logits = self.model(tokens, pos, view)  # (B', U, V)
+        index = torch.tensor([r.row for r in rows], device=device)
+        last = logits[index, torch.tensor([len(feeds[r.row]) - 1 for r in rows], device=device)]  # (R, V)
+        for r in rows:
+            lengths[r.row] = len(r.tokens)
+        drafts: list[list[torch.Tensor]] = [[] for _ in rows]
+        probs: list[list[torch.Tensor]] = [[] for _ in rows]
+        for i in range(K):
+            step = torch.zeros(hi, 1, dtype=torch.long, device=device)  # (B', 1)
+            for j, r in enumerate(rows):
+                if r.sampling.greedy:
+                    token = last[j].argmax(-1)
+                else:
+                    draft_probs = logits_to_probs(last[j], r.sampling)  # (V,)
+                    token = sample(draft_probs, r.generator)
+                    probs[j].append(draft_probs)
+                drafts[j].append(token)
+                step[r.row, 0] = token
+            if i == K - 1:
+                break
+            step_pos = torch.tensor([[lengths[b]] for b in range(hi)], device=device)  # (B', 1)
+            for r in rows:
+                step_pos[r.row, 0] = len(r.tokens) + i
+            last = self.model(step, step_pos, view)[index, 0]  # (R, V)
+        for r in rows:
+            lengths[r.row] = len(r.tokens) + K - 1
+            self._fed[r.row] = K
+        return {
+            r.row: DraftProposal(
+                torch.stack(drafts[j][: r.max_tokens]),  # (k,)
+                torch.stack(probs[j][: r.max_tokens]) if probs[j] else None,  # (k, V)
+            )
+            for j, r in enumerate(rows)
+        }
+
+    def on_verified(self, row: int, num_committed_before: int, num_accepted: int) -> None:
+        """Keep the row's cache up to its accepted drafts (the rest is scratch again)."""
+        K = self._fed.pop(row, 0)
+        if K:
+            self.cache.lengths[row] = num_committed_before + min(num_accepted, K - 1)

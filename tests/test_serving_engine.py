@@ -1,0 +1,129 @@
+"""The batch engine without HTTP: batched drafting equals per-row drafting, batched rejection
+sampling reproduces the exact target distribution, and the speculation policy's choices."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import specdec
+from serving_support import make_pair
+from specdec.drafters.base import DraftContext, TargetOutput
+from specdec.drafters.draft_model import DraftModelDrafter
+from specdec.sampling import SamplingParams
+from specdec.serving.batch_draft import BatchDraftModel, DraftRow
+from specdec.serving.batch_engine import BatchEngine, EngineEvent, EngineRequest
+from specdec.serving.metrics import ServerMetrics
+from specdec.serving.policy import SpeculationPolicy
+from specdec.verify.chain import VerifyResult
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[specdec.LoadedModel, specdec.LoadedModel]:
+    target_path, draft_path = make_pair(tmp_path_factory.mktemp("engine"))
+    return specdec.load_model(target_path, dtype="float32"), specdec.load_model(draft_path, dtype="float32")
+
+
+def test_batched_drafting_equals_per_row_drafting(pair) -> None:  # type: ignore[no-untyped-def]
+    """Ragged histories (different lengths, acceptances, skipped steps) give the same drafts."""
+    _, draft = pair
+    rng = random.Random(0)
+    greedy = SamplingParams()
+    batched = BatchDraftModel(draft, 4)
+    batched.allocate(3, 128)
+    sequences = [[5, 9, 17, 30, 2], [40, 41], [7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    singles = [DraftModelDrafter(draft, 4) for _ in sequences]
+    for row, (seq, single) in enumerate(zip(sequences, singles, strict=True)):
+        single.prefill(seq, TargetOutput())
+        batched.prefill(row, seq, TargetOutput())
+    generator = torch.Generator()
+    for step in range(8):
+        limits = [rng.choice([0, 1, 2, 4]) if step % 3 else 4 for _ in sequences]
+        rows = [
+            DraftRow(r, s, greedy, generator, k)
+            for r, (s, k) in enumerate(zip(sequences, limits, strict=True))
+        ]
+        proposals = batched.propose(rows)
+        for row, (seq, single, k) in enumerate(zip(sequences, singles, limits, strict=True)):
+            if k == 0:
+                assert row not in proposals
+                continue
+            expected = single.propose(DraftContext(seq, greedy, k, generator))
+            assert proposals[row].tokens.tolist() == expected.tokens.tolist(), (step, row)
+            drafts = expected.tokens.tolist()
+            accepted = rng.randint(0, k)
+            result = VerifyResult(drafts[:accepted] + [rng.randrange(100)], accepted, k, accepted == k)
+            single.on_verified(result)
+            batched.on_verified(row, len(seq), accepted)
+            seq += result.tokens
+
+
+def run_engine(engine: BatchEngine, requests: list[EngineRequest]) -> None:
+    pending = list(requests)
+    while pending or engine.num_active:
+        while pending and engine.num_free:
+            engine.add(pending.pop())
+        engine.step()
+
+
+def test_batched_sampling_reproduces_the_target_distribution(pair) -> None:  # type: ignore[no-untyped-def]
+    """Rows sampled together (temperature 1; 3 new tokens, so the first step verifies 2 drafts)
+    follow the target's exact distribution at generated positions 1 and 2 (chi-square test,
+    bins of expected count >= 5)."""
+    target, draft = pair
+    prompt = target.tokenizer.encode("the draft")
+    with torch.inference_mode():
+        cache = target.new_cache(1, 64)
+        probs1 = target(torch.tensor([prompt]), torch.arange(len(prompt)), cache)[0, -1].softmax(-1)  # (V,)
+        V = probs1.shape[0]
+        both = torch.tensor([prompt + [x] for x in range(V)])  # (V, n+1)
+        cache = target.new_cache(V, 64)
+        probs2_given_1 = target(both, torch.arange(len(prompt) + 1), cache)[:, -1].softmax(-1)  # (V, V)
+        probs2 = probs1 @ probs2_given_1  # (V,)
+    outputs: list[list[int]] = []
+    samples = 1200
+    requests = []
+    for seed in range(samples):
+        tokens: list[int] = []
+
+        def emit(event: EngineEvent, tokens: list[int] = tokens) -> None:
+            tokens += event.token_ids
+            if event.finish_reason:
+                outputs.append(tokens)
+
+        requests.append(EngineRequest(prompt, 3, SamplingParams(1.0), emit, seed=seed, ignore_eos=True))
+    engine = BatchEngine(
+        target, BatchDraftModel(draft, 3), 16, ServerMetrics("t"), adaptive_draft_tokens=False
+    )
+    run_engine(engine, requests)
+    assert len(outputs) == samples and all(len(o) == 3 for o in outputs)
+    for position, exact in ((0, probs1), (1, probs2)):
+        counts = torch.bincount(torch.tensor([o[position] for o in outputs]), minlength=V).double()
+        expected = exact.double() * samples
+        big = expected >= 5
+        observed = torch.cat([counts[big], counts[~big].sum()[None]])
+        wanted = torch.cat([expected[big], expected[~big].sum()[None]])
+        wanted *= observed.sum() / wanted.sum()
+        assert chisquare(observed.numpy(), wanted.numpy()).pvalue > 1e-3, position
+    metrics = engine.metrics
+    assert 0 < metrics.accepted_tokens < metrics.draft_tokens  # both acceptance and recovery ran
+
+
+def test_policy_speculates_when_cheap_and_stops_when_compute_bound() -> None:
+    cheap = SpeculationPolicy(4)
+    for tokens in (1, 5, 20, 40):
+        cheap.observe_pass(tokens, 0.010 + 0.00001 * tokens)  # memory-bound: flat cost
+    for _ in range(50):
+        cheap.observe_acceptance(4, 3)
+    assert cheap.choose(4) == 4
+
+    bound = SpeculationPolicy(4)
+    for tokens in (1, 5, 20, 40, 80):
+        bound.observe_pass(tokens, 0.001 * tokens)  # compute-bound: cost proportional to tokens
+    for _ in range(50):
+        bound.observe_acceptance(4, 0)
+    assert bound.choose(16) == 0
+    assert bound.expected_tokens(0) == 1.0
