@@ -226,3 +226,52 @@ def test_missing_or_mismatched_heads_are_user_errors(target, tmp_path):
         MedusaDrafter(target, tmp_path / "eagle64")
     with pytest.raises(ValueError, match="one per head"):
         MedusaDrafter(target, new_head("medusa", target.config, num_heads=2), num_draft_tokens=3)
+
+
+def test_cli_trains_heads_beside_the_target_and_generates_with_them(tmp_path, capsys):
+    import json
+
+    from helpers import save_char_tokenizer
+    from specdec.cli import main
+
+    folder = save_char_tokenizer(save_tiny_llama(tmp_path / "t", init_std=0.15, eos_token_id=0))
+    small = [
+        "--steps",
+        "4",
+        "--num-sequences",
+        "6",
+        "--val-sequences",
+        "2",
+        "--seq-len",
+        "32",
+        "--no-autocast",
+    ]
+    assert (
+        main(["train", "heads", "--method", "medusa", "--target", str(folder), "--num-heads", "2", *small])
+        == 0
+    )
+    report = json.loads((folder / "medusa" / "training.json").read_text())
+    assert report["config"]["num_heads"] == 2 and len(report["val_top1_after"]) == 2
+    capsys.readouterr()
+    outs = []
+    for drafter in ("none", "medusa"):
+        argv = [
+            "generate",
+            "--target",
+            str(folder),
+            "--drafter",
+            drafter,
+            "-k",
+            "2",
+            "--json",
+            "--max-new-tokens",
+            "12",
+        ]
+        assert main([*argv, "def f(x):"]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0]["token_ids"] == outs[1]["token_ids"] and outs[1]["stats"]["draft_tokens"] > 0
+    assert (
+        main(["generate", "--target", str(folder), "--drafter", "eagle", "def f(x):"]) == 2
+    )  # no eagle heads
+    assert "train heads" in capsys.readouterr().err
+    assert main(["train", "heads", "--method", "eagle", "--target", str(folder), "--steps", "0"]) == 2

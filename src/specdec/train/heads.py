@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -205,7 +206,15 @@ def train_head(
     val_before, top1_before = evaluate(head, target, val, bs)
 
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    warmup = max(1, cfg.steps // 20)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10 %
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.method} heads", disable=not progress)
