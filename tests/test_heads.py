@@ -153,7 +153,7 @@ def test_best_first_tree_keeps_the_best_nodes_as_a_tree():
 
 # ------------------------------------------------------------------ lossless sampling
 PROMPT = [3, 1, 4]
-N = 1500
+N = 1200
 
 
 @pytest.fixture(scope="module")

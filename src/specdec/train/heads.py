@@ -146,10 +146,12 @@ def head_loss(
         return _kl(student, teacher), [agree(student, teacher)]
     if isinstance(head, MedusaHeads):
         feats = head(final)  # (B, T, K, d)
+        with torch.no_grad():
+            target_logits = logits(final)  # (B, T, V)
         losses, top1 = [], []
         for k in range(head.num_heads):
             student = logits(feats[:, : -(k + 1), k])  # (B, T-k-1, V): head k at token t
-            teacher = logits(final[:, k + 1 :])  # (B, T-k-1, V): target at token t+k+1
+            teacher = target_logits[:, k + 1 :]  # (B, T-k-1, V): target at token t+k+1
             losses.append(_kl(student, teacher))
             top1.append(agree(student, teacher))
         return torch.stack(losses).sum(), top1
