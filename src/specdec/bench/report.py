@@ -98,9 +98,11 @@ def plot(result: BenchResult, path: Path) -> None:
         ax.set_xticks(range(len(tasks)), tasks)
         ax.set_ylabel(f"speed-up over {label}")
         ax.set_title(f"new tokens/s ÷ {label}")
-    axes[0][-1].legend(fontsize="small", loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(methods), 6), fontsize="small")
     fig.suptitle(f"{result.meta['dtype']}, greedy, batch 1 — {result.meta['date_utc']} UTC", fontsize="small")
-    fig.tight_layout()
+    rows_of_legend = -(-len(methods) // 6)
+    fig.tight_layout(rect=(0, 0.05 * rows_of_legend + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
