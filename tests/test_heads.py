@@ -16,7 +16,7 @@ from specdec.drafters.heads import load_head, new_head, save_head
 from specdec.drafters.medusa import best_first_tree
 from specdec.losslessness import exact_two_token_joint, goodness_of_fit, sample_two_tokens
 from specdec.models import LoadedModel, ModelLoadError
-from specdec.sampling import SamplingParams
+from specdec.sampling import SamplingParams, logits_to_probs
 from specdec.train.heads import HeadTrainConfig, train_head
 
 PROMPTS = [[5], [1, 2, 3, 4, 5, 6, 7], [9, 40, 2, 2, 17, 80, 33, 61, 5, 5, 12]]
@@ -104,8 +104,8 @@ def test_greedy_stops_at_eos_inside_a_block(target, trained):
 
 
 @torch.inference_mode()
-def reference_eagle_probs(target, head, token_ids: list[int], path: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """EAGLE's draft distribution after ``token_ids + path``, one entry at a time (no tree)."""
+def reference_eagle_logits(target, head, token_ids: list[int], path: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """EAGLE's draft logits after ``token_ids + path``, one entry at a time (no tree)."""
     n = len(token_ids)
     _, hidden = target(
         torch.tensor([token_ids[:-1]]), torch.arange(n - 1), target.new_cache(1, n), return_hidden=True
@@ -116,7 +116,7 @@ def reference_eagle_probs(target, head, token_ids: list[int], path: list[int]) -
     for i, token in enumerate(path):
         pos = torch.tensor([[n - 1 + i]])
         feature = head(embed(torch.tensor([[token]])), feature[None, None], pos, cache)[0, -1]
-    return target.module.lm_head(feature).softmax(-1)  # (V,)
+    return target.module.lm_head(feature)  # (V,)
 
 
 def test_eagle_tree_children_are_the_top_k_of_their_path(target, trained):
@@ -138,8 +138,31 @@ def test_eagle_tree_children_are_the_top_k_of_their_path(target, trained):
         assert max(len(p) for p in paths.values()) == 3
         for node in [-1, *sorted(set(parents) - {-1})]:
             kids = {tokens[i] for i, parent in enumerate(parents) if parent == node}
-            want = set(reference_eagle_probs(target, head, prompt, paths[node]).topk(2).indices.tolist())
+            want = set(reference_eagle_logits(target, head, prompt, paths[node]).topk(2).indices.tolist())
             assert kids == want, (prompt, paths[node])
+
+
+def test_eagle_tree_sampling_records_the_distributions_it_drew_from(target, trained):
+    """Each node's draft_probs row is the processed head distribution after its parent's path."""
+    head = trained["eagle"].head
+    drafter = EagleDrafter(target, head, num_draft_tokens=3, tree_width=2, max_tree_nodes=12)
+    params = SamplingParams(temperature=0.9, top_k=20)
+    prompt = PROMPTS[2]
+    n = len(prompt)
+    _, hidden = target(
+        torch.tensor([prompt[:-1]]), torch.arange(n - 1), target.new_cache(1, n), return_hidden=True
+    )
+    drafter.prefill(prompt, TargetOutput(hidden[0]))
+    generator = torch.Generator().manual_seed(0)
+    tree = drafter.propose(DraftContext(list(prompt), params, 3, generator)).tree
+    assert tree is not None and tree.draft_probs is not None and 3 < tree.num_nodes <= 12
+    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+    paths: dict[int, list[int]] = {-1: []}
+    for i, parent in enumerate(parents):
+        paths[i] = paths[parent] + [tokens[i]]
+        want = logits_to_probs(reference_eagle_logits(target, head, prompt, paths[parent]), params)
+        torch.testing.assert_close(tree.draft_probs[i], want, atol=1e-5, rtol=1e-4)
+        assert want[tokens[i]] > 0
 
 
 def test_best_first_tree_keeps_the_best_nodes_as_a_tree():

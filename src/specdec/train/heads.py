@@ -65,7 +65,8 @@ class Features:
 
     tokens: torch.Tensor  # (N, T) long
     final: torch.Tensor  # (N, T, d) final normed hidden states
-    exit: torch.Tensor | None  # (N, T, d) hidden states after layer L (early exit only)
+    exit: torch.Tensor | None  # (N, T, d) hidden states after layer exit_layer
+    exit_layer: int | None
 
 
 def pack_tokens(target: LoadedModel, texts: list[str], seq_len: int, count: int, seed: int) -> torch.Tensor:
@@ -111,7 +112,7 @@ def target_features(
             else:
                 h = module.run_layers(h, pos, cache)
             finals.append(module.model.norm(h).float().cpu())
-    return Features(tokens, torch.cat(finals), torch.cat(exits) if exits else None)
+    return Features(tokens, torch.cat(finals), torch.cat(exits) if exits else None, exit_layer)
 
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -184,6 +185,10 @@ def evaluate(head: Head, target: LoadedModel, feats: Features, batch_size: int) 
     return total / batches, [a / batches for a in top1 or []]
 
 
+def default_exit_layer(target: LoadedModel, exit_layer: int | None) -> int:
+    return exit_layer or max(1, target.config.num_hidden_layers // 2)
+
+
 def train_head(
     target: LoadedModel,
     train_tokens: torch.Tensor,  # (N, T) long
@@ -192,19 +197,27 @@ def train_head(
     progress: bool = True,
 ) -> HeadTrainResult:
     """Train a fresh head of ``cfg.method`` on the frozen ``target`` over packed sequences."""
+    exit_layer = default_exit_layer(target, cfg.exit_layer) if cfg.method == "early-exit" else None
+    train = target_features(target, train_tokens, exit_layer, cfg.batch_size, cfg.autocast)
+    val = target_features(target, val_tokens, exit_layer, cfg.batch_size, cfg.autocast)
+    return train_head_on(target, train, val, cfg, progress)
+
+
+def train_head_on(
+    target: LoadedModel, train: Features, val: Features, cfg: HeadTrainConfig, progress: bool = True
+) -> HeadTrainResult:
+    """Train a fresh head on features the target already computed (shared between methods)."""
     from tqdm import tqdm
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    mcfg = target.config
-    head = new_head(cfg.method, mcfg, num_heads=cfg.num_heads, exit_layer=cfg.exit_layer)
+    if cfg.method == "early-exit" and (train.exit is None or val.exit is None):
+        raise ValueError("early-exit training needs features with the exit layer's hidden states")
+    head = new_head(cfg.method, target.config, num_heads=cfg.num_heads, exit_layer=train.exit_layer)
     if isinstance(head, ExitHead):
         head.init_from(target.module)
     head = head.to(target.device).float().train()
-    exit_layer = head.exit_layer if isinstance(head, ExitHead) else None
     bs = cfg.batch_size
-    train = target_features(target, train_tokens, exit_layer, bs, cfg.autocast)
-    val = target_features(target, val_tokens, exit_layer, bs, cfg.autocast)
     val_before, top1_before = evaluate(head, target, val, bs)
 
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -213,8 +226,8 @@ def train_head(
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10 %
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, cfg.steps - warmup)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+        done = (step - warmup) / max(1, cfg.steps - warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * done))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     gen = torch.Generator().manual_seed(cfg.seed)
