@@ -35,9 +35,10 @@ N_SAMPLES = 1200  # about 10 ms per sample on an idle core; 64 cells of an 8-tok
 # ---------------------------------------------------------------------------- shared helpers
 @pytest.fixture(scope="session")
 def vocab8(tmp_path_factory):
-    """A peaked 8-token target and a far 8-token draft (1 layer each: fast sampling)."""
+    """An 8-token target (13-45 cells of its two-token joint expect >= 5 of 1200 samples) and a
+    far, peaked 8-token draft (1 layer each: fast sampling)."""
     d = tmp_path_factory.mktemp("tree-vocab8")
-    target = save_tiny_llama(d / "t", vocab_size=8, hidden_size=32, num_layers=1, init_std=0.6, seed=3)
+    target = save_tiny_llama(d / "t", vocab_size=8, hidden_size=32, num_layers=1, init_std=0.25, seed=4)
     far = save_tiny_llama(d / "far", vocab_size=8, hidden_size=32, num_layers=1, init_std=0.6, seed=5)
     return {name: load_model(p, dtype="float32") for name, p in [("target", target), ("far", far)]}
 
@@ -93,6 +94,7 @@ def fit(counts: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
 
 def assert_matches_target(gen: SpeculativeGenerator, prompt: list[int], n: int, sampling: dict) -> None:
     exact = exact_joint(gen.target, prompt, SamplingParams(**sampling))
+    assert (exact * n >= 5).sum() >= 8, "too few populated cells for a meaningful test"
     pvalue, tv = fit(sample_first_two(gen, prompt, n, **sampling), exact)
     assert pvalue > 1e-3, f"chi-square p = {pvalue:.2e}"
     assert tv < tv_bound(exact, n), f"TV {tv:.4f} >= bound {tv_bound(exact, n):.4f}"

@@ -27,6 +27,8 @@ class NgramIndex:
     suffix never finds itself.
     """
 
+    SCAN = 16  # occurrences looked at per lookup and n
+
     def __init__(self, min_n: int = 1, max_n: int = 3) -> None:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_n} and {max_n}")
@@ -50,11 +52,15 @@ class NgramIndex:
 
     def continuations(self, query: list[int], max_len: int, max_count: int) -> list[list[int]]:
         """Up to ``max_count`` distinct continuations (each <= ``max_len`` tokens) of ``query``'s
-        suffix: the longest matching n first, the most recent occurrence first."""
+        suffix: the longest matching n first; for one n, among its ``SCAN`` most recent
+        occurrences, full-length continuations (most recent first) before ones cut short by the
+        end of the text (longest first)."""
         found: list[list[int]] = []
         for n in range(min(self.max_n, len(query)), self.min_n - 1, -1):
-            for e in reversed(self._follow.get(tuple(query[len(query) - n :]), ())):
-                cont = self.tokens[e : e + max_len]
+            recent = self._follow.get(tuple(query[len(query) - n :]), [])[-self.SCAN :][::-1]
+            conts = [self.tokens[e : e + max_len] for e in recent]
+            conts.sort(key=lambda c: -len(c))  # stable: recency breaks ties
+            for cont in conts:
                 if any(cont == f[: len(cont)] for f in found):
                     continue  # a duplicate or a prefix of a continuation already found
                 found.append(cont)

@@ -76,7 +76,7 @@ class StagedDrafter:
         """K draft tokens, the draft logits ``(K, V)`` and distributions ``(K, V)`` they follow
         (one-hot when greedy); each stage-2 step is one draft forward."""
         ids = ctx.token_ids
-        start = self.cache.lengths[0]
+        start = min(self.cache.lengths[0], len(ids) - 1)
         unfed = ids[start:]  # ends with the pending token
         chain: list[int] = []
         logit_rows: list[torch.Tensor] = []
