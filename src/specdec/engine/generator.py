@@ -231,10 +231,11 @@ class SpeculativeGenerator:
                 pending = torch.tensor([tokens_so_far[-1]], device=device)
                 inp = torch.cat([pending, proposal.tokens.to(device)])[None]  # (1, K+1)
                 pos = torch.arange(len(tokens_so_far) - 1, len(tokens_so_far) + K, device=device)
+                kv_len = len(tokens_so_far) + K  # no device sync to find it
                 if getattr(drafter, "needs_hidden", False):  # EAGLE / Medusa read the target's features
-                    logits, hidden = target(inp, pos, cache, return_hidden=True)
+                    logits, hidden = target(inp, pos, cache, return_hidden=True, kv_len=kv_len)
                 else:
-                    logits, hidden = target(inp, pos, cache), None
+                    logits, hidden = target(inp, pos, cache, kv_len=kv_len), None
                 logits = logits[0]  # (K+1, V)
                 if params.greedy:
                     result = verify_greedy(proposal.tokens, logits)

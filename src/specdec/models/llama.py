@@ -30,10 +30,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Normalise in float32, cast back, then scale: the order Hugging Face uses.
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -87,7 +86,8 @@ class Attention(nn.Module):
         sin: torch.Tensor,  # (B, 1, T, D)
         cache: KVCache,
         slots: torch.Tensor,  # (B, T)
-        mask: torch.Tensor,  # (B, 1, T, S) bool, True = may attend
+        mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = all S slots
+        kv_len: int | None = None,  # slots read; default mask.shape[-1]
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -96,7 +96,8 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         cache.write(self.layer_idx, slots, k, v)
-        keys, values = cache.read(self.layer_idx, mask.shape[-1])  # (B, Hkv, S, D)
+        S = kv_len if kv_len is not None else mask.shape[-1]  # type: ignore[union-attr]
+        keys, values = cache.read(self.layer_idx, S)  # (B, Hkv, S, D)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
         )  # (B, H, T, D)
@@ -123,8 +124,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, slots, mask):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, mask)
+    def forward(self, x, cos, sin, cache, slots, mask, kv_len=None):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, mask, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -182,16 +183,25 @@ class Transformer(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache_slots: torch.Tensor | None = None,
         layers: range | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
-        """Run decoder layers ``layers`` (default: all) over hidden states ``h``."""
+        """Run decoder layers ``layers`` (default: all) over hidden states ``h``.
+
+        ``kv_len``: how many cache slots attention reads (default: up to the highest slot
+        written, which costs a device sync; the engine passes it).
+        """
         slots = input_pos if cache_slots is None else cache_slots
+        if kv_len is None:
+            kv_len = int(attn_mask.shape[-1]) if attn_mask is not None else int(slots.max()) + 1
         if attn_mask is None:
-            attn_mask = causal_mask(input_pos, int(slots.max()) + 1)
+            # One new token at the end of one row sees every slot: no mask needed.
+            single = h.shape[0] == 1 and h.shape[1] == 1 and cache_slots is None
+            attn_mask = None if single else causal_mask(input_pos, kv_len)
         elif attn_mask.dim() == 3:
             attn_mask = attn_mask[:, None]
         cos, sin = self.rope(input_pos, h.dtype)
         for i in layers if layers is not None else range(len(self.model.layers)):
-            h = self.model.layers[i](h, cos, sin, cache, slots, attn_mask)
+            h = self.model.layers[i](h, cos, sin, cache, slots, attn_mask, kv_len)
         return h
 
     def forward(
@@ -203,15 +213,17 @@ class Transformer(nn.Module):
         cache_slots: torch.Tensor | None = None,  # (B, T); defaults to input_pos
         num_logits: int | None = None,
         return_hidden: bool = False,
+        kv_len: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, T', V)`` for the last ``num_logits`` tokens (all if None).
 
-        With ``return_hidden`` also the final normed hidden states ``(B, T, d)``.
+        With ``return_hidden`` also the final normed hidden states ``(B, T, d)``. For a single
+        token with the default mask, ``kv_len`` must be its position + 1 (the default).
         """
         if input_pos.dim() == 1:
             input_pos = input_pos[None].expand(tokens.shape[0], -1)
         h = self.model.embed_tokens(tokens)  # (B, T, d)
-        h = self.run_layers(h, input_pos, cache, attn_mask, cache_slots)
+        h = self.run_layers(h, input_pos, cache, attn_mask, cache_slots, kv_len=kv_len)
         h = self.model.norm(h)
         logits = self.lm_head(h if num_logits is None else h[:, -num_logits:])
         return (logits, h) if return_hidden else logits
