@@ -23,6 +23,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -110,7 +111,9 @@ def batch_at(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, see
     return torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])
 
 
-def eval_windows(stream: torch.Tensor, seq_len: int, batch_size: int, max_batches: int) -> Iterator[torch.Tensor]:
+def eval_windows(
+    stream: torch.Tensor, seq_len: int, batch_size: int, max_batches: int
+) -> Iterator[torch.Tensor]:
     """Consecutive non-overlapping windows ``(B, T + 1)`` from the start of ``stream``."""
     n = min((len(stream) - 1) // seq_len, batch_size * max_batches)
     for first in range(0, n, batch_size):
@@ -118,8 +121,30 @@ def eval_windows(stream: torch.Tensor, seq_len: int, batch_size: int, max_batche
         yield torch.stack([stream[r * seq_len : r * seq_len + seq_len + 1] for r in rows])
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """True where bfloat16 matmuls are fast: CUDA, or a CPU with AMX (Sapphire Rapids on).
+
+    Elsewhere (e.g. AVX2-only CPUs) PyTorch emulates bfloat16 matmuls at a fraction of the
+    float32 speed, so training stays in float32 there.
+    """
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _cpu_has_amx()
+
+
+@lru_cache(maxsize=1)
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bfloat16 autocast where :func:`fast_bf16`, else a no-op (float32)."""
+    if fast_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -162,7 +187,12 @@ def new_model(shape: ModelShape, tok: Tokenizer, seed: int) -> LlamaForCausalLM:
 
 
 def save_checkpoint(
-    model: LlamaForCausalLM, optimizer: torch.optim.Optimizer, out_dir: Path, step: int, elapsed: float, cfg: TrainConfig
+    model: LlamaForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    out_dir: Path,
+    step: int,
+    elapsed: float,
+    cfg: TrainConfig,
 ) -> None:
     """Model (float32, Hugging Face format) + optimizer + step + elapsed time + RNG states."""
     folder = out_dir / CHECKPOINT
@@ -268,8 +298,13 @@ def train(
             val = evaluate_loss(model, val_stream, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
             val_losses.append((step, val))
             tokens = step * cfg.batch_size * cfg.seq_len
-            write({"step": step, "tokens": tokens, "seconds": round(elapsed(), 1), "lr": lr, "val_loss": val} | shown)
-            bar.write(f"step {step}: val_loss {val:.4f} train {shown} ({tokens} tokens, {elapsed() / 60:.1f} min)")
+            write(
+                {"step": step, "tokens": tokens, "seconds": round(elapsed(), 1), "lr": lr, "val_loss": val}
+                | shown
+            )
+            bar.write(
+                f"step {step}: val_loss {val:.4f} train {shown} ({tokens} tokens, {elapsed() / 60:.1f} min)"
+            )
             save_checkpoint(model, optimizer, out_dir, step, elapsed(), cfg)
     bar.close()
     log.close()
@@ -283,4 +318,3 @@ def _logger(handle: object) -> Callable[[dict[str, object]], None]:
         handle.flush()  # type: ignore[attr-defined]
 
     return write
-

@@ -1,0 +1,211 @@
+"""``specdec train``: the tokenizer, a target model, a draft model, or drafter heads.
+
+    specdec train tokenizer --out runs/tok
+    specdec train target --tokenizer runs/tok --out runs/target --max-minutes 40
+    specdec train draft --teacher runs/target --out runs/draft --max-minutes 15
+    specdec train draft --teacher runs/target --no-distill --out runs/draft-data
+    specdec train heads ...            (see specdec.train.heads)
+
+Models train on the Python standard library corpus (:mod:`specdec.train.corpus`) and are
+saved as Hugging Face folders (``LlamaForCausalLM``) with the tokenizer files copied in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from specdec.cli import UserError
+from specdec.train.corpus import corpus_files, read_split
+from specdec.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from specdec.train.trainer import ModelShape, TrainConfig, load_checkpoint, new_model, pack_documents, train
+
+TARGET_SHAPE = ModelShape()
+DRAFT_SHAPE = ModelShape(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=384)
+SHAPE_FLAGS = {
+    "hidden_size": "width of the residual stream",
+    "num_layers": "number of decoder layers",
+    "num_heads": "attention heads (head_dim = hidden / heads)",
+    "num_kv_heads": "key/value heads (grouped-query attention)",
+    "intermediate_size": "SwiGLU hidden width",
+    "max_position_embeddings": "longest sequence the model accepts",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="train_command", required=True, parser_class=type(parser))
+    tok = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer on the corpus")
+    tok.add_argument(
+        "--out", type=Path, required=True, help="folder for tokenizer.json + tokenizer_config.json"
+    )
+    tok.add_argument("--vocab-size", type=int, default=8192)
+    tok.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to be merged")
+    tok.add_argument("--max-position-embeddings", type=int, default=2048, help="model_max_length")
+    _add_max_files(tok)
+    tok.set_defaults(_train_run=run_tokenizer)
+
+    target = sub.add_parser("target", help="train a target model from scratch")
+    target.add_argument("--tokenizer", type=Path, required=True, help="folder from 'specdec train tokenizer'")
+    _add_common(target, TARGET_SHAPE, TrainConfig())
+    target.set_defaults(_train_run=run_target)
+
+    draft = sub.add_parser("draft", help="distil a draft model from a target (DistillSpec)")
+    draft.add_argument(
+        "--teacher", type=Path, required=True, help="the target folder (also gives the tokenizer)"
+    )
+    draft.add_argument("--no-distill", action="store_true", help="train on the data alone (cross-entropy)")
+    draft.add_argument("--ce-weight", type=float, default=0.0, help="mix in the data's cross-entropy (0..1)")
+    _add_common(draft, DRAFT_SHAPE, TrainConfig(lr=3e-3))
+    draft.set_defaults(_train_run=run_draft)
+
+    heads = sub.add_parser("heads", help="train Medusa / EAGLE-style drafter heads on a target")
+    try:
+        module = importlib.import_module("specdec.train.heads")
+    except ModuleNotFoundError as e:
+        if e.name != "specdec.train.heads":
+            raise
+        heads.set_defaults(_train_run=_heads_missing)
+    else:
+        module.add_arguments(heads)
+        heads.set_defaults(_train_run=module.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args._train_run(args) or 0)
+
+
+def run_tokenizer(args: argparse.Namespace) -> int:
+    texts = _train_texts(args.max_files)
+    tok = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    save_tokenizer(tok, args.out, model_max_length=args.max_position_embeddings)
+    print(f"tokenizer: {tok.get_vocab_size()} tokens from {len(texts)} files -> {args.out}")
+    return 0
+
+
+def run_target(args: argparse.Namespace) -> int:
+    _need_folder(args.tokenizer / "tokenizer.json", "--tokenizer")
+    return _run_training(args, args.tokenizer, teacher=None)
+
+
+def run_draft(args: argparse.Namespace) -> int:
+    _need_folder(args.teacher / "config.json", "--teacher")
+    _need_folder(args.teacher / "tokenizer.json", "--teacher")
+    if not 0.0 <= args.ce_weight <= 1.0:
+        raise UserError(f"--ce-weight must be in [0, 1], got {args.ce_weight}")
+    if args.no_distill and args.ce_weight:
+        raise UserError(
+            "--ce-weight mixes cross-entropy into distillation; it has no meaning with --no-distill"
+        )
+    from transformers import LlamaForCausalLM
+
+    teacher = LlamaForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = teacher.config.max_position_embeddings
+    return _run_training(args, args.teacher, teacher=None if args.no_distill else teacher)
+
+
+def _run_training(args: argparse.Namespace, tokenizer_dir: Path, teacher: object) -> int:
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    if cfg.seq_len < 2 or cfg.batch_size < 1 or cfg.max_steps < 1:
+        raise UserError("--seq-len must be >= 2, --batch-size and --max-steps >= 1")
+    train_stream = pack_documents(_train_texts(args.max_files), tok)
+    val_stream = pack_documents(read_split("validation"), tok)
+    if args.resume:
+        model, state = load_checkpoint(args.out, device)
+        print(f"resuming from step {state['step']} ({args.out / 'checkpoint'})")
+    else:
+        shape = _shape(args)
+        if shape.hidden_size % shape.num_heads or shape.num_heads % shape.num_kv_heads:
+            raise UserError("--hidden-size must be a multiple of --num-heads, and heads of --num-kv-heads")
+        model, state = new_model(shape, tok, cfg.seed).to(device), None
+    if teacher is not None:
+        teacher = teacher.to(device)  # type: ignore[attr-defined]
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{params / 1e6:.2f}M parameters, {len(train_stream)} training tokens, device {device}")
+    result = train(model, train_stream, val_stream, cfg, args.out, tokenizer_dir, teacher, state)  # type: ignore[arg-type]
+    summary = {
+        "parameters": params,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "minutes": round(result.seconds / 60, 2),
+        "val_loss": result.val_losses[-1][1] if result.val_losses else None,
+        "distilled": teacher is not None,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser, shape: ModelShape, cfg: TrainConfig) -> None:
+    p.add_argument(
+        "--out", type=Path, required=True, help="output model folder (checkpoints in OUT/checkpoint)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    for name, help_text in SHAPE_FLAGS.items():
+        default = getattr(shape, name)
+        if name == "max_position_embeddings" and shape is DRAFT_SHAPE:
+            default, help_text = None, help_text + " (default: the teacher's)"
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=help_text)
+    p.add_argument("--seq-len", type=int, default=cfg.seq_len, help="tokens per training sequence")
+    p.add_argument("--batch-size", type=int, default=cfg.batch_size, help="sequences per step")
+    p.add_argument("--lr", type=float, default=cfg.lr, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=cfg.min_lr_ratio, help="final lr / peak lr")
+    p.add_argument("--warmup-steps", type=int, default=cfg.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=cfg.weight_decay)
+    p.add_argument("--max-steps", type=int, default=cfg.max_steps)
+    p.add_argument(
+        "--max-minutes", type=float, default=None, help="time budget; the cosine schedule ends with it"
+    )
+    p.add_argument(
+        "--eval-interval", type=int, default=cfg.eval_interval, help="steps between validation + checkpoint"
+    )
+    p.add_argument(
+        "--eval-batches", type=int, default=cfg.eval_batches, help="validation batches per evaluation"
+    )
+    p.add_argument("--save-dtype", choices=["bfloat16", "float32"], default=cfg.save_dtype)
+    p.add_argument("--seed", type=int, default=cfg.seed)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_max_files(p)
+
+
+def _add_max_files(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-files", type=int, default=None, help="use only the first N training files (smoke runs)"
+    )
+
+
+def _shape(args: argparse.Namespace) -> ModelShape:
+    return ModelShape(**{name: getattr(args, name) for name in SHAPE_FLAGS})
+
+
+def _train_texts(max_files: int | None) -> list[str]:
+    if max_files is None:
+        return read_split("train")
+    return [p.read_text(encoding="utf-8") for p in corpus_files("train")[:max_files]]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}") from None
+
+
+def _need_folder(path: Path, flag: str) -> None:
+    if not path.is_file():
+        raise UserError(f"{flag}: {path.parent} has no {path.name}")
+
+
+def _heads_missing(args: argparse.Namespace) -> int:
+    raise UserError("'specdec train heads' is not available: specdec.train.heads is missing")
