@@ -11,7 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from scipy.stats import chisquare
 
 from helpers import save_tiny_llama
@@ -33,14 +32,17 @@ N_SAMPLES = 1200  # about 10 ms per sample on an idle core; 64 cells of an 8-tok
 
 
 # ---------------------------------------------------------------------------- shared helpers
-@pytest.fixture(scope="session")
-def vocab8(tmp_path_factory):
+def make_vocab8(folder) -> dict:
     """An 8-token target (13-45 cells of its two-token joint expect >= 5 of 1200 samples) and a
     far, peaked 8-token draft (1 layer each: fast sampling)."""
-    d = tmp_path_factory.mktemp("tree-vocab8")
-    target = save_tiny_llama(d / "t", vocab_size=8, hidden_size=32, num_layers=1, init_std=0.25, seed=4)
-    far = save_tiny_llama(d / "far", vocab_size=8, hidden_size=32, num_layers=1, init_std=0.6, seed=5)
+    target = save_tiny_llama(folder / "t", vocab_size=8, hidden_size=32, num_layers=1, init_std=0.25, seed=4)
+    far = save_tiny_llama(folder / "far", vocab_size=8, hidden_size=32, num_layers=1, init_std=0.6, seed=5)
     return {name: load_model(p, dtype="float32") for name, p in [("target", target), ("far", far)]}
+
+
+@pytest.fixture(scope="module")
+def vocab8(tmp_path_factory):
+    return make_vocab8(tmp_path_factory.mktemp("tree-vocab8"))
 
 
 def sample_first_two(gen: SpeculativeGenerator, prompt: list[int], n: int, **sampling) -> np.ndarray:
@@ -131,7 +133,10 @@ def assert_draft_cache_consistent(drafter, tokens: list[int]) -> None:
 # ---------------------------------------------------------------------------- greedy
 @pytest.fixture(scope="module")
 def models(target_path, good_draft_path, far_draft_path):
-    return {p: load_model(path, dtype="float32") for p, path in [("target", target_path), ("good", good_draft_path), ("far", far_draft_path)]}
+    return {
+        p: load_model(path, dtype="float32")
+        for p, path in [("target", target_path), ("good", good_draft_path), ("far", far_draft_path)]
+    }
 
 
 @pytest.mark.parametrize(

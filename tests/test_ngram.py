@@ -12,14 +12,20 @@ from specdec.drafters.base import DraftContext
 from specdec.drafters.ngram import NgramIndex, trie_tree
 from specdec.sampling import SamplingParams
 from specdec.verify.tree import children_of
-from test_draft_tree import (  # noqa: F401  (vocab8 is a fixture)
+from test_draft_tree import (
     SETTING_IDS,
     SETTINGS,
     accept_first_children,
     assert_fails_target,
     assert_matches_target,
-    vocab8,
+    make_vocab8,
 )
+
+
+@pytest.fixture(scope="module")
+def vocab8(tmp_path_factory):
+    return make_vocab8(tmp_path_factory.mktemp("vocab8"))
+
 
 GREEDY = SamplingParams(0.0)
 

@@ -14,7 +14,7 @@ from specdec.drafters.base import DraftContext
 from specdec.sampling import SamplingParams
 from specdec.verify.chain import VerifyResult
 from specdec.verify.tree import children_of
-from test_draft_tree import (  # noqa: F401  (vocab8 is a fixture)
+from test_draft_tree import (
     SETTING_IDS,
     SETTINGS,
     accept_first_children,
@@ -23,8 +23,14 @@ from test_draft_tree import (  # noqa: F401  (vocab8 is a fixture)
     assert_matches_target,
     exact_joint,
     fit,
-    vocab8,
+    make_vocab8,
 )
+
+
+@pytest.fixture(scope="module")
+def vocab8(tmp_path_factory):
+    return make_vocab8(tmp_path_factory.mktemp("vocab8"))
+
 
 PROMPTS = [[5], [1, 2, 3], [40, 41, 42, 40, 41, 43, 40, 41, 44, 40, 41]]
 NGRAM_PROMPT = [1, 2, 3, 1, 2, 4, 6, 1, 2, 5, 1, 2]
@@ -32,7 +38,10 @@ NGRAM_PROMPT = [1, 2, 3, 1, 2, 4, 6, 1, 2, 5, 1, 2]
 
 @pytest.fixture(scope="module")
 def models(target_path, good_draft_path, far_draft_path):
-    return {p: load_model(path, dtype="float32") for p, path in [("target", target_path), ("good", good_draft_path), ("far", far_draft_path)]}
+    return {
+        p: load_model(path, dtype="float32")
+        for p, path in [("target", target_path), ("good", good_draft_path), ("far", far_draft_path)]
+    }
 
 
 @pytest.mark.parametrize(
@@ -126,11 +135,15 @@ def test_inner_speculation_reproduces_the_draft_distribution(vocab8):
 
 @pytest.mark.parametrize("sampling", SETTINGS[1:], ids=SETTING_IDS[1:])
 def test_tree_sampling_matches_exact_target_distribution(vocab8, sampling):
-    gen = SpeculativeGenerator(vocab8["target"], StagedDrafter(vocab8["far"], 2, tree_width=3, branch_depth=2))
+    gen = SpeculativeGenerator(
+        vocab8["target"], StagedDrafter(vocab8["far"], 2, tree_width=3, branch_depth=2)
+    )
     assert_matches_target(gen, NGRAM_PROMPT, 1200, sampling)
 
 
 def test_negative_control_broken_tree_verifier_fails(vocab8, monkeypatch):
     monkeypatch.setattr("specdec.engine.tree_step.verify_tree_rejection", accept_first_children)
-    gen = SpeculativeGenerator(vocab8["target"], StagedDrafter(vocab8["far"], 2, tree_width=3, branch_depth=2))
+    gen = SpeculativeGenerator(
+        vocab8["target"], StagedDrafter(vocab8["far"], 2, tree_width=3, branch_depth=2)
+    )
     assert_fails_target(gen, NGRAM_PROMPT, 600, SETTINGS[0])

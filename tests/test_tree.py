@@ -169,7 +169,13 @@ def test_compact_then_decode_equals_fresh_decode(target):
     t = tree([11, 12, 13, 14, 15], PARENTS)
     inp = torch.tensor([[prompt[-1], 11, 12, 13, 14, 15]])
     pos = tree_positions(t.parents, P)[None]
-    target(inp, pos, cache, attn_mask=tree_attention_mask(t.parents, P)[None], cache_slots=torch.arange(P, P + 6)[None])
+    target(
+        inp,
+        pos,
+        cache,
+        attn_mask=tree_attention_mask(t.parents, P)[None],
+        cache_slots=torch.arange(P, P + 6)[None],
+    )
     path = [0, 2, 4]  # tokens 11, 13, 15
     cache.compact(P + 1, path)
     assert cache.lengths[0] == P + 1 + len(path)

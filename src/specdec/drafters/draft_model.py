@@ -131,7 +131,7 @@ class DraftModelDrafter:
                 kids, log_probs, row = self._children(logits, ctx, count)
                 base = scores[parent] if parent >= 0 else 0.0
                 seen: set[int] = set()
-                for token, lp in zip(kids, log_probs):
+                for token, lp in zip(kids, log_probs, strict=True):
                     new_nodes.append(len(tokens))
                     fed_slot.append(-1 if token not in seen else -2)  # -2: a duplicate sibling
                     seen.add(token)
@@ -146,7 +146,8 @@ class DraftModelDrafter:
             expand = sorted(expandable, key=lambda i: -scores[i])[: min(width, free)]
             if not expand:
                 break
-            frontier = list(zip(expand, self._feed(expand, tokens, parents, fed_slot, ancestors, n + depth - 1)))
+            logits_rows = self._feed(expand, tokens, parents, fed_slot, ancestors, n + depth - 1)  # (F, V)
+            frontier = list(zip(expand, logits_rows, strict=True))
         fed_slot = [max(s, -1) for s in fed_slot]
         keep = list(range(len(tokens)))
         if greedy and len(keep) > self.max_tree_nodes:  # EAGLE-2 reranking; ties keep parents first

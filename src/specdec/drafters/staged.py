@@ -125,7 +125,9 @@ class StagedDrafter:
         probs = None if greedy else draft_probs[node_probs]  # (N, V)
         if len(tokens) == K:
             return DraftProposal(torch.tensor(chain, dtype=torch.long), probs)
-        tree = DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), probs)
+        tree = DraftTree(
+            torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), probs
+        )
         return DraftProposal(tree.tokens, probs, tree=tree)
 
     def _alternatives(
