@@ -11,8 +11,9 @@ from scipy.stats import chisquare
 
 import specdec
 from serving_support import make_pair
-from specdec.drafters.base import DraftContext, TargetOutput
+from specdec.drafters.base import DraftContext, DraftProposal, TargetOutput
 from specdec.drafters.draft_model import DraftModelDrafter
+from specdec.drafters.ngram import NgramDrafter
 from specdec.sampling import SamplingParams
 from specdec.serving.batch_draft import BatchDraftModel, DraftRow
 from specdec.serving.batch_engine import BatchEngine, EngineEvent, EngineRequest
@@ -69,10 +70,11 @@ def run_engine(engine: BatchEngine, requests: list[EngineRequest]) -> None:
         engine.step()
 
 
-def test_batched_sampling_reproduces_the_target_distribution(pair) -> None:  # type: ignore[no-untyped-def]
-    """Rows sampled together (temperature 1; 3 new tokens, so the first step verifies 2 drafts)
-    follow the target's exact distribution at generated positions 1 and 2 (chi-square test,
-    bins of expected count >= 5)."""
+@pytest.mark.parametrize("drafting", ["batched", "per-row-tree"])
+def test_batched_sampling_reproduces_the_target_distribution(pair, drafting: str) -> None:  # type: ignore[no-untyped-def]
+    """Rows sampled together (temperature 1; 3 new tokens, so the first step verifies 2 drafts,
+    as a chain or as a width-2 tree) follow the target's exact distribution at generated
+    positions 1 and 2 (chi-square test, bins of expected count >= 5)."""
     target, draft = pair
     prompt = target.tokenizer.encode("the draft")
     with torch.inference_mode():
@@ -84,7 +86,7 @@ def test_batched_sampling_reproduces_the_target_distribution(pair) -> None:  # t
         probs2_given_1 = target(both, torch.arange(len(prompt) + 1), cache)[:, -1].softmax(-1)  # (V, V)
         probs2 = probs1 @ probs2_given_1  # (V,)
     outputs: list[list[int]] = []
-    samples = 1200
+    samples = 800
     requests = []
     for seed in range(samples):
         tokens: list[int] = []
@@ -95,9 +97,8 @@ def test_batched_sampling_reproduces_the_target_distribution(pair) -> None:  # t
                 outputs.append(tokens)
 
         requests.append(EngineRequest(prompt, 3, SamplingParams(1.0), emit, seed=seed, ignore_eos=True))
-    engine = BatchEngine(
-        target, BatchDraftModel(draft, 3), 16, ServerMetrics("t"), adaptive_draft_tokens=False
-    )
+    source = BatchDraftModel(draft, 3) if drafting == "batched" else (lambda: DraftModelDrafter(draft, 3, 2))
+    engine = BatchEngine(target, source, 16, ServerMetrics("t"), adaptive_draft_tokens=False)
     run_engine(engine, requests)
     assert len(outputs) == samples and all(len(o) == 3 for o in outputs)
     for position, exact in ((0, probs1), (1, probs2)):
@@ -127,3 +128,49 @@ def test_policy_speculates_when_cheap_and_stops_when_compute_bound() -> None:
         bound.observe_acceptance(4, 0)
     assert bound.choose(16) == 0
     assert bound.expected_tokens(0) == 1.0
+
+
+class TreeCounter(DraftModelDrafter):
+    trees = 0
+
+    def propose(self, ctx: DraftContext) -> DraftProposal:
+        proposal = super().propose(ctx)
+        TreeCounter.trees += proposal.tree is not None and proposal.tree.num_nodes > 1
+        return proposal
+
+
+def test_tree_and_chain_rows_in_one_batch_equal_plain_greedy(pair) -> None:  # type: ignore[no-untyped-def]
+    target, draft = pair
+    kinds = iter(range(10**6))
+
+    def factory():  # type: ignore[no-untyped-def]
+        i = next(kinds)
+        if i % 3 == 0:
+            return TreeCounter(draft, 3, tree_width=2)
+        return NgramDrafter(3, num_branches=2) if i % 3 == 1 else DraftModelDrafter(draft, 3)
+
+    texts = (
+        "the model",
+        "a fast draft",
+        "red green blue",
+        "for while",
+        "print value",
+        "one two",
+        "hello",
+        "if else",
+    )
+    prompts = [target.tokenizer.encode(p) for p in texts]
+    outputs: dict[int, list[int]] = {}
+    requests = []
+    for i, ids in enumerate(prompts):
+
+        def emit(event: EngineEvent, i: int = i) -> None:
+            outputs.setdefault(i, []).extend(event.token_ids)
+
+        requests.append(EngineRequest(ids, 24 + i, SamplingParams(), emit))
+    engine = BatchEngine(target, factory, 3, ServerMetrics("t"), adaptive_draft_tokens=False)
+    run_engine(engine, requests)
+    plain = specdec.SpeculativeGenerator(target)
+    for i, ids in enumerate(prompts):
+        assert outputs[i] == plain.generate(ids, max_new_tokens=24 + i).token_ids, i
+    assert TreeCounter.trees > 0

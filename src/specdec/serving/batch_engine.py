@@ -3,16 +3,12 @@
 One target KV cache holds ``max_batch_size`` rows; a request owns a row from its prefill to
 its last token (Yu et al. 2022, "Orca": iteration-level scheduling). Each step:
 
-1. every active row's drafter proposes up to K tokens (K from :class:`SpeculationPolicy`);
-2. one target pass reads all rows: row ``b`` feeds ``[pending, d1 .. dK_b]`` at positions
-   ``n_b-1 ..``, padded to a common T with extra positions *after* its real ones;
+1. every active row's drafter proposes up to K tokens (K from :class:`SpeculationPolicy`) as a
+   chain or a tree;
+2. one target pass reads all rows: row ``b`` feeds ``[pending, its drafts]`` from slot
+   ``n_b - 1`` on, padded to a common width with extra slots *after* its real ones (why that is
+   safe, with a worked example: :mod:`specdec.serving.ragged`);
 3. each row verifies its own drafts and rolls back its own cache row (ragged acceptance).
-
-Why padding is safe, worked example: row 0 has n = 10 and K_0 = 1, row 1 has K_1 = 3, so
-T = 4. Row 0 feeds positions 9, 10, 11, 12 where 11 and 12 are padding. The causal mask lets
-the query at position p see slots ``s <= p`` only, so the real tokens (positions 9, 10) never
-see the padding's slots 11, 12; those slots lie beyond the row's committed length and are
-overwritten by the next pass before any real token can see them.
 
 Rows are prefilled one at a time (B = 1) when they join, exactly like
 :class:`~specdec.engine.SpeculativeGenerator`'s prefill. Drafting runs either batched (a
@@ -35,11 +31,11 @@ from specdec.drafters.base import DraftContext, Drafter, DraftProposal, TargetOu
 from specdec.engine.stats import SpecStats
 from specdec.engine.textstream import StreamChunk, TextAssembler
 from specdec.models.loading import LoadedModel
-from specdec.sampling import SamplingParams, logits_to_probs
+from specdec.sampling import SamplingParams
 from specdec.serving.batch_draft import BatchDraftModel, DraftRow
 from specdec.serving.metrics import ServerMetrics
 from specdec.serving.policy import SpeculationPolicy
-from specdec.verify.chain import verify_greedy, verify_rejection
+from specdec.serving.ragged import RowInput, build_inputs, fit_proposal, verify_row
 
 
 @dataclass(frozen=True)
@@ -121,7 +117,7 @@ class BatchEngine:
             self.batch_drafter.num_draft_tokens if self.batch_drafter else max(per_row, default=0)
         )
         self.context_len = min(max_seq_len or target.max_seq_len, target.max_seq_len)
-        capacity = self.context_len + self.max_draft_tokens + 1
+        capacity = self.context_len + self.max_draft_tokens + 2  # + the pending token, + scratch
         self.cache = target.new_cache(max_batch_size, capacity)
         if self.batch_drafter is not None:
             self.batch_drafter.allocate(max_batch_size, capacity)
@@ -204,10 +200,11 @@ class BatchEngine:
         k_max = self.policy.choose(len(active)) if self.max_draft_tokens else 0
         t0 = time.perf_counter()
         proposals = self._propose_batched(active, k_max) if self.batch_drafter else {}
+        capacity = self.cache.max_seq_len
         for seq in active if self.batch_drafter is None else []:
             t = time.perf_counter()
             try:
-                proposals[seq.row] = self._propose(seq, k_max)
+                proposals[seq.row] = fit_proposal(self._propose(seq, k_max), len(seq.tokens) - 1, capacity)
             except Exception as e:  # a broken drafter fails its own request only
                 self._drafter_failed(seq, e)
                 continue
@@ -220,7 +217,7 @@ class BatchEngine:
         t1 = time.perf_counter()
         logits, hidden = self._verify_pass(active, proposals)  # (B', T, V), (B', T, d) | None
         t2 = time.perf_counter()
-        num_tokens = sum(1 + proposals[s.row].num_tokens for s in active)
+        num_tokens = sum(1 + proposals[seq.row].num_tokens for seq in active)
         self.policy.observe_pass(num_tokens, t2 - t1)
         self.metrics.record_pass(len(active), k_max)
         for seq in active:
@@ -264,21 +261,21 @@ class BatchEngine:
     def _verify_pass(
         self, active: list[_Sequence], proposals: dict[int, DraftProposal]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        device = self.target.device
+        """One target pass over rows ``0 .. max active row`` (see :mod:`.ragged`)."""
+        rows = [RowInput(s.row, s.tokens[-1], len(s.tokens) - 1, proposals[s.row]) for s in active]
         hi = max(seq.row for seq in active) + 1
-        T = 1 + max(p.num_tokens for p in proposals.values())
-        tokens = torch.zeros(hi, T, dtype=torch.long, device=device)  # (B', T); free rows: dummies
-        pos = torch.arange(T, device=device).repeat(hi, 1)  # (B', T)
-        for seq in active:
-            proposal = proposals[seq.row]
-            n, k = len(seq.tokens), proposal.num_tokens
-            tokens[seq.row, 0] = seq.tokens[-1]
-            tokens[seq.row, 1 : 1 + k] = proposal.tokens.to(device)
-            pos[seq.row] += n - 1  # real tokens at n-1 .. n-1+k, padding right after them
+        inputs = build_inputs(rows, hi, self.cache.max_seq_len, self.target.device)
         view = rows_view(self.cache, slice(0, hi))
-        if any(getattr(self.drafters[seq.row], "needs_hidden", False) for seq in active):
-            return self.target(tokens, pos, view, return_hidden=True)  # type: ignore[return-value]
-        return self.target(tokens, pos, view), None
+        needs_hidden = any(getattr(self.drafters[seq.row], "needs_hidden", False) for seq in active)
+        out = self.target(
+            inputs.tokens,
+            inputs.positions,
+            view,
+            attn_mask=inputs.attn_mask,
+            cache_slots=inputs.slots,
+            return_hidden=needs_hidden,
+        )  # (B', T, V) [, (B', T, d)]
+        return out if needs_hidden else (out, None)  # type: ignore[return-value]
 
     def _commit(
         self,
@@ -288,15 +285,9 @@ class BatchEngine:
         row_hidden: torch.Tensor | None,
     ) -> None:
         request = seq.request
-        k = proposal.num_tokens
-        logits = row_logits[: k + 1]  # (k+1, V)
-        if request.sampling.greedy:
-            result = verify_greedy(proposal.tokens, logits)
-        else:
-            target_probs = logits_to_probs(logits, request.sampling)  # (k+1, V)
-            result = verify_rejection(proposal.tokens, proposal.draft_probs, target_probs, seq.generator)
+        result, k = verify_row(proposal, row_logits, request.sampling, seq.generator)
         n = len(seq.tokens)
-        self.cache.lengths[seq.row] = n + result.num_accepted
+        self.cache.compact(n, list(result.accepted_path), row=seq.row)  # a tree keeps its path
         drafter = self.drafters[seq.row]
         if row_hidden is not None and getattr(drafter, "needs_hidden", False):
             rows = [0, *(1 + i for i in result.accepted_path)]  # the pending token + accepted drafts
