@@ -115,7 +115,11 @@ def test_cost_curve_measures_resumes_and_plots(tmp_path: Path, monkeypatch: pyte
         tmp_path, ["tiny"], ["float32"], [1, 2, 3], repeats=1, new_tokens=4, progress=False
     )
     entry = data["entries"]["tiny/float32"]
-    assert sorted(entry["forward_s"]) == ["1", "2", "3"] and all(t > 0 for t in entry["forward_s"].values())
+    for clock in ("wall", "cpu"):
+        times = entry[f"forward_{clock}_s"]
+        assert sorted(times) == ["1", "2", "3"] and all(t > 0 for t in times.values())
+        assert entry[f"plain_{clock}_s_per_token"] > 0
+    assert data["clock"] == "cpu"  # the tests run one torch thread
     module = cost_curve.random_model(tiny, torch.float32)
     embedding = 32000 * 64 * 4
     assert entry["streamed_weight_bytes"] == tiny.num_parameters * 4 - embedding

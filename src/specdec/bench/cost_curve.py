@@ -76,49 +76,55 @@ def streamed_weight_bytes(module: Transformer) -> int:
     return total
 
 
+def _timed(fn) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """``(wall, cpu)`` seconds of ``fn()``; with one thread the CPU time leaves out time spent
+    waiting for a core that other processes hold."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes per second of a large tensor copy, counting the read and the write."""
+    """Bytes per second of a large tensor copy, counting the read and the write (best run)."""
     src = torch.ones(megabytes * 2**20 // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * src.element_size() / min(times)
+    best = min(_timed(lambda: dst.copy_(src))[0] for _ in range(repeats))
+    return 2 * src.numel() * src.element_size() / best
 
 
 @torch.inference_mode()
-def forward_times(module: Transformer, ks: list[int], repeats: int) -> dict[int, float]:
-    """Median seconds of one forward over k tokens after ``CONTEXT`` cached tokens."""
+def forward_times(module: Transformer, ks: list[int], repeats: int) -> dict[str, dict[str, float]]:
+    """Median ``wall`` and ``cpu`` seconds of one forward over k tokens after ``CONTEXT``
+    cached tokens, as ``{"wall": {k: s}, "cpu": {k: s}}``."""
     cache = module.new_cache(1, CONTEXT + max(ks) + 1)
     context = torch.randint(0, module.config.vocab_size, (1, CONTEXT))
     module(context, torch.arange(CONTEXT), cache, num_logits=1)
     module(context[:, :1], torch.arange(CONTEXT, CONTEXT + 1), cache)  # warm-up
-    times = {}
+    times: dict[str, dict[str, float]] = {"wall": {}, "cpu": {}}
     for k in ks:
         tokens = torch.randint(0, module.config.vocab_size, (1, k))  # (1, k)
         pos = torch.arange(CONTEXT, CONTEXT + k)
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            module(tokens, pos, cache)
-            runs.append(time.perf_counter() - start)
-        times[k] = statistics.median(runs)
+        runs = [_timed(lambda: module(tokens, pos, cache)) for _ in range(repeats)]  # noqa: B023
+        times["wall"][str(k)] = statistics.median(r[0] for r in runs)
+        times["cpu"][str(k)] = statistics.median(r[1] for r in runs)
     return times
 
 
-def plain_decode_time(module: Transformer, cfg: ModelConfig, new_tokens: int) -> float:
-    """Seconds per token of plain greedy decoding with our engine (prefill excluded)."""
+def plain_decode_time(module: Transformer, cfg: ModelConfig, new_tokens: int) -> dict[str, float]:
+    """``wall`` and ``cpu`` seconds per token of plain greedy decoding with our engine: the
+    time of ``new_tokens`` tokens minus that of one (which carries the prefill)."""
     from specdec.engine import SpeculativeGenerator
 
-    target = LoadedModel(module, cfg, None, Path("random"))
-    generator = SpeculativeGenerator(target)
+    generator = SpeculativeGenerator(LoadedModel(module, cfg, None, Path("random")))
     prompt = torch.randint(0, cfg.vocab_size, (CONTEXT,)).tolist()
-    generator.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
-    out = generator.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
-    return (out.stats.total_s - out.stats.prefill_s) / max(out.stats.new_tokens, 1)
+
+    def run(n: int) -> tuple[float, float]:
+        return _timed(lambda: generator.generate(prompt, max_new_tokens=n, ignore_eos=True))
+
+    run(2)  # warm-up
+    one, many = run(1), run(new_tokens)
+    return {clock: (many[i] - one[i]) / (new_tokens - 1) for i, clock in enumerate(("wall", "cpu"))}
 
 
 def measure(
@@ -130,7 +136,11 @@ def measure(
     new_tokens: int = 16,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Measure every (size, dtype) not yet in ``out/cost_curve.json``; return all entries."""
+    """Measure every (size, dtype) not yet in ``out/cost_curve.json``; return all entries.
+
+    ``clock`` is ``cpu`` when torch runs one thread (robust to other processes), else ``wall``;
+    ratios and plots use it; both clocks are stored.
+    """
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +148,9 @@ def measure(
     data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"entries": {}}
     if "bandwidth_bytes_per_s" not in data:
         data["bandwidth_bytes_per_s"] = copy_bandwidth()
+        data["torch_threads"] = torch.get_num_threads()
+        data["clock"] = "cpu" if data["torch_threads"] == 1 else "wall"
+    clock = data["clock"]
     todo = [(s, d) for s in sizes for d in dtypes if f"{s}/{d}" not in data["entries"]]
     for size, dtype in tqdm(todo, desc="cost curve", disable=not progress):
         cfg = SIZES[size]
@@ -152,10 +165,12 @@ def measure(
             "dtype": dtype,
             "parameters": cfg.num_parameters,
             "streamed_weight_bytes": weight_bytes,
-            "forward_s": {str(k): t for k, t in times.items()},
-            "plain_decode_s_per_token": per_token,
+            "forward_wall_s": times["wall"],
+            "forward_cpu_s": times["cpu"],
+            "plain_wall_s_per_token": per_token["wall"],
+            "plain_cpu_s_per_token": per_token["cpu"],
             "bandwidth_floor_s": floor,
-            "plain_over_floor": per_token / floor,
+            "plain_over_floor": per_token[clock] / floor,
         }
         del module
         path.write_text(json.dumps(data, indent=1))
@@ -165,20 +180,24 @@ def measure(
 
 def to_markdown(data: dict[str, Any]) -> str:
     bandwidth = data["bandwidth_bytes_per_s"] / 1e9
+    clock = data["clock"]
     lines = [
-        f"Copy bandwidth: {bandwidth:.1f} GB/s (read + write).",
+        f"Copy bandwidth: {bandwidth:.1f} GB/s (read + write, {data['torch_threads']} thread(s)); "
+        f"times on the {clock} clock (wall clock of t(k=1) in brackets).",
         "",
         "| model | dtype | params | t(k=1) ms | t(4)/t(1) | t(8)/t(1) | t(16)/t(1) | t(32)/t(1) "
         "| plain ms/token | floor ms | plain / floor |",
         "|" + "---|" * 11,
     ]
     for e in data["entries"].values():
-        t = {int(k): v for k, v in e["forward_s"].items()}
+        t = {int(k): v for k, v in e[f"forward_{clock}_s"].items()}
+        wall_1 = e["forward_wall_s"].get("1", 0.0) * 1e3
         ratios = [f"{t[k] / t[1]:.2f}" if k in t and 1 in t else "–" for k in (4, 8, 16, 32)]
         lines.append(
-            f"| {e['size']} | {e['dtype']} | {e['parameters'] / 1e6:.0f}M | {t.get(1, 0) * 1e3:.1f} | "
+            f"| {e['size']} | {e['dtype']} | {e['parameters'] / 1e6:.0f}M | {t.get(1, 0) * 1e3:.1f} "
+            f"({wall_1:.1f}) | "
             + " | ".join(ratios)
-            + f" | {e['plain_decode_s_per_token'] * 1e3:.1f} | {e['bandwidth_floor_s'] * 1e3:.1f} "
+            + f" | {e[f'plain_{clock}_s_per_token'] * 1e3:.1f} | {e['bandwidth_floor_s'] * 1e3:.1f} "
             f"| {e['plain_over_floor']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -192,20 +211,26 @@ def plot(data: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     entries = list(data["entries"].values())
+    clock = data["clock"]
     fig, (ax_abs, ax_rel, ax_floor) = plt.subplots(1, 3, figsize=(15, 4))
     for e in entries:
-        ks = sorted(int(k) for k in e["forward_s"])
-        ts = [e["forward_s"][str(k)] * 1e3 for k in ks]
+        ks = sorted(int(k) for k in e[f"forward_{clock}_s"])
+        ts = [e[f"forward_{clock}_s"][str(k)] * 1e3 for k in ks]
         label = f"{e['size']} {e['dtype']}"
         ax_abs.plot(ks, ts, marker=".", label=label)
         ax_rel.plot(ks, [t / ts[0] for t in ts], marker=".", label=label)
-    ax_abs.set(xlabel="tokens per forward (k)", ylabel="ms per forward", yscale="log", title="target forward")
+    ax_abs.set(
+        xlabel="tokens per forward (k)",
+        ylabel=f"ms per forward ({clock} time)",
+        yscale="log",
+        title="target forward",
+    )
     ax_rel.set(xlabel="tokens per forward (k)", ylabel="t(k) / t(1)", title="cost relative to k = 1")
     ax_abs.legend(fontsize="small")
     labels = [f"{e['size']}\n{e['dtype']}" for e in entries]
     xs = range(len(entries))
     ax_floor.bar(
-        [x - 0.2 for x in xs], [e["plain_decode_s_per_token"] * 1e3 for e in entries], 0.4, label="plain"
+        [x - 0.2 for x in xs], [e[f"plain_{clock}_s_per_token"] * 1e3 for e in entries], 0.4, label="plain"
     )
     ax_floor.bar([x + 0.2 for x in xs], [e["bandwidth_floor_s"] * 1e3 for e in entries], 0.4, label="floor")
     ax_floor.set_xticks(list(xs), labels, fontsize="small")
