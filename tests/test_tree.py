@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specdec import SpeculativeGenerator, load_model
+from specdec import DraftModelDrafter, SpeculativeGenerator, load_model
 from specdec.drafters.base import DraftProposal, DraftTree
 from specdec.verify.chain import verify_greedy, verify_rejection
 from specdec.verify.tree import (
@@ -253,3 +253,36 @@ def test_tree_step_truncates_trees_that_do_not_fit_the_cache(target):
     drafter = RandomTreeDrafter(ref, 2, target.config.vocab_size, 4, 6, hit=1.0)
     out = SpeculativeGenerator(target, drafter).generate([7, 8], max_new_tokens=6)
     assert out.token_ids == ref
+
+
+class ChainAsTree:
+    """Wraps a chain drafter and proposes its chain as a one-branch DraftTree."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.num_draft_tokens, self.model = inner, inner.num_draft_tokens, inner.model
+
+    def prefill(self, prompt_ids, target_out):
+        self.inner.prefill(prompt_ids, target_out)
+
+    def propose(self, ctx):
+        p = self.inner.propose(ctx)
+        K = p.num_tokens
+        return DraftProposal(
+            p.tokens, p.draft_probs, tree=DraftTree(p.tokens, torch.arange(-1, K - 1), p.draft_probs)
+        )
+
+    def on_verified(self, result):
+        self.inner.on_verified(result)
+
+
+def test_engine_chain_as_tree_equals_chain(target, good_draft_path):
+    """Same drafts, same random stream: the tree step commits what the chain step commits."""
+    draft = load_model(good_draft_path, dtype="float32")
+    chain = SpeculativeGenerator(target, DraftModelDrafter(draft, 3))
+    as_tree = SpeculativeGenerator(target, ChainAsTree(DraftModelDrafter(draft, 3)))
+    for seed in range(6):
+        for sampling in (dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_k=20)):
+            a = chain.generate([1, 2, 3], max_new_tokens=20, seed=seed, **sampling)
+            b = as_tree.generate([1, 2, 3], max_new_tokens=20, seed=seed, **sampling)
+            assert a.token_ids == b.token_ids
+            assert a.stats.accepted_tokens == b.stats.accepted_tokens
