@@ -57,7 +57,7 @@ def trained(target, sequences):
     results = {}
     for method in ("medusa", "eagle", "early-exit"):
         cfg = HeadTrainConfig(
-            method, steps=30, batch_size=4, lr=1e-2, num_heads=4, exit_layer=1, autocast=False
+            method, steps=30, batch_size=4, lr=1e-2, num_heads=4, exit_layer=1, target_dtype="float32"
         )
         results[method] = train_head(target, sequences[:18], sequences[18:], cfg, progress=False)
     return results
@@ -267,7 +267,8 @@ def test_cli_trains_heads_beside_the_target_and_generates_with_them(tmp_path, ca
         "2",
         "--seq-len",
         "32",
-        "--no-autocast",
+        "--target-dtype",
+        "float32",
     ]
     assert (
         main(["train", "heads", "--method", "medusa", "--target", str(folder), "--num-heads", "2", *small])

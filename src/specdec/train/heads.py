@@ -1,7 +1,7 @@
 """``specdec train heads``: train Medusa / EAGLE / early-exit heads by self-distillation.
 
 The target stays frozen. It reads packed sequences of the training corpus once (bf16
-autocast on CPU); its final hidden states ``f`` (and, for early exit, the hidden states after
+weights on CPU); its final hidden states ``f`` (and, for early exit, the hidden states after
 layer L) are kept, and the heads learn to reproduce the target's *own* next-token
 distributions ``softmax(lm_head(f))`` — self-distillation, so no labels beyond the target are
 needed and the heads imitate what the verifier will accept:
@@ -18,7 +18,7 @@ needed and the heads imitate what the verifier will accept:
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import json
 import math
 import random
@@ -36,16 +36,18 @@ from specdec.models.loading import DTYPES, LoadedModel, load_model
 @dataclass(frozen=True)
 class HeadTrainConfig:
     method: str
-    steps: int = 300
-    batch_size: int = 8
-    seq_len: int = 128
-    num_sequences: int = 256  # training sequences of seq_len tokens, read once by the target
-    val_sequences: int = 32
+    steps: int = 150
+    batch_size: int = 8  # windows per step
+    window: int = 64  # tokens per training window, cut at random from the target's sequences
+    seq_len: int = 256  # tokens per sequence the target reads (the context of the features)
+    num_sequences: int = 96  # training sequences, read once by the target
+    val_sequences: int = 12
     lr: float = 2e-3
     num_heads: int = 4  # Medusa
     exit_layer: int | None = None  # early exit; default num_layers // 2
     seed: int = 0
-    autocast: bool = True  # bf16 autocast for the frozen target's pass
+    # float32 by default: CPUs without native bf16 matmuls (AVX2 only) run bf16 many times slower
+    target_dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -92,26 +94,27 @@ def pack_tokens(target: LoadedModel, texts: list[str], seq_len: int, count: int,
 
 @torch.no_grad()
 def target_features(
-    target: LoadedModel, tokens: torch.Tensor, exit_layer: int | None, batch_size: int, autocast: bool
+    target: LoadedModel, tokens: torch.Tensor, exit_layer: int | None, batch_size: int, dtype: str = "float32"
 ) -> Features:
-    """Run the frozen target over ``tokens`` ``(N, T)`` in batches."""
+    """Run the frozen target over ``tokens`` ``(N, T)`` in batches, its weights cast to ``dtype``
+    (a bf16 copy is ~2x faster on CPU; the features are returned in float32)."""
     module = target.module
+    if DTYPES[dtype] != target.dtype:
+        module = copy.deepcopy(module).to(DTYPES[dtype])
     N, T = tokens.shape
     finals, exits = [], []
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     for i in range(0, N, batch_size):
         batch = tokens[i : i + batch_size].to(target.device)  # (B, T)
         pos = torch.arange(T, device=batch.device)[None].expand(batch.shape[0], -1)  # (B, T)
         cache = module.new_cache(batch.shape[0], T)
-        with ctx:
-            h = module.model.embed_tokens(batch)  # (B, T, d)
-            if exit_layer is not None:
-                h = module.run_layers(h, pos, cache, layers=range(exit_layer))
-                exits.append(h.float().cpu())
-                h = module.run_layers(h, pos, cache, layers=range(exit_layer, len(module.model.layers)))
-            else:
-                h = module.run_layers(h, pos, cache)
-            finals.append(module.model.norm(h).float().cpu())
+        h = module.model.embed_tokens(batch)  # (B, T, d)
+        if exit_layer is not None:
+            h = module.run_layers(h, pos, cache, layers=range(exit_layer))
+            exits.append(h.float().cpu())
+            h = module.run_layers(h, pos, cache, layers=range(exit_layer, len(module.model.layers)))
+        else:
+            h = module.run_layers(h, pos, cache)
+        finals.append(module.model.norm(h).float().cpu())
     return Features(tokens, torch.cat(finals), torch.cat(exits) if exits else None, exit_layer)
 
 
@@ -198,8 +201,8 @@ def train_head(
 ) -> HeadTrainResult:
     """Train a fresh head of ``cfg.method`` on the frozen ``target`` over packed sequences."""
     exit_layer = default_exit_layer(target, cfg.exit_layer) if cfg.method == "early-exit" else None
-    train = target_features(target, train_tokens, exit_layer, cfg.batch_size, cfg.autocast)
-    val = target_features(target, val_tokens, exit_layer, cfg.batch_size, cfg.autocast)
+    train = target_features(target, train_tokens, exit_layer, cfg.batch_size, cfg.target_dtype)
+    val = target_features(target, val_tokens, exit_layer, cfg.batch_size, cfg.target_dtype)
     return train_head_on(target, train, val, cfg, progress)
 
 
@@ -233,10 +236,13 @@ def train_head_on(
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.method} heads", disable=not progress)
+    N, T = train.tokens.shape
+    W = min(cfg.window, T)
     for _ in bar:
-        idx = torch.randint(train.tokens.shape[0], (bs,), generator=gen)  # (B,)
-        exit = train.exit[idx] if train.exit is not None else None
-        loss, _ = head_loss(head, target, train.tokens[idx], train.final[idx], exit, noise=True)
+        seq = torch.randint(N, (bs, 1), generator=gen)  # (B, 1)
+        idx = torch.randint(T - W + 1, (bs, 1), generator=gen) + torch.arange(W)  # (B, W)
+        exit = train.exit[seq, idx] if train.exit is not None else None
+        loss, _ = head_loss(head, target, train.tokens[seq, idx], train.final[seq, idx], exit, noise=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -252,20 +258,31 @@ def train_head_on(
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, choices=METHODS, help="which heads to train")
+    p.add_argument(
+        "--method",
+        required=True,
+        help=f"{' | '.join(METHODS)}, or several joined by commas (one target pass)",
+    )
     p.add_argument("--target", default="demo-target", help="target folder or demo-target (frozen)")
-    p.add_argument("--out", default=None, help="output folder (default: <target folder>/<method>)")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: <target folder>/<method>); one method only"
+    )
     defaults = HeadTrainConfig("medusa")
     p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per step")
+    p.add_argument("--window", type=int, default=defaults.window, help="tokens per training window")
+    p.add_argument(
+        "--seq-len", type=int, default=defaults.seq_len, help="tokens per sequence the target reads"
+    )
     p.add_argument("--num-sequences", type=int, default=defaults.num_sequences)
     p.add_argument("--val-sequences", type=int, default=defaults.val_sequences)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--num-heads", type=int, default=defaults.num_heads, help="Medusa heads")
     p.add_argument("--exit-layer", type=int, default=None, help="early exit after this many layers")
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--no-autocast", action="store_true", help="run the target in its own dtype")
+    p.add_argument(
+        "--target-dtype", default=defaults.target_dtype, choices=list(DTYPES), help="dtype of the target pass"
+    )
     p.add_argument("--save-dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the saved heads")
 
 
@@ -273,45 +290,70 @@ def run(args: argparse.Namespace) -> int:
     from specdec.cli import UserError
     from specdec.train.corpus import read_split
 
-    for name in ("steps", "batch_size", "seq_len", "num_sequences", "val_sequences", "num_heads"):
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UserError(f"unknown --method {(unknown or [''])[0]!r}; choose from {', '.join(METHODS)}")
+    if args.out and len(methods) > 1:
+        raise UserError("--out names one head folder: train one method, or drop --out (<target>/<method>)")
+    for name in ("steps", "batch_size", "window", "seq_len", "num_sequences", "val_sequences", "num_heads"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     target = load_model(args.target, dtype="float32")
-    cfg = HeadTrainConfig(
-        args.method,
-        args.steps,
-        args.batch_size,
-        args.seq_len,
-        args.num_sequences,
-        args.val_sequences,
-        args.lr,
-        args.num_heads,
-        args.exit_layer,
-        args.seed,
-        not args.no_autocast,
-    )
+    cfgs = [
+        HeadTrainConfig(
+            method,
+            args.steps,
+            args.batch_size,
+            args.window,
+            args.seq_len,
+            args.num_sequences,
+            args.val_sequences,
+            args.lr,
+            args.num_heads,
+            args.exit_layer,
+            args.seed,
+            args.target_dtype,
+        )
+        for method in methods
+    ]
+    cfg = cfgs[0]
     try:
+        exit_layer = default_exit_layer(target, cfg.exit_layer) if "early-exit" in methods else None
+        if exit_layer is not None and not 1 <= exit_layer < target.config.num_hidden_layers:
+            raise ValueError(f"--exit-layer must be in [1, {target.config.num_hidden_layers - 1}]")
         train_tokens = pack_tokens(target, read_split("train"), cfg.seq_len, cfg.num_sequences, cfg.seed)
         val_tokens = pack_tokens(target, read_split("validation"), cfg.seq_len, cfg.val_sequences, cfg.seed)
-        result = train_head(target, train_tokens, val_tokens, cfg)
+        print(f"reading {train_tokens.numel() + val_tokens.numel()} tokens with the target ...", flush=True)
+        train = target_features(target, train_tokens, exit_layer, cfg.batch_size, cfg.target_dtype)
+        val = target_features(target, val_tokens, exit_layer, cfg.batch_size, cfg.target_dtype)
+        for method_cfg in cfgs:
+            result = train_head_on(target, train, val, method_cfg)
+            out = Path(args.out) if args.out else target.path / method_cfg.method
+            _save(result, method_cfg, target, out, DTYPES[args.save_dtype])
     except ValueError as e:
         raise UserError(str(e)) from None
-    out = Path(args.out) if args.out else target.path / args.method
-    save_head(result.head, out, target.config, DTYPES[args.save_dtype])
+    return 0
+
+
+def _save(
+    result: HeadTrainResult, cfg: HeadTrainConfig, target: LoadedModel, out: Path, dtype: torch.dtype
+) -> None:
+    save_head(result.head, out, target.config, dtype)
+    settings = result.head.settings()
     report = {
-        "config": asdict(cfg),
-        "target": str(target.path),
-        "val_loss_before": result.val_loss_before,
-        "val_loss_after": result.val_loss_after,
-        "val_top1_before": result.val_top1_before,
-        "val_top1_after": result.val_top1_after,
-        "final_train_loss": result.train_losses[-1],
+        "config": {**asdict(cfg), **settings},
+        "target": target.path.name,
+        "val_loss_before": round(result.val_loss_before, 4),
+        "val_loss_after": round(result.val_loss_after, 4),
+        "val_top1_before": [round(a, 4) for a in result.val_top1_before],
+        "val_top1_after": [round(a, 4) for a in result.val_top1_after],
+        "final_train_loss": round(result.train_losses[-1], 4),
         "seconds": round(result.seconds, 1),
     }
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     top1 = ", ".join(f"{a:.2f}" for a in result.val_top1_after)
     print(
-        f"{args.method}: validation loss {result.val_loss_before:.3f} -> {result.val_loss_after:.3f}, "
+        f"{cfg.method}: validation loss {result.val_loss_before:.3f} -> {result.val_loss_after:.3f}, "
         f"top-1 agreement with the target [{top1}], {result.seconds:.0f}s; saved to {out}"
     )
-    return 0
