@@ -63,13 +63,26 @@ def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         out = client.completions.create(model="tiny", prompt="the model", max_tokens=8, temperature=0)
         assert out.usage is not None and out.usage.completion_tokens == 8
+        # Ctrl-C while a stream is in flight: the server drains it before exiting.
+        stream = client.completions.create(
+            model="tiny",
+            prompt="the cache",
+            max_tokens=240,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        first = next(iter(stream))
         proc.send_signal(signal.SIGINT)
+        rest = list(stream)
         output, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
     assert proc.returncode == 0
+    text = "".join(c.choices[0].text for c in [first, *rest] if c.choices)
+    assert rest[-1].choices[0].finish_reason == "length" and len(text) > 0
     assert f"serving 'tiny' on http://127.0.0.1:{port}" in output
 
 
