@@ -132,9 +132,7 @@ def create_app(
             raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
         return ids
 
-    def prepare(
-        body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], max_tokens: int | None
-    ) -> _Prepared:
+    def check_model(body: CompletionRequest | ChatCompletionRequest) -> None:
         if body.model != config.model_name:
             raise APIError(
                 400,
@@ -142,10 +140,14 @@ def create_app(
                 param="model",
                 code="model_not_found",
             )
+
+    def prepare(
+        body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], max_tokens: int | None
+    ) -> _Prepared:
         n = len(prompt_ids)
         if max_tokens is None:
             max_tokens = context_len - n
-        if n + max_tokens > context_len:
+        if n >= context_len or n + max_tokens > context_len:
             raise APIError(
                 400,
                 f"this model's maximum context length is {context_len} tokens; the request "
@@ -172,18 +174,17 @@ def create_app(
         except ShuttingDownError as e:
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
 
-    async def collect(http: Request, prepared: _Prepared) -> tuple[EngineEvent, str, list[int]]:
+    async def collect(http: Request, prepared: _Prepared) -> tuple[EngineEvent, str]:
         """Wait for the whole output; cancel the request if the client goes away first."""
         cancelled = prepared.request.cancelled
         watcher = asyncio.create_task(_watch_disconnect(http, cancelled))
-        text, ids = [], []
+        text = []
         try:
             while True:
                 event = await prepared.channel.queue.get()
                 text.append(event.text)
-                ids += event.token_ids
                 if event.finish_reason is not None:
-                    return event, "".join(text), ids
+                    return event, "".join(text)
         finally:
             watcher.cancel()
             cancelled.set()  # no-op when finished; frees the row when the handler was cancelled
@@ -238,6 +239,7 @@ def create_app(
     @app.post("/v1/completions", response_model=None)
     async def completions(http: Request) -> Response:
         body: CompletionRequest = parse_request(await http.body(), CompletionRequest)
+        check_model(body)
         prompt = (
             body.prompt[0]
             if isinstance(body.prompt, list) and isinstance(body.prompt[0], str)
@@ -261,7 +263,7 @@ def create_app(
 
         if prepared.stream:
             return StreamingResponse(sse(prepared, chunk), media_type="text/event-stream")
-        event, text, _ = await collect(http, prepared)
+        event, text = await collect(http, prepared)
         check_failed(event)
         result = chunk(FINISH_REASONS.get(event.finish_reason or "", "stop"), text)
         result["usage"] = usage(prepared, event)
@@ -270,10 +272,10 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(http: Request) -> Response:
         body: ChatCompletionRequest = parse_request(await http.body(), ChatCompletionRequest)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = render_chat(messages, tokenizer)
+        check_model(body)
         if tokenizer is None:
             raise APIError(400, "chat needs a model with a tokenizer", param="messages")
+        prompt = render_chat([{"role": m.role, "content": m.text()} for m in body.messages], tokenizer)
         max_tokens = body.max_completion_tokens or body.max_tokens
         prepared = prepare(body, encode(prompt), max_tokens)
         submit(prepared)
@@ -296,7 +298,7 @@ def create_app(
 
         if prepared.stream:
             return StreamingResponse(sse(prepared, chunk), media_type="text/event-stream")
-        event, text, _ = await collect(http, prepared)
+        event, text = await collect(http, prepared)
         check_failed(event)
         return JSONResponse(
             {
