@@ -217,8 +217,7 @@ class BatchEngine:
         t1 = time.perf_counter()
         logits, hidden = self._verify_pass(active, proposals)  # (B', T, V), (B', T, d) | None
         t2 = time.perf_counter()
-        num_tokens = sum(1 + proposals[seq.row].num_tokens for seq in active)
-        self.policy.observe_pass(num_tokens, t2 - t1)
+        self.policy.observe_pass(logits.shape[0] * logits.shape[1], t2 - t1)  # padded tokens computed
         self.metrics.record_pass(len(active), k_max)
         for seq in active:
             seq.stats.verify_s += t2 - t1
