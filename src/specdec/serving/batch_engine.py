@@ -166,6 +166,7 @@ class BatchEngine:
                     tokens, pos, rows_view(self.cache, slice(row, row + 1)), num_logits=1, return_hidden=True
                 )
                 seq.stats.target_forwards += 1
+                self.policy.observe_pass(len(ids) - 1, time.perf_counter() - t)
             self.cache.lengths[row] = len(ids) - 1
             target_out = TargetOutput(hidden[0] if hidden is not None else None)
             drafter = self.drafters[row]
@@ -173,12 +174,12 @@ class BatchEngine:
                 drafter.prefill(list(ids), target_out)
             if self.batch_drafter is not None:
                 self.batch_drafter.prefill(row, list(ids), target_out)
-        except Exception as e:  # this request alone fails
+        except Exception as e:  # this request alone fails; its row gets a fresh drafter
             self._finish(seq, "error", error=f"prefill failed: {e}")
+            self.drafters[row] = self.drafter_factory()
             return
         seconds = time.perf_counter() - t
         seq.stats.prefill_s = seconds
-        self.policy.observe_pass(len(ids) - 1, seconds)
         self.metrics.add_phase("prefill", seconds)
 
     def cancel_all(self, reason: str = "cancelled", error: str | None = None) -> None:
