@@ -12,6 +12,7 @@ import torch
 from helpers import save_tiny_llama
 from specdec import SpeculativeGenerator, load_model
 from specdec.drafters import DraftContext, EagleDrafter, MedusaDrafter, TargetOutput
+from specdec.drafters.base import empty_proposal
 from specdec.drafters.heads import load_head, new_head, save_head
 from specdec.drafters.medusa import best_first_tree
 from specdec.losslessness import exact_two_token_joint, goodness_of_fit, sample_two_tokens
@@ -163,6 +164,38 @@ def test_eagle_tree_sampling_records_the_distributions_it_drew_from(target, trai
         want = logits_to_probs(reference_eagle_logits(target, head, prompt, paths[parent]), params)
         torch.testing.assert_close(tree.draft_probs[i], want, atol=1e-5, rtol=1e-4)
         assert want[tokens[i]] > 0
+
+
+class SkipEveryThird:
+    """Wraps a drafter and proposes nothing every third step (as an adaptive K = 0 would): the
+    engine then calls no on_verified, and the inner drafter misses those hidden states."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.steps = inner, 0
+        self.num_draft_tokens, self.needs_hidden = inner.num_draft_tokens, True
+
+    def prefill(self, prompt_ids, target_out):  # type: ignore[no-untyped-def]
+        self.inner.prefill(prompt_ids, target_out)
+
+    def propose(self, ctx):  # type: ignore[no-untyped-def]
+        self.steps += 1
+        return empty_proposal() if self.steps % 3 == 0 else self.inner.propose(ctx)
+
+    def on_verified(self, result):  # type: ignore[no-untyped-def]
+        self.inner.on_verified(result)
+
+
+def test_steps_without_hidden_states_keep_output_and_drafting(target, trained):
+    plain = SpeculativeGenerator(target)
+    for name in ("medusa-k4", "eagle-k3", "eagle-tree"):
+        wrapped = SkipEveryThird(drafters(target, trained)[name])
+        gen = SpeculativeGenerator(target, wrapped)  # type: ignore[arg-type]
+        accepted = 0
+        for prompt in PROMPTS:
+            out = gen.generate(prompt, max_new_tokens=30)
+            assert out.token_ids == plain.generate(prompt, max_new_tokens=30).token_ids, name
+            accepted += out.stats.accepted_tokens
+        assert accepted > 0, name  # still drafting usefully after the gaps
 
 
 def test_best_first_tree_keeps_the_best_nodes_as_a_tree():

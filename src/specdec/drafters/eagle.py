@@ -107,12 +107,17 @@ class EagleDrafter:
     def propose(self, ctx: DraftContext) -> DraftProposal:
         n = len(ctx.token_ids)
         device = self.target.device
-        if self._num_features == 0:
+        if self._num_features < n - 1:
+            # A step without on_verified (a wrapper chose K = 0) left tokens without target
+            # features: zeros stand in for them (worse drafts for a while, same output).
+            self.features[self._num_features : n - 1] = 0
+            self._num_features = n - 1
+        if self._num_features != n - 1:
+            raise RuntimeError(f"EagleDrafter has features for {self._num_features} tokens, expected {n - 1}")
+        if n == 1:
             # One-token prompt: propose the pending token once (a deterministic draft) only to
             # have the verify pass compute its feature.
             return DraftProposal(torch.tensor([ctx.token_ids[-1]], device=device))
-        if self._num_features != n - 1:
-            raise RuntimeError(f"EagleDrafter has features for {self._num_features} tokens, expected {n - 1}")
         K = min(self.num_draft_tokens, ctx.max_draft_tokens)
         start = self.cache.lengths[0]
         next_tokens = torch.tensor(ctx.token_ids[start + 1 : n], device=device)  # (T,) x_{t+1}

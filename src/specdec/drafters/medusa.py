@@ -70,17 +70,22 @@ class MedusaDrafter:
         self.max_tree_nodes = max_tree_nodes or K * tree_width
         if self.max_tree_nodes < 1:
             raise ValueError(f"max_tree_nodes must be >= 1, got {max_tree_nodes}")
-        self._hidden: torch.Tensor | None = None  # (d,) target hidden state of token n-2
+        self._hidden: torch.Tensor | None = None  # (d,) target hidden state at position _hidden_pos
+        self._hidden_pos = -1
+        self._n = 0  # committed length at the last propose
 
     def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:
         self._hidden = target_out.hidden[-1] if target_out.hidden is not None else None
+        self._hidden_pos = len(prompt_ids) - 2
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftProposal:
         K = min(self.num_draft_tokens, ctx.max_draft_tokens)
-        if self._hidden is None:
-            # One-token prompt: no hidden state yet. Propose the pending token once (a
-            # deterministic draft) only to have the verify pass compute the hidden state.
+        self._n = n = len(ctx.token_ids)
+        if self._hidden is None or self._hidden_pos != n - 2:
+            # No hidden state of token n-2: a one-token prompt, or a step without on_verified
+            # (a wrapper chose K = 0). Propose the pending token once (a deterministic draft)
+            # only to have the verify pass compute the hidden states.
             return DraftProposal(torch.tensor([ctx.token_ids[-1]], device=self.target.device))
         features = self.heads(self._hidden)[:K]  # (K, d)
         logits = self.target.module.lm_head(features)  # (K, V)
@@ -111,6 +116,7 @@ class MedusaDrafter:
         if result.target_hidden is None:
             raise RuntimeError("MedusaDrafter needs an engine that sets VerifyResult.target_hidden")
         self._hidden = result.target_hidden[-1]  # the last accepted row predicted the new pending
+        self._hidden_pos = self._n - 1 + result.num_accepted
 
 
 def best_first_tree(scores: list[list[float]], budget: int) -> tuple[list[tuple[int, ...]], list[int]]:
