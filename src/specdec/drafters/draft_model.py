@@ -20,8 +20,13 @@ written to slot ``n + j``). Each expanded node gets ``tree_width`` children; at 
 * Sampling: children are i.i.d. draws from the draft distribution ``q`` (duplicates allowed),
   as the lossless recursive rejection of :mod:`specdec.verify.tree` requires. Nothing is
   pruned after sampling (dropping a sibling because of its value would bias the siblings);
-  the node budget only limits how many children are drawn, decided before drawing them. A
-  duplicate of an earlier sibling is never expanded: if verification reaches it, it is rejected.
+  instead the budget is split before drawing: ``max_tree_nodes // K`` draws per depth, given
+  ``tree_width`` at a time to the expanded nodes. Verification tries siblings in order, so the
+  first draw is the likeliest to be accepted: nodes are expanded by sibling rank first (then by
+  cumulative probability), and the first draws form the same chain a chain drafter samples,
+  with the other draws as extra chances. A duplicate of an earlier sibling is never expanded:
+  if verification reaches it, it is rejected. Expansion only looks at tokens already drawn,
+  never at the children it then draws, so the siblings stay i.i.d.
 
 After verification the accepted path's expanded nodes are compacted into the draft cache, which
 then holds ``n + m`` slots (``m`` = accepted nodes that were fed).
@@ -114,10 +119,12 @@ class DraftModelDrafter:
 
     def _propose_tree(self, ctx: DraftContext, K: int, root_logits: torch.Tensor) -> DraftProposal:
         n, width, greedy = self._n, self.tree_width, ctx.sampling.greedy
-        budget = math.inf if greedy else self.max_tree_nodes  # sampling: a budget on draws
+        per_depth = math.inf if greedy else max(1, self.max_tree_nodes // K)  # sampling: draws
+        num_expand = width if greedy else min(width, math.ceil(per_depth / width))
         tokens: list[int] = []
         parents: list[int] = []
         scores: list[float] = []  # cumulative draft log probability
+        rank: list[int] = []  # number of distinct earlier siblings
         rows: list[torch.Tensor | None] = []  # distribution each node was drawn from
         fed_slot: list[int] = []  # offset of the node's draft-cache slot from n, or -1
         ancestors: dict[int, list[int]] = {-1: []}  # fed node -> slots offsets of its path
@@ -125,7 +132,7 @@ class DraftModelDrafter:
         for depth in range(1, K + 1):
             new_nodes: list[int] = []
             for parent, logits in frontier:
-                count = int(min(width, budget - len(tokens)))
+                count = int(min(width, per_depth - len(new_nodes)))
                 if count <= 0:
                     break
                 kids, log_probs, row = self._children(logits, ctx, count)
@@ -134,6 +141,7 @@ class DraftModelDrafter:
                 for token, lp in zip(kids, log_probs, strict=True):
                     new_nodes.append(len(tokens))
                     fed_slot.append(-1 if token not in seen else -2)  # -2: a duplicate sibling
+                    rank.append(len(seen))
                     seen.add(token)
                     tokens.append(token)
                     parents.append(parent)
@@ -143,7 +151,8 @@ class DraftModelDrafter:
                 break
             free = self.cache.max_seq_len - n - sum(s >= 0 for s in fed_slot)
             expandable = [i for i in new_nodes if fed_slot[i] == -1]
-            expand = sorted(expandable, key=lambda i: -scores[i])[: min(width, free)]
+            priority = (lambda i: -scores[i]) if greedy else (lambda i: (rank[i], -scores[i]))
+            expand = sorted(expandable, key=priority)[: min(num_expand, free)]
             if not expand:
                 break
             logits_rows = self._feed(expand, tokens, parents, fed_slot, ancestors, n + depth - 1)  # (F, V)
