@@ -183,7 +183,10 @@ def load_head(
     settings = {k: v for k, v in meta.items() if k not in ("method", "hidden_size", "vocab_size")}
     head = new_head(method, cfg, **settings)
     head.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return head.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    head = head.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if isinstance(head, EagleHead):  # keep the rotary frequencies in float32, as the target does
+        head.inv_freq = rope_inv_freq(cfg).to(device)
+    return head
 
 
 def resolve_head(
