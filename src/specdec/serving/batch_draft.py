@@ -71,14 +71,19 @@ class BatchDraftModel:
         lengths = self.cache.lengths
         feeds = {r.row: r.tokens[lengths[r.row] :] for r in rows}  # (pending and any unseen tokens)
         U = max(len(f) for f in feeds.values())
-        tokens = torch.zeros(hi, U, dtype=torch.long, device=device)  # (B', U)
-        pos = torch.arange(U, device=device).repeat(hi, 1)  # (B', U)
-        for b in range(hi):  # non-drafting rows write scratch slots at/after their length
-            pos[b] = (pos[b] + lengths[b]).clamp_max(self.cache.max_seq_len - 1)
+        last_slot = self.cache.max_seq_len - 1
+        # Non-drafting rows write scratch slots at/after their length; padding goes after feeds.
+        pos = [[min(lengths[b] + u, last_slot) for u in range(U)] for b in range(hi)]
+        token_rows = [[0] * U for _ in range(hi)]
         for r in rows:
-            tokens[r.row, : len(feeds[r.row])] = torch.tensor(feeds[r.row], device=device)
+            token_rows[r.row][: len(feeds[r.row])] = feeds[r.row]
         view = rows_view(self.cache, slice(0, hi))
-        logits = self.model(tokens, pos, view)  # (B', U, V)
+        logits = self.model(
+            torch.tensor(token_rows, device=device),  # (B', U)
+            torch.tensor(pos, device=device),  # (B', U)
+            view,
+            kv_len=max(p[-1] for p in pos) + 1,
+        )  # (B', U, V)
         index = torch.tensor([r.row for r in rows], device=device)
         last = logits[index, torch.tensor([len(feeds[r.row]) - 1 for r in rows], device=device)]  # (R, V)
         for r in rows:
@@ -98,10 +103,11 @@ class BatchDraftModel:
                 step[r.row, 0] = token
             if i == K - 1:
                 break
-            step_pos = torch.tensor([[lengths[b]] for b in range(hi)], device=device)  # (B', 1)
+            step_pos = [lengths[b] for b in range(hi)]
             for r in rows:
-                step_pos[r.row, 0] = len(r.tokens) + i
-            last = self.model(step, step_pos, view)[index, 0]  # (R, V)
+                step_pos[r.row] = len(r.tokens) + i
+            positions = torch.tensor(step_pos, device=device)[:, None]  # (B', 1)
+            last = self.model(step, positions, view, kv_len=max(step_pos) + 1)[index, 0]  # (R, V)
         for r in rows:
             lengths[r.row] = len(r.tokens) + K - 1
             self._fed[r.row] = K

@@ -274,6 +274,7 @@ class BatchEngine:
             attn_mask=inputs.attn_mask,
             cache_slots=inputs.slots,
             return_hidden=needs_hidden,
+            kv_len=inputs.kv_len,
         )  # (B', T, V) [, (B', T, d)]
         return out if needs_hidden else (out, None)  # type: ignore[return-value]
 

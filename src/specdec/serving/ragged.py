@@ -46,6 +46,7 @@ class VerifyInputs:
     positions: torch.Tensor  # (B', T) RoPE positions
     slots: torch.Tensor  # (B', T) cache slots
     attn_mask: torch.Tensor | None  # (B', T, S) bool, None = causal by slot (chains only)
+    kv_len: int  # S: slots attention reads (known on the host: no device sync)
 
 
 def fit_proposal(proposal: DraftProposal, prefix_len: int, capacity: int) -> DraftProposal:
@@ -68,10 +69,10 @@ def build_inputs(rows: list[RowInput], num_rows: int, capacity: int, device: tor
         slots[r.row] += r.prefix_len
     slots = slots.clamp_max(capacity - 1)  # padding past the end goes to the scratch slot
     positions = slots.clone()
+    S = min(max([T, *(r.prefix_len + T for r in rows)]), capacity)
     trees = [r for r in rows if r.proposal.tree is not None]
     if not trees:
-        return VerifyInputs(tokens, positions, slots, None)
-    S = int(slots.max()) + 1
+        return VerifyInputs(tokens, positions, slots, None, S)
     mask = torch.arange(S, device=device)[None, None, :] <= slots[:, :, None]  # (B', T, S) causal
     for r in trees:
         tree = r.proposal.tree
@@ -80,7 +81,7 @@ def build_inputs(rows: list[RowInput], num_rows: int, capacity: int, device: tor
         positions[r.row, : N + 1] = tree_positions(tree.parents, P).to(device)
         mask[r.row, : N + 1] = False
         mask[r.row, : N + 1, : P + 1 + N] = tree_attention_mask(tree.parents, P).to(device)
-    return VerifyInputs(tokens, positions, slots, mask)
+    return VerifyInputs(tokens, positions, slots, mask, S)
 
 
 def verify_row(
