@@ -102,6 +102,17 @@ class ModelConfig:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+        gen_path = folder / "generation_config.json"
+        if gen_path.is_file():  # chat models list their end-of-turn tokens here
+            try:
+                gen_eos = json.loads(gen_path.read_text()).get("eos_token_id")
+            except json.JSONDecodeError:
+                gen_eos = None
+            if gen_eos is not None:
+                own = cfg.get("eos_token_id")
+                own = own if isinstance(own, list) else ([] if own is None else [own])
+                extra = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+                cfg = {**cfg, "eos_token_id": own + [e for e in extra if e not in own]}
         try:
             return cls.from_dict(cfg)
         except KeyError as e:

@@ -23,6 +23,9 @@ from specdec.cache import KVCache
 from specdec.models.config import ModelConfig
 
 
+DEFAULT_CACHE_SLOTS = 8192
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -158,13 +161,17 @@ class Transformer(nn.Module):
     def new_cache(
         self, batch_size: int = 1, max_seq_len: int | None = None, num_layers: int | None = None
     ) -> KVCache:
+        """A cache for ``max_seq_len`` slots (default: the context, capped at
+        ``DEFAULT_CACHE_SLOTS`` so a 128k-context model does not allocate gigabytes up front)."""
         cfg = self.config
+        if max_seq_len is None:
+            max_seq_len = min(cfg.max_position_embeddings, DEFAULT_CACHE_SLOTS)
         p = self.lm_head.weight
         return KVCache(
             num_layers if num_layers is not None else cfg.num_hidden_layers,
             batch_size,
             cfg.num_key_value_heads,
-            max_seq_len or cfg.max_position_embeddings,
+            max_seq_len,
             cfg.head_dim,
             dtype=p.dtype,
             device=p.device,
