@@ -13,6 +13,7 @@ from specdec.drafters.ngram import NgramIndex, trie_tree
 from specdec.sampling import SamplingParams
 from specdec.verify.tree import children_of
 from test_draft_tree import (
+    N_SAMPLES,
     SETTING_IDS,
     SETTINGS,
     accept_first_children,
@@ -126,10 +127,10 @@ def test_tree_sampling_matches_exact_target_distribution(vocab8, sampling):
     first = drafter.propose(DraftContext(NGRAM_PROMPT, GREEDY, 2)).tree
     assert first is not None and len(children_of(first.parents.tolist())[0]) == 3
     gen = SpeculativeGenerator(vocab8["target"], NgramDrafter(2, num_branches=3))
-    assert_matches_target(gen, NGRAM_PROMPT, 1200, sampling)
+    assert_matches_target(gen, NGRAM_PROMPT, N_SAMPLES, sampling)
 
 
 def test_negative_control_broken_tree_verifier_fails(vocab8, monkeypatch):
     monkeypatch.setattr("specdec.engine.tree_step.verify_tree_rejection", accept_first_children)
     gen = SpeculativeGenerator(vocab8["target"], NgramDrafter(2, num_branches=3))
-    assert_fails_target(gen, NGRAM_PROMPT, 600, SETTINGS[0])
+    assert_fails_target(gen, NGRAM_PROMPT, 400, SETTINGS[0])

@@ -15,6 +15,7 @@ from specdec.sampling import SamplingParams
 from specdec.verify.chain import VerifyResult
 from specdec.verify.tree import children_of
 from test_draft_tree import (
+    N_SAMPLES,
     SETTING_IDS,
     SETTINGS,
     accept_first_children,
@@ -34,6 +35,7 @@ def vocab8(tmp_path_factory):
 
 PROMPTS = [[5], [1, 2, 3], [40, 41, 42, 40, 41, 43, 40, 41, 44, 40, 41]]
 NGRAM_PROMPT = [1, 2, 3, 1, 2, 4, 6, 1, 2, 5, 1, 2]
+INNER_PROMPT = [6, 6, 6]
 
 
 @pytest.fixture(scope="module")
@@ -114,23 +116,43 @@ def test_tree_adds_distinct_alternatives_at_the_first_positions(models):
         assert len(set(tree.tokens[k].tolist())) == 3
 
 
-@torch.inference_mode()
+def sample_staged_chains(drafter: StagedDrafter, n: int, sampling: SamplingParams) -> np.ndarray:
+    """Counts ``(V, V)`` of the first two chain tokens of ``n`` proposals after INNER_PROMPT."""
+    drafter.prefill(INNER_PROMPT, None)
+    counts = np.zeros((8, 8))
+    with torch.inference_mode():
+        for seed in range(n):
+            ctx = DraftContext(INNER_PROMPT, sampling, 2, torch.Generator().manual_seed(seed))
+            a, b = drafter.propose(ctx).tokens.tolist()
+            drafter.on_verified(VerifyResult([a], 0, 2, False, ()))  # roll back the draft cache
+            counts[a, b] += 1
+    return counts
+
+
 def test_inner_speculation_reproduces_the_draft_distribution(vocab8):
     """Stage 2 is itself lossless: the staged chain is distributed as the draft model's own
-    token-by-token sampling, here its first two tokens against the draft's exact joint."""
-    draft, sampling, n = vocab8["far"], SamplingParams(1.0), 1200
+    token-by-token sampling, here its first two tokens against the draft's exact joint. After
+    ``6 6 6`` the n-gram guess is ``6``, which the draft samples with probability ~0.17: both the
+    accept and the residual branch of the inner rejection sampler are exercised."""
+    draft, sampling, n = vocab8["far"], SamplingParams(1.0), 1000
     drafter = StagedDrafter(draft, 2, tree_width=1)
-    drafter.prefill(NGRAM_PROMPT, None)
-    counts = np.zeros((8, 8))
-    guessed = drafter.draft_forwards
-    for seed in range(n):
-        ctx = DraftContext(NGRAM_PROMPT, sampling, 2, torch.Generator().manual_seed(seed))
-        a, b = drafter.propose(ctx).tokens.tolist()
-        drafter.on_verified(VerifyResult([a], 0, 2, False, ()))  # roll back the draft cache
-        counts[a, b] += 1
-    assert drafter.draft_forwards - guessed < 2 * n  # the n-gram guesses saved forwards
-    pvalue, _ = fit(counts, exact_joint(draft, NGRAM_PROMPT, sampling))
+    counts = sample_staged_chains(drafter, n, sampling)
+    assert drafter.draft_forwards - 1 < 1.95 * n  # accepted n-gram guesses saved forwards
+    pvalue, _ = fit(counts, exact_joint(draft, INNER_PROMPT, sampling))
     assert pvalue > 1e-3, f"chi-square p = {pvalue:.2e}"
+
+
+def test_negative_control_inner_sampler_that_accepts_every_guess(vocab8, monkeypatch):
+    def accept_all(draft_tokens, draft_probs, target_probs, generator=None):
+        k = draft_tokens.shape[0]
+        bonus = int(torch.multinomial(target_probs[k], 1, generator=generator))
+        return VerifyResult(draft_tokens.tolist() + [bonus], k, k, True, tuple(range(k)))
+
+    monkeypatch.setattr("specdec.drafters.staged.verify_rejection", accept_all)
+    draft, sampling = vocab8["far"], SamplingParams(1.0)
+    counts = sample_staged_chains(StagedDrafter(draft, 2, tree_width=1), 300, sampling)
+    pvalue, _ = fit(counts, exact_joint(draft, INNER_PROMPT, sampling))
+    assert pvalue < 1e-6
 
 
 @pytest.mark.parametrize("sampling", SETTINGS[1:], ids=SETTING_IDS[1:])
@@ -138,7 +160,7 @@ def test_tree_sampling_matches_exact_target_distribution(vocab8, sampling):
     gen = SpeculativeGenerator(
         vocab8["target"], StagedDrafter(vocab8["far"], 2, tree_width=3, branch_depth=2)
     )
-    assert_matches_target(gen, NGRAM_PROMPT, 1200, sampling)
+    assert_matches_target(gen, NGRAM_PROMPT, N_SAMPLES, sampling)
 
 
 def test_negative_control_broken_tree_verifier_fails(vocab8, monkeypatch):
@@ -146,4 +168,4 @@ def test_negative_control_broken_tree_verifier_fails(vocab8, monkeypatch):
     gen = SpeculativeGenerator(
         vocab8["target"], StagedDrafter(vocab8["far"], 2, tree_width=3, branch_depth=2)
     )
-    assert_fails_target(gen, NGRAM_PROMPT, 600, SETTINGS[0])
+    assert_fails_target(gen, NGRAM_PROMPT, 400, SETTINGS[0])
