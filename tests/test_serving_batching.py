@@ -54,7 +54,7 @@ class SlowDrafter(DraftModelDrafter):
 
     def propose(self, ctx: DraftContext) -> DraftProposal:
         if self.gate is not None:
-            self.gate.wait(timeout=20)
+            self.gate.wait(timeout=60)
         time.sleep(self.delay)
         return super().propose(ctx)
 
@@ -139,22 +139,30 @@ def test_full_queue_answers_429(pair) -> None:  # type: ignore[no-untyped-def]
                 .text
             )
 
-        with ThreadPoolExecutor(2) as pool:
+        def ask_and_leave() -> None:
+            body = {"model": MODEL, "prompt": "the", "max_tokens": 6}
+            httpx.post(f"{url}/v1/completions", json=body, timeout=1.0)
+
+        def health(key: str) -> int:
+            return int(httpx.get(f"{url}/health").json()[key])
+
+        with ThreadPoolExecutor(3) as pool:
             running = pool.submit(ask)
-            wait_until(
-                lambda: httpx.get(f"{url}/health").json()["active"] == 1, 10, "first request not admitted"
-            )
-            waiting = pool.submit(ask)
-            wait_until(
-                lambda: httpx.get(f"{url}/health").json()["waiting"] == 1, 10, "second request not queued"
-            )
+            wait_until(lambda: health("active") == 1, 10, "first request not admitted")
+            leaving = pool.submit(ask_and_leave)
+            wait_until(lambda: health("waiting") == 1, 10, "second request not queued")
             response = httpx.post(
                 f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}
             )
             with pytest.raises(openai.RateLimitError):
                 ask()
+            with pytest.raises(httpx.ReadTimeout):
+                leaving.result(timeout=30)
+            time.sleep(0.3)  # the server notices the hang-up; the place in the queue is free again
+            third = pool.submit(ask)
+            wait_until(lambda: health("waiting") == 1, 10, "third request not queued")
             gate.set()
-            assert running.result(timeout=30) == waiting.result(timeout=30)
+            assert running.result(timeout=30) == third.result(timeout=30)
         assert response.status_code == 429
         error = response.json()["error"]
         assert error["type"] == "rate_limit_error" and error["code"] == "queue_full"

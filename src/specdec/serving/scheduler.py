@@ -50,6 +50,9 @@ class Scheduler:
             if not self._accepting:
                 self.metrics.reject("shutting_down")
                 raise ShuttingDownError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:  # clients that left do not hold places
+                for gone in [r for r in self._waiting if r.cancelled.is_set()]:
+                    self._drop(gone)
             if len(self._waiting) >= self.max_queue:
                 self.metrics.reject("queue_full")
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting)")
@@ -89,9 +92,11 @@ class Scheduler:
                     return
                 admitted = []
                 while self._waiting and self.engine.num_free > len(admitted):
-                    request = self._waiting.popleft()
-                    if not request.cancelled.is_set():
-                        admitted.append(request)
+                    request = self._waiting[0]
+                    if request.cancelled.is_set():
+                        self._drop(request)
+                    else:
+                        admitted.append(self._waiting.popleft())
             for request in admitted:
                 self.engine.add(request)
             try:
@@ -100,6 +105,12 @@ class Scheduler:
                 self.engine.cancel_all("error", error=f"engine step failed: {e}")
             with self._wake:
                 self._publish_load()
+
+    def _drop(self, request: EngineRequest) -> None:
+        """Forget a waiting request whose client went away (caller holds the lock)."""
+        self._waiting.remove(request)
+        self.metrics.finish("cancelled", len(request.prompt_ids), 0)
+        request.emit(EngineEvent([], "", [], [], finish_reason="cancelled"))
 
     def _publish_load(self) -> None:
         self.metrics.set_load(len(self._waiting), self.engine.num_active)
