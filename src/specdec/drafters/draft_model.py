@@ -111,7 +111,7 @@ class DraftModelDrafter:
         probabilities and the distribution they were drawn from (None when greedy)."""
         log_probs = logits.float().log_softmax(-1)  # (V,) ranking scores
         if ctx.sampling.greedy:
-            tokens = log_probs.topk(count).indices  # (count,) distinct
+            tokens = log_probs.topk(min(count, log_probs.shape[-1])).indices  # (count,) distinct
             return tokens.tolist(), log_probs[tokens].tolist(), None
         draft_probs = logits_to_probs(logits, ctx.sampling)  # (V,)
         tokens = torch.multinomial(draft_probs, count, replacement=True, generator=ctx.generator)

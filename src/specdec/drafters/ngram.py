@@ -50,6 +50,15 @@ class NgramIndex:
             for n in range(self.min_n, min(self.max_n, e) + 1):
                 self._follow.setdefault(tuple(self.tokens[e - n : e]), []).append(e)
 
+    def sync(self, tokens: list[int]) -> None:
+        """Index ``tokens``: extend when they continue the indexed text (checked by its last
+        token, O(1)), else start over (a new request)."""
+        old = self.tokens
+        if len(tokens) < len(old) or (old and tokens[len(old) - 1] != old[-1]):
+            self.reset(tokens)
+        else:
+            self.extend(tokens)
+
     def continuations(self, query: list[int], max_len: int, max_count: int) -> list[list[int]]:
         """Up to ``max_count`` distinct continuations (each <= ``max_len`` tokens) of ``query``'s
         suffix: the longest matching n first; for one n, among its ``SCAN`` most recent
@@ -112,11 +121,8 @@ class NgramDrafter:
         self.index.reset(prompt_ids)
 
     def propose(self, ctx: DraftContext) -> DraftProposal:
-        ids, indexed = ctx.token_ids, self.index.tokens
-        if len(ids) < len(indexed) or (indexed and ids[len(indexed) - 1] != indexed[-1]):
-            self.index.reset(ids)  # not a continuation of what was indexed: a new request
-        else:
-            self.index.extend(ids)
+        ids = ctx.token_ids
+        self.index.sync(ids)
         K = min(self.num_draft_tokens, ctx.max_draft_tokens)
         if K <= 0:
             return empty_proposal()

@@ -103,11 +103,7 @@ class StagedDrafter:
         return chain, torch.cat(logit_rows), torch.cat(prob_rows)  # (K,), (K, V), (K, V)
 
     def propose(self, ctx: DraftContext) -> DraftProposal:
-        indexed = self.index.tokens
-        if len(ctx.token_ids) < len(indexed) or (indexed and ctx.token_ids[len(indexed) - 1] != indexed[-1]):
-            self.index.reset(ctx.token_ids)
-        else:
-            self.index.extend(ctx.token_ids)
+        self.index.sync(ctx.token_ids)
         n = len(ctx.token_ids)
         K = min(self.num_draft_tokens, ctx.max_draft_tokens, self.cache.max_seq_len - n + 1)
         self._n, self._chain_len = n, max(K, 0)
