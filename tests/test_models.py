@@ -112,3 +112,15 @@ def test_missing_and_non_hf_folders_are_refused(tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(ModelLoadError, match="not a Hugging Face model folder"):
         load_model(tmp_path)
+
+
+def test_auto_dtype_is_bfloat16_only_where_it_is_fast(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SMALL)).to(torch.bfloat16).save_pretrained(tmp_path)
+    monkeypatch.setattr("specdec.models.loading._cpu_has_amx", lambda: False)
+    assert load_model(tmp_path).dtype == torch.float32  # AVX2 CPUs emulate bf16 matmuls slowly
+    monkeypatch.setattr("specdec.models.loading._cpu_has_amx", lambda: True)
+    assert load_model(tmp_path).dtype == torch.bfloat16
+    assert load_model(tmp_path, dtype="float16").dtype == torch.float16
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        load_model(tmp_path, dtype="int3")

@@ -1,6 +1,17 @@
 """specdec: lossless speculative decoding for Llama-family language models."""
 
-from specdec.drafters import DraftModelDrafter, Drafter, DraftProposal
+from specdec.drafters import (
+    DraftModelDrafter,
+    Drafter,
+    DraftProposal,
+    DraftTree,
+    EagleDrafter,
+    EarlyExitDrafter,
+    MedusaDrafter,
+    NgramDrafter,
+    StagedDrafter,
+)
+from specdec.drafters.adaptive import AdaptiveDrafter
 from specdec.engine import (
     GenerationError,
     GenerationOutput,
@@ -14,9 +25,16 @@ from specdec.sampling import SamplingParams
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveDrafter",
     "DraftModelDrafter",
     "DraftProposal",
+    "DraftTree",
     "Drafter",
+    "EagleDrafter",
+    "EarlyExitDrafter",
+    "MedusaDrafter",
+    "NgramDrafter",
+    "StagedDrafter",
     "GenerationError",
     "GenerationOutput",
     "LoadedModel",

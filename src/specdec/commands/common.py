@@ -20,6 +20,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="drafting method (none = plain decoding)",
     )
     p.add_argument("--num-draft-tokens", "-k", type=int, default=4, help="draft tokens per step (K)")
+    p.add_argument("--tree-width", type=int, default=1, help="siblings per tree node (1 = a chain)")
+    p.add_argument("--max-tree-nodes", type=int, default=None, help="tree node budget (default K x width)")
     p.add_argument(
         "--heads", default=None, help="trained heads for early-exit / medusa / eagle (default: <target>/<method>)"
     )
@@ -50,7 +52,17 @@ def build_generator(args: argparse.Namespace) -> SpeculativeGenerator:
     if args.num_draft_tokens < 1:
         raise UserError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
     target = load_model(args.target, dtype=args.dtype, device=args.device)
-    spec = DrafterSpec(target, args.draft, args.num_draft_tokens, args.dtype, heads=args.heads)
+    if args.tree_width < 1 or (args.max_tree_nodes is not None and args.max_tree_nodes < 1):
+        raise UserError("--tree-width and --max-tree-nodes must be >= 1")
+    spec = DrafterSpec(
+        target,
+        args.draft,
+        args.num_draft_tokens,
+        args.dtype,
+        heads=args.heads,
+        tree_width=args.tree_width,
+        max_tree_nodes=args.max_tree_nodes,
+    )
     try:
         drafter = make_drafter(args.drafter, spec)
     except ValueError as e:
