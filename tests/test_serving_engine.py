@@ -174,3 +174,31 @@ def test_tree_and_chain_rows_in_one_batch_equal_plain_greedy(pair) -> None:  # t
     for i, ids in enumerate(prompts):
         assert outputs[i] == plain.generate(ids, max_new_tokens=24 + i).token_ids, i
     assert TreeCounter.trees > 0
+
+
+def test_demo_pair_in_a_batch_equals_plain_greedy() -> None:
+    """The shipped pair (float32): 8 rows with the batched draft model equal plain decoding."""
+    from specdec.models.loading import ASSETS
+    from specdec.serving.loadtest import PROMPTS
+
+    if not all((ASSETS / name / "config.json").is_file() for name in ("demo-target", "demo-draft")):
+        pytest.skip("the demo pair is not in src/specdec/assets")
+    target = specdec.load_model("demo-target", dtype="float32")
+    draft = specdec.load_model("demo-draft", dtype="float32")
+    prompts = [target.tokenizer.encode(p) for p in PROMPTS[:8]]
+    outputs: dict[int, list[int]] = {}
+    requests = []
+    for i, ids in enumerate(prompts):
+
+        def emit(event: EngineEvent, i: int = i) -> None:
+            outputs.setdefault(i, []).extend(event.token_ids)
+
+        requests.append(EngineRequest(ids, 24, SamplingParams(), emit, ignore_eos=True))
+    engine = BatchEngine(
+        target, BatchDraftModel(draft, 4), 8, ServerMetrics("t"), 512, adaptive_draft_tokens=False
+    )
+    run_engine(engine, requests)
+    plain = specdec.SpeculativeGenerator(target)
+    for i, ids in enumerate(prompts):
+        assert outputs[i] == plain.generate(ids, max_new_tokens=24, ignore_eos=True).token_ids, i
+    assert engine.metrics.accepted_tokens > 0
