@@ -45,11 +45,23 @@ def test_expensive_drafts_choose_a_middle_k() -> None:
     assert rates[best] == max(rates)
 
 
-def test_acceptance_updates_only_tried_positions() -> None:
-    model = CostModel(4, ema=1.0)  # ema 1: the latest measurement replaces the estimate
+def test_acceptance_scores_tried_positions_and_relaxes_the_rest() -> None:
+    model = CostModel(4, ema=1.0, relax=0.5)  # ema 1: the latest measurement replaces the estimate
     model.record_acceptance(num_drafted=4, num_accepted=1)
-    assert model.acceptance[:2] == [1.0, 0.0]
-    assert model.acceptance[2:] == [model.prior_acceptance] * 2
+    assert model.acceptance[:2] == [1.0, 0.0]  # accepted, then the first rejection
+    prior = model.prior_acceptance
+    assert model.acceptance[2:] == [pytest.approx(prior / 2)] * 2  # halfway toward alpha_2 = 0
+
+
+def test_a_short_k_with_full_acceptance_grows_again() -> None:
+    # an early bad streak left deep positions pessimistic; then K = 1 is always accepted
+    steps = {k: 1.0 + 0.01 * k for k in range(9)}
+    model = cost_model(0.05, 0.05, steps)
+    model.acceptance[0] = 0.9
+    assert model.best_k() == 1
+    for _ in range(40):
+        model.record_acceptance(num_drafted=1, num_accepted=1)
+    assert model.best_k() == 8
 
 
 def test_unmeasured_k_borrows_the_nearest_step_time() -> None:
