@@ -45,12 +45,14 @@ def test_expensive_drafts_choose_a_middle_k() -> None:
     assert rates[best] == max(rates)
 
 
-def test_acceptance_scores_tried_positions_and_relaxes_the_rest() -> None:
+def test_acceptance_scores_tried_positions_and_relaxes_only_after_full_chains() -> None:
     model = CostModel(4, ema=1.0, relax=0.5)  # ema 1: the latest measurement replaces the estimate
-    model.record_acceptance(num_drafted=4, num_accepted=1)
-    assert model.acceptance[:2] == [1.0, 0.0]  # accepted, then the first rejection
     prior = model.prior_acceptance
-    assert model.acceptance[2:] == [pytest.approx(prior / 2)] * 2  # halfway toward alpha_2 = 0
+    model.record_acceptance(num_drafted=4, num_accepted=1)
+    assert model.acceptance == [1.0, 0.0, prior, prior]  # accepted, first rejection, untried
+    model.record_acceptance(num_drafted=2, num_accepted=2)
+    assert model.acceptance[:2] == [1.0, 1.0]
+    assert model.acceptance[2:] == [pytest.approx((prior + 1) / 2)] * 2  # halfway toward alpha_2
 
 
 def test_a_short_k_with_full_acceptance_grows_again() -> None:
@@ -59,7 +61,7 @@ def test_a_short_k_with_full_acceptance_grows_again() -> None:
     model = cost_model(0.05, 0.05, steps)
     model.acceptance[0] = 0.9
     assert model.best_k() == 1
-    for _ in range(40):
+    for _ in range(200):
         model.record_acceptance(num_drafted=1, num_accepted=1)
     assert model.best_k() == 8
 
