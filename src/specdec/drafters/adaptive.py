@@ -23,9 +23,9 @@ Everything is measured online with exponential moving averages (EMA):
   pass, cache rollback, engine overhead), kept per K; an unmeasured K borrows the nearest
   measured K's time (optimistic upward, which makes the model explore longer chains);
 * ``alpha_j`` — position j is *tried* when drafts 1..j-1 were accepted; it scores 1 if
-  accepted, 0 if it was the first rejection. After a fully accepted chain the positions
-  beyond it relax slowly toward its last estimate, so a K that was once bad is retried
-  when acceptance improves.
+  accepted, 0 if it was the first rejection. After a fully accepted chain the next
+  position relaxes slowly toward the chain's last estimate, so a K that was once bad is
+  retried when acceptance improves.
 
 While K = 0 the acceptance estimates cannot change, so every ``probe_interval`` consecutive
 plain steps one K = 1 step probes whether drafting pays again (e.g. on repetitive text).
@@ -46,7 +46,7 @@ class CostModel:
 
     max_draft_tokens: int
     ema: float = 0.3  # weight of a new measurement
-    relax: float = 0.02  # per fully accepted step, deeper positions move this far toward the last
+    relax: float = 0.02  # per fully accepted step, the next position moves this far toward the last
     prior_acceptance: float = 0.6
     t_draft: float | None = None  # seconds per draft token
     t_step: dict[int, float] = field(default_factory=dict)  # K -> seconds per verify step
@@ -72,18 +72,18 @@ class CostModel:
     def record_acceptance(self, num_drafted: int, num_accepted: int) -> None:
         """Update alpha_j for the tried positions ``1 .. min(num_accepted + 1, num_drafted)``.
 
-        When the whole chain was accepted, the positions beyond it relax toward the last
-        one's estimate (else a pessimistic old estimate, never tried again, would pin K low
-        for good); a chain that broke says nothing in their favour.
+        When the whole chain was accepted, the next position relaxes toward the last one's
+        estimate (else a pessimistic old estimate, never tried again, would pin K low for
+        good); a chain that broke says nothing in its favour. Only the next one: K grows one
+        step at a time, each step on measured evidence.
         """
         tried = min(num_accepted + 1, num_drafted)
         for j in range(tried):
             accepted = 1.0 if j < num_accepted else 0.0
             self.acceptance[j] = self._update(self.acceptance[j], accepted, self.ema)
-        if num_drafted and num_accepted == num_drafted:
+        if 0 < num_drafted == num_accepted < self.max_draft_tokens:
             anchor = self.acceptance[num_drafted - 1]
-            for j in range(num_drafted, self.max_draft_tokens):
-                self.acceptance[j] = self._update(self.acceptance[j], anchor, self.relax)
+            self.acceptance[num_drafted] = self._update(self.acceptance[num_drafted], anchor, self.relax)
 
     def step_time(self, k: int) -> float | None:
         """``t_step(k)``: measured, else the nearest measured K's (ties: the larger K)."""
