@@ -217,7 +217,7 @@ def test_shipped_pair_loads_and_speculation_is_greedy_exact() -> None:
     draft = specdec.load_model("demo-draft", dtype="float32")
     assert target.config.architecture == "LlamaForCausalLM" and target.tokenizer is not None
     assert draft.config.num_hidden_layers < target.config.num_hidden_layers
-    assert target.config.num_parameters > 5 * draft.config.num_parameters
+    assert target.config.num_parameters > 4 * draft.config.num_parameters
     for name in ("demo-target", "demo-draft"):
         folder = specdec.models.loading.resolve_path(name)
         assert stored_dtypes(folder) == {"BF16"}
