@@ -1,8 +1,8 @@
 """specdec: lossless speculative decoding for Llama-family language models."""
 
 from specdec.drafters import (
-    DraftModelDrafter,
     Drafter,
+    DraftModelDrafter,
     DraftProposal,
     DraftTree,
     EagleDrafter,

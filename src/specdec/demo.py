@@ -70,7 +70,7 @@ class Marker:
         self.shown = ""
 
     def write(self, token_ids: list[int], kinds: list[str]) -> None:
-        for token, kind in zip(token_ids, kinds):
+        for token, kind in zip(token_ids, kinds, strict=True):
             self.ids.append(token)
             text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
             piece, self.shown = text[len(self.shown) :], text

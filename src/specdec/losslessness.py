@@ -111,4 +111,4 @@ def greedy_mismatch(gen: SpeculativeGenerator, plain: SpeculativeGenerator, prom
     b = plain.generate(prompt, max_new_tokens=max_new_tokens).token_ids
     if a == b:
         return None
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))

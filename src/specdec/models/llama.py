@@ -22,7 +22,6 @@ from torch import nn
 from specdec.cache import KVCache
 from specdec.models.config import ModelConfig
 
-
 DEFAULT_CACHE_SLOTS = 8192
 
 
