@@ -332,3 +332,17 @@ def test_cli_trains_heads_beside_the_target_and_generates_with_them(tmp_path, ca
     )  # no eagle heads
     assert "train heads" in capsys.readouterr().err
     assert main(["train", "heads", "--method", "eagle", "--target", str(folder), "--steps", "0"]) == 2
+
+
+def test_shipped_demo_heads_load_and_decode_losslessly():
+    """The heads shipped beside demo-target load by name and keep greedy output unchanged."""
+    from specdec.drafters.registry import DrafterSpec, make_drafter
+
+    demo = load_model("demo-target", dtype="float32")
+    prompt = demo.tokenizer.encode("def read_lines(path):\n    with open(path) as f:\n")
+    want = SpeculativeGenerator(demo).generate(prompt, max_new_tokens=16).token_ids
+    for method in ("early-exit", "medusa", "eagle"):
+        drafter = make_drafter(method, DrafterSpec(demo, num_draft_tokens=4))
+        out = SpeculativeGenerator(demo, drafter).generate(prompt, max_new_tokens=16)
+        assert out.token_ids == want, method
+        assert out.stats.accepted_tokens > 0, method  # trained heads: some drafts are right
