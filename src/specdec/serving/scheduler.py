@@ -38,6 +38,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._running = False
         self._accepting = True
+        self._admitting = 0  # popped from the queue, not yet in a row (prefill running)
 
     # ----------------------------------------------------------------- public API
     def start(self) -> None:
@@ -63,7 +64,7 @@ class Scheduler:
     def load(self) -> tuple[int, int]:
         """``(waiting, active)`` request counts."""
         with self._wake:
-            return len(self._waiting), self.engine.num_active
+            return len(self._waiting) + self._admitting, self.engine.num_active
 
     def stop(self, drain_timeout: float = 10.0) -> None:
         """Refuse new requests, let in-flight ones finish for ``drain_timeout`` s, cancel the rest."""
@@ -97,8 +98,11 @@ class Scheduler:
                         self._drop(request)
                     else:
                         admitted.append(self._waiting.popleft())
+                self._admitting = len(admitted)
             for request in admitted:
                 self.engine.add(request)
+            with self._wake:
+                self._admitting = 0
             try:
                 self.engine.step()
             except Exception as e:  # a failed batched pass: fail the whole batch, keep serving
