@@ -23,7 +23,6 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from specdec.models.loading import fast_bf16
 from specdec.train.distill import cross_entropy, distill_loss
 from specdec.train.tokenizer import copy_tokenizer_files, eos_id
 
@@ -119,25 +119,6 @@ def eval_windows(
     for first in range(0, n, batch_size):
         rows = range(first, min(first + batch_size, n))
         yield torch.stack([stream[r * seq_len : r * seq_len + seq_len + 1] for r in rows])
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """True where bfloat16 matmuls are fast: CUDA, or a CPU with AMX (Sapphire Rapids on).
-
-    Elsewhere (e.g. AVX2-only CPUs) PyTorch emulates bfloat16 matmuls at a fraction of the
-    float32 speed, so training stays in float32 there.
-    """
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and _cpu_has_amx()
-
-
-@lru_cache(maxsize=1)
-def _cpu_has_amx() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
