@@ -11,7 +11,7 @@ TORCH  := $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "$(TORCH)"
-	$(VENV)/bin/pip install --quiet -e ".[test,serve]"
+	$(VENV)/bin/pip install --quiet -e ".[test,serve,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)
