@@ -100,8 +100,11 @@ def goodness_of_fit(pairs: list[tuple[int, int]], first_tokens: np.ndarray, join
     keep = f_exp > 0
     f_exp = f_exp[keep] * (f_obs[keep].sum() / f_exp[keep].sum())  # absorb float rounding
     pvalue = float(chisquare(f_obs[keep], f_exp).pvalue) if keep.sum() > 1 else 1.0
-    tv = 0.5 * (float(np.abs(c / n - p).sum()) + abs(outside / n - (1.0 - p.sum())))
-    null_tv = 0.5 * float(np.sum(np.sqrt(2 * p * (1 - p) / (math.pi * n))))
+    # Total variation over the same bins as the chi-square test (cells too rare to estimate
+    # from n samples are pooled, so the distance measures what the samples can resolve).
+    q = f_exp / n
+    tv = 0.5 * float(np.abs(f_obs[keep] / n - q).sum())
+    null_tv = 0.5 * float(np.sum(np.sqrt(2 * q * (1 - q) / (math.pi * n))))
     return FitResult(n, int(keep.sum()), pvalue, tv, null_tv)
 
 
