@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+from specdec.engine.stats import SpecStats
+
 
 class ServerMetrics:
     def __init__(self, model_name: str) -> None:
@@ -20,12 +22,8 @@ class ServerMetrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.verify_passes = 0  # batched target passes
-        self.row_steps = 0  # per-sequence verify steps (a pass of B rows counts B)
-        self.committed_tokens = 0
-        self.draft_tokens = 0
-        self.accepted_tokens = 0
-        self.drafted_per_position: list[int] = []
-        self.accepted_per_position: list[int] = []
+        # Per-sequence verify steps (a pass of B rows counts B), counted like a request's stats.
+        self.steps = SpecStats()
         self.phase_seconds: Counter[str] = Counter()
         self.queue_depth = 0
         self.active = 0
@@ -35,16 +33,7 @@ class ServerMetrics:
     def record_step(self, num_drafted: int, num_accepted: int) -> None:
         """One row's verify step: ``num_drafted`` drafts, ``num_accepted`` of them kept."""
         with self._lock:
-            self.row_steps += 1
-            self.draft_tokens += num_drafted
-            self.accepted_tokens += num_accepted
-            self.committed_tokens += num_accepted + 1
-            while len(self.drafted_per_position) < num_drafted:
-                self.drafted_per_position.append(0)
-                self.accepted_per_position.append(0)
-            for i in range(num_drafted):
-                self.drafted_per_position[i] += 1
-                self.accepted_per_position[i] += int(i < num_accepted)
+            self.steps.record(num_drafted, num_accepted)
 
     def record_pass(self, batch_size: int, num_draft_tokens: int) -> None:
         with self._lock:
@@ -71,12 +60,32 @@ class ServerMetrics:
             self.queue_depth, self.active = queue_depth, active
 
     @property
+    def row_steps(self) -> int:
+        return self.steps.verify_steps
+
+    @property
+    def draft_tokens(self) -> int:
+        return self.steps.draft_tokens
+
+    @property
+    def accepted_tokens(self) -> int:
+        return self.steps.accepted_tokens
+
+    @property
+    def drafted_per_position(self) -> list[int]:
+        return self.steps.drafted_per_position
+
+    @property
+    def accepted_per_position(self) -> list[int]:
+        return self.steps.accepted_per_position
+
+    @property
     def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+        return self.steps.acceptance_rate
 
     @property
     def mean_accepted_length(self) -> float:
-        return self.committed_tokens / self.row_steps if self.row_steps else 0.0
+        return self.steps.mean_accepted_length
 
     def render(self) -> str:
         """The Prometheus text format."""
