@@ -87,5 +87,17 @@ class Drafter(Protocol):
     def on_verified(self, result: VerifyResult) -> None: ...
 
 
+def check_draft_shape(num_draft_tokens: int, tree_width: int = 1, max_tree_nodes: int | None = None) -> int:
+    """Validate a drafter's K, tree width and node budget (user input: ValueError with the
+    argument's name). Returns the node budget, by default ``num_draft_tokens * tree_width``."""
+    for name, value in (("num_draft_tokens", num_draft_tokens), ("tree_width", tree_width)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    budget = max_tree_nodes or num_draft_tokens * tree_width
+    if budget < 1:
+        raise ValueError(f"max_tree_nodes must be >= 1, got {max_tree_nodes}")
+    return budget
+
+
 def empty_proposal(device: torch.device | str = "cpu") -> DraftProposal:
     return DraftProposal(torch.empty(0, dtype=torch.long, device=device))

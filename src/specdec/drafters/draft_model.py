@@ -38,7 +38,14 @@ import math
 
 import torch
 
-from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, empty_proposal
+from specdec.drafters.base import (
+    DraftContext,
+    DraftProposal,
+    DraftTree,
+    TargetOutput,
+    check_draft_shape,
+    empty_proposal,
+)
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs, sample
 from specdec.verify.chain import VerifyResult
@@ -52,16 +59,10 @@ class DraftModelDrafter:
         tree_width: int = 1,
         max_tree_nodes: int | None = None,
     ) -> None:
-        if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
-        if not isinstance(tree_width, int) or tree_width < 1:
-            raise ValueError(f"tree_width must be an integer >= 1, got {tree_width}")
+        self.max_tree_nodes = check_draft_shape(num_draft_tokens, tree_width, max_tree_nodes)
         self.model = model
         self.num_draft_tokens = num_draft_tokens
         self.tree_width = tree_width
-        self.max_tree_nodes = max_tree_nodes or num_draft_tokens * tree_width
-        if self.max_tree_nodes < 1:
-            raise ValueError(f"max_tree_nodes must be >= 1, got {max_tree_nodes}")
         self.cache = model.new_cache(1)
         self._n = 0  # committed length at the last propose
         self._proposed = 0

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput
+from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, check_draft_shape
 from specdec.drafters.heads import EagleHead, pick_tokens, resolve_head
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs
@@ -64,14 +64,8 @@ class EagleDrafter:
         tree_width: int = 1,
         max_tree_nodes: int | None = None,
     ) -> None:
-        if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
-        if not isinstance(tree_width, int) or tree_width < 1:
-            raise ValueError(f"tree_width must be an integer >= 1, got {tree_width}")
+        self.max_tree_nodes = check_draft_shape(num_draft_tokens, tree_width, max_tree_nodes)
         self.tree_width = tree_width
-        self.max_tree_nodes = max_tree_nodes or num_draft_tokens * tree_width
-        if self.max_tree_nodes < 1:
-            raise ValueError(f"max_tree_nodes must be >= 1, got {max_tree_nodes}")
         self.target = target
         self.head = resolve_head(head, target.path, target.config, "eagle", target.dtype, target.device)
         assert isinstance(self.head, EagleHead)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.drafters.base import DraftContext, DraftProposal, TargetOutput, empty_proposal
+from specdec.drafters.base import DraftContext, DraftProposal, TargetOutput, check_draft_shape, empty_proposal
 from specdec.drafters.heads import ExitHead, pick_tokens, resolve_head
 from specdec.models.loading import LoadedModel
 from specdec.verify.chain import VerifyResult
@@ -43,8 +43,7 @@ class EarlyExitDrafter:
     def __init__(
         self, target: LoadedModel, head: ExitHead | str | Path | None = None, num_draft_tokens: int = 4
     ) -> None:
-        if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
+        check_draft_shape(num_draft_tokens)
         self.target = target
         self.head = resolve_head(head, target.path, target.config, "early-exit", target.dtype, target.device)
         assert isinstance(self.head, ExitHead)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput
+from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, check_draft_shape
 from specdec.drafters.heads import MedusaHeads, pick_tokens, resolve_head
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs, sample
@@ -64,12 +64,8 @@ class MedusaDrafter:
                 f"num_draft_tokens must be in [1, {self.heads.num_heads}] (one per head), got {K}"
             )
         self.num_draft_tokens = K
-        if not isinstance(tree_width, int) or tree_width < 1:
-            raise ValueError(f"tree_width must be an integer >= 1, got {tree_width}")
+        self.max_tree_nodes = check_draft_shape(K, tree_width, max_tree_nodes)
         self.tree_width = tree_width
-        self.max_tree_nodes = max_tree_nodes or K * tree_width
-        if self.max_tree_nodes < 1:
-            raise ValueError(f"max_tree_nodes must be >= 1, got {max_tree_nodes}")
         self._hidden: torch.Tensor | None = None  # (d,) target hidden state at position _hidden_pos
         self._hidden_pos = -1
         self._n = 0  # committed length at the last propose

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, empty_proposal
+from specdec.drafters.base import (
+    DraftContext,
+    DraftProposal,
+    DraftTree,
+    TargetOutput,
+    check_draft_shape,
+    empty_proposal,
+)
 from specdec.verify.chain import VerifyResult
 
 
@@ -108,13 +115,9 @@ class NgramDrafter:
         num_branches: int = 1,
         max_tree_nodes: int | None = None,
     ) -> None:
-        if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
-        if num_branches < 1:
-            raise ValueError(f"num_branches must be >= 1, got {num_branches}")
+        self.max_tree_nodes = check_draft_shape(num_draft_tokens, num_branches, max_tree_nodes)
         self.num_draft_tokens = num_draft_tokens
         self.num_branches = num_branches
-        self.max_tree_nodes = max_tree_nodes or num_draft_tokens * num_branches
         self.index = NgramIndex(min_ngram, max_ngram)
 
     def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:

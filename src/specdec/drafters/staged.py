@@ -26,7 +26,14 @@ from __future__ import annotations
 
 import torch
 
-from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, empty_proposal
+from specdec.drafters.base import (
+    DraftContext,
+    DraftProposal,
+    DraftTree,
+    TargetOutput,
+    check_draft_shape,
+    empty_proposal,
+)
 from specdec.drafters.ngram import NgramIndex
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs
@@ -43,8 +50,7 @@ class StagedDrafter:
         max_ngram: int = 3,
         min_ngram: int = 1,
     ) -> None:
-        if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
+        check_draft_shape(num_draft_tokens)
         if tree_width < 1 or branch_depth < 0:
             raise ValueError(f"need tree_width >= 1 and branch_depth >= 0, got {tree_width}, {branch_depth}")
         self.model = model
