@@ -178,11 +178,8 @@ def test_tree_and_chain_rows_in_one_batch_equal_plain_greedy(pair) -> None:  # t
 
 def test_demo_pair_in_a_batch_equals_plain_greedy() -> None:
     """The shipped pair (float32): 8 rows with the batched draft model equal plain decoding."""
-    from specdec.models.loading import ASSETS
     from specdec.serving.loadtest import PROMPTS
 
-    if not all((ASSETS / name / "config.json").is_file() for name in ("demo-target", "demo-draft")):
-        pytest.skip("the demo pair is not in src/specdec/assets")
     target = specdec.load_model("demo-target", dtype="float32")
     draft = specdec.load_model("demo-draft", dtype="float32")
     prompts = [target.tokenizer.encode(p) for p in PROMPTS[:8]]
