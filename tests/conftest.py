@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import save_tiny_llama
+from specdec import load_model
 
 torch.set_num_threads(1)
 
@@ -32,3 +33,12 @@ def good_draft_path(tiny_dir: Path, target_path: Path) -> Path:
 def far_draft_path(tiny_dir: Path) -> Path:
     """An unrelated random model of the same vocabulary."""
     return save_tiny_llama(tiny_dir / "far-draft", num_layers=1, hidden_size=32, init_std=0.15, seed=7)
+
+
+@pytest.fixture(scope="module")
+def models(target_path: Path, good_draft_path: Path, far_draft_path: Path) -> dict:  # type: ignore[type-arg]
+    """The three tiny checkpoints above, loaded in float32: ``target``, ``good``, ``far``."""
+    return {
+        name: load_model(path, dtype="float32")
+        for name, path in [("target", target_path), ("good", good_draft_path), ("far", far_draft_path)]
+    }

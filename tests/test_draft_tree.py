@@ -131,14 +131,6 @@ def assert_draft_cache_consistent(drafter, tokens: list[int]) -> None:
 
 
 # ---------------------------------------------------------------------------- greedy
-@pytest.fixture(scope="module")
-def models(target_path, good_draft_path, far_draft_path):
-    return {
-        p: load_model(path, dtype="float32")
-        for p, path in [("target", target_path), ("good", good_draft_path), ("far", far_draft_path)]
-    }
-
-
 @pytest.mark.parametrize(
     "draft,k,width,nodes,max_new",
     [("good", 1, 3, None, 13), ("good", 4, 2, None, 29), ("good", 5, 3, 7, 31), ("far", 3, 4, 10, 22)],

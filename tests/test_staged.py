@@ -38,14 +38,6 @@ NGRAM_PROMPT = [1, 2, 3, 1, 2, 4, 6, 1, 2, 5, 1, 2]
 INNER_PROMPT = [6, 6, 6]
 
 
-@pytest.fixture(scope="module")
-def models(target_path, good_draft_path, far_draft_path):
-    return {
-        p: load_model(path, dtype="float32")
-        for p, path in [("target", target_path), ("good", good_draft_path), ("far", far_draft_path)]
-    }
-
-
 @pytest.mark.parametrize(
     "draft,k,width,depth,max_new",
     [("good", 1, 1, 1, 11), ("good", 4, 1, 1, 29), ("good", 4, 3, 2, 31), ("far", 5, 2, 3, 26)],
