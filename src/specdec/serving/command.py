@@ -52,16 +52,10 @@ def make_drafting(
     return lambda: built.pop() if built else make_drafter(args.drafter, spec)
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
+def build_app(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The ASGI app and its ServerConfig from parsed ``specdec serve`` options."""
     from specdec.serving.app import ServerConfig, create_app
 
-    for name in ("max_batch_size", "max_queue", "num_draft_tokens"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port must be in 1..65535, got {args.port}")
     target = load_model(args.target, dtype=args.dtype, device=args.device)
     config = ServerConfig(
         model_name=args.served_model_name or target.path.name,
@@ -71,7 +65,18 @@ def run(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         adaptive_draft_tokens=not args.fixed_draft_tokens,
     )
-    app = create_app(target, make_drafting(args, target), config)
+    return create_app(target, make_drafting(args, target), config), config
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    for name in ("max_batch_size", "max_queue", "num_draft_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    app, config = build_app(args)
     print(f"[specdec] serving '{config.model_name}' on http://{args.host}:{args.port}  (playground at /)")
     uvicorn.run(
         app,

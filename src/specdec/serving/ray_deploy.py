@@ -31,22 +31,11 @@ class SpecdecReplica:
     def __serve_build_asgi_app__(self):  # type: ignore[no-untyped-def]
         import torch
 
-        from specdec.models import load_model
-        from specdec.serving.app import ServerConfig, create_app
-        from specdec.serving.command import make_drafting
+        from specdec.serving.command import build_app
 
-        args = self.options
-        torch.set_num_threads(max(1, int(args.cpus_per_replica)))
-        target = load_model(args.target, dtype=args.dtype, device=args.device)
-        config = ServerConfig(
-            model_name=args.served_model_name or target.path.name,
-            max_batch_size=args.max_batch_size,
-            max_queue=args.max_queue,
-            max_seq_len=args.max_model_len,
-            drain_timeout_s=args.drain_timeout,
-            adaptive_draft_tokens=not args.fixed_draft_tokens,
-        )
-        return create_app(target, make_drafting(args, target), config)
+        torch.set_num_threads(max(1, int(self.options.cpus_per_replica)))
+        app, _ = build_app(self.options)
+        return app
 
 
 def build_application(args: argparse.Namespace) -> Application:
