@@ -191,7 +191,8 @@ class SpeculativeGenerator:
         device = target.device
         ctx_len = target.max_seq_len
         n = len(prompt_ids)
-        max_k = getattr(drafter, "num_draft_tokens", 0)
+        # Room for the largest proposal: a chain of K or a tree of max_tree_nodes nodes.
+        max_k = max(getattr(drafter, "num_draft_tokens", 0), getattr(drafter, "max_tree_nodes", 0) or 0)
         cache = self._target_cache(min(ctx_len, n + max_new_tokens + max_k + 1))
         ctx_len = cache.max_seq_len
 
