@@ -15,9 +15,8 @@ import argparse
 import datetime
 from pathlib import Path
 
-import torch
-
 from specdec.cli import UserError
+from specdec.commands.common import apply_threads_option
 
 QUICK = {"num_prompts": 1, "runs": 1, "max_new_tokens": 12}
 
@@ -132,10 +131,7 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads_option(args.threads)
     if args.cost_curve:
         return run_cost_curve(args)
     from specdec.bench.report import to_markdown, write_all

@@ -16,12 +16,20 @@ from specdec.models import LoadedModel, load_model
 SMALL_MODEL_PARAMS = 50_000_000
 
 
+def apply_threads_option(threads: int | None) -> bool:
+    """Set torch's CPU threads from ``--threads``; False when the option was not given."""
+    if threads is None:
+        return False
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    return True
+
+
 def set_threads(args: argparse.Namespace, target: LoadedModel) -> None:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    elif target.device.type == "cpu" and target.config.num_parameters < SMALL_MODEL_PARAMS:
+    if apply_threads_option(args.threads):
+        return
+    if target.device.type == "cpu" and target.config.num_parameters < SMALL_MODEL_PARAMS:
         torch.set_num_threads(1)
 
 
