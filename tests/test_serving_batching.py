@@ -223,7 +223,9 @@ def test_shutdown_drains_then_cancels(pair) -> None:  # type: ignore[no-untyped-
     assert [e.finish_reason for e in finished] == ["length"] * 3
     assert all(e.stats is not None and e.stats.new_tokens == 10 for e in finished)
 
-    engine = BatchEngine(target, lambda: SlowDrafter(draft, 0.05), 2, metrics)
+    # Fixed K: the adaptive policy would measure that plain steps beat the slow drafter and stop
+    # drafting, and the requests could then finish before the drain timeout.
+    engine = BatchEngine(target, lambda: SlowDrafter(draft, 0.05), 2, metrics, adaptive_draft_tokens=False)
     scheduler = Scheduler(engine, metrics, max_queue=8)
     scheduler.start()
     events = []

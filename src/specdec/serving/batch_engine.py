@@ -198,7 +198,8 @@ class BatchEngine:
         active = [seq for seq in self.rows if seq is not None]
         if not active:
             return
-        k_max = self.policy.choose(len(active)) if self.max_draft_tokens else 0
+        batch_size = len(active)
+        k_max = self.policy.choose(batch_size) if self.max_draft_tokens else 0
         t0 = time.perf_counter()
         proposals = self._propose_batched(active, k_max) if self.batch_drafter else {}
         capacity = self.cache.max_seq_len
@@ -220,14 +221,18 @@ class BatchEngine:
         t2 = time.perf_counter()
         self.policy.observe_pass(logits.shape[0] * logits.shape[1], t2 - t1)  # padded tokens computed
         self.metrics.record_pass(len(active), k_max)
+        produced = sum(seq.produced for seq in active)
         for seq in active:
             seq.stats.verify_s += t2 - t1
             self._commit(
                 seq, proposals[seq.row], logits[seq.row], None if hidden is None else hidden[seq.row]
             )
+        t3 = time.perf_counter()
         self.metrics.add_phase("draft", t1 - t0)
         self.metrics.add_phase("verify", t2 - t1)
-        self.metrics.add_phase("commit", time.perf_counter() - t2)
+        self.metrics.add_phase("commit", t3 - t2)
+        committed = sum(seq.produced for seq in active) - produced  # tokens this step, all rows
+        self.policy.observe_step(batch_size, k_max, committed, t3 - t0)  # the measured-goodput guard
 
     def _limit(self, seq: _Sequence, k: int) -> int:
         """Drafts the row may verify: within its token budget and the context."""

@@ -16,9 +16,33 @@ The policy chooses K in ``0 .. max_draft_tokens`` maximising the estimated goodp
   (exponentially forgotten least squares) to every prefill and verify pass;
 * ``c``: the measured drafting cost per draft token and row.
 
-K = 0 is plain batched decoding, so the choice falls back to it exactly when the estimates say
-speculation would lower throughput. Every 8th pass tries a neighbouring K so the cost line
-keeps seeing different N. With ``adaptive=False`` every pass drafts ``max_draft_tokens``.
+K = 0 is plain batched decoding, so the model falls back to it when the estimates say
+speculation would lower throughput.
+
+**Measured-goodput guard.** The cost line is only a model, and a pass's real cost need not be
+linear in N (on a CPU it can move in steps), so the model can prefer K > 0 where speculation
+in fact loses. The guard therefore also measures what each step really achieved:
+``observe_step`` takes the tokens committed across the batch and the wall time of the whole
+step (drafting, verify pass, bookkeeping). Per batch-size bucket (1, 2-3, 4-7, 8-15, ...) and
+per K it keeps exponentially forgotten sums (``step_decay`` per observation) of tokens, seconds
+and steps: measured goodput = tokens / seconds. A pass over B rows picks between two arms of
+B's bucket:
+
+* plain, K = 0;
+* speculative: the model's K, or, when the model says 0, the K > 0 with the best measured
+  goodput in the bucket (K = 1 if none was measured).
+
+An arm without a measurement is tried first (the model's K when neither has one). Once both
+are measured, the pass speculates only if the speculative arm's measured goodput beats plain's
+by more than ``margin``. To keep both estimates fresh when load or acceptance changes, the arm
+not taken gets one pass whenever the bucket has spent ``explore_every`` times that arm's mean
+step time since it last got one: exploration takes about 1/``explore_every`` of the bucket's
+wall time however slow the losing arm is, which bounds what it can cost.
+
+Every 8th pass of a bucket, if it speculates and is not exploring, uses a neighbouring K
+instead (K+1 and K-1 in turn) so the cost line keeps seeing different N.
+
+With ``adaptive=False`` every pass drafts ``max_draft_tokens`` (no model, no guard).
 """
 
 from __future__ import annotations
@@ -26,18 +50,30 @@ from __future__ import annotations
 
 class SpeculationPolicy:
     def __init__(
-        self, max_draft_tokens: int, adaptive: bool = True, decay: float = 0.98, prior_acceptance: float = 0.6
+        self,
+        max_draft_tokens: int,
+        adaptive: bool = True,
+        decay: float = 0.98,
+        prior_acceptance: float = 0.6,
+        step_decay: float = 0.9,
+        margin: float = 0.05,
+        explore_every: int = 16,
     ) -> None:
         self.max_draft_tokens = max_draft_tokens
         self.adaptive = adaptive
         self.decay = decay
         self.prior_acceptance = prior_acceptance
+        self.step_decay = step_decay
+        self.margin = margin
+        self.explore_every = explore_every
+        self._steps: dict[tuple[int, int], list[float]] = {}  # (bucket, K) -> [tokens, seconds, steps]
+        self._bucket_passes: dict[int, int] = {}
+        self._since_explore: dict[int, float] = {}  # bucket -> wall seconds since its last exploration
         self._drafted = [0.0] * max_draft_tokens
         self._accepted = [0.0] * max_draft_tokens
         self._fit = [0.0] * 5  # decayed sums: w, sum N, sum N^2, sum t, sum N t
         self._draft_cost = 0.0  # seconds per draft token and row
         self._draft_samples = 0
-        self._passes = 0
 
     # ---------------------------------------------------------------- observations
     def observe_pass(self, num_tokens: int, seconds: float) -> None:
@@ -59,9 +95,24 @@ class SpeculationPolicy:
             self._draft_cost += w * (per_token - self._draft_cost)
 
     def observe_acceptance(self, num_drafted: int, num_accepted: int) -> None:
-        for i in range(min(num_drafted, self.max_draft_tokens)):
+        """A row verified ``num_drafted`` drafts and accepted the first ``num_accepted``.
+
+        Only positions that were reached (every draft before them accepted) count, so
+        ``acceptance(i)`` is conditional on the earlier positions, as ``expected_tokens`` needs."""
+        for i in range(min(num_drafted, num_accepted + 1, self.max_draft_tokens)):
             self._drafted[i] = self.decay * self._drafted[i] + 1.0
             self._accepted[i] = self.decay * self._accepted[i] + float(i < num_accepted)
+
+    def observe_step(self, batch_size: int, k: int, committed_tokens: float, seconds: float) -> None:
+        """A whole step over ``batch_size`` rows that used K = ``k`` committed ``committed_tokens``
+        tokens (all rows together) in ``seconds`` of wall time."""
+        if seconds <= 0.0:
+            return
+        bucket = self.bucket(batch_size)
+        sums = self._steps.setdefault((bucket, k), [0.0, 0.0, 0.0])
+        for i, value in enumerate((committed_tokens, seconds, 1.0)):
+            sums[i] = self.step_decay * sums[i] + value
+        self._since_explore[bucket] = self._since_explore.get(bucket, 0.0) + seconds
 
     # ---------------------------------------------------------------- estimates
     def acceptance(self, position: int) -> float:
@@ -90,11 +141,25 @@ class SpeculationPolicy:
         a = max(st / w - b * sn / w, 0.0)
         return a, b
 
-    def choose(self, batch_size: int) -> int:
-        """K for the next pass over ``batch_size`` rows."""
-        self._passes += 1
+    @staticmethod
+    def bucket(batch_size: int) -> int:
+        """Batch sizes 1, 2-3, 4-7, 8-15, ... share one measured-goodput estimate."""
+        return max(batch_size, 1).bit_length()
+
+    def measured_goodput(self, batch_size: int, k: int) -> float | None:
+        """Measured tokens per second of steps with K = ``k`` in ``batch_size``'s bucket."""
+        sums = self._steps.get((self.bucket(batch_size), k))
+        return None if sums is None else sums[0] / sums[1]
+
+    def measured_step_time(self, batch_size: int, k: int) -> float | None:
+        """Measured mean seconds of a step with K = ``k`` in ``batch_size``'s bucket."""
+        sums = self._steps.get((self.bucket(batch_size), k))
+        return None if sums is None else sums[1] / sums[2]
+
+    def model_k(self, batch_size: int) -> int:
+        """K maximising the modelled goodput (``max_draft_tokens`` while the cost line is unknown)."""
         cost = self.pass_cost()
-        if cost is None or not self.adaptive or self.max_draft_tokens == 0:
+        if cost is None:
             return self.max_draft_tokens
         a, b = cost
         c = self._draft_cost
@@ -106,7 +171,40 @@ class SpeculationPolicy:
                 / (a + b * batch_size * (k + 1) + c * batch_size * k + 1e-12)
             )
 
-        best = max(range(self.max_draft_tokens + 1), key=goodput)
-        if self._passes % 8 == 0:  # explore a neighbour so the cost line stays determined
-            best = min(self.max_draft_tokens, best + 1) if (self._passes // 8) % 2 else max(0, best - 1)
-        return best
+        return max(range(self.max_draft_tokens + 1), key=goodput)
+
+    # ---------------------------------------------------------------- decision
+    def choose(self, batch_size: int) -> int:
+        """K for the next pass over ``batch_size`` rows."""
+        if not self.adaptive or self.max_draft_tokens == 0:
+            return self.max_draft_tokens
+        return self._guard(batch_size, self.model_k(batch_size))
+
+    def _guard(self, batch_size: int, model_k: int) -> int:
+        """Plain or speculative for this pass, from measured goodput (see the module docstring)."""
+        bucket = self.bucket(batch_size)
+        passes = self._bucket_passes[bucket] = self._bucket_passes.get(bucket, 0) + 1
+        spec = model_k or self._best_measured_k(batch_size) or 1
+        plain_rate = self.measured_goodput(batch_size, 0)
+        spec_rate = self.measured_goodput(batch_size, spec)
+        if plain_rate is None and spec_rate is None:
+            return model_k
+        if plain_rate is None:
+            return 0
+        if spec_rate is None:
+            return spec
+        pick = spec if spec_rate > (1.0 + self.margin) * plain_rate else 0
+        other = 0 if pick else spec
+        other_step = self.measured_step_time(batch_size, other) or 0.0
+        if self._since_explore.get(bucket, 0.0) >= self.explore_every * other_step:
+            self._since_explore[bucket] = 0.0
+            return other  # refresh the arm not taken
+        if pick > 0 and passes % 8 == 0:  # vary N for the cost line
+            return min(self.max_draft_tokens, pick + 1) if (passes // 8) % 2 else pick - 1
+        return pick
+
+    def _best_measured_k(self, batch_size: int) -> int:
+        """The K > 0 with the best measured goodput in ``batch_size``'s bucket (0: none measured)."""
+        rates = {k: self.measured_goodput(batch_size, k) for k in range(1, self.max_draft_tokens + 1)}
+        measured = {k: r for k, r in rates.items() if r is not None}
+        return max(measured, key=measured.__getitem__) if measured else 0

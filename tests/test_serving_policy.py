@@ -1,0 +1,172 @@
+"""SpeculationPolicy's measured-goodput guard, driven by a simulated engine (no models, no clock).
+
+The simulated target pass costs a *step function* of the tokens it reads (like a CPU whose BLAS
+kernels change blocking at some size), which the policy's linear cost fit cannot represent.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from specdec.serving.policy import SpeculationPolicy
+
+MAX_K = 4
+ALPHA = 0.8  # per-position acceptance of the simulated drafter
+DRAFT_COST = 0.0002  # seconds per draft token and row
+BOOKKEEPING = 0.0005  # seconds per step outside drafting and the pass
+PROMPT = 120  # prompt tokens of a joining request
+
+
+def step_cost(num_tokens: int) -> float:
+    """Flat up to 8 tokens, then 4x: speculation at B = 8 pays the jump, plain does not."""
+    return 0.010 if num_tokens <= 8 else 0.040
+
+
+def flat_cost(num_tokens: int) -> float:
+    """Memory-bound: extra verified tokens are free."""
+    return 0.010
+
+
+def simulate(
+    policy: SpeculationPolicy,
+    batch_sizes: list[int],
+    cost: Callable[[int], float],
+    rng: random.Random,
+) -> list[tuple[int, int, int, float]]:
+    """One engine step per entry of ``batch_sizes``, reporting to ``policy`` as BatchEngine does;
+    every 16th step a request joins with a prompt of ``PROMPT`` tokens (its prefill is a pass too).
+
+    Returns ``(batch_size, k, committed_tokens, seconds)`` per step."""
+    steps = []
+    for i, batch_size in enumerate(batch_sizes):
+        if i % 16 == 0:
+            policy.observe_pass(PROMPT, cost(PROMPT))
+        k = policy.choose(batch_size)
+        draft_s = DRAFT_COST * batch_size * k
+        if k:
+            policy.observe_draft(batch_size * k, draft_s)
+        pass_s = cost(batch_size * (k + 1))
+        policy.observe_pass(batch_size * (k + 1), pass_s)
+        committed = 0
+        for _ in range(batch_size):
+            accepted = 0
+            while accepted < k and rng.random() < ALPHA:
+                accepted += 1
+            policy.observe_acceptance(k, accepted)
+            committed += accepted + 1  # accepted drafts + the target's own token
+        seconds = draft_s + pass_s + BOOKKEEPING
+        policy.observe_step(batch_size, k, committed, seconds)
+        steps.append((batch_size, k, committed, seconds))
+    return steps
+
+
+def goodput(steps: list[tuple[int, int, int, float]]) -> float:
+    return sum(s[2] for s in steps) / sum(s[3] for s in steps)
+
+
+def test_guard_falls_back_to_plain_where_the_linear_model_is_wrong() -> None:
+    policy = SpeculationPolicy(MAX_K)
+    steps = simulate(policy, [8, 1] * 400, step_cost, random.Random(0))
+    # The scenario is meaningful: the fitted line (flattened by the prefills) still says
+    # speculation wins at B = 8, where it really takes 4x the pass time ...
+    model_k = policy.model_k(8)
+    assert model_k > 0
+    model_step_s = DRAFT_COST * 8 * model_k + step_cost(8 * (model_k + 1)) + BOOKKEEPING
+    model_only = 8 * policy.expected_tokens(model_k) / model_step_s
+    always_plain_8 = 8 / (step_cost(8) + BOOKKEEPING)
+    assert model_only < 0.9 * always_plain_8
+    # ... but the guard measured that and keeps B = 8 plain, exploring rarely.
+    last_8 = [s for s in steps if s[0] == 8][-160:]
+    assert sum(k == 0 for _, k, _, _ in last_8) >= 150
+    assert goodput(last_8) >= 0.95 * always_plain_8
+    # At B = 1 the pass cost is flat and speculation still runs (and more than doubles goodput).
+    last_1 = [s for s in steps if s[0] == 1][-160:]
+    assert sum(k > 0 for _, k, _, _ in last_1) >= 140
+    assert goodput(last_1) >= 2 * (1 / (step_cost(1) + BOOKKEEPING))
+
+
+def test_exploration_keeps_trying_the_arm_not_taken_in_a_bounded_share_of_time() -> None:
+    policy = SpeculationPolicy(MAX_K, explore_every=16)
+    steps = simulate(policy, [8] * 600, step_cost, random.Random(1))[200:]
+    explored = [s for s in steps if s[1] > 0]  # plain is preferred at B = 8: these are explorations
+    assert 3 <= len(explored) <= 20
+    share = sum(s[3] for s in explored) / sum(s[3] for s in steps)
+    assert 0.03 <= share <= 1.25 / 16  # about 1 / explore_every of the wall time
+    # Where speculation is preferred, plain is the arm that gets explored.
+    flat = simulate(SpeculationPolicy(MAX_K), [1] * 600, flat_cost, random.Random(1))[200:]
+    plain = [s for s in flat if s[1] == 0]
+    assert 10 <= len(plain) <= 40
+    assert 0.03 <= sum(s[3] for s in plain) / sum(s[3] for s in flat) <= 1.25 / 16
+    assert sum(s[1] > 0 for s in flat) >= 0.9 * len(flat)
+
+
+def test_untried_arms_are_tried_first_then_measurements_decide() -> None:
+    policy = SpeculationPolicy(MAX_K)
+    for tokens in (1, 5, 20, 40):
+        policy.observe_pass(tokens, 0.010)  # flat cost: the model wants the longest drafts
+    assert policy.model_k(4) == MAX_K
+    assert policy.choose(4) == MAX_K  # nothing measured: the model's K
+    policy.observe_step(4, MAX_K, 8, 0.020)  # 400 tokens/s
+    assert policy.choose(4) == 0  # plain untried in this bucket: try it
+    policy.observe_step(4, 0, 4, 0.005)  # 800 tokens/s
+    assert policy.choose(4) == 0  # measured plain beats the model's K
+    assert policy.choose(5) == 0  # 4..7 share the bucket
+    assert policy.choose(8) == MAX_K  # another bucket has its own (empty) estimates
+
+
+def test_margin_keeps_plain_unless_speculation_is_clearly_better() -> None:
+    policy = SpeculationPolicy(MAX_K, margin=0.05)
+    policy.observe_step(2, 0, 2, 0.010)  # 200 tokens/s
+    policy.observe_step(2, MAX_K, 2.06, 0.010)  # 3% better: within the margin
+    assert policy.choose(2) == 0
+    policy.observe_step(2, MAX_K, 3.0, 0.010)  # now clearly better
+    assert policy.choose(2) == MAX_K
+
+
+def test_guard_prefers_measured_speculation_when_the_model_says_plain() -> None:
+    policy = SpeculationPolicy(MAX_K)
+    for tokens in (1, 16, 32, 64, 80):
+        policy.observe_pass(tokens, 0.001 * tokens)  # compute-bound line
+    for _ in range(50):
+        policy.observe_acceptance(MAX_K, 0)
+    assert policy.model_k(16) == 0
+    policy.observe_step(16, 0, 16, 0.016)  # 1000 tokens/s
+    assert policy.choose(16) == 1  # no K > 0 measured here yet: K = 1 is tried
+    policy.observe_step(16, 1, 16, 0.030)  # worse
+    policy.observe_step(16, 2, 40, 0.016)  # 2500 tokens/s
+    assert policy.choose(16) == 2  # the best measured K > 0 beats plain
+
+
+def test_guard_follows_a_change_of_load_cost() -> None:
+    policy = SpeculationPolicy(MAX_K)
+    rng = random.Random(2)
+    before = simulate(policy, [8] * 300, step_cost, rng)
+    assert sum(k == 0 for _, k, _, _ in before[-64:]) >= 56
+    after = simulate(policy, [8] * 300, flat_cost, rng)  # extra verified tokens become free
+    assert sum(k > 0 for _, k, _, _ in after[-64:]) >= 56
+
+
+def test_fixed_policy_always_drafts_max_k() -> None:
+    policy = SpeculationPolicy(MAX_K, adaptive=False)
+    steps = simulate(policy, [1, 3, 8, 16] * 40, step_cost, random.Random(3))
+    assert policy.measured_goodput(8, MAX_K) is not None
+    assert {k for _, k, _, _ in steps} == {MAX_K}
+    policy.observe_step(8, 0, 1000, 0.001)  # even a far better plain measurement changes nothing
+    assert policy.choose(8) == MAX_K
+    assert SpeculationPolicy(0).choose(8) == 0
+
+
+def test_acceptance_is_per_position_given_the_earlier_ones_passed() -> None:
+    policy = SpeculationPolicy(MAX_K)
+    rng = random.Random(4)
+    for _ in range(400):
+        accepted = 0
+        while accepted < MAX_K and rng.random() < ALPHA:
+            accepted += 1
+        policy.observe_acceptance(MAX_K, accepted)
+    # Each position is accepted with ALPHA once reached; counting unreached positions as
+    # rejections would give about ALPHA ** (i + 1) instead (0.41 at the last position).
+    for position in range(MAX_K):
+        assert abs(policy.acceptance(position) - ALPHA) < 0.12, position
+    assert abs(policy.expected_tokens(MAX_K) - sum(ALPHA**i for i in range(MAX_K + 1))) < 0.5
