@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "$(TORCH)"
 	$(VENV)/bin/pip install --quiet -e ".[test,serve,ray]"
+	$(PY) -m specdec.kernels  # compile the CPU kernels once (falls back to torch if it cannot)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -30,7 +30,7 @@ from torch import nn
 
 from specdec.cache import KVCache
 from specdec.models.config import ModelConfig, ModelLoadError
-from specdec.models.llama import DecoderLayer, RMSNorm, Transformer, causal_mask, rope_inv_freq
+from specdec.models.llama import DecoderLayer, Linear, RMSNorm, Transformer, causal_mask, rope_inv_freq
 from specdec.sampling import SamplingParams, logits_to_probs, sample
 
 METHODS = ("early-exit", "medusa", "eagle")
@@ -47,7 +47,7 @@ class ExitHead(nn.Module):
             raise ValueError(f"exit_layer must be in [1, {cfg.num_hidden_layers - 1}], got {exit_layer}")
         self.exit_layer = exit_layer
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def init_from(self, target: Transformer) -> ExitHead:
@@ -75,7 +75,7 @@ class MedusaHeads(nn.Module):
         if num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {num_heads}")
         self.num_heads = num_heads
-        self.blocks = nn.ModuleList(nn.Linear(cfg.hidden_size, cfg.hidden_size) for _ in range(num_heads))
+        self.blocks = nn.ModuleList(Linear(cfg.hidden_size, cfg.hidden_size) for _ in range(num_heads))
         for block in self.blocks:
             nn.init.zeros_(block.weight)
             nn.init.zeros_(block.bias)
@@ -96,7 +96,7 @@ class EagleHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.layer = DecoderLayer(cfg, layer_idx=0)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 

@@ -1,0 +1,96 @@
+"""CPU kernels for the few-row linear layers of decoding and verification.
+
+``linear(x, weight, bias)`` is ``F.linear`` with one difference: on an x86 CPU with AVX2 and
+FMA, for at most :data:`MAX_ROWS` rows, float32 or bfloat16 weights and no autograd, it runs
+``small_linear.cpp``, which reads every weight once for all rows and widens bfloat16 weights to
+float32 in registers. Why: on AVX2 CPUs MKL's sgemm runs a 1-row product well under the memory
+bandwidth and a 4-16 row product at 3-7x the 1-row time (docs/benchmarks.md), which is exactly
+the regime where speculative decoding lives.
+
+The C++ source is compiled once per machine with ``torch.utils.cpp_extension`` (about 25 s,
+cached in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); ``make`` builds it at
+install time (``python -m specdec.kernels``). Where it cannot be built or used (no compiler, no
+AVX2, another device) everything falls back to ``F.linear``. ``SPECDEC_CPU_KERNELS=0`` turns
+it off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MAX_ROWS = 32  # above this (prefill, training) the BLAS library is the better tool
+_SOURCE = Path(__file__).with_name("small_linear.cpp")
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "op": the loaded op or None, "why": the reason it is off
+
+
+def _cpu_supported() -> str | None:
+    """None if this CPU can run the kernel, else the reason it cannot."""
+    if os.environ.get("SPECDEC_CPU_KERNELS", "1") == "0":
+        return "turned off by SPECDEC_CPU_KERNELS=0"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "cannot read /proc/cpuinfo (not Linux x86)"
+    if " avx2" not in flags or " fma" not in flags:
+        return "this CPU has no AVX2/FMA"
+    return None
+
+
+def load(verbose: bool = False) -> object | None:
+    """The compiled op (building it on first use), or None where it is unavailable."""
+    if "op" in _state:
+        return _state["op"]
+    with _lock:
+        if "op" in _state:
+            return _state["op"]
+        why = _cpu_supported()
+        op = None
+        if why is None:
+            try:
+                from torch.utils.cpp_extension import load as build
+
+                if verbose:
+                    print("specdec: compiling the CPU kernels (once per machine, ~25 s)...", file=sys.stderr)
+                build(
+                    name="specdec_kernels",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma"],
+                    is_python_module=False,
+                    verbose=False,
+                )
+                op = torch.ops.specdec.small_linear
+            except Exception as exc:  # no compiler, no headers: fall back, say why once
+                why = f"could not build the CPU kernels ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                print(f"specdec: {why}; using torch's linear", file=sys.stderr)
+        _state["op"], _state["why"] = op, why
+        return op
+
+
+def status() -> str:
+    """One line for logs and benchmark reports: which linear path few-row passes take."""
+    op = load()
+    return "specdec small_linear (AVX2)" if op is not None else f"torch linear ({_state['why']})"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; the kernel for few rows on a supported CPU."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (
+        0 < rows <= MAX_ROWS
+        and x.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype == weight.dtype
+        and weight.is_contiguous()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        op = _state["op"] if "op" in _state else load()
+        if op is not None:
+            return op(x, weight, bias)  # type: ignore[operator]
+    return F.linear(x, weight, bias)

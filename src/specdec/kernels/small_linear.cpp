@@ -1,0 +1,135 @@
+// y (M, N) = x (M, K) @ W (N, K)^T + bias, for the few rows of decoding and verification.
+//
+// Why: on AVX2 CPUs (no AVX-512/AMX) MKL's sgemm runs a 1-row product at well under the memory
+// bandwidth and a 4-16 row product at 3-7x the 1-row time, so verifying K draft tokens is far
+// from free. Reading each weight once and using it for all M rows makes a pass over M <= 8
+// rows cost about one weight read, which is what speculative decoding relies on.
+//
+// Layout: W row-major (N, K), float32 or bfloat16 (widened to float32 in registers; bf16 is
+// the top half of a float32). x and y are float32. Every output y[m, n] is one FMA chain over
+// 8-wide chunks of k in order, then the same horizontal sum and the same scalar tail, whatever
+// M is and whichever rows share a block: the result of a row does not depend on the batch
+// (batch invariance), so a K-token verify pass gives bit-identical logits to K 1-token passes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));  // 8 x bf16
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const at::BFloat16* p) { return static_cast<float>(*p); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// R weight rows (n0 .. n0+R-1) against M rows of x: R*M independent accumulators.
+template <int M, int R, typename W>
+inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, int64_t N) {
+  __m256 acc[M][R];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t K8 = K - K % 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      asm("" : "+x"(xv));  // keep x in a register: GCC would reload it from memory for every r
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[m][r]);
+      for (int64_t k = K8; k < K; ++k) s += x[m * K + k] * load1(w + (n0 + r) * K + k);
+      y[m * N + n0 + r] = s;
+    }
+}
+
+// Rows [n_begin, n_end) of W against M (<= 8) rows of x; R chosen so R*M accumulators fit
+// in the 16 ymm registers with room for the loads.
+template <int M, typename W>
+void rows(const float* x, int64_t K, const W* w, int64_t n_begin, int64_t n_end, float* y, int64_t N) {
+  constexpr int R = M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 3 : M <= 6 ? 2 : 1;
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) block<M, R>(x, K, w, n, y, N);
+  for (; n < n_end; ++n) block<M, 1>(x, K, w, n, y, N);
+}
+
+template <typename W>
+void rows_any(int64_t M, const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
+  switch (M) {
+    case 1: return rows<1>(x, K, w, n0, n1, y, N);
+    case 2: return rows<2>(x, K, w, n0, n1, y, N);
+    case 3: return rows<3>(x, K, w, n0, n1, y, N);
+    case 4: return rows<4>(x, K, w, n0, n1, y, N);
+    case 5: return rows<5>(x, K, w, n0, n1, y, N);
+    case 6: return rows<6>(x, K, w, n0, n1, y, N);
+    case 7: return rows<7>(x, K, w, n0, n1, y, N);
+    default: return rows<8>(x, K, w, n0, n1, y, N);
+  }
+}
+
+template <typename W>
+void run(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) {
+  // Tiles of weight rows small enough to stay in L2 while every 8-row chunk of x passes over them.
+  const int64_t tile = std::max<int64_t>(8, (192 * 1024) / (K * static_cast<int64_t>(sizeof(W))));
+  at::parallel_for(0, N, tile, [&](int64_t begin, int64_t end) {
+    for (int64_t t0 = begin; t0 < end; t0 += tile) {
+      const int64_t t1 = std::min(end, t0 + tile);
+      for (int64_t m0 = 0, left = M; left > 0;) {  // chunks of <= 4 rows, as even as possible
+        const int64_t mc = (left + (left + 3) / 4 - 1) / ((left + 3) / 4);
+        rows_any<W>(mc, x + m0 * K, K, w, t0, t1, y + m0 * N, N);
+        m0 += mc;
+        left -= mc;
+      }
+    }
+  });
+}
+
+at::Tensor small_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(), "small_linear: CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "small_linear: weight must be a contiguous (N, K) matrix");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+              "small_linear: weight must be float32 or bfloat16");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(input.size(-1) == K, "small_linear: input has ", input.size(-1), " features, weight ", K);
+  const at::Tensor x = input.reshape({-1, K}).to(at::kFloat).contiguous();  // (M, K)
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());  // (M, N) float32
+  if (weight.scalar_type() == at::kFloat)
+    run<float>(x.data_ptr<float>(), M, K, weight.data_ptr<float>(), N, y.data_ptr<float>());
+  else
+    run<at::BFloat16>(x.data_ptr<float>(), M, K, weight.data_ptr<at::BFloat16>(), N, y.data_ptr<float>());
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = N;
+  return y.to(input.scalar_type()).view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(specdec, m) {
+  m.def("small_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(specdec, CPU, m) {
+  m.impl("small_linear", &small_linear);
+}

@@ -1,0 +1,78 @@
+"""The few-row CPU linear kernel: exact enough, batch invariant, and used only where it may be."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specdec import kernels
+
+op = kernels.load()
+needs_kernel = pytest.mark.skipif(
+    op is None and not os.environ.get("CI"), reason=f"no kernel here: {kernels.status()}"
+)
+
+
+def test_kernel_is_built_on_avx2_machines_in_ci():
+    # CI machines are x86 with AVX2 and a compiler: the fast path must not silently fall back there.
+    if kernels._cpu_supported() is None:
+        assert op is not None, kernels.status()
+        assert kernels.status().startswith("specdec small_linear")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 32])
+@pytest.mark.parametrize("shape", [(37, 13), (96, 64), (130, 1000)])
+def test_float32_matches_float64_reference(rows, shape):
+    N, K = shape
+    gen = torch.Generator().manual_seed(rows * 1000 + N)
+    x = torch.randn(rows, K, generator=gen)
+    w = torch.randn(N, K, generator=gen)
+    b = torch.randn(N, generator=gen)
+    ref = x.double() @ w.double().T + b.double()
+    y = kernels.linear(x, w, b)
+    assert y.dtype == torch.float32 and y.shape == (rows, N)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * K**0.5)
+    # Same answer as torch's linear to float32 rounding.
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-4 * K**0.5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 4, 6, 11])
+def test_bfloat16_weights_are_widened_exactly(rows):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 72, generator=gen).bfloat16()  # leading dims are flattened
+    w = torch.randn(50, 72, generator=gen).bfloat16()
+    y = kernels.linear(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, rows, 50)
+    ref = (x.double() @ w.double().T).bfloat16()  # float32 accumulation, one final rounding
+    assert (y.float() - ref.float()).abs().max() <= 2 * ref.float().abs().max() * 2**-8
+
+
+@needs_kernel
+def test_each_row_is_independent_of_the_others_bitwise():
+    # A K-token verify pass must give the logits K one-token passes give: no batch effects.
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 515, generator=gen)
+    x = torch.randn(23, 515, generator=gen)
+    together = kernels.linear(x, w)
+    for rows in (1, 3, 5, 8):
+        for start in range(0, 23, rows):
+            part = kernels.linear(x[start : start + rows], w)
+            assert torch.equal(part, together[start : start + rows])
+
+
+def test_falls_back_to_torch_where_the_kernel_does_not_apply():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 16, generator=gen, requires_grad=True)
+    x = torch.randn(3, 16, generator=gen)
+    y = kernels.linear(x, w)  # autograd needs torch's op
+    y.sum().backward()
+    assert w.grad is not None and torch.allclose(w.grad, x.sum(0).expand(8, -1))
+    big = torch.randn(kernels.MAX_ROWS + 1, 16, generator=gen)
+    torch.testing.assert_close(kernels.linear(big, w.detach()), F.linear(big, w.detach()))
+    half = torch.randn(2, 16, generator=gen).half()
+    assert kernels.linear(half, w.detach().half()).dtype == torch.float16
