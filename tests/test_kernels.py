@@ -76,3 +76,18 @@ def test_falls_back_to_torch_where_the_kernel_does_not_apply():
     torch.testing.assert_close(kernels.linear(big, w.detach()), F.linear(big, w.detach()))
     half = torch.randn(2, 16, generator=gen).half()
     assert kernels.linear(half, w.detach().half()).dtype == torch.float16
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 5, 13), (7, 256)])
+def test_rms_norm_matches_torch_and_is_row_independent(shape):
+    gen = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=gen) * 3
+    w = torch.randn(shape[-1], generator=gen)
+    y = kernels.rms_norm(x, w, 1e-5)
+    ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    rows = x.reshape(-1, shape[-1])
+    one_by_one = torch.cat([kernels.rms_norm(r[None], w, 1e-5) for r in rows])
+    assert torch.equal(one_by_one, y.reshape(-1, shape[-1]))

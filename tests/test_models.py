@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from specdec import ModelLoadError, load_model
+from specdec.models.llama import Transformer
 
 SMALL = dict(
     vocab_size=101,
@@ -124,3 +125,35 @@ def test_auto_dtype_is_bfloat16_only_where_it_is_fast(tmp_path, monkeypatch):
     assert load_model(tmp_path, dtype="float16").dtype == torch.float16
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         load_model(tmp_path, dtype="int3")
+
+
+def test_fused_projections_change_nothing_but_the_number_of_products(hf_pair):
+    # load_model fuses q/k/v and gate/up; the unfused module (separate products) must give the
+    # same logits, the state dict must keep its names and values, and .to() must re-fuse.
+    hf, ours = hf_pair
+    module = ours.module
+    assert all(layer.self_attn.qkv is not None for layer in module.model.layers)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    assert set(state) >= {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"}
+    q = module.model.layers[0].self_attn.q_proj.weight
+    assert q.data_ptr() == module.model.layers[0].self_attn.qkv[0].data_ptr()  # a view, no copy
+
+    def logits(m):
+        cache = m.new_cache(1, 64)
+        tokens = torch.tensor([[5, 17, 3, 99, 42, 8, 1]])
+        pre = m(tokens[:, :5], torch.arange(5), cache)  # (1, 5, V)
+        step = m(tokens[:, 5:], torch.arange(5, 7), cache)  # (1, 2, V): a 2-token verify pass
+        return torch.cat([pre, step], dim=1)
+
+    with torch.inference_mode():
+        fused = logits(module)
+        unfused = Transformer(module.config)
+        unfused.load_state_dict(state)
+        unfused.inv_freq = module.inv_freq
+        unfused.eval().requires_grad_(False)
+        separate = logits(unfused)
+        torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+        moved = module.to(torch.float64).to(torch.float32)  # converts each parameter: must re-fuse
+        mlp = moved.model.layers[1].mlp
+        assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up[0].untyped_storage().data_ptr()
+        torch.testing.assert_close(logits(moved), fused, rtol=1e-5, atol=1e-5)

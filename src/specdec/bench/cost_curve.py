@@ -64,7 +64,9 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
             else:
                 p.normal_(0.0, 0.02, generator=generator)
     module.inv_freq = rope_inv_freq(cfg)
-    return module.eval().requires_grad_(False)
+    module = module.eval().requires_grad_(False)
+    module.fuse()
+    return module
 
 
 def streamed_weight_bytes(module: Transformer) -> int:

@@ -1,4 +1,4 @@
-"""CPU kernels for the few-row linear layers of decoding and verification.
+"""CPU kernels for the few-row linear layers (and RMSNorm) of decoding and verification.
 
 ``linear(x, weight, bias)`` is ``F.linear`` with one difference: on an x86 CPU with AVX2 and
 FMA, for at most :data:`MAX_ROWS` rows, float32 or bfloat16 weights and no autograd, it runs
@@ -11,7 +11,8 @@ The C++ source is compiled once per machine with ``torch.utils.cpp_extension`` (
 cached in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); ``make`` builds it at
 install time (``python -m specdec.kernels``). Where it cannot be built or used (no compiler, no
 AVX2, another device) everything falls back to ``F.linear``. ``SPECDEC_CPU_KERNELS=0`` turns
-it off.
+it off. ``rms_norm`` is the same idea for RMSNorm: one op where torch's CPU ``rms_norm``
+runs about six.
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ def load(verbose: bool = False) -> object | None:
                 build(
                     name="specdec_kernels",
                     sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma"],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
                     is_python_module=False,
                     verbose=False,
                 )
-                op = torch.ops.specdec.small_linear
+                op = torch.ops.specdec
             except Exception as exc:  # no compiler, no headers: fall back, say why once
                 why = f"could not build the CPU kernels ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
                 print(f"specdec: {why}; using torch's linear", file=sys.stderr)
@@ -76,7 +78,7 @@ def load(verbose: bool = False) -> object | None:
 def status() -> str:
     """One line for logs and benchmark reports: which linear path few-row passes take."""
     op = load()
-    return "specdec small_linear (AVX2)" if op is not None else f"torch linear ({_state['why']})"
+    return "specdec small_linear + rms_norm (AVX2)" if op is not None else f"torch ops ({_state['why']})"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,5 +94,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ):
         op = _state["op"] if "op" in _state else load()
         if op is not None:
-            return op(x, weight, bias)  # type: ignore[operator]
+            return op.small_linear(x, weight, bias)  # type: ignore[attr-defined]
     return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.rms_norm(x, (d,), weight, eps)`` for float32 CPU tensors without autograd; one op."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        op = _state["op"] if "op" in _state else load()
+        if op is not None:
+            return op.rms_norm(x, weight, eps)  # type: ignore[attr-defined]
+    return F.rms_norm(x, x.shape[-1:], weight, eps=eps)

@@ -41,6 +41,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in float32, cast back, then scale: the order Hugging Face uses.
         normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
         return self.weight * normed.to(x.dtype)
@@ -70,6 +72,24 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
+def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of ``linears`` into one matrix and make each
+    layer's parameters views into it; returns ``(weight, bias)`` of the fused product."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum N_i, K)
+    has_bias = [lin.bias is not None for lin in linears]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("fuse_linears: either all layers have a bias or none")
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None  # type: ignore[union-attr]
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+        start += n
+    return weight, bias
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -89,6 +109,12 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused, see fuse()
+
+    def fuse(self) -> None:
+        """Store q/k/v weights in one matrix (the three parameters become views of it) so a
+        pass makes one product instead of three; state-dict names and values are unchanged."""
+        self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
@@ -101,11 +127,18 @@ class Attention(nn.Module):
         kv_len: int | None = None,  # slots read; default mask.shape[-1]
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        if self.qkv is not None:
+            qkv = kernels.linear(x, *self.qkv).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, T, D)
+            qk, v = qkv.split([H + Hkv, Hkv], dim=1)
+            qk = qk * cos + rotate_half(qk) * sin  # RoPE on queries and keys in one go
+            q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
+        else:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         cache.write(self.layer_idx, slots, k, v)
         S = kv_len if kv_len is not None else mask.shape[-1]  # type: ignore[union-attr]
         keys, values = cache.read(self.layer_idx, S)  # (B, Hkv, S, D)
@@ -122,8 +155,15 @@ class MLP(nn.Module):
         self.gate_proj = Linear(d, f, bias=False)
         self.up_proj = Linear(d, f, bias=False)
         self.down_proj = Linear(f, d, bias=False)
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused, see fuse()
+
+    def fuse(self) -> None:
+        self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = kernels.linear(x, *self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -165,6 +205,21 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def fuse(self) -> None:
+        """Fuse q/k/v and gate/up projections for inference (see :meth:`Attention.fuse`).
+        Parameters stay in place as views, so heads and the state dict see the same names."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to() / .float() convert each parameter on its own: rebuild the fused matrices after.
+        fused = any(layer.mlp.gate_up is not None for layer in self.model.layers)
+        out = super()._apply(fn, recurse)
+        if fused:
+            self.fuse()
+        return out
 
     def new_cache(
         self, batch_size: int = 1, max_seq_len: int | None = None, num_layers: int | None = None

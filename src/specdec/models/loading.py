@@ -140,6 +140,7 @@ def load_model(
         module.lm_head.weight = module.model.embed_tokens.weight
     module.inv_freq = rope_inv_freq(cfg)  # buffers are not in the checkpoint: rebuild off meta
     module = module.to(device).eval().requires_grad_(False)
+    module.fuse()
     return LoadedModel(module, cfg, Tokenizer.from_folder(folder), folder)
 
 
