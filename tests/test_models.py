@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -157,3 +158,32 @@ def test_fused_projections_change_nothing_but_the_number_of_products(hf_pair):
         mlp = moved.model.layers[1].mlp
         assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up[0].untyped_storage().data_ptr()
         torch.testing.assert_close(logits(moved), fused, rtol=1e-5, atol=1e-5)
+
+
+def test_one_call_decoder_layers_equal_the_module_path_bitwise(hf_pair):
+    # On CPUs with the kernels, run_layers hands a batch-1 float32 pass to one C++ call that
+    # must do exactly what the Python modules do: prefill, one-token and multi-token passes.
+    from specdec import kernels
+
+    _, ours = hf_pair
+    module = ours.module
+    if kernels.load() is None:
+        assert not os.environ.get("CI"), kernels.status()
+        pytest.skip(kernels.status())
+
+    def logits():
+        cache = module.new_cache(1, 64)
+        tokens = torch.tensor([[5, 17, 3, 99, 42, 8, 1, 77]])
+        pre = module(tokens[:, :5], torch.arange(5), cache)  # (1, 5, V)
+        one = module(tokens[:, 5:6], torch.arange(5, 6), cache)  # (1, 1, V)
+        two = module(tokens[:, 6:], torch.arange(6, 8), cache, kv_len=8)  # (1, 2, V)
+        return torch.cat([pre, one, two], dim=1)
+
+    with torch.inference_mode():
+        fast = logits()
+        weights, module._layer_weights = module._layer_weights, None
+        try:
+            slow = logits()
+        finally:
+            module._layer_weights = weights
+    assert torch.equal(fast, slow)

@@ -110,3 +110,51 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if op is not None:
             return op.rms_norm(x, weight, eps)  # type: ignore[attr-defined]
     return F.rms_norm(x, x.shape[-1:], weight, eps=eps)
+
+
+def fused_layers_apply(h: torch.Tensor) -> bool:
+    """Whether :func:`decoder_layers` can run hidden states ``h`` (float32, CPU, no autograd)."""
+    return (
+        h.device.type == "cpu"
+        and h.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and (_state["op"] if "op" in _state else load()) is not None
+    )
+
+
+def decoder_layers(
+    h: torch.Tensor,  # (1, T, d)
+    cos: torch.Tensor,  # (1, 1, T, D)
+    sin: torch.Tensor,  # (1, 1, T, D)
+    k_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
+    v_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
+    slots: torch.Tensor,  # (T,)
+    mask: torch.Tensor | None,  # (1, 1, T, kv_len) bool or None
+    kv_len: int,
+    begin: int,
+    end: int,
+    weights: list[torch.Tensor | None],  # 7 per layer (see Transformer.fuse)
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> torch.Tensor:
+    """Decoder layers ``begin..end-1`` of one sequence in one call (``Transformer.run_layers``)."""
+    op = _state["op"]
+    return op.decoder_layers(  # type: ignore[attr-defined]
+        h,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        slots,
+        mask,
+        kv_len,
+        begin,
+        end,
+        weights,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        eps,
+    )

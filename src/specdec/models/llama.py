@@ -205,13 +205,19 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self._layer_weights: list[torch.Tensor | None] | None = None  # set by fuse()
 
     def fuse(self) -> None:
         """Fuse q/k/v and gate/up projections for inference (see :meth:`Attention.fuse`).
         Parameters stay in place as views, so heads and the state dict see the same names."""
+        weights: list[torch.Tensor | None] = []
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+            attn, mlp = layer.self_attn, layer.mlp
+            weights += [layer.input_layernorm.weight, *attn.qkv, attn.o_proj.weight]  # type: ignore[misc]
+            weights += [layer.post_attention_layernorm.weight, mlp.gate_up[0], mlp.down_proj.weight]  # type: ignore[index]
+        self._layer_weights = weights  # 7 per layer, the order kernels.decoder_layers reads
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # .to() / .float() convert each parameter on its own: rebuild the fused matrices after.
@@ -270,7 +276,20 @@ class Transformer(nn.Module):
         elif attn_mask.dim() == 3:
             attn_mask = attn_mask[:, None]
         cos, sin = self.rope(input_pos, h.dtype)
-        for i in layers if layers is not None else range(len(self.model.layers)):
+        layers = layers if layers is not None else range(len(self.model.layers))
+        if (
+            self._layer_weights is not None
+            and h.shape[0] == 1
+            and layers.step == 1
+            and kernels.fused_layers_apply(h)
+        ):
+            cfg = self.config
+            return kernels.decoder_layers(  # the loop below in one C++ call
+                h, cos, sin, cache.k, cache.v, slots[0], attn_mask, kv_len, layers.start, layers.stop,
+                self._layer_weights, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                cfg.rms_norm_eps,
+            )  # fmt: skip
+        for i in layers:
             h = self.model.layers[i](h, cos, sin, cache, slots, attn_mask, kv_len)
         return h
 
