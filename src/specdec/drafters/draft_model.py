@@ -75,9 +75,10 @@ class DraftModelDrafter:
 
     def _forward(self, token_ids: list[int] | torch.Tensor, start: int, num_logits: int = 1):  # type: ignore[no-untyped-def]
         tokens = torch.as_tensor(token_ids, device=self.model.device).reshape(1, -1)  # (1, T)
-        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        logits = self.model(tokens, pos, self.cache, num_logits=num_logits)
-        self.cache.truncate(start + tokens.shape[1])
+        end = start + tokens.shape[1]
+        pos = torch.arange(start, end, device=tokens.device)
+        logits = self.model(tokens, pos, self.cache, num_logits=num_logits, kv_len=end)  # no device sync
+        self.cache.truncate(end)
         return logits[0, -1]  # (V,)
 
     def propose(self, ctx: DraftContext) -> DraftProposal:
