@@ -62,7 +62,8 @@ def to_markdown(result: BenchResult) -> str:
     draft = m.get("draft", {})
     footer = [
         f"{m['date_utc']} UTC · {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads; "
-        f"{', '.join(m['isa']) or 'no AVX'}) · torch {m['torch']} · transformers {m['transformers']}",
+        f"{', '.join(m['isa']) or 'no AVX'}) · torch {m['torch']} · transformers {m['transformers']}"
+        + (f" · kernels: {m['kernels']}" if "kernels" in m else ""),
         f"target {Path(target.get('path', c.target)).name} ({target.get('parameters', 0) / 1e6:.1f}M), "
         f"draft {Path(draft.get('path', c.draft)).name} ({draft.get('parameters', 0) / 1e6:.1f}M), "
         f"{m['dtype']}, greedy, batch 1, {c.num_prompts} prompts/task, median of {c.runs} runs, "

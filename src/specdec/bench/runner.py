@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from specdec import kernels
 from specdec.bench.methods import Method, Run, build_method
 from specdec.bench.tasks import Task, build_tasks
 from specdec.engine import SpecStats
@@ -106,6 +107,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "isa": isa,
         "torch_threads": torch.get_num_threads(),
+        "kernels": kernels.status(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
