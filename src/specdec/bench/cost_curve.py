@@ -207,7 +207,7 @@ def to_markdown(data: dict[str, Any]) -> str:
     lines = [
         f"Bandwidth: {bandwidth:.1f} GB/s, the best of a copy (read + write bytes"
         + (f", {data['copy_bandwidth_bytes_per_s'] / 1e9:.1f}" if "copy_bandwidth_bytes_per_s" in data else "")
-        + ") and a sum (read bytes"
+        + ") and a read (sum or one-row product, read bytes"
         + (f", {data['read_bandwidth_bytes_per_s'] / 1e9:.1f}" if "read_bandwidth_bytes_per_s" in data else "")
         + f"), {data['torch_threads']} thread(s); "
         f"times on the {clock} clock (wall clock of t(k=1) in brackets).",
