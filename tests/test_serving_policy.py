@@ -70,7 +70,7 @@ def test_guard_falls_back_to_plain_where_the_linear_model_is_wrong() -> None:
     steps = simulate(policy, [8, 1] * 400, step_cost, random.Random(0))
     # The scenario is meaningful: the fitted line (flattened by the prefills) still says
     # speculation wins at B = 8, where it really takes 4x the pass time ...
-    model_k = policy.model_k(8)
+    model_k = policy.model_k(8, measured=False)
     assert model_k > 0
     model_step_s = DRAFT_COST * 8 * model_k + step_cost(8 * (model_k + 1)) + BOOKKEEPING
     model_only = 8 * policy.expected_tokens(model_k) / model_step_s
@@ -107,12 +107,42 @@ def test_untried_arms_are_tried_first_then_measurements_decide() -> None:
         policy.observe_pass(tokens, 0.010)  # flat cost: the model wants the longest drafts
     assert policy.model_k(4) == MAX_K
     assert policy.choose(4) == MAX_K  # nothing measured: the model's K
-    policy.observe_step(4, MAX_K, 8, 0.020)  # 400 tokens/s
+    policy.observe_step(4, MAX_K, 4, 0.010)  # 400 tokens/s, at the step time the line predicts
     assert policy.choose(4) == 0  # plain untried in this bucket: try it
     policy.observe_step(4, 0, 4, 0.005)  # 800 tokens/s
     assert policy.choose(4) == 0  # measured plain beats the model's K
     assert policy.choose(5) == 0  # 4..7 share the bucket
     assert policy.choose(8) == MAX_K  # another bucket has its own (empty) estimates
+
+
+def prefill_heavy_cost(num_tokens: int) -> float:
+    """Flat up to 8 tokens (a verify pass of 5 costs one of 1), then steep: long prefills make
+    the fitted line overrate what verifying a few more tokens costs."""
+    return 0.010 if num_tokens <= 8 else 0.010 + 0.002 * num_tokens
+
+
+class LineOnlyPolicy(SpeculationPolicy):
+    """The policy without measured step times in its model (the fitted line only)."""
+
+    def model_k(self, batch_size: int, measured: bool = True) -> int:
+        return super().model_k(batch_size, measured=False)
+
+
+def test_measured_step_times_correct_the_line_where_verification_is_flat() -> None:
+    def rate(k: int) -> float:  # true goodput of always drafting k at B = 1
+        return (1 + sum(ALPHA**i for i in range(1, k + 1))) / (
+            DRAFT_COST * k + prefill_heavy_cost(k + 1) + BOOKKEEPING
+        )
+
+    assert rate(MAX_K) > 1.2 * rate(2)  # the longest chain truly pays most
+    # The scenario is meaningful: with the line alone the policy settles on short chains ...
+    line_only = simulate(LineOnlyPolicy(MAX_K), [1] * 600, prefill_heavy_cost, random.Random(4))[-200:]
+    assert sum(k <= 2 for _, k, _, _ in line_only) >= 150
+    # ... measured step times lead it to the longest chain, and about 30 % more goodput.
+    steps = simulate(SpeculationPolicy(MAX_K), [1] * 600, prefill_heavy_cost, random.Random(4))[-200:]
+    assert sum(k == MAX_K for _, k, _, _ in steps) >= 150
+    assert goodput(steps) >= 0.9 * rate(MAX_K)
+    assert goodput(steps) >= 1.2 * goodput(line_only)
 
 
 def test_margin_keeps_plain_unless_speculation_is_clearly_better() -> None:

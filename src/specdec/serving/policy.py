@@ -16,6 +16,8 @@ The policy chooses K in ``0 .. max_draft_tokens`` maximising the estimated goodp
   (exponentially forgotten least squares) to every prefill and verify pass;
 * ``c``: the measured drafting cost per draft token and row.
 
+Where a K already has a measured mean step time in B's batch-size bucket (see the guard
+below), that time replaces the denominator: the line is only the prior for K not yet seen.
 K = 0 is plain batched decoding, so the model falls back to it when the estimates say
 speculation would lower throughput.
 
@@ -156,22 +158,31 @@ class SpeculationPolicy:
         sums = self._steps.get((self.bucket(batch_size), k))
         return None if sums is None else sums[1] / sums[2]
 
-    def model_k(self, batch_size: int) -> int:
-        """K maximising the modelled goodput (``max_draft_tokens`` while the cost line is unknown)."""
+    def model_k(self, batch_size: int, measured: bool = True) -> int:
+        """K maximising the estimated goodput ``B * e(K) / step time``.
+
+        The step time of a K is its measured mean in ``batch_size``'s bucket where there is one
+        (``measured``), else the fitted cost line's estimate; ``max_draft_tokens`` while neither
+        exists. Measured times correct the line where the real cost is not linear (on a CPU a
+        verify pass over 5 tokens can cost the same as one over 1), and the neighbouring-K
+        passes of :meth:`_guard` keep measuring new K, so the choice climbs to the K that
+        measures best."""
         cost = self.pass_cost()
-        if cost is None:
-            return self.max_draft_tokens
-        a, b = cost
         c = self._draft_cost
 
-        def goodput(k: int) -> float:
-            return (
-                batch_size
-                * self.expected_tokens(k)
-                / (a + b * batch_size * (k + 1) + c * batch_size * k + 1e-12)
-            )
+        def step_time(k: int) -> float | None:
+            seen = self.measured_step_time(batch_size, k) if measured else None
+            if seen is not None:
+                return seen
+            if cost is None:
+                return None
+            a, b = cost
+            return a + b * batch_size * (k + 1) + c * batch_size * k
 
-        return max(range(self.max_draft_tokens + 1), key=goodput)
+        times = {k: step_time(k) for k in range(self.max_draft_tokens + 1)}
+        if any(t is None for t in times.values()):
+            return self.max_draft_tokens
+        return max(times, key=lambda k: batch_size * self.expected_tokens(k) / (times[k] + 1e-12))  # type: ignore[operator]
 
     # ---------------------------------------------------------------- decision
     def choose(self, batch_size: int) -> int:
