@@ -38,7 +38,11 @@ LLAMA3_ROPE = {
 CASES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "llama3-rope-gqa": (LlamaConfig, LlamaForCausalLM, {"rope_scaling": LLAMA3_ROPE}),
-    "llama-tied-mha": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+    "llama-tied-mha": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {"tie_word_embeddings": True, "num_key_value_heads": 4},
+    ),
     "llama-attn-bias": (LlamaConfig, LlamaForCausalLM, {"attention_bias": True}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
     "qwen2-bias-tied": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
@@ -100,11 +104,15 @@ def test_sharded_checkpoint_loads(tmp_path):
     ids = torch.arange(12)[None]
     with torch.no_grad():
         reference = hf(ids).logits
-    torch.testing.assert_close(ours(ids, torch.arange(12), ours.new_cache(max_seq_len=16)), reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        ours(ids, torch.arange(12), ours.new_cache(max_seq_len=16)), reference, atol=1e-4, rtol=0
+    )
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
     with pytest.raises(ModelLoadError, match="unsupported architecture 'GPT2LMHeadModel'"):
         load_model(tmp_path)
 
@@ -161,7 +169,7 @@ def test_fused_projections_change_nothing_but_the_number_of_products(hf_pair):
 
 
 def test_one_call_decoder_layers_equal_the_module_path_bitwise(hf_pair):
-    # On CPUs with the kernels, run_layers hands a batch-1 float32 pass to one C++ call that
+    # On CPUs with the kernels, forward (and run_layers) hand a batch-1 float32 pass to one C++ call that
     # must do exactly what the Python modules do: prefill, one-token and multi-token passes.
     from specdec import kernels
 

@@ -112,11 +112,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, x.shape[-1:], weight, eps=eps)
 
 
-def fused_layers_apply(h: torch.Tensor) -> bool:
-    """Whether :func:`decoder_layers` can run hidden states ``h`` (float32, CPU, no autograd)."""
+def fused_layers_apply(x: torch.Tensor) -> bool:
+    """Whether :func:`decoder_layers` / :func:`model_forward` can run with ``x`` (hidden states
+    or a weight of the model): float32, CPU, no autograd, kernels built."""
     return (
-        h.device.type == "cpu"
-        and h.dtype == torch.float32
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
         and not torch.is_grad_enabled()
         and (_state["op"] if "op" in _state else load()) is not None
     )
@@ -158,3 +159,31 @@ def decoder_layers(
         head_dim,
         eps,
     )
+
+
+def model_forward(
+    tokens: torch.Tensor,  # (1, T)
+    input_pos: torch.Tensor,  # (1, T)
+    inv_freq: torch.Tensor,  # (D/2,)
+    embed: torch.Tensor,  # (V, d)
+    k_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
+    v_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
+    slots: torch.Tensor,  # (T,)
+    mask: torch.Tensor | None,  # (1, 1, T, kv_len) bool or None
+    kv_len: int,
+    weights: list[torch.Tensor | None],  # 7 per layer (see Transformer.fuse)
+    norm: torch.Tensor,  # (d,)
+    lm_head: torch.Tensor,  # (V, d)
+    num_logits: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Transformer.forward`` of one sequence in one call: ``(logits (1, num_logits, V),
+    final normed hidden states (1, T, d))``."""
+    op = _state["op"]
+    return op.model_forward(  # type: ignore[attr-defined,no-any-return]
+        tokens, input_pos, inv_freq, embed, k_cache, v_cache, slots, mask, kv_len, weights, norm, lm_head,
+        num_logits, num_heads, num_kv_heads, head_dim, eps,
+    )  # fmt: skip

@@ -200,6 +200,27 @@ at::Tensor decoder_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor&
   return h;
 }
 
+// A whole batch-1 float32 forward: embedding, RoPE tables, decoder_layers, final norm and the
+// lm_head over the last num_logits positions; the same operations in the same order as
+// Transformer.forward's module path. Returns (logits (1, num_logits, V), hidden (1, T, d)).
+std::tuple<at::Tensor, at::Tensor> model_forward(
+    const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& inv_freq, const at::Tensor& embed,
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+    const c10::optional<at::Tensor>& mask, int64_t kv_len, const c10::List<c10::optional<at::Tensor>>& weights,
+    const at::Tensor& norm, const at::Tensor& lm_head, int64_t num_logits, int64_t H, int64_t Hkv, int64_t D,
+    double eps) {
+  at::Tensor h = at::embedding(embed, tokens);  // (1, T, d)
+  const at::Tensor freqs = pos.unsqueeze(-1).to(at::kFloat) * inv_freq;  // (1, T, D/2)
+  const at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);  // (1, 1, T, D)
+  const int64_t layers = static_cast<int64_t>(weights.size()) / 7;
+  h = decoder_layers(h, emb.cos(), emb.sin(), k_cache, v_cache, slots, mask, kv_len, 0, layers, weights, H, Hkv, D,
+                     eps);
+  h = rms_norm(h, norm, eps);
+  const int64_t T = h.size(1);
+  at::Tensor logits = linear_any(h.narrow(1, T - num_logits, num_logits), lm_head, c10::nullopt);
+  return {logits, h};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(specdec, m) {
@@ -209,10 +230,15 @@ TORCH_LIBRARY(specdec, m) {
       "decoder_layers(Tensor h, Tensor cos, Tensor sin, Tensor k_cache, Tensor v_cache, Tensor slots, "
       "Tensor? mask, int kv_len, int begin, int end, Tensor?[] weights, int H, int Hkv, int D, "
       "float eps) -> Tensor");
+  m.def(
+      "model_forward(Tensor tokens, Tensor pos, Tensor inv_freq, Tensor embed, Tensor k_cache, Tensor v_cache, "
+      "Tensor slots, Tensor? mask, int kv_len, Tensor?[] weights, Tensor norm, Tensor lm_head, int num_logits, "
+      "int H, int Hkv, int D, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(specdec, CPU, m) {
   m.impl("small_linear", &small_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("decoder_layers", &decoder_layers);
+  m.impl("model_forward", &model_forward);
 }

@@ -251,6 +251,25 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    def _attention_inputs(
+        self,
+        input_pos: torch.Tensor,  # (B, T)
+        attn_mask: torch.Tensor | None,
+        cache_slots: torch.Tensor | None,
+        kv_len: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Cache slots ``(B, T)``, the attention mask ``(B, 1, T, S)`` (None: a single new token
+        sees every slot) and the number of slots attention reads."""
+        slots = input_pos if cache_slots is None else cache_slots
+        if kv_len is None:
+            kv_len = int(attn_mask.shape[-1]) if attn_mask is not None else int(slots.max()) + 1
+        if attn_mask is None:
+            single = input_pos.shape[0] == 1 and input_pos.shape[1] == 1 and cache_slots is None
+            attn_mask = None if single else causal_mask(input_pos, kv_len)
+        elif attn_mask.dim() == 3:
+            attn_mask = attn_mask[:, None]
+        return slots, attn_mask, kv_len
+
     def run_layers(
         self,
         h: torch.Tensor,  # (B, T, d)
@@ -266,15 +285,7 @@ class Transformer(nn.Module):
         ``kv_len``: how many cache slots attention reads (default: up to the highest slot
         written, which costs a device sync; the engine passes it).
         """
-        slots = input_pos if cache_slots is None else cache_slots
-        if kv_len is None:
-            kv_len = int(attn_mask.shape[-1]) if attn_mask is not None else int(slots.max()) + 1
-        if attn_mask is None:
-            # One new token at the end of one row sees every slot: no mask needed.
-            single = h.shape[0] == 1 and h.shape[1] == 1 and cache_slots is None
-            attn_mask = None if single else causal_mask(input_pos, kv_len)
-        elif attn_mask.dim() == 3:
-            attn_mask = attn_mask[:, None]
+        slots, attn_mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
         cos, sin = self.rope(input_pos, h.dtype)
         layers = layers if layers is not None else range(len(self.model.layers))
         if (
@@ -311,6 +322,21 @@ class Transformer(nn.Module):
         """
         if input_pos.dim() == 1:
             input_pos = input_pos[None].expand(tokens.shape[0], -1)
+        if (
+            self._layer_weights is not None
+            and tokens.shape[0] == 1
+            and kernels.fused_layers_apply(self.lm_head.weight)
+        ):
+            # The module path below in one C++ call (batch 1, float32, CPU).
+            slots, mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
+            cfg = self.config
+            logits, h = kernels.model_forward(
+                tokens, input_pos, self.inv_freq, self.model.embed_tokens.weight, cache.k, cache.v, slots[0],
+                mask, kv_len, self._layer_weights, self.model.norm.weight, self.lm_head.weight,
+                num_logits or tokens.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                cfg.rms_norm_eps,
+            )  # fmt: skip
+            return (logits, h) if return_hidden else logits
         h = self.model.embed_tokens(tokens)  # (B, T, d)
         h = self.run_layers(h, input_pos, cache, attn_mask, cache_slots, kv_len=kv_len)
         h = self.model.norm(h)
