@@ -86,3 +86,29 @@ def test_real_process_exit_code_and_no_traceback(pair):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("specdec: error: vocabulary mismatch") and "Traceback" not in proc.stderr
+
+
+def test_small_models_use_one_thread_only_without_the_one_call_forward(pair, monkeypatch):
+    import argparse
+
+    import torch
+
+    from specdec import kernels
+    from specdec.commands.common import set_threads
+    from specdec.models import load_model
+
+    target = load_model(pair["target"], dtype="float32")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(kernels, "load", lambda verbose=False: None)  # no kernels: Python op path
+        set_threads(argparse.Namespace(threads=None), target)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setattr(kernels, "load", lambda verbose=False: object())  # kernels built
+        set_threads(argparse.Namespace(threads=None), target)
+        assert torch.get_num_threads() == 2
+        set_threads(argparse.Namespace(threads=1), target)  # an explicit --threads always wins
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -33,7 +33,8 @@ def set_threads(args: argparse.Namespace, target: LoadedModel) -> None:
     # Without the one-call CPU forward (specdec.kernels) a small model's pass is hundreds of tiny
     # torch ops, and a second thread only adds synchronisation; with it, both cores pay.
     small = target.config.num_parameters < SMALL_MODEL_PARAMS
-    if target.device.type == "cpu" and small and not kernels.fused_layers_apply(target.module.lm_head.weight):
+    one_call = kernels.load() is not None and target.dtype == torch.float32
+    if target.device.type == "cpu" and small and not one_call:
         torch.set_num_threads(1)
 
 

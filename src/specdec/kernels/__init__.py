@@ -78,7 +78,11 @@ def load(verbose: bool = False) -> object | None:
 def status() -> str:
     """One line for logs and benchmark reports: which linear path few-row passes take."""
     op = load()
-    return "specdec small_linear + rms_norm (AVX2)" if op is not None else f"torch ops ({_state['why']})"
+    return (
+        "specdec AVX2 kernels (small_linear, rms_norm, one-call forward)"
+        if op is not None
+        else f"torch ops ({_state['why']})"
+    )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
