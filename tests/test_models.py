@@ -187,11 +187,20 @@ def test_one_call_decoder_layers_equal_the_module_path_bitwise(hf_pair):
         two = module(tokens[:, 6:], torch.arange(6, 8), cache, kv_len=8)  # (1, 2, V)
         return torch.cat([pre, one, two], dim=1)
 
+    def batched_logits():  # two rows at different lengths, each with its own cache slots
+        cache = module.new_cache(2, 64)
+        tokens = torch.tensor([[5, 17, 3, 99, 42, 8, 1], [7, 7, 60, 2, 33, 11, 4]])
+        pre = module(tokens[:, :5], torch.arange(5), cache)  # (2, 5, V)
+        pos = torch.tensor([[5, 6], [3, 4]])  # row 1 rolled back to 3 committed tokens
+        step = module(tokens[:, 5:], pos, cache, cache_slots=pos, kv_len=7)  # (2, 2, V)
+        return torch.cat([pre, step], dim=1)
+
     with torch.inference_mode():
-        fast = logits()
+        fast, fast_batched = logits(), batched_logits()
         weights, module._layer_weights = module._layer_weights, None
         try:
-            slow = logits()
+            slow, slow_batched = logits(), batched_logits()
         finally:
             module._layer_weights = weights
     assert torch.equal(fast, slow)
+    assert torch.equal(fast_batched, slow_batched)

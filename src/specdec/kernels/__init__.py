@@ -128,13 +128,13 @@ def fused_layers_apply(x: torch.Tensor) -> bool:
 
 
 def decoder_layers(
-    h: torch.Tensor,  # (1, T, d)
-    cos: torch.Tensor,  # (1, 1, T, D)
-    sin: torch.Tensor,  # (1, 1, T, D)
-    k_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
-    v_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
-    slots: torch.Tensor,  # (T,)
-    mask: torch.Tensor | None,  # (1, 1, T, kv_len) bool or None
+    h: torch.Tensor,  # (B, T, d)
+    cos: torch.Tensor,  # (B, 1, T, D)
+    sin: torch.Tensor,  # (B, 1, T, D)
+    k_cache: torch.Tensor,  # (L, B, Hkv, S, D)
+    v_cache: torch.Tensor,  # (L, B, Hkv, S, D)
+    slots: torch.Tensor,  # (T,) for B = 1, else (B, T)
+    mask: torch.Tensor | None,  # (B, 1, T, kv_len) bool or None
     kv_len: int,
     begin: int,
     end: int,
@@ -144,7 +144,7 @@ def decoder_layers(
     head_dim: int,
     eps: float,
 ) -> torch.Tensor:
-    """Decoder layers ``begin..end-1`` of one sequence in one call (``Transformer.run_layers``)."""
+    """Decoder layers ``begin..end-1`` in one call (``Transformer.run_layers``)."""
     op = _state["op"]
     return op.decoder_layers(  # type: ignore[attr-defined]
         h,
@@ -166,14 +166,14 @@ def decoder_layers(
 
 
 def model_forward(
-    tokens: torch.Tensor,  # (1, T)
-    input_pos: torch.Tensor,  # (1, T)
+    tokens: torch.Tensor,  # (B, T)
+    input_pos: torch.Tensor,  # (B, T)
     inv_freq: torch.Tensor,  # (D/2,)
     embed: torch.Tensor,  # (V, d)
-    k_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
-    v_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
-    slots: torch.Tensor,  # (T,)
-    mask: torch.Tensor | None,  # (1, 1, T, kv_len) bool or None
+    k_cache: torch.Tensor,  # (L, B, Hkv, S, D)
+    v_cache: torch.Tensor,  # (L, B, Hkv, S, D)
+    slots: torch.Tensor,  # (T,) for B = 1, else (B, T)
+    mask: torch.Tensor | None,  # (B, 1, T, kv_len) bool or None
     kv_len: int,
     weights: list[torch.Tensor | None],  # 7 per layer (see Transformer.fuse)
     norm: torch.Tensor,  # (d,)
@@ -184,8 +184,8 @@ def model_forward(
     head_dim: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Transformer.forward`` of one sequence in one call: ``(logits (1, num_logits, V),
-    final normed hidden states (1, T, d))``."""
+    """``Transformer.forward`` in one call: ``(logits (B, num_logits, V), final normed hidden
+    states (B, T, d))``."""
     op = _state["op"]
     return op.model_forward(  # type: ignore[attr-defined,no-any-return]
         tokens, input_pos, inv_freq, embed, k_cache, v_cache, slots, mask, kv_len, weights, norm, lm_head,

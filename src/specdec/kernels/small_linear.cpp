@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace {
 
@@ -164,7 +165,7 @@ at::Tensor linear_any(const at::Tensor& x, const at::Tensor& w, const c10::optio
   return x.numel() / x.size(-1) <= kMaxRows ? small_linear(x, w, b) : at::linear(x, w, b);
 }
 
-// Decoder layers [begin, end) of a Llama-family model for one sequence (batch 1), float32:
+// Decoder layers [begin, end) of a Llama-family model, float32, any batch (B rows of T tokens):
 // the same operations, in the same order, as specdec.models.llama.Attention/MLP with fused
 // products, but without a Python round trip per operation (a 6.8M-parameter model spends most
 // of a decoding step in that overhead). weights: 7 per layer, in the order input norm, qkv
@@ -174,24 +175,36 @@ at::Tensor decoder_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor&
                           int64_t kv_len, int64_t begin, int64_t end,
                           const c10::List<c10::optional<at::Tensor>>& weights, int64_t H, int64_t Hkv, int64_t D,
                           double eps) {
-  const int64_t T = h.size(1);
+  const int64_t B = h.size(0), T = h.size(1);
+  // Batch 1: slots (T,) and index_copy_; several rows: slots (B, T), each row its own slots.
+  std::vector<c10::optional<at::Tensor>> where;
+  if (B > 1) {
+    const auto opts = slots.options();
+    where = {at::arange(B, opts).view({B, 1, 1}), at::arange(Hkv, opts).view({1, Hkv, 1}), slots.unsqueeze(1)};
+  }
+  const c10::List<c10::optional<at::Tensor>> where_list(where);
   for (int64_t l = begin; l < end; ++l) {
     auto wt = [&](int64_t i) -> at::Tensor { return weights.get(7 * l + i).value(); };
     const c10::optional<at::Tensor> qkv_bias = weights.get(7 * l + 2);
     // attention
     at::Tensor x = rms_norm(h, wt(0), eps);
-    at::Tensor qkv = linear_any(x, wt(1), qkv_bias).view({1, T, H + 2 * Hkv, D}).transpose(1, 2);
+    at::Tensor qkv = linear_any(x, wt(1), qkv_bias).view({B, T, H + 2 * Hkv, D}).transpose(1, 2);
     at::Tensor qk = qkv.narrow(1, 0, H + Hkv);  // (1, H+Hkv, T, D)
     at::Tensor v = qkv.narrow(1, H + Hkv, Hkv);  // (1, Hkv, T, D)
     auto halves = qk.chunk(2, -1);
     qk = qk * cos + at::cat({-halves[1], halves[0]}, -1) * sin;  // RoPE
     at::Tensor q = qk.narrow(1, 0, H), k = qk.narrow(1, H, Hkv);
-    k_cache.select(0, l).select(0, 0).index_copy_(1, slots, k.select(0, 0));
-    v_cache.select(0, l).select(0, 0).index_copy_(1, slots, v.select(0, 0));
+    if (B == 1) {
+      k_cache.select(0, l).select(0, 0).index_copy_(1, slots, k.select(0, 0));
+      v_cache.select(0, l).select(0, 0).index_copy_(1, slots, v.select(0, 0));
+    } else {
+      k_cache.select(0, l).index_put_(where_list, k);
+      v_cache.select(0, l).index_put_(where_list, v);
+    }
     at::Tensor keys = k_cache.select(0, l).narrow(2, 0, kv_len);  // (1, Hkv, S, D)
     at::Tensor values = v_cache.select(0, l).narrow(2, 0, kv_len);
     at::Tensor attn = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, false, c10::nullopt, Hkv != H);
-    h = h + linear_any(attn.transpose(1, 2).reshape({1, T, H * D}), wt(3), c10::nullopt);
+    h = h + linear_any(attn.transpose(1, 2).reshape({B, T, H * D}), wt(3), c10::nullopt);
     // MLP
     x = rms_norm(h, wt(4), eps);
     auto gate_up = linear_any(x, wt(5), c10::nullopt).chunk(2, -1);
@@ -200,9 +213,9 @@ at::Tensor decoder_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor&
   return h;
 }
 
-// A whole batch-1 float32 forward: embedding, RoPE tables, decoder_layers, final norm and the
+// A whole float32 forward: embedding, RoPE tables, decoder_layers, final norm and the
 // lm_head over the last num_logits positions; the same operations in the same order as
-// Transformer.forward's module path. Returns (logits (1, num_logits, V), hidden (1, T, d)).
+// Transformer.forward's module path. Returns (logits (B, num_logits, V), hidden (B, T, d)).
 std::tuple<at::Tensor, at::Tensor> model_forward(
     const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& inv_freq, const at::Tensor& embed,
     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,

@@ -288,15 +288,11 @@ class Transformer(nn.Module):
         slots, attn_mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
         cos, sin = self.rope(input_pos, h.dtype)
         layers = layers if layers is not None else range(len(self.model.layers))
-        if (
-            self._layer_weights is not None
-            and h.shape[0] == 1
-            and layers.step == 1
-            and kernels.fused_layers_apply(h)
-        ):
+        if self._layer_weights is not None and layers.step == 1 and kernels.fused_layers_apply(h):
             cfg = self.config
             return kernels.decoder_layers(  # the loop below in one C++ call
-                h, cos, sin, cache.k, cache.v, slots[0], attn_mask, kv_len, layers.start, layers.stop,
+                h, cos, sin, cache.k, cache.v, slots[0] if h.shape[0] == 1 else slots, attn_mask, kv_len,
+                layers.start, layers.stop,
                 self._layer_weights, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.rms_norm_eps,
             )  # fmt: skip
@@ -322,16 +318,13 @@ class Transformer(nn.Module):
         """
         if input_pos.dim() == 1:
             input_pos = input_pos[None].expand(tokens.shape[0], -1)
-        if (
-            self._layer_weights is not None
-            and tokens.shape[0] == 1
-            and kernels.fused_layers_apply(self.lm_head.weight)
-        ):
-            # The module path below in one C++ call (batch 1, float32, CPU).
+        if self._layer_weights is not None and kernels.fused_layers_apply(self.lm_head.weight):
+            # The module path below in one C++ call (float32, CPU).
             slots, mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
             cfg = self.config
             logits, h = kernels.model_forward(
-                tokens, input_pos, self.inv_freq, self.model.embed_tokens.weight, cache.k, cache.v, slots[0],
+                tokens, input_pos, self.inv_freq, self.model.embed_tokens.weight, cache.k, cache.v,
+                slots[0] if tokens.shape[0] == 1 else slots,
                 mask, kv_len, self._layer_weights, self.model.norm.weight, self.lm_head.weight,
                 num_logits or tokens.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.rms_norm_eps,
