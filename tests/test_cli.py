@@ -31,8 +31,19 @@ def run_cli(capsys, *argv):
 
 
 def test_generate_streams_text_and_stats(pair, capsys):
-    code, out, err = run_cli(capsys, "generate", "def f(x):", "--target", pair["target"], "--draft",
-                             pair["draft"], "--max-new-tokens", "20", "-k", "3")
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "def f(x):",
+        "--target",
+        pair["target"],
+        "--draft",
+        pair["draft"],
+        "--max-new-tokens",
+        "20",
+        "-k",
+        "3",
+    )
     assert code == 0
     assert len(out.strip("\n")) > 0
     assert "mean accepted length" in err and "acceptance" in err
@@ -44,13 +55,32 @@ def test_generate_json_matches_plain(pair, capsys):
     _, plain, _ = run_cli(capsys, "generate", "abc", "--drafter", "none", *common)
     spec, plain = json.loads(spec), json.loads(plain)
     assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
-    assert set(spec["stats"]) >= {"target_forwards", "acceptance_rate", "mean_accepted_length", "per_position_acceptance"}
+    assert set(spec["stats"]) >= {
+        "target_forwards",
+        "acceptance_rate",
+        "mean_accepted_length",
+        "per_position_acceptance",
+    }
     assert plain["stats"]["draft_tokens"] == 0
 
 
 def test_check_passes_for_a_correct_pair(pair, capsys):
-    code, out, _ = run_cli(capsys, "check", "--target", pair["target"], "--draft", pair["draft"], "--samples", "600",
-                           "--max-new-tokens", "16", "--first-tokens", "8", "--prompt", "x = ")
+    code, out, _ = run_cli(
+        capsys,
+        "check",
+        "--target",
+        pair["target"],
+        "--draft",
+        pair["draft"],
+        "--samples",
+        "600",
+        "--max-new-tokens",
+        "16",
+        "--first-tokens",
+        "8",
+        "--prompt",
+        "x = ",
+    )
     assert code == 0, out
     assert out.strip().endswith("PASS") and "greedy equality: 1/1" in out and "chi-square p" in out
 
@@ -85,7 +115,10 @@ def test_real_process_exit_code_and_no_traceback(pair):
     cmd = exe.split() + ["generate", "hi", "--target", pair["target"], "--draft", pair["other"]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("specdec: error: vocabulary mismatch") and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip().startswith("specdec: error: vocabulary mismatch")
+        and "Traceback" not in proc.stderr
+    )
 
 
 def test_small_models_use_one_thread_only_without_the_one_call_forward(pair, monkeypatch):

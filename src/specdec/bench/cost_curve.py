@@ -172,7 +172,9 @@ def measure(
         data["copy_bandwidth_bytes_per_s"] = copy_bandwidth(data["clock"])
         data["read_bandwidth_bytes_per_s"] = read_bandwidth(data["clock"])
         # The floor uses the faster of the two: the lower (stricter) floor.
-        data["bandwidth_bytes_per_s"] = max(data["copy_bandwidth_bytes_per_s"], data["read_bandwidth_bytes_per_s"])
+        data["bandwidth_bytes_per_s"] = max(
+            data["copy_bandwidth_bytes_per_s"], data["read_bandwidth_bytes_per_s"]
+        )
     clock = data["clock"]
     todo = [(s, d) for s in sizes for d in dtypes if f"{s}/{d}" not in data["entries"]]
     for size, dtype in tqdm(todo, desc="cost curve", disable=not progress):
@@ -206,9 +208,17 @@ def to_markdown(data: dict[str, Any]) -> str:
     clock = data["clock"]
     lines = [
         f"Bandwidth: {bandwidth:.1f} GB/s, the best of a copy (read + write bytes"
-        + (f", {data['copy_bandwidth_bytes_per_s'] / 1e9:.1f}" if "copy_bandwidth_bytes_per_s" in data else "")
+        + (
+            f", {data['copy_bandwidth_bytes_per_s'] / 1e9:.1f}"
+            if "copy_bandwidth_bytes_per_s" in data
+            else ""
+        )
         + ") and a read (sum or one-row product, read bytes"
-        + (f", {data['read_bandwidth_bytes_per_s'] / 1e9:.1f}" if "read_bandwidth_bytes_per_s" in data else "")
+        + (
+            f", {data['read_bandwidth_bytes_per_s'] / 1e9:.1f}"
+            if "read_bandwidth_bytes_per_s" in data
+            else ""
+        )
         + f"), {data['torch_threads']} thread(s); "
         f"times on the {clock} clock (wall clock of t(k=1) in brackets).",
         "",

@@ -51,7 +51,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-width", type=int, default=1, help="siblings per tree node (1 = a chain)")
     p.add_argument("--max-tree-nodes", type=int, default=None, help="tree node budget (default K x width)")
     p.add_argument(
-        "--heads", default=None, help="trained heads for early-exit / medusa / eagle (default: <target>/<method>)"
+        "--heads",
+        default=None,
+        help="trained heads for early-exit / medusa / eagle (default: <target>/<method>)",
     )
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")

@@ -155,6 +155,5 @@ def check_compatible(target: LoadedModel, draft: LoadedModel) -> None:
     if target.tokenizer is not None and draft.tokenizer is not None:
         if target.tokenizer.fingerprint() != draft.tokenizer.fingerprint():
             raise ModelLoadError(
-                "vocabulary mismatch: the draft's tokenizer maps tokens to different ids "
-                "than the target's"
+                "vocabulary mismatch: the draft's tokenizer maps tokens to different ids than the target's"
             )
