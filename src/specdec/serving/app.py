@@ -235,6 +235,23 @@ def create_app(
         finally:
             prepared.request.cancelled.set()  # the client left mid-stream: free the row now
 
+    def finish_reason(event: EngineEvent) -> str:
+        return FINISH_REASONS.get(event.finish_reason or "", "stop")
+
+    async def respond(
+        http: Request,
+        prepared: _Prepared,
+        chunk: Callable[..., dict[str, Any]],
+        final: Callable[[EngineEvent, str], dict[str, Any]],
+    ) -> Response:
+        """Stream ``chunk``s by server-sent events, or wait for the whole completion and answer
+        ``final(event, text)`` (the one tail both routes share)."""
+        if prepared.stream:
+            return StreamingResponse(sse(prepared, chunk), media_type="text/event-stream")
+        event, text = await collect(http, prepared)
+        check_failed(event)
+        return JSONResponse(final(event, text))
+
     # ----------------------------------------------------------------- routes
     @app.post("/v1/completions", response_model=None)
     async def completions(http: Request) -> Response:
@@ -261,13 +278,10 @@ def create_app(
                 "choices": choices,
             }
 
-        if prepared.stream:
-            return StreamingResponse(sse(prepared, chunk), media_type="text/event-stream")
-        event, text = await collect(http, prepared)
-        check_failed(event)
-        result = chunk(FINISH_REASONS.get(event.finish_reason or "", "stop"), text)
-        result["usage"] = usage(prepared, event)
-        return JSONResponse(result)
+        def final(event: EngineEvent, text: str) -> dict[str, Any]:
+            return {**chunk(finish_reason(event), text), "usage": usage(prepared, event)}
+
+        return await respond(http, prepared, chunk, final)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(http: Request) -> Response:
@@ -296,27 +310,20 @@ def create_app(
                 "choices": choices,
             }
 
-        if prepared.stream:
-            return StreamingResponse(sse(prepared, chunk), media_type="text/event-stream")
-        event, text = await collect(http, prepared)
-        check_failed(event)
-        return JSONResponse(
-            {
+        def final(event: EngineEvent, text: str) -> dict[str, Any]:
+            message = {"role": "assistant", "content": text}
+            return {
                 "id": rid,
                 "object": "chat.completion",
                 "created": created,
                 "model": config.model_name,
                 "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
-                        "finish_reason": FINISH_REASONS.get(event.finish_reason or "", "stop"),
-                    }
+                    {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(event)}
                 ],
                 "usage": usage(prepared, event),
             }
-        )
+
+        return await respond(http, prepared, chunk, final)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
