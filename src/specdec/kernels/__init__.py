@@ -75,6 +75,11 @@ def load(verbose: bool = False) -> object | None:
         return op
 
 
+def _op() -> object | None:
+    """The loaded op namespace without taking the lock once it is known (the hot path)."""
+    return _state["op"] if "op" in _state else load()
+
+
 def status() -> str:
     """One line for logs and benchmark reports: which linear path few-row passes take."""
     op = load()
@@ -96,7 +101,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
-        op = _state["op"] if "op" in _state else load()
+        op = _op()
         if op is not None:
             return op.small_linear(x, weight, bias)  # type: ignore[attr-defined]
     return F.linear(x, weight, bias)
@@ -110,7 +115,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         and weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
-        op = _state["op"] if "op" in _state else load()
+        op = _op()
         if op is not None:
             return op.rms_norm(x, weight, eps)  # type: ignore[attr-defined]
     return F.rms_norm(x, x.shape[-1:], weight, eps=eps)
@@ -123,7 +128,7 @@ def fused_layers_apply(x: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_grad_enabled()
-        and (_state["op"] if "op" in _state else load()) is not None
+        and _op() is not None
     )
 
 
