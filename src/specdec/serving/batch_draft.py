@@ -78,14 +78,19 @@ class BatchDraftModel:
         for r in rows:
             token_rows[r.row][: len(feeds[r.row])] = feeds[r.row]
         view = rows_view(self.cache, slice(0, hi))
-        logits = self.model(
+        _, hidden = self.model(
             torch.tensor(token_rows, device=device),  # (B', U)
             torch.tensor(pos, device=device),  # (B', U)
             view,
+            num_logits=1,
+            return_hidden=True,
             kv_len=max(p[-1] for p in pos) + 1,
-        )  # (B', U, V)
+        )  # (B', U, d)
         index = torch.tensor([r.row for r in rows], device=device)
-        last = logits[index, torch.tensor([len(feeds[r.row]) - 1 for r in rows], device=device)]  # (R, V)
+        ends = torch.tensor([len(feeds[r.row]) - 1 for r in rows], device=device)
+        # The vocabulary projection only where drafting starts: after a run of plain steps a row
+        # catches up on many tokens, and projecting all of them would cost U x V per row.
+        last = self.model.module.lm_head(hidden[index, ends])  # (R, V)
         for r in rows:
             lengths[r.row] = len(r.tokens)
         drafts: list[list[torch.Tensor]] = [[] for _ in rows]

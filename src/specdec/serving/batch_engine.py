@@ -123,6 +123,7 @@ class BatchEngine:
             self.batch_drafter.allocate(max_batch_size, capacity)
         self.rows: list[_Sequence | None] = [None] * max_batch_size
         self.policy = SpeculationPolicy(self.max_draft_tokens, adaptive=adaptive_draft_tokens)
+        self._pending_step: tuple[int, int, int, float, float] | None = None  # see _report_step
         eos = set(target.config.eos_token_ids)
         if target.tokenizer is not None and target.tokenizer.eos_token_id is not None:
             eos.add(target.tokenizer.eos_token_id)
@@ -190,6 +191,16 @@ class BatchEngine:
 
     # ----------------------------------------------------------------- one step
     @torch.inference_mode()
+    def _report_step(self, now: float) -> None:
+        """Hand the previous step to the policy, with the gap since it ended: serving work between
+        consecutive steps. A gap longer than the step itself is taken as idle time and left out."""
+        if self._pending_step is None:
+            return
+        batch_size, k, committed, seconds, ended = self._pending_step
+        self._pending_step = None
+        gap = now - ended
+        self.policy.observe_step(batch_size, k, committed, seconds + (gap if gap < seconds else 0.0))
+
     def step(self) -> None:
         """One batched propose -> verify -> commit over every active row."""
         for seq in self.rows:
@@ -232,7 +243,11 @@ class BatchEngine:
         self.metrics.add_phase("verify", t2 - t1)
         self.metrics.add_phase("commit", t3 - t2)
         committed = sum(seq.produced for seq in active) - produced  # tokens this step, all rows
-        self.policy.observe_step(batch_size, k_max, committed, t3 - t0)  # the measured-goodput guard
+        # The measured-goodput guard sees a step's whole cost: its own time plus the serving work
+        # (streaming its tokens to clients) done before the next step starts, so that step's
+        # observation is reported when the next one begins.
+        self._report_step(t0)
+        self._pending_step = (batch_size, k_max, committed, t3 - t0, t3)
 
     def _limit(self, seq: _Sequence, k: int) -> int:
         """Drafts the row may verify: within its token budget and the context."""
