@@ -138,7 +138,7 @@ def decoder_layers(
     sin: torch.Tensor,  # (B, 1, T, D)
     k_cache: torch.Tensor,  # (L, B, Hkv, S, D)
     v_cache: torch.Tensor,  # (L, B, Hkv, S, D)
-    slots: torch.Tensor,  # (T,) for B = 1, else (B, T)
+    slots: torch.Tensor,  # (B, T)
     mask: torch.Tensor | None,  # (B, 1, T, kv_len) bool or None
     kv_len: int,
     begin: int,
@@ -177,7 +177,7 @@ def model_forward(
     embed: torch.Tensor,  # (V, d)
     k_cache: torch.Tensor,  # (L, B, Hkv, S, D)
     v_cache: torch.Tensor,  # (L, B, Hkv, S, D)
-    slots: torch.Tensor,  # (T,) for B = 1, else (B, T)
+    slots: torch.Tensor,  # (B, T)
     mask: torch.Tensor | None,  # (B, 1, T, kv_len) bool or None
     kv_len: int,
     weights: list[torch.Tensor | None],  # 7 per layer (see Transformer.fuse)

@@ -176,7 +176,8 @@ at::Tensor decoder_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor&
                           const c10::List<c10::optional<at::Tensor>>& weights, int64_t H, int64_t Hkv, int64_t D,
                           double eps) {
   const int64_t B = h.size(0), T = h.size(1);
-  // Batch 1: slots (T,) and index_copy_; several rows: slots (B, T), each row its own slots.
+  // slots (B, T): each row writes its own cache slots; one row takes the cheaper index_copy_.
+  const at::Tensor row_slots = slots.select(0, 0);  // (T,), used when B == 1
   std::vector<c10::optional<at::Tensor>> where;
   if (B > 1) {
     const auto opts = slots.options();
@@ -195,8 +196,8 @@ at::Tensor decoder_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor&
     qk = qk * cos + at::cat({-halves[1], halves[0]}, -1) * sin;  // RoPE
     at::Tensor q = qk.narrow(1, 0, H), k = qk.narrow(1, H, Hkv);
     if (B == 1) {
-      k_cache.select(0, l).select(0, 0).index_copy_(1, slots, k.select(0, 0));
-      v_cache.select(0, l).select(0, 0).index_copy_(1, slots, v.select(0, 0));
+      k_cache.select(0, l).select(0, 0).index_copy_(1, row_slots, k.select(0, 0));
+      v_cache.select(0, l).select(0, 0).index_copy_(1, row_slots, v.select(0, 0));
     } else {
       k_cache.select(0, l).index_put_(where_list, k);
       v_cache.select(0, l).index_put_(where_list, v);

@@ -291,8 +291,7 @@ class Transformer(nn.Module):
         if self._layer_weights is not None and layers.step == 1 and kernels.fused_layers_apply(h):
             cfg = self.config
             return kernels.decoder_layers(  # the loop below in one C++ call
-                h, cos, sin, cache.k, cache.v, slots[0] if h.shape[0] == 1 else slots, attn_mask, kv_len,
-                layers.start, layers.stop,
+                h, cos, sin, cache.k, cache.v, slots, attn_mask, kv_len, layers.start, layers.stop,
                 self._layer_weights, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.rms_norm_eps,
             )  # fmt: skip
@@ -323,8 +322,7 @@ class Transformer(nn.Module):
             slots, mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
             cfg = self.config
             logits, h = kernels.model_forward(
-                tokens, input_pos, self.inv_freq, self.model.embed_tokens.weight, cache.k, cache.v,
-                slots[0] if tokens.shape[0] == 1 else slots,
+                tokens, input_pos, self.inv_freq, self.model.embed_tokens.weight, cache.k, cache.v, slots,
                 mask, kv_len, self._layer_weights, self.model.norm.weight, self.lm_head.weight,
                 num_logits or tokens.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.rms_norm_eps,
