@@ -63,3 +63,13 @@ def save_char_tokenizer(folder: Path) -> Path:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>"}
     (folder / "tokenizer_config.json").write_text(__import__("json").dumps(config))
     return folder
+
+
+def accept_every_draft(draft_tokens, draft_probs, target_probs, generator=None):  # type: ignore[no-untyped-def]
+    """A lossy stand-in for ``verify_rejection`` (negative controls): accepts every draft and
+    samples the bonus token from the target, so the output follows the draft's distribution."""
+    from specdec.verify.chain import VerifyResult
+
+    k = draft_tokens.shape[0]
+    bonus = int(torch.multinomial(target_probs[k], 1, generator=generator))
+    return VerifyResult(draft_tokens.tolist() + [bonus], k, k, True, tuple(range(k)))

@@ -8,13 +8,11 @@ A negative control shows the test detects a sampler that is not lossless.
 from __future__ import annotations
 
 import pytest
-import torch
 
-from helpers import save_tiny_llama
+from helpers import accept_every_draft, save_tiny_llama
 from specdec import DraftModelDrafter, SpeculativeGenerator, load_model
 from specdec.losslessness import exact_two_token_joint, goodness_of_fit, sample_two_tokens
 from specdec.sampling import SamplingParams
-from specdec.verify.chain import VerifyResult
 
 PROMPT = [3, 1, 4]
 N = 1500
@@ -26,7 +24,9 @@ def small_vocab(tmp_path_factory):
     target = save_tiny_llama(d / "t", vocab_size=8, hidden_size=32, init_std=0.6, seed=3)
     near = save_tiny_llama(d / "near", vocab_size=8, hidden_size=32, base=target, noise=0.2, seed=4)
     far = save_tiny_llama(d / "far", vocab_size=8, hidden_size=32, num_layers=1, init_std=0.6, seed=5)
-    return {name: load_model(p, dtype="float32") for name, p in [("target", target), ("near", near), ("far", far)]}
+    return {
+        name: load_model(p, dtype="float32") for name, p in [("target", target), ("near", near), ("far", far)]
+    }
 
 
 SETTINGS = [
@@ -58,13 +58,7 @@ def test_drafts_are_accepted_only_sometimes(small_vocab, draft, low, high):
 
 def test_negative_control_detects_a_lossy_sampler(small_vocab, monkeypatch):
     """A sampler that accepts every draft emits the draft's distribution: the test must fail it."""
-
-    def accept_all(draft_tokens, draft_probs, target_probs, generator=None):
-        k = draft_tokens.shape[0]
-        bonus = int(torch.multinomial(target_probs[k], 1, generator=generator))
-        return VerifyResult(draft_tokens.tolist() + [bonus], k, k, True, tuple(range(k)))
-
-    monkeypatch.setattr("specdec.engine.generator.verify_rejection", accept_all)
+    monkeypatch.setattr("specdec.engine.generator.verify_rejection", accept_every_draft)
     target = small_vocab["target"]
     first, joint = exact_two_token_joint(target, PROMPT, SamplingParams(1.0))
     gen = SpeculativeGenerator(target, DraftModelDrafter(small_vocab["far"], 2))

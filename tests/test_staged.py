@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import accept_every_draft
 from specdec import DraftModelDrafter, SpeculativeGenerator, load_model
 from specdec.drafters import StagedDrafter
 from specdec.drafters.base import DraftContext
@@ -135,12 +136,7 @@ def test_inner_speculation_reproduces_the_draft_distribution(vocab8):
 
 
 def test_negative_control_inner_sampler_that_accepts_every_guess(vocab8, monkeypatch):
-    def accept_all(draft_tokens, draft_probs, target_probs, generator=None):
-        k = draft_tokens.shape[0]
-        bonus = int(torch.multinomial(target_probs[k], 1, generator=generator))
-        return VerifyResult(draft_tokens.tolist() + [bonus], k, k, True, tuple(range(k)))
-
-    monkeypatch.setattr("specdec.drafters.staged.verify_rejection", accept_all)
+    monkeypatch.setattr("specdec.drafters.staged.verify_rejection", accept_every_draft)
     draft, sampling = vocab8["far"], SamplingParams(1.0)
     counts = sample_staged_chains(StagedDrafter(draft, 2, tree_width=1), 300, sampling)
     pvalue, _ = fit(counts, exact_joint(draft, INNER_PROMPT, sampling))
