@@ -88,15 +88,22 @@ def _timed(fn) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def _best_seconds(fns: list[Any], clock: str, repeats: int) -> float:
+    """The fastest of ``repeats`` timed runs of each of ``fns`` (after one untimed run each) on
+    ``clock``, ``wall`` or ``cpu``: background load only ever adds time."""
+    index = ("wall", "cpu").index(clock)
+    best = float("inf")
+    for fn in fns:
+        fn()
+        best = min(best, *(_timed(fn)[index] for _ in range(repeats)))
+    return best
+
+
 def copy_bandwidth(clock: str = "wall", megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes per second of a large tensor copy, counting the read and the write (best run on
-    ``clock``, ``wall`` or ``cpu``)."""
+    """Bytes per second of a large tensor copy, counting the read and the write."""
     src = torch.ones(megabytes * 2**20 // 4)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    index = ("wall", "cpu").index(clock)
-    best = min(_timed(lambda: dst.copy_(src))[index] for _ in range(repeats))
-    return 2 * src.numel() * src.element_size() / best
+    return 2 * src.numel() * src.element_size() / _best_seconds([lambda: dst.copy_(src)], clock, repeats)
 
 
 def read_bandwidth(clock: str = "wall", megabytes: int = 512, repeats: int = 5) -> float:
@@ -104,12 +111,8 @@ def read_bandwidth(clock: str = "wall", megabytes: int = 512, repeats: int = 5) 
     writes one number) and a one-row product with it as a weight matrix (what decoding does)."""
     src = torch.ones(megabytes * 2**20 // 4)
     matrix, row = src.view(-1, 4096), torch.ones(1, 4096)
-    index = ("wall", "cpu").index(clock)
-    best = float("inf")
-    for fn in (src.sum, lambda: kernels.linear(row, matrix)):
-        fn()
-        best = min(best, *(_timed(fn)[index] for _ in range(repeats)))
-    return src.numel() * src.element_size() / best
+    seconds = _best_seconds([src.sum, lambda: kernels.linear(row, matrix)], clock, repeats)
+    return src.numel() * src.element_size() / seconds
 
 
 @torch.inference_mode()
@@ -206,20 +209,17 @@ def measure(
 def to_markdown(data: dict[str, Any]) -> str:
     bandwidth = data["bandwidth_bytes_per_s"] / 1e9
     clock = data["clock"]
+    kinds = (("copy", "read + write bytes"), ("read", "sum or one-row product, read bytes"))
+    measured = (
+        " and ".join(
+            f"a {kind} ({what}, {data[f'{kind}_bandwidth_bytes_per_s'] / 1e9:.1f})"
+            for kind, what in kinds
+            if f"{kind}_bandwidth_bytes_per_s" in data
+        )
+        or "a copy (read + write bytes)"
+    )
     lines = [
-        f"Bandwidth: {bandwidth:.1f} GB/s, the best of a copy (read + write bytes"
-        + (
-            f", {data['copy_bandwidth_bytes_per_s'] / 1e9:.1f}"
-            if "copy_bandwidth_bytes_per_s" in data
-            else ""
-        )
-        + ") and a read (sum or one-row product, read bytes"
-        + (
-            f", {data['read_bandwidth_bytes_per_s'] / 1e9:.1f}"
-            if "read_bandwidth_bytes_per_s" in data
-            else ""
-        )
-        + f"), {data['torch_threads']} thread(s); "
+        f"Bandwidth: {bandwidth:.1f} GB/s, the best of {measured}, {data['torch_threads']} thread(s); "
         f"times on the {clock} clock (wall clock of t(k=1) in brackets).",
         "",
         "| model | dtype | params | t(k=1) ms | t(4)/t(1) | t(8)/t(1) | t(16)/t(1) | t(32)/t(1) "
