@@ -199,3 +199,21 @@ def test_demo_pair_in_a_batch_equals_plain_greedy() -> None:
     for i, ids in enumerate(prompts):
         assert outputs[i] == plain.generate(ids, max_new_tokens=24, ignore_eos=True).token_ids, i
     assert engine.metrics.accepted_tokens > 0
+
+
+def test_engine_passes_run_without_autograd(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every target and draft pass of a step runs in inference mode (no autograd bookkeeping,
+    and the one-call CPU forward, which needs it, applies)."""
+    target, draft = pair
+    modes: list[bool] = []
+    for model in (target, draft):
+        forward = model.module.forward
+
+        def recording(*args, forward=forward, **kwargs):  # type: ignore[no-untyped-def]
+            modes.append(torch.is_inference_mode_enabled())
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(model.module, "forward", recording)
+    engine = BatchEngine(target, BatchDraftModel(draft, 3), 2, ServerMetrics("t"))
+    run_engine(engine, [EngineRequest([1, 2, 3], 6, SamplingParams(0.0), lambda e: None, ignore_eos=True)])
+    assert len(modes) > 3 and all(modes)

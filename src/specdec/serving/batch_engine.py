@@ -190,7 +190,6 @@ class BatchEngine:
                 self._finish(seq, reason, error=error)
 
     # ----------------------------------------------------------------- one step
-    @torch.inference_mode()
     def _report_step(self, now: float) -> None:
         """Hand the previous step to the policy, with the gap since it ended: serving work between
         consecutive steps. A gap longer than the step itself is taken as idle time and left out."""
@@ -201,6 +200,7 @@ class BatchEngine:
         gap = now - ended
         self.policy.observe_step(batch_size, k, committed, seconds + (gap if gap < seconds else 0.0))
 
+    @torch.inference_mode()
     def step(self) -> None:
         """One batched propose -> verify -> commit over every active row."""
         for seq in self.rows:
