@@ -136,3 +136,18 @@ def test_cost_curve_measures_resumes_and_plots(tmp_path: Path, monkeypatch: pyte
     cost_curve.plot(again, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
     assert "| tiny | float32 |" in cost_curve.to_markdown(again)
+
+
+def test_decode_efficiency_leaves_each_sides_prefill_out() -> None:
+    from specdec.bench.runner import Row, _with_speedups
+
+    split = {"draft": 0.0, "verify": 0.0, "overhead": 0.0}
+    # plain: 1 s prefill + 4 s decoding 100 tokens; a drafter: the same 1 s prefill + 1 s decoding
+    plain = Row("t", "plain", new_tokens=100, wall_s=5.0, tau=1.0, time_split={**split, "prefill": 0.2})
+    fast = Row("t", "ngram", new_tokens=100, wall_s=2.0, tau=5.0, time_split={**split, "prefill": 0.5})
+    rows = {r.method: r for r in _with_speedups([plain, fast])}
+    assert rows["ngram"].speedup_vs_plain == pytest.approx(2.5)
+    assert rows["ngram"].efficiency == pytest.approx(0.5)  # the prefill caps the wall-clock ratio
+    assert rows["ngram"].decode_speedup_vs_plain == pytest.approx(4.0)
+    assert rows["ngram"].decode_efficiency == pytest.approx(0.8)
+    assert rows["plain"].decode_efficiency == pytest.approx(1.0)

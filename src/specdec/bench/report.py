@@ -11,7 +11,9 @@ from specdec.bench.runner import BenchResult, Row
 
 
 def to_dict(result: BenchResult) -> dict[str, Any]:
-    rows = [{**asdict(r), "efficiency": r.efficiency} for r in result.rows]
+    rows = [
+        {**asdict(r), "efficiency": r.efficiency, "decode_efficiency": r.decode_efficiency} for r in result.rows
+    ]
     return {"config": asdict(result.config), "meta": result.meta, "rows": rows, "sources": result.sources}
 
 
@@ -36,7 +38,7 @@ def to_markdown(result: BenchResult) -> str:
     """One table: a line per (task, method); ``overall`` sums tokens and time over tasks."""
     head = (
         "| task | method | tok/s | × plain | × HF | × plain, × HF (CPU time) | τ | accept | K/step "
-        "| × plain / τ | prefill / draft / verify / other % | identical |"
+        "| × plain / τ (all, decode) | prefill / draft / verify / other % | identical |"
     )
     lines = [head, "|" + "---|" * 12]
     for r in result.rows:
@@ -52,7 +54,7 @@ def to_markdown(result: BenchResult) -> str:
             _num(r.tau, ".2f"),
             _num(r.acceptance_rate, ".0%"),
             _num(r.mean_draft_len, ".1f"),
-            _num(r.efficiency, ".2f"),
+            f"{_num(r.efficiency, '.2f')}, {_num(r.decode_efficiency, '.2f')}",
             _split(r),
             _identical(r),
         ]
