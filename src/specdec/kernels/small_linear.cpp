@@ -23,11 +23,14 @@ namespace {
 
 constexpr int64_t kMaxRows = 32;  // specdec.kernels.MAX_ROWS
 constexpr int64_t kChunkRows = 8;  // rows of x that share one read of the weights
-// Software prefetch distance, in blocks of weight rows. With several rows of x the core is busy
-// with FMAs long enough that the hardware prefetcher falls behind and the pass stalls on memory;
-// asking for the weights a few blocks ahead keeps the stream going (a 4-8 row pass of a 26 MB
-// matrix went from ~1.7x to ~1.2x the time of a 1-row pass on the development machine).
+// Software prefetch, kPrefetchBlocks blocks of weight rows ahead. With several rows of x the
+// core is busy with FMAs long enough that the hardware prefetcher falls behind and the pass
+// stalls on memory; asking for the weight rows ahead keeps the stream going (a 5-8 row pass of
+// the demo target went from ~1.7x to ~1.1x the time of a 1-row pass on the development
+// machine). A 1-row pass over long rows (> 2 KB) streams at full speed without it, and ~10-20 %
+// slower with it (measured on 128 MB matrices with 6 KB and 16 KB rows).
 constexpr int64_t kPrefetchBlocks = 4;
+constexpr int64_t kPrefetchShortRow = 2048;
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {
@@ -46,7 +49,7 @@ inline float hsum(__m256 v) {
 
 // R weight rows (n0 .. n0+R-1) against M rows of x: R*M independent accumulators.
 template <int M, int R, typename W>
-inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, int64_t N) {
+inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, int64_t N, int64_t ahead) {
   __m256 acc[M][R];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
@@ -57,10 +60,10 @@ inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, i
     __m256 wv[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
-    if ((k & 15) == 0) {  // once per 64-byte line: ask for the same line kPrefetchBlocks blocks ahead
+    if (ahead && (k & 15) == 0) {  // once per 64-byte line: the same line, `ahead` rows further
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + kPrefetchBlocks * R + r) * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + ahead + r) * K + k), _MM_HINT_T0);
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
@@ -86,9 +89,11 @@ inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, i
 template <int M, typename W>
 void rows(const float* x, int64_t K, const W* w, int64_t n_begin, int64_t n_end, float* y, int64_t N) {
   constexpr int R = M == 1 ? 8 : M == 2 ? 4 : 1;
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(W));
+  const int64_t ahead = M > 1 || row_bytes <= kPrefetchShortRow ? kPrefetchBlocks * R : 0;  // rows (0: none)
   int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) block<M, R>(x, K, w, n, y, N);
-  for (; n < n_end; ++n) block<M, 1>(x, K, w, n, y, N);
+  for (; n + R <= n_end; n += R) block<M, R>(x, K, w, n, y, N, ahead);
+  for (; n < n_end; ++n) block<M, 1>(x, K, w, n, y, N, ahead);
 }
 
 template <typename W>
