@@ -86,19 +86,34 @@ def test_guard_falls_back_to_plain_where_the_linear_model_is_wrong() -> None:
     assert goodput(last_1) >= 2 * (1 / (step_cost(1) + BOOKKEEPING))
 
 
+def explorations(steps: list[tuple[int, int, int, float]], explored_arm: Callable[[int], bool]) -> tuple[int, float]:
+    """How many steps used the explored arm, and their share of the wall time."""
+    explored = [s for s in steps if explored_arm(s[1])]
+    return len(explored), sum(s[3] for s in explored) / sum(s[3] for s in steps)
+
+
 def test_exploration_keeps_trying_the_arm_not_taken_in_a_bounded_share_of_time() -> None:
-    policy = SpeculationPolicy(MAX_K, explore_every=16)
-    steps = simulate(policy, [8] * 600, step_cost, random.Random(1))[200:]
-    explored = [s for s in steps if s[1] > 0]  # plain is preferred at B = 8: these are explorations
-    assert 3 <= len(explored) <= 20
-    share = sum(s[3] for s in explored) / sum(s[3] for s in steps)
-    assert 0.03 <= share <= 1.25 / 16  # about 1 / explore_every of the wall time
-    # Where speculation is preferred, plain is the arm that gets explored.
-    flat = simulate(SpeculationPolicy(MAX_K), [1] * 600, flat_cost, random.Random(1))[200:]
-    plain = [s for s in flat if s[1] == 0]
-    assert 10 <= len(plain) <= 40
-    assert 0.03 <= sum(s[3] for s in plain) / sum(s[3] for s in flat) <= 1.25 / 16
+    # Without back-off: about 1 / explore_every of the wall time, whichever arm is losing.
+    fixed = SpeculationPolicy(MAX_K, explore_every=16, max_backoff=1)
+    count, share = explorations(simulate(fixed, [8] * 600, step_cost, random.Random(1))[200:], bool)
+    assert 3 <= count <= 20 and 0.03 <= share <= 1.25 / 16  # plain preferred at B = 8
+    fixed = SpeculationPolicy(MAX_K, explore_every=16, max_backoff=1)
+    flat = simulate(fixed, [1] * 600, flat_cost, random.Random(1))[200:]
+    count, share = explorations(flat, lambda k: k == 0)  # speculation preferred: plain explored
+    assert 10 <= count <= 40 and 0.03 <= share <= 1.25 / 16
     assert sum(s[1] > 0 for s in flat) >= 0.9 * len(flat)
+
+
+def test_exploration_backs_off_while_it_keeps_confirming_the_choice() -> None:
+    policy = SpeculationPolicy(MAX_K, explore_every=16, max_backoff=8)
+    late = simulate(policy, [8] * 3000, step_cost, random.Random(1))[1500:]
+    count, share = explorations(late, bool)
+    assert count >= 1  # still explored ...
+    assert share <= 1.25 / (16 * 8)  # ... in an eighth of the share without back-off
+    policy = SpeculationPolicy(MAX_K, explore_every=16, max_backoff=8)
+    late = simulate(policy, [1] * 3000, flat_cost, random.Random(1))[1500:]
+    count, share = explorations(late, lambda k: k == 0)
+    assert count >= 1 and share <= 1.25 / (16 * 8)
 
 
 def test_untried_arms_are_tried_first_then_measurements_decide() -> None:

@@ -39,7 +39,12 @@ are measured, the pass speculates only if the speculative arm's measured goodput
 by more than ``margin``. To keep both estimates fresh when load or acceptance changes, the arm
 not taken gets one pass whenever the bucket has spent ``explore_every`` times that arm's mean
 step time since it last got one: exploration takes about 1/``explore_every`` of the bucket's
-wall time however slow the losing arm is, which bounds what it can cost.
+wall time however slow the losing arm is, which bounds what it can cost. While explorations keep
+confirming the choice (the explored pass did worse than the chosen arm's measured goodput), the
+interval doubles, up to ``max_backoff`` times: a bucket where speculation keeps losing (a large
+batch on a compute-bound CPU) spends about 1/(``explore_every`` * ``max_backoff``) of its time
+exploring instead of 1/``explore_every``. An explored pass that does better resets the
+interval, so a change of load or acceptance is still found within a few explorations.
 
 Every 8th pass of a bucket, if it speculates and is not exploring, uses a neighbouring K
 instead (K+1 and K-1 in turn) so the cost line keeps seeing different N.
@@ -60,6 +65,7 @@ class SpeculationPolicy:
         step_decay: float = 0.9,
         margin: float = 0.05,
         explore_every: int = 16,
+        max_backoff: int = 8,
     ) -> None:
         self.max_draft_tokens = max_draft_tokens
         self.adaptive = adaptive
@@ -68,9 +74,13 @@ class SpeculationPolicy:
         self.step_decay = step_decay
         self.margin = margin
         self.explore_every = explore_every
+        self.max_backoff = max_backoff
         self._steps: dict[tuple[int, int], list[float]] = {}  # (bucket, K) -> [tokens, seconds, steps]
         self._bucket_passes: dict[int, int] = {}
         self._since_explore: dict[int, float] = {}  # bucket -> wall seconds since its last exploration
+        self._backoff: dict[int, int] = {}  # bucket -> multiple of explore_every (1 .. max_backoff)
+        self._explored: dict[int, tuple[int, int]] = {}  # bucket -> (explored K, chosen K), until judged
+        self._last_rate: dict[tuple[int, int], float] = {}  # (bucket, K) -> goodput of its latest step
         self._drafted = [0.0] * max_draft_tokens
         self._accepted = [0.0] * max_draft_tokens
         self._fit = [0.0] * 5  # decayed sums: w, sum N, sum N^2, sum t, sum N t
@@ -115,6 +125,7 @@ class SpeculationPolicy:
         for i, value in enumerate((committed_tokens, seconds, 1.0)):
             sums[i] = self.step_decay * sums[i] + value
         self._since_explore[bucket] = self._since_explore.get(bucket, 0.0) + seconds
+        self._last_rate[(bucket, k)] = committed_tokens / seconds
 
     # ---------------------------------------------------------------- estimates
     def acceptance(self, position: int) -> float:
@@ -206,13 +217,28 @@ class SpeculationPolicy:
             return spec
         pick = spec if spec_rate > (1.0 + self.margin) * plain_rate else 0
         other = 0 if pick else spec
+        self._judge_exploration(batch_size)
         other_step = self.measured_step_time(batch_size, other) or 0.0
-        if self._since_explore.get(bucket, 0.0) >= self.explore_every * other_step:
+        interval = self.explore_every * self._backoff.get(bucket, 1) * other_step
+        if self._since_explore.get(bucket, 0.0) >= interval:
             self._since_explore[bucket] = 0.0
+            self._explored[bucket] = (other, pick)
             return other  # refresh the arm not taken
         if pick > 0 and passes % 8 == 0:  # vary N for the cost line
             return min(self.max_draft_tokens, pick + 1) if (passes // 8) % 2 else pick - 1
         return pick
+
+    def _judge_exploration(self, batch_size: int) -> None:
+        """After an exploration in ``batch_size``'s bucket: back off if the explored pass did worse
+        than the arm that was chosen, start over if it did better."""
+        bucket = self.bucket(batch_size)
+        if bucket not in self._explored:
+            return
+        explored, chosen = self._explored.pop(bucket)
+        explored_rate = self._last_rate.get((bucket, explored), 0.0)
+        chosen_rate = self.measured_goodput(batch_size, chosen) or 0.0
+        backoff = self._backoff.get(bucket, 1)
+        self._backoff[bucket] = min(2 * backoff, self.max_backoff) if explored_rate < chosen_rate else 1
 
     def _best_measured_k(self, batch_size: int) -> int:
         """The K > 0 with the best measured goodput in ``batch_size``'s bucket (0: none measured)."""
