@@ -3,10 +3,13 @@
 ``C`` clients each send ``--requests-per-client`` streaming completions one after another
 (bounded: nothing runs forever); the report gives throughput (completion tokens/s over the
 wall time), request latency and time-to-first-token percentiles, and the server's acceptance
-rate and mean batch size over the run (from ``/metrics`` deltas).
+rate, mean batch size and draft tokens per row and pass over the run (from ``/metrics``
+deltas). The machine's speed drifts by 10 % or more from minute to minute, so every level runs
+``--rounds`` times on each server, the servers taking turns, and the report gives each server's
+median run and the per-round throughput ratios of each server to the first one.
 
     python -m specdec.serving.loadtest --target demo-target --draft demo-draft \\
-        --drafters draft none --concurrency 1 4 16
+        --drafters none draft --concurrency 1 4 16 --rounds 3
 
 starts one ``specdec serve`` subprocess per drafter on a free local port; ``--url`` measures a
 server that is already running (loopback addresses only).
@@ -63,6 +66,7 @@ class LoadResult:
     ttft_p90_s: float
     acceptance_rate: float
     mean_batch_size: float
+    drafts_per_row_step: float  # mean K actually drafted per sequence and pass (0: plain)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -132,46 +136,74 @@ async def run_level(
         return [r for rs in results for r in rs], time.perf_counter() - start
 
 
-def measure(url: str, label: str, args: argparse.Namespace) -> list[LoadResult]:
+def warm_up(url: str) -> str:
+    """The served model id, after one short request (first-call costs stay out of the figures)."""
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-    asyncio.run(run_level(url, model, 1, 1, 8, args.temperature))  # warm-up
-    rows = []
-    for concurrency in args.concurrency:
-        before = scrape(url)
-        samples, wall = asyncio.run(
-            run_level(url, model, concurrency, args.requests_per_client, args.max_tokens, args.temperature)
-        )
-        after = scrape(url)
+    asyncio.run(run_level(url, model, 1, 1, 8, 0.0))
+    return str(model)
 
-        delta = {name: after[name] - before.get(name, 0.0) for name in after}
-        drafted, passes = delta["specdec_draft_tokens_total"], delta["specdec_verify_passes_total"]
-        tokens = sum(s[2] for s in samples)
-        latencies, ttfts = [s[0] for s in samples], [s[1] for s in samples]
-        rows.append(
-            LoadResult(
-                label,
-                concurrency,
-                len(samples),
-                tokens,
-                wall,
-                tokens / wall,
-                len(samples) / wall,
-                percentile(latencies, 50),
-                percentile(latencies, 90),
-                percentile(latencies, 99),
-                percentile(ttfts, 50),
-                percentile(ttfts, 90),
-                delta["specdec_accepted_tokens_total"] / drafted if drafted else 0.0,
-                delta["specdec_sequence_steps_total"] / passes if passes else 0.0,
-            )
-        )
-        print(format_row(rows[-1]), flush=True)
-    return rows
+
+def measure_level(url: str, model: str, label: str, concurrency: int, args: argparse.Namespace) -> LoadResult:
+    """One closed-loop run of ``concurrency`` clients against one server."""
+    before = scrape(url)
+    samples, wall = asyncio.run(
+        run_level(url, model, concurrency, args.requests_per_client, args.max_tokens, args.temperature)
+    )
+    after = scrape(url)
+    delta = {name: after[name] - before.get(name, 0.0) for name in after}
+    drafted, passes = delta["specdec_draft_tokens_total"], delta["specdec_verify_passes_total"]
+    row_steps = delta["specdec_sequence_steps_total"]
+    tokens = sum(s[2] for s in samples)
+    latencies, ttfts = [s[0] for s in samples], [s[1] for s in samples]
+    return LoadResult(
+        label,
+        concurrency,
+        len(samples),
+        tokens,
+        wall,
+        tokens / wall,
+        len(samples) / wall,
+        percentile(latencies, 50),
+        percentile(latencies, 90),
+        percentile(latencies, 99),
+        percentile(ttfts, 50),
+        percentile(ttfts, 90),
+        delta["specdec_accepted_tokens_total"] / drafted if drafted else 0.0,
+        row_steps / passes if passes else 0.0,
+        drafted / row_steps if row_steps else 0.0,
+    )
+
+
+def measure_rounds(servers: dict[str, str], args: argparse.Namespace) -> dict[tuple[str, int], list[LoadResult]]:
+    """``args.rounds`` rounds; in each, every level runs on every server back to back (the
+    server order rotating by round), so a pair of servers is compared over the same minute of a
+    noisy machine rather than minutes apart."""
+    models = {label: warm_up(url) for label, url in servers.items()}
+    labels = list(servers)
+    runs: dict[tuple[str, int], list[LoadResult]] = {}
+    for r in range(args.rounds):
+        order = labels[r % len(labels) :] + labels[: r % len(labels)]
+        for concurrency in args.concurrency:
+            for label in order:
+                result = measure_level(servers[label], models[label], label, concurrency, args)
+                runs.setdefault((label, concurrency), []).append(result)
+    return runs
+
+
+def median_run(results: list[LoadResult]) -> LoadResult:
+    """The run with the median throughput (the lower middle one for an even count)."""
+    return sorted(results, key=lambda r: r.tokens_per_s)[(len(results) - 1) // 2]
+
+
+def paired_ratios(runs: dict[tuple[str, int], list[LoadResult]], label: str, base: str, concurrency: int) -> list[float]:
+    """Throughput of ``label`` over ``base`` at one level, per round (measured side by side)."""
+    pairs = zip(runs[(label, concurrency)], runs[(base, concurrency)], strict=True)
+    return [a.tokens_per_s / b.tokens_per_s for a, b in pairs]
 
 
 HEADER = (
     "| server | clients | requests | tokens | tok/s | req/s | latency p50 / p90 / p99 (s) "
-    "| TTFT p50 / p90 (s) | acceptance | mean batch |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| TTFT p50 / p90 (s) | acceptance | mean batch | drafts/row/pass |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -179,7 +211,8 @@ def format_row(r: LoadResult) -> str:
     return (
         f"| {r.server} | {r.concurrency} | {r.requests} | {r.completion_tokens} | {r.tokens_per_s:.1f} | "
         f"{r.requests_per_s:.2f} | {r.latency_p50_s:.2f} / {r.latency_p90_s:.2f} / {r.latency_p99_s:.2f} | "
-        f"{r.ttft_p50_s:.2f} / {r.ttft_p90_s:.2f} | {r.acceptance_rate:.1%} | {r.mean_batch_size:.1f} |"
+        f"{r.ttft_p50_s:.2f} / {r.ttft_p90_s:.2f} | {r.acceptance_rate:.1%} | {r.mean_batch_size:.1f} | "
+        f"{r.drafts_per_row_step:.2f} |"
     )
 
 
@@ -228,31 +261,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=None, help="measure this running server (127.0.0.1 only)")
     p.add_argument("--target", default="demo-target")
     p.add_argument("--draft", default="demo-draft")
-    p.add_argument("--drafters", nargs="+", default=["draft", "none"], help="one server per drafter")
+    p.add_argument("--drafters", nargs="+", default=["none", "draft"], help="one server per drafter (ratios are to the first)")
     p.add_argument("--server-args", default="", help="extra 'specdec serve' arguments")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over every level and server (median reported)")
+    p.add_argument("--json", default=None, help="also write every run to this JSON file")
     args = p.parse_args(argv)
-    print(HEADER, flush=True)
-    rows: list[LoadResult] = []
-    if args.url:
-        if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
-            raise SystemExit("--url must point at a loopback address (127.0.0.1)")
-        rows += measure(args.url.rstrip("/"), "running", args)
-    else:
-        for drafter in args.drafters:
-            proc, url = launch(drafter, args)
-            try:
-                rows += measure(url, f"{drafter} {args.server_args}".strip(), args)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
+    servers: dict[str, str] = {}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if args.url:
+            if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+                raise SystemExit("--url must point at a loopback address (127.0.0.1)")
+            servers["running"] = args.url.rstrip("/")
+        else:
+            for drafter in args.drafters:
+                proc, url = launch(drafter, args)
+                procs.append(proc)
+                servers[f"{drafter} {args.server_args}".strip()] = url
+        runs = measure_rounds(servers, args)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
+    rows = [median_run(runs[(label, c)]) for label in servers for c in args.concurrency]
+    print(HEADER)
+    print("\n".join(format_row(r) for r in rows))
+    labels = list(servers)
+    if args.rounds > 1 or len(labels) > 1:
+        print(f"\nthroughput ratios, per round ({args.rounds} rounds, servers measured side by side):")
+    for label in labels[1:]:
+        for c in args.concurrency:
+            ratios = paired_ratios(runs, label, labels[0], c)
+            median = sorted(ratios)[(len(ratios) - 1) // 2]
+            print(
+                f"  {c:3d} clients: {label.split()[0]} / {labels[0].split()[0]} = {median:.2f} "
+                f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=2)
+            json.dump([asdict(r) for results in runs.values() for r in results], f, indent=2)
     return 0
 
 
