@@ -253,4 +253,6 @@ def test_metrics_scrape(server: str, client: openai.OpenAI) -> None:
     assert 0.0 <= metric(text, 'specdec_position_acceptance_rate{position="0"}') <= 1.0
     assert metric(text, "specdec_queue_depth") == 0
     assert metric(text, 'specdec_phase_seconds_total{phase="verify"}') > 0
+    by_k = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("specdec_passes_by_draft")]
+    assert by_k and sum(by_k) == metric(text, "specdec_verify_passes_total")
     assert "# TYPE specdec_requests_total counter" in text

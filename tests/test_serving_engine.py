@@ -217,3 +217,16 @@ def test_engine_passes_run_without_autograd(pair, monkeypatch) -> None:  # type:
     engine = BatchEngine(target, BatchDraftModel(draft, 3), 2, ServerMetrics("t"))
     run_engine(engine, [EngineRequest([1, 2, 3], 6, SamplingParams(0.0), lambda e: None, ignore_eos=True)])
     assert len(modes) > 3 and all(modes)
+
+
+def test_first_speculative_step_after_plain_steps_is_reported_cold(pair) -> None:  # type: ignore[no-untyped-def]
+    """The batched draft model catches up on skipped tokens in the first speculative step after
+    plain ones; the engine tells the policy so (``warm=False``), and only then."""
+    target, draft = pair
+    engine = BatchEngine(target, BatchDraftModel(draft, 2), 2, ServerMetrics("t"))
+    plan = iter([0, 0, 0, 2, 2, 0] + [2] * 40)
+    seen: list[tuple[int, bool]] = []
+    engine.policy.choose = lambda batch_size: next(plan)  # type: ignore[method-assign]
+    engine.policy.observe_step = lambda b, k, tokens, s, warm=True: seen.append((k, warm))  # type: ignore[method-assign]
+    run_engine(engine, [EngineRequest([1, 2, 3], 40, SamplingParams(0.0), lambda e: None, ignore_eos=True)])
+    assert seen[:8] == [(0, True), (0, True), (0, True), (2, False), (2, True), (0, True), (2, False), (2, True)]

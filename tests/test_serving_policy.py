@@ -215,3 +215,25 @@ def test_acceptance_is_per_position_given_the_earlier_ones_passed() -> None:
     for position in range(MAX_K):
         assert abs(policy.acceptance(position) - ALPHA) < 0.12, position
     assert abs(policy.expected_tokens(MAX_K) - sum(ALPHA**i for i in range(MAX_K + 1))) < 0.5
+
+
+def test_a_cold_switch_to_speculation_is_not_counted_and_is_explored_once_more() -> None:
+    policy = SpeculationPolicy(MAX_K, explore_every=4)
+    policy.observe_step(4, 0, 4, 0.010)  # plain: 400 tokens/s
+    policy.observe_step(4, MAX_K, 4, 0.020)  # speculation: 200 tokens/s, plain is chosen
+    for _ in range(20):
+        k = policy.choose(4)
+        if k:
+            break
+        policy.observe_step(4, 0, 4, 0.010)
+    assert k == MAX_K  # exploration is due
+    policy.observe_step(4, MAX_K, 12, 0.300, warm=False)  # the draft model caught up: 40 tokens/s
+    assert policy.measured_goodput(4, MAX_K) == 200.0  # not counted
+    assert policy.choose(4) == MAX_K  # explored again, warm this time
+    policy.observe_step(4, MAX_K, 12, 0.012)  # 1000 tokens/s
+    assert policy.measured_goodput(4, MAX_K) > 1.05 * policy.measured_goodput(4, 0)  # type: ignore[operator]
+    chosen = []
+    for _ in range(16):  # now speculation is chosen, apart from an exploration of plain
+        chosen.append(policy.choose(4))
+        policy.observe_step(4, chosen[-1], 12 if chosen[-1] else 4, 0.012 if chosen[-1] else 0.010)
+    assert sum(k > 0 for k in chosen) >= 13

@@ -123,7 +123,8 @@ class BatchEngine:
             self.batch_drafter.allocate(max_batch_size, capacity)
         self.rows: list[_Sequence | None] = [None] * max_batch_size
         self.policy = SpeculationPolicy(self.max_draft_tokens, adaptive=adaptive_draft_tokens)
-        self._pending_step: tuple[int, int, int, float, float] | None = None  # see _report_step
+        self._pending_step: tuple[int, int, int, float, float, bool] | None = None  # see _report_step
+        self._previous_k = 0  # K of the latest step
         eos = set(target.config.eos_token_ids)
         if target.tokenizer is not None and target.tokenizer.eos_token_id is not None:
             eos.add(target.tokenizer.eos_token_id)
@@ -195,10 +196,10 @@ class BatchEngine:
         consecutive steps. A gap longer than the step itself is taken as idle time and left out."""
         if self._pending_step is None:
             return
-        batch_size, k, committed, seconds, ended = self._pending_step
+        batch_size, k, committed, seconds, ended, warm = self._pending_step
         self._pending_step = None
         gap = now - ended
-        self.policy.observe_step(batch_size, k, committed, seconds + (gap if gap < seconds else 0.0))
+        self.policy.observe_step(batch_size, k, committed, seconds + (gap if gap < seconds else 0.0), warm)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -247,7 +248,10 @@ class BatchEngine:
         # (streaming its tokens to clients) done before the next step starts, so that step's
         # observation is reported when the next one begins.
         self._report_step(t0)
-        self._pending_step = (batch_size, k_max, committed, t3 - t0, t3)
+        # After plain steps the batched draft model first catches up on the tokens it skipped.
+        warm = not (self.batch_drafter is not None and k_max > 0 and self._previous_k == 0)
+        self._pending_step = (batch_size, k_max, committed, t3 - t0, t3, warm)
+        self._previous_k = k_max
 
     def _limit(self, seq: _Sequence, k: int) -> int:
         """Drafts the row may verify: within its token budget and the context."""

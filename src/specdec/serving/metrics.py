@@ -29,6 +29,7 @@ class ServerMetrics:
         self.active = 0
         self.batch_size_sum = 0
         self.last_num_draft_tokens = 0
+        self.passes_by_k: Counter[int] = Counter()  # draft tokens per row chosen -> passes
 
     def record_step(self, num_drafted: int, num_accepted: int) -> None:
         """One row's verify step: ``num_drafted`` drafts, ``num_accepted`` of them kept."""
@@ -40,6 +41,7 @@ class ServerMetrics:
             self.verify_passes += 1
             self.batch_size_sum += batch_size
             self.last_num_draft_tokens = num_draft_tokens
+            self.passes_by_k[num_draft_tokens] += 1
 
     def add_phase(self, phase: str, seconds: float) -> None:
         with self._lock:
@@ -131,6 +133,12 @@ class ServerMetrics:
             )
             metric(
                 "verify_passes_total", "counter", "Batched target verify passes.", [("", self.verify_passes)]
+            )
+            metric(
+                "passes_by_draft_tokens_total",
+                "counter",
+                "Batched passes by the draft tokens per row chosen for them (0: plain decoding).",
+                [(f'{{k="{k}"}}', self.passes_by_k[k]) for k in sorted(self.passes_by_k)],
             )
             metric("sequence_steps_total", "counter", "Per-sequence verify steps.", [("", self.row_steps)])
             metric("draft_tokens_total", "counter", "Draft tokens proposed.", [("", self.draft_tokens)])

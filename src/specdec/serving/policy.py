@@ -81,6 +81,7 @@ class SpeculationPolicy:
         self._backoff: dict[int, int] = {}  # bucket -> multiple of explore_every (1 .. max_backoff)
         self._explored: dict[int, tuple[int, int]] = {}  # bucket -> (explored K, chosen K), until judged
         self._last_rate: dict[tuple[int, int], float] = {}  # (bucket, K) -> goodput of its latest step
+        self._cold: set[int] = set()  # buckets whose latest step was not counted (warm=False)
         self._drafted = [0.0] * max_draft_tokens
         self._accepted = [0.0] * max_draft_tokens
         self._fit = [0.0] * 5  # decayed sums: w, sum N, sum N^2, sum t, sum N t
@@ -115,12 +116,24 @@ class SpeculationPolicy:
             self._drafted[i] = self.decay * self._drafted[i] + 1.0
             self._accepted[i] = self.decay * self._accepted[i] + float(i < num_accepted)
 
-    def observe_step(self, batch_size: int, k: int, committed_tokens: float, seconds: float) -> None:
+    def observe_step(
+        self, batch_size: int, k: int, committed_tokens: float, seconds: float, warm: bool = True
+    ) -> None:
         """A whole step over ``batch_size`` rows that used K = ``k`` committed ``committed_tokens``
-        tokens (all rows together) in ``seconds`` of wall time."""
+        tokens (all rows together) in ``seconds`` of wall time.
+
+        ``warm=False``: the step also paid a one-off cost of switching to speculation (a batched
+        draft model catching up on the tokens of the plain steps before it). Counting it would
+        charge every exploration of speculation with that cost, which steady speculation never
+        pays, so it only counts as time spent; the guard explores once more."""
         if seconds <= 0.0:
             return
         bucket = self.bucket(batch_size)
+        if not warm:
+            self._since_explore[bucket] = self._since_explore.get(bucket, 0.0) + seconds
+            self._cold.add(bucket)
+            return
+        self._cold.discard(bucket)
         sums = self._steps.setdefault((bucket, k), [0.0, 0.0, 0.0])
         for i, value in enumerate((committed_tokens, seconds, 1.0)):
             sums[i] = self.step_decay * sums[i] + value
@@ -215,6 +228,10 @@ class SpeculationPolicy:
             return 0
         if spec_rate is None:
             return spec
+        explored = self._explored.get(bucket)
+        if explored is not None and bucket in self._cold:
+            self._cold.discard(bucket)
+            return explored[0]  # the exploring pass was not counted: once more, warm
         pick = spec if spec_rate > (1.0 + self.margin) * plain_rate else 0
         other = 0 if pick else spec
         self._judge_exploration(batch_size)
