@@ -44,7 +44,10 @@ confirming the choice (the explored pass did worse than the chosen arm's measure
 interval doubles, up to ``max_backoff`` times: a bucket where speculation keeps losing (a large
 batch on a compute-bound CPU) spends about 1/(``explore_every`` * ``max_backoff``) of its time
 exploring instead of 1/``explore_every``. An explored pass that does better resets the
-interval, so a change of load or acceptance is still found within a few explorations.
+interval, so a change of load or acceptance is still found within a few explorations. A step
+that paid a one-off cost of switching to speculation (``observe_step(warm=False)``: the batched
+draft model catching up after plain steps) counts as time spent but not in the goodput, and
+the exploration gets one more pass.
 
 Every 8th pass of a bucket, if it speculates and is not exploring, uses a neighbouring K
 instead (K+1 and K-1 in turn) so the cost line keeps seeing different N.
@@ -129,15 +132,14 @@ class SpeculationPolicy:
         if seconds <= 0.0:
             return
         bucket = self.bucket(batch_size)
+        self._since_explore[bucket] = self._since_explore.get(bucket, 0.0) + seconds
         if not warm:
-            self._since_explore[bucket] = self._since_explore.get(bucket, 0.0) + seconds
             self._cold.add(bucket)
             return
         self._cold.discard(bucket)
         sums = self._steps.setdefault((bucket, k), [0.0, 0.0, 0.0])
         for i, value in enumerate((committed_tokens, seconds, 1.0)):
             sums[i] = self.step_decay * sums[i] + value
-        self._since_explore[bucket] = self._since_explore.get(bucket, 0.0) + seconds
         self._last_rate[(bucket, k)] = committed_tokens / seconds
 
     # ---------------------------------------------------------------- estimates
