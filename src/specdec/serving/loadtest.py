@@ -190,9 +190,15 @@ def measure_rounds(servers: dict[str, str], args: argparse.Namespace) -> dict[tu
     return runs
 
 
+def lower_median(values: list[float]) -> float:
+    """The median (the lower middle value for an even count: always one that was measured)."""
+    return sorted(values)[(len(values) - 1) // 2]
+
+
 def median_run(results: list[LoadResult]) -> LoadResult:
-    """The run with the median throughput (the lower middle one for an even count)."""
-    return sorted(results, key=lambda r: r.tokens_per_s)[(len(results) - 1) // 2]
+    """The run with the median throughput (see :func:`lower_median`)."""
+    middle = lower_median([r.tokens_per_s for r in results])
+    return next(r for r in results if r.tokens_per_s == middle)
 
 
 def paired_ratios(runs: dict[tuple[str, int], list[LoadResult]], label: str, base: str, concurrency: int) -> list[float]:
@@ -293,14 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     print("\n".join(format_row(r) for r in rows))
     labels = list(servers)
-    if args.rounds > 1 or len(labels) > 1:
+    if len(labels) > 1:
         print(f"\nthroughput ratios, per round ({args.rounds} rounds, servers measured side by side):")
     for label in labels[1:]:
         for c in args.concurrency:
             ratios = paired_ratios(runs, label, labels[0], c)
-            median = sorted(ratios)[(len(ratios) - 1) // 2]
             print(
-                f"  {c:3d} clients: {label.split()[0]} / {labels[0].split()[0]} = {median:.2f} "
+                f"  {c:3d} clients: {label.split()[0]} / {labels[0].split()[0]} = {lower_median(ratios):.2f} "
                 f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
             )
     if args.json:
