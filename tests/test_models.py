@@ -168,39 +168,88 @@ def test_fused_projections_change_nothing_but_the_number_of_products(hf_pair):
         torch.testing.assert_close(logits(moved), fused, rtol=1e-5, atol=1e-5)
 
 
-def test_one_call_decoder_layers_equal_the_module_path_bitwise(hf_pair):
-    # On CPUs with the kernels, forward (and run_layers) hand a batch-1 float32 pass to one C++ call that
-    # must do exactly what the Python modules do: prefill, one-token and multi-token passes.
+def _needs_kernels():
     from specdec import kernels
 
-    _, ours = hf_pair
-    module = ours.module
     if kernels.load() is None:
         assert not os.environ.get("CI"), kernels.status()
         pytest.skip(kernels.status())
 
+
+def test_one_call_forward_matches_the_module_path_and_is_batch_invariant(hf_pair):
+    # On CPUs with the kernels, forward (and run_layers) hand the pass to one C++ call (forward.cpp).
+    # It must agree with the Python modules, and give every row bit-identical results whatever the
+    # pass around it: T one-token passes = one T-token pass (greedy equality with plain decoding rests
+    # on it), and a row batched with another = the row alone.
+    _needs_kernels()
+    module = hf_pair[1].module
+    tokens = torch.tensor([[5, 17, 3, 99, 42, 8, 1, 77], [7, 7, 60, 2, 33, 11, 4, 9]])
+
+    def passes(rows, steps):  # prefill 5 tokens, then passes of `steps` tokens each: (B, 8, V)
+        cache = module.new_cache(len(rows), 64)
+        out = [module(tokens[rows, :5], torch.arange(5), cache)]
+        for start in range(5, 8, steps):
+            end = min(8, start + steps)
+            out.append(module(tokens[rows, start:end], torch.arange(start, end), cache, kv_len=end))
+        return torch.cat(out, dim=1)
+
+    with torch.inference_mode():
+        fast = passes([0, 1], 3)
+        one_by_one, alone = passes([0, 1], 1), passes([1], 3)
+        weights, module._layer_weights = module._layer_weights, None
+        try:
+            slow = passes([0, 1], 3)
+        finally:
+            module._layer_weights = weights
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast[:, 5:], one_by_one[:, 5:])
+    assert torch.equal(fast[1], alone[0])
+    # Rows at different lengths, each with its own cache slots (the server's batches)
+    with torch.inference_mode():
+        cache = module.new_cache(2, 64)
+        module(tokens[:, :5], torch.arange(5), cache)
+        pos = torch.tensor([[5, 6], [3, 4]])  # row 1 rolled back to 3 committed tokens
+        step = module(tokens[:, 5:7], pos, cache, cache_slots=pos, kv_len=7)  # (2, 2, V)
+        solo = module.new_cache(1, 64)
+        module(tokens[1:, :3], torch.arange(3), solo)
+        row = module(tokens[1:, 5:7], torch.arange(3, 5), solo, kv_len=5)  # (1, 2, V)
+    assert torch.equal(step[1], row[0])
+
+
+def test_bfloat16_copies_of_exact_weights_give_identical_results(hf_pair):
+    # A float32 model whose weights all fit in bfloat16 (a bfloat16 checkpoint) is read from bfloat16
+    # copies: half the bytes, and the same bits out as from the float32 weights.
+    from specdec import kernels
+
+    _needs_kernels()
+    module = hf_pair[1].module
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.bfloat16().float())
+    module.fuse()
+    assert module._layer_weights[1].dtype == torch.bfloat16
+    assert module._kernel_io[0].dtype == torch.bfloat16
+
     def logits():
         cache = module.new_cache(1, 64)
         tokens = torch.tensor([[5, 17, 3, 99, 42, 8, 1, 77]])
-        pre = module(tokens[:, :5], torch.arange(5), cache)  # (1, 5, V)
-        one = module(tokens[:, 5:6], torch.arange(5, 6), cache)  # (1, 1, V)
-        two = module(tokens[:, 6:], torch.arange(6, 8), cache, kv_len=8)  # (1, 2, V)
-        return torch.cat([pre, one, two], dim=1)
-
-    def batched_logits():  # two rows at different lengths, each with its own cache slots
-        cache = module.new_cache(2, 64)
-        tokens = torch.tensor([[5, 17, 3, 99, 42, 8, 1], [7, 7, 60, 2, 33, 11, 4]])
-        pre = module(tokens[:, :5], torch.arange(5), cache)  # (2, 5, V)
-        pos = torch.tensor([[5, 6], [3, 4]])  # row 1 rolled back to 3 committed tokens
-        step = module(tokens[:, 5:], pos, cache, cache_slots=pos, kv_len=7)  # (2, 2, V)
-        return torch.cat([pre, step], dim=1)
+        pre = module(tokens[:, :5], torch.arange(5), cache)
+        return torch.cat([pre, module(tokens[:, 5:], torch.arange(5, 8), cache, kv_len=8)], dim=1)
 
     with torch.inference_mode():
-        fast, fast_batched = logits(), batched_logits()
-        weights, module._layer_weights = module._layer_weights, None
+        compact = logits()
+        exact_bfloat16 = kernels.exact_bfloat16
+        kernels.exact_bfloat16 = lambda weight: None  # keep the float32 weights
         try:
-            slow, slow_batched = logits(), batched_logits()
+            module.fuse()
+            assert module._layer_weights[1].dtype == torch.float32
+            full = logits()
         finally:
-            module._layer_weights = weights
-    assert torch.equal(fast, slow)
-    assert torch.equal(fast_batched, slow_batched)
+            kernels.exact_bfloat16 = exact_bfloat16
+    assert compact.dtype == torch.float32
+    assert torch.equal(compact, full)
+    # one weight that needs float32 keeps them all in float32
+    with torch.no_grad():
+        module.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-4
+    module.fuse()
+    assert module._layer_weights[1].dtype == torch.float32

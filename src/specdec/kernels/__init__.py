@@ -1,9 +1,9 @@
-"""CPU kernels for the few-row linear layers (and RMSNorm) of decoding and verification.
+"""CPU kernels for decoding and verification: few-row products, RMSNorm, a one-call forward.
 
 ``linear(x, weight, bias)`` is ``F.linear`` with one difference: on an x86 CPU with AVX2 and
 FMA, for at most :data:`MAX_ROWS` rows, float32 or bfloat16 weights and no autograd, it runs
-``small_linear.cpp``, which reads every weight once for all rows and widens bfloat16 weights to
-float32 in registers. Why: on AVX2 CPUs MKL's sgemm runs a 1-row product well under the memory
+the product of ``kernels.h``, which reads every weight once for all rows and widens bfloat16
+weights to float32 in registers. Why: on AVX2 CPUs MKL's sgemm runs a 1-row product well under the memory
 bandwidth and a 4-16 row product at 3-7x the 1-row time (docs/benchmarks.md), which is exactly
 the regime where speculative decoding lives.
 
@@ -12,11 +12,15 @@ cached in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); ``make`` 
 install time (``python -m specdec.kernels``). Where it cannot be built or used (no compiler, no
 AVX2, another device) everything falls back to ``F.linear``. ``SPECDEC_CPU_KERNELS=0`` turns
 it off. ``rms_norm`` is the same idea for RMSNorm: one op where torch's CPU ``rms_norm``
-runs about six.
+runs about six. ``model_forward`` / ``decoder_layers`` (``forward.cpp``) run a whole pass of a
+Llama-family model on raw float32 rows, with float32 or bfloat16 weights; :func:`exact_bfloat16`
+gives the bfloat16 copy of a float32 weight that loses nothing (a checkpoint stored in bfloat16),
+which the forward reads at half the bytes with bit-identical results.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -26,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 32  # above this (prefill, training) the BLAS library is the better tool
-_SOURCE = Path(__file__).with_name("small_linear.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("ops.cpp", "forward.cpp")]
+_HEADERS = [Path(__file__).with_name(name) for name in ("kernels.h", "forward.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "op": the loaded op or None, "why": the reason it is off
 
@@ -42,6 +47,10 @@ def _cpu_supported() -> str | None:
     if " avx2" not in flags or " fma" not in flags:
         return "this CPU has no AVX2/FMA"
     return None
+
+
+def _headers_hash() -> str:
+    return hashlib.sha256(b"".join(path.read_bytes() for path in _HEADERS)).hexdigest()[:16]
 
 
 def load(verbose: bool = False) -> object | None:
@@ -61,8 +70,9 @@ def load(verbose: bool = False) -> object | None:
                     print("specdec: compiling the CPU kernels (once per machine, ~25 s)...", file=sys.stderr)
                 build(
                     name="specdec_kernels",
-                    sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                    sources=[str(path) for path in _SOURCES],
+                    # torch rebuilds when a source or a flag changes; the headers' hash is a flag
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DSPECDEC_HEADERS={_headers_hash()}"],
                     extra_ldflags=["-fopenmp"],
                     is_python_module=False,
                     verbose=False,
@@ -123,19 +133,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def fused_layers_apply(x: torch.Tensor) -> bool:
     """Whether :func:`decoder_layers` / :func:`model_forward` can run with ``x`` (hidden states
-    or a weight of the model): float32, CPU, no autograd, kernels built."""
+    or a weight of the model): float32 or bfloat16, CPU, no autograd, kernels built."""
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16)
         and not torch.is_grad_enabled()
         and _op() is not None
     )
 
 
+def exact_bfloat16(weight: torch.Tensor) -> torch.Tensor | None:
+    """A bfloat16 copy of a float32 CPU ``weight`` if it holds exactly the same values (every
+    weight has a zero lower half, as after loading a bfloat16 checkpoint in float32), else None.
+    The kernels widen bfloat16 to float32 exactly, so the copy gives bit-identical products."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.numel() == 0:
+        return None
+    flat = weight.detach().reshape(-1)
+    if not torch.equal(flat[:64], flat[:64].bfloat16().float()):  # fails at once for most float32 weights
+        return None
+    compact = flat.bfloat16()
+    return compact.view(weight.shape) if torch.equal(compact.float(), flat) else None
+
+
 def decoder_layers(
     h: torch.Tensor,  # (B, T, d)
-    cos: torch.Tensor,  # (B, 1, T, D)
-    sin: torch.Tensor,  # (B, 1, T, D)
+    input_pos: torch.Tensor,  # (B, T)
+    inv_freq: torch.Tensor,  # (D/2,)
     k_cache: torch.Tensor,  # (L, B, Hkv, S, D)
     v_cache: torch.Tensor,  # (L, B, Hkv, S, D)
     slots: torch.Tensor,  # (B, T)
@@ -149,12 +172,13 @@ def decoder_layers(
     head_dim: int,
     eps: float,
 ) -> torch.Tensor:
-    """Decoder layers ``begin..end-1`` in one call (``Transformer.run_layers``)."""
+    """Decoder layers ``begin..end-1`` in one call (``Transformer.run_layers``); float32
+    activations inside, returned in ``h``'s dtype."""
     op = _state["op"]
     return op.decoder_layers(  # type: ignore[attr-defined]
         h,
-        cos,
-        sin,
+        input_pos,
+        inv_freq,
         k_cache,
         v_cache,
         slots,
@@ -189,8 +213,8 @@ def model_forward(
     head_dim: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Transformer.forward`` in one call: ``(logits (B, num_logits, V), final normed hidden
-    states (B, T, d))``."""
+    """``Transformer.forward`` in one call: float32 ``(logits (B, num_logits, V), final normed
+    hidden states (B, T, d))``."""
     op = _state["op"]
     return op.model_forward(  # type: ignore[attr-defined,no-any-return]
         tokens, input_pos, inv_freq, embed, k_cache, v_cache, slots, mask, kv_len, weights, norm, lm_head,

@@ -206,10 +206,16 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self._layer_weights: list[torch.Tensor | None] | None = None  # set by fuse()
+        # (embedding, lm_head) the kernels read, set by fuse(); a tuple, so not registered as parameters
+        self._kernel_io: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fuse(self) -> None:
         """Fuse q/k/v and gate/up projections for inference (see :meth:`Attention.fuse`).
-        Parameters stay in place as views, so heads and the state dict see the same names."""
+        Parameters stay in place as views, so heads and the state dict see the same names.
+
+        Also lists the weights the one-call CPU forward reads (``kernels.model_forward``): each
+        float32 matrix that holds only bfloat16 values (a bfloat16 checkpoint loaded in float32)
+        as its exact bfloat16 copy, which gives bit-identical results from half the bytes."""
         weights: list[torch.Tensor | None] = []
         for layer in self.model.layers:
             layer.self_attn.fuse()
@@ -218,6 +224,26 @@ class Transformer(nn.Module):
             weights += [layer.input_layernorm.weight, *attn.qkv, attn.o_proj.weight]  # type: ignore[misc]
             weights += [layer.post_attention_layernorm.weight, mlp.gate_up[0], mlp.down_proj.weight]  # type: ignore[index]
         self._layer_weights = weights  # 7 per layer, the order kernels.decoder_layers reads
+        self._kernel_io = (self.model.embed_tokens.weight, self.lm_head.weight)
+        self._compact_weights()
+
+    def _compact_weights(self) -> None:
+        """Swap every product's weight the kernels read for its exact bfloat16 copy, if all have one."""
+        weights = self._layer_weights
+        if weights is None or kernels.load() is None:
+            return
+        products = [i for i in range(len(weights)) if i % 7 in (1, 3, 5, 6) and weights[i] is not None]
+        embed, head = self._kernel_io  # type: ignore[misc]
+        originals = [weights[i] for i in products] + [embed] + ([] if head is embed else [head])
+        copies = []
+        for weight in originals:
+            copy = kernels.exact_bfloat16(weight)  # type: ignore[arg-type]
+            if copy is None:
+                return  # one weight needs float32: keep them all (one kernel path per model)
+            copies.append(copy)
+        for i, copy in zip(products, copies, strict=False):
+            weights[i] = copy
+        self._kernel_io = (copies[len(products)], copies[-1])
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # .to() / .float() convert each parameter on its own: rebuild the fused matrices after.
@@ -286,15 +312,15 @@ class Transformer(nn.Module):
         written, which costs a device sync; the engine passes it).
         """
         slots, attn_mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
-        cos, sin = self.rope(input_pos, h.dtype)
         layers = layers if layers is not None else range(len(self.model.layers))
         if self._layer_weights is not None and layers.step == 1 and kernels.fused_layers_apply(h):
             cfg = self.config
             return kernels.decoder_layers(  # the loop below in one C++ call
-                h, cos, sin, cache.k, cache.v, slots, attn_mask, kv_len, layers.start, layers.stop,
-                self._layer_weights, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                h, input_pos, self.inv_freq, cache.k, cache.v, slots, attn_mask, kv_len, layers.start,
+                layers.stop, self._layer_weights, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.rms_norm_eps,
             )  # fmt: skip
+        cos, sin = self.rope(input_pos, h.dtype)
         for i in layers:
             h = self.model.layers[i](h, cos, sin, cache, slots, attn_mask, kv_len)
         return h
@@ -318,15 +344,17 @@ class Transformer(nn.Module):
         if input_pos.dim() == 1:
             input_pos = input_pos[None].expand(tokens.shape[0], -1)
         if self._layer_weights is not None and kernels.fused_layers_apply(self.lm_head.weight):
-            # The module path below in one C++ call (float32, CPU).
+            # The module path below in one C++ call (CPU; float32 activations whatever the weights).
             slots, mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
-            cfg = self.config
+            cfg, (embed, head) = self.config, self._kernel_io  # type: ignore[misc]
             logits, h = kernels.model_forward(
-                tokens, input_pos, self.inv_freq, self.model.embed_tokens.weight, cache.k, cache.v, slots,
-                mask, kv_len, self._layer_weights, self.model.norm.weight, self.lm_head.weight,
+                tokens, input_pos, self.inv_freq, embed, cache.k, cache.v, slots,
+                mask, kv_len, self._layer_weights, self.model.norm.weight, head,
                 num_logits or tokens.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.rms_norm_eps,
             )  # fmt: skip
+            dtype = self.lm_head.weight.dtype  # float32 from the kernel; the model's dtype outside
+            logits, h = logits.to(dtype), h.to(dtype)
             return (logits, h) if return_hidden else logits
         h = self.model.embed_tokens(tokens)  # (B, T, d)
         h = self.run_layers(h, input_pos, cache, attn_mask, cache_slots, kv_len=kv_len)

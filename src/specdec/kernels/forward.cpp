@@ -1,0 +1,287 @@
+// A Llama-family forward pass in one call, on raw float32 rows (specdec.models.llama's module
+// path, without ~25 torch operators per layer: a 6.8M-parameter model spent a fifth of a decoding
+// step in them, its attention alone taking 90 us per layer for one query).
+//
+// Activations are float32 whatever the weights are: float32 weights, or bfloat16 weights widened
+// in registers (exactly: a bfloat16 is the top half of a float32). So a float32 model whose
+// weights all fit in bfloat16 (a checkpoint stored in bfloat16) gives bit-identical results from
+// bfloat16 copies of its weights while reading half the bytes. The KV cache is float32 or
+// bfloat16 (the model's dtype).
+//
+// Batch invariance, which greedy equality with plain decoding rests on: every row (one token of
+// one sequence) goes through the same operations in the same order whatever the batch size B,
+// the number of tokens T of the pass and the number of threads, as long as T <= kMaxRows (decoding,
+// verification). Longer passes (prefill) take torch's BLAS and attention instead, faster there.
+#include "forward.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+
+namespace specdec {
+namespace {
+
+using Weights = c10::List<c10::optional<at::Tensor>>;
+
+struct Dims {
+  int64_t B, T, H, Hkv, D, kv_len;
+  int64_t rows() const { return B * T; }
+  bool few() const { return T <= kMaxRows; }  // decoding or verification (else prefill)
+  int64_t qkv() const { return (H + 2 * Hkv) * D; }  // features of the fused q/k/v product
+};
+
+// y (M, N) = x (M, K) @ w (N, K)^T (+ b): kernels.h for decoding and verification (`few` tokens
+// per sequence, any number of sequences); torch's BLAS for prefill, bfloat16 weights widened first.
+void linear(const float* x, int64_t M, const at::Tensor& w, const c10::optional<at::Tensor>& b, float* y, bool few) {
+  TORCH_CHECK(w.is_contiguous(), "specdec forward: weights must be contiguous");
+  const int64_t N = w.size(0), K = w.size(1);
+  if (few) {
+    product(x, M, w, y);
+  } else {
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor out = at::from_blob(y, {M, N}, f32);
+    at::mm_out(out, at::from_blob(const_cast<float*>(x), {M, K}, f32), w.to(at::kFloat).t());
+  }
+  if (b.has_value() && b->defined()) {
+    const at::Tensor bias = b->to(at::kFloat).contiguous();
+    const float* bp = bias.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) y[m * N + n] += bp[n];
+  }
+}
+
+template <typename N>
+void norm_rows(const float* x, int64_t R, int64_t d, const N* w, float* y, float eps) {
+  for (int64_t r = 0; r < R; ++r) rms_norm_row(x + r * d, w, y + r * d, d, eps);
+}
+
+void norm_rows(const float* x, int64_t R, int64_t d, const at::Tensor& w, float* y, float eps) {
+  TORCH_CHECK(w.numel() == d, "specdec forward: norm weight has ", w.numel(), " elements, hidden size ", d);
+  if (w.scalar_type() == at::kBFloat16)
+    norm_rows(x, R, d, w.contiguous().data_ptr<at::BFloat16>(), y, eps);
+  else
+    norm_rows(x, R, d, w.to(at::kFloat).contiguous().data_ptr<float>(), y, eps);
+}
+
+// Rotary embedding (rotate-half convention) of the H query and Hkv key heads of every row, in
+// place: x[i], x[i + D/2] -> x[i] cos - x[i + D/2] sin, x[i + D/2] cos + x[i] sin.
+void rope(float* qkv, const Dims& s, const int64_t* pos, const float* inv_freq) {
+  const int64_t half = s.D / 2;
+  std::vector<float> c(half), sn(half);
+  for (int64_t r = 0; r < s.rows(); ++r) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float f = static_cast<float>(pos[r]) * inv_freq[i];
+      c[i] = std::cos(f);
+      sn[i] = std::sin(f);
+    }
+    for (int64_t head = 0; head < s.H + s.Hkv; ++head) {
+      float* x = qkv + r * s.qkv() + head * s.D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * c[i] - b * sn[i];
+        x[i + half] = b * c[i] + a * sn[i];
+      }
+    }
+  }
+}
+
+// The D values of (layer, batch row b, kv head g, slot) in a cache (L, B, Hkv, S, D) whose last dim
+// is contiguous (the server passes views of some batch rows of a bigger cache).
+template <typename C>
+inline C* cache_row(const at::Tensor& cache, int64_t layer, int64_t b, int64_t g, int64_t slot) {
+  return cache.data_ptr<C>() + layer * cache.stride(0) + b * cache.stride(1) + g * cache.stride(2) +
+         slot * cache.stride(3);
+}
+
+// The new keys and values of every row go to their cache slots (before attention reads them).
+template <typename C>
+void write_cache(const float* qkv, const Dims& s, const int64_t* slots, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, int64_t layer) {
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t t = 0; t < s.T; ++t) {
+      const int64_t r = b * s.T + t, slot = slots[r];
+      TORCH_CHECK(slot >= 0 && slot < k_cache.size(3), "specdec forward: cache slot ", slot, " out of range");
+      for (int64_t g = 0; g < s.Hkv; ++g) {
+        const float* k = qkv + r * s.qkv() + (s.H + g) * s.D;
+        const float* v = k + s.Hkv * s.D;
+        C* kc = cache_row<C>(k_cache, layer, b, g, slot);
+        C* vc = cache_row<C>(v_cache, layer, b, g, slot);
+        for (int64_t i = 0; i < s.D; ++i) {
+          kc[i] = static_cast<C>(k[i]);
+          vc[i] = static_cast<C>(v[i]);
+        }
+      }
+    }
+}
+
+template <typename C>
+inline float dot(const float* q, const C* k, int64_t D) {
+  const int64_t D8 = D - D % 8;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < D8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
+  float s = hsum(acc);
+  for (int64_t i = D8; i < D; ++i) s += q[i] * load1(k + i);
+  return s;
+}
+
+// Attention of each (row, head) over cache slots [0, kv_len), one at a time: scores, softmax,
+// weighted sum of values, always in slot order. mask (B, T, kv_len) or null (every slot).
+template <typename C>
+void attend_rows(const float* qkv, const Dims& s, const bool* mask, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, int64_t layer, float* out) {
+  const int64_t items = s.rows() * s.H, group = s.H / s.Hkv, S = s.kv_len, D = s.D;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, S * D));
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S), acc(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / s.H, head = item % s.H, b = r / s.T, g = head / group;
+      const float* q = qkv + r * s.qkv() + head * D;
+      const bool* allowed = mask ? mask + r * S : nullptr;
+      const C* keys = cache_row<C>(k_cache, layer, b, g, 0);
+      const C* values = cache_row<C>(v_cache, layer, b, g, 0);
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < S; ++j) {
+        p[j] = (allowed && !allowed[j]) ? -std::numeric_limits<float>::infinity() : dot(q, keys + j * D, D) * scale;
+        top = std::max(top, p[j]);
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j < S; ++j) {
+        p[j] = p[j] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(p[j] - top);
+        total += p[j];
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const int64_t D8 = D - D % 8;
+      for (int64_t j = 0; j < S; ++j) {
+        if (p[j] == 0.0f) continue;
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const C* v = values + j * D;
+        for (int64_t i = 0; i < D8; i += 8)
+          _mm256_storeu_ps(&acc[i], _mm256_fmadd_ps(pj, load8(v + i), _mm256_loadu_ps(&acc[i])));
+        for (int64_t i = D8; i < D; ++i) acc[i] += p[j] * load1(v + i);
+      }
+      float* o = out + r * s.H * D + head * D;
+      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+      for (int64_t i = 0; i < D; ++i) o[i] = acc[i] * inv;
+    }
+  });
+}
+
+// Prefill: torch's attention over the same cache (keys and values widened to float32).
+void attend_prefill(float* qkv, const Dims& s, const c10::optional<at::Tensor>& mask, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, int64_t layer, float* out) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor q = at::from_blob(qkv, {s.B, s.T, s.H + 2 * s.Hkv, s.D}, f32).narrow(2, 0, s.H).transpose(1, 2);
+  auto slots_of = [&](const at::Tensor& cache) {  // (B, Hkv, kv_len, D)
+    return cache.select(0, layer).narrow(0, 0, s.B).narrow(2, 0, s.kv_len).to(at::kFloat);
+  };
+  const at::Tensor attn = at::scaled_dot_product_attention(q, slots_of(k_cache), slots_of(v_cache), mask, 0.0, false,
+                                                           c10::nullopt, s.Hkv != s.H);  // (B, H, T, D)
+  at::from_blob(out, {s.B, s.T, s.H, s.D}, f32).copy_(attn.transpose(1, 2));
+}
+
+// Decoder layers [begin, end) over the float32 hidden states h (R, d), in place.
+template <typename C>
+void layers(float* h, const Dims& s, int64_t d, const int64_t* pos, const float* inv_freq, const at::Tensor& k_cache,
+            const at::Tensor& v_cache, const int64_t* slots, const c10::optional<at::Tensor>& mask, int64_t begin,
+            int64_t end, const Weights& weights, float eps) {
+  const int64_t R = s.rows();
+  at::Tensor mask_rows;  // (B, T, kv_len) bool, for attend_rows
+  const bool* mask_ptr = nullptr;
+  const bool few = s.few();
+  if (few && mask.has_value() && mask->defined()) {
+    mask_rows = mask->to(at::kBool).expand({s.B, 1, s.T, s.kv_len}).contiguous();
+    mask_ptr = mask_rows.data_ptr<bool>();
+  }
+  const int64_t F2 = weights.get(7 * begin + 5).value().size(0);  // 2 x intermediate size
+  std::vector<float> x(R * d), qkv(R * s.qkv()), att(R * s.H * s.D), gate_up(R * F2), act(R * F2 / 2), tmp(R * d);
+  for (int64_t l = begin; l < end; ++l) {
+    auto wt = [&](int64_t i) -> at::Tensor { return weights.get(7 * l + i).value(); };
+    // attention block
+    norm_rows(h, R, d, wt(0), x.data(), eps);
+    linear(x.data(), R, wt(1), weights.get(7 * l + 2), qkv.data(), few);
+    rope(qkv.data(), s, pos, inv_freq);
+    write_cache<C>(qkv.data(), s, slots, k_cache, v_cache, l);
+    if (few)
+      attend_rows<C>(qkv.data(), s, mask_ptr, k_cache, v_cache, l, att.data());
+    else
+      attend_prefill(qkv.data(), s, mask, k_cache, v_cache, l, att.data());
+    linear(att.data(), R, wt(3), c10::nullopt, tmp.data(), few);
+    for (int64_t i = 0; i < R * d; ++i) h[i] += tmp[i];
+    // MLP block: down(silu(gate) * up)
+    norm_rows(h, R, d, wt(4), x.data(), eps);
+    linear(x.data(), R, wt(5), c10::nullopt, gate_up.data(), few);
+    const int64_t F = F2 / 2;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t i = 0; i < F; ++i) {
+        const float g = gate_up[r * F2 + i], u = gate_up[r * F2 + F + i];
+        act[r * F + i] = g / (1.0f + std::exp(-g)) * u;
+      }
+    linear(act.data(), R, wt(6), c10::nullopt, tmp.data(), few);
+    for (int64_t i = 0; i < R * d; ++i) h[i] += tmp[i];
+  }
+}
+
+void run_layers(float* h, const Dims& s, int64_t d, const at::Tensor& pos, const at::Tensor& inv_freq,
+                const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                const c10::optional<at::Tensor>& mask, int64_t begin, int64_t end, const Weights& weights, double eps) {
+  TORCH_CHECK(k_cache.stride(4) == 1 && v_cache.stride(4) == 1 && k_cache.strides() == v_cache.strides(),
+              "specdec forward: keys and values must share one layout with contiguous head vectors");
+  TORCH_CHECK(k_cache.size(1) >= s.B && k_cache.size(2) == s.Hkv && k_cache.size(4) == s.D,
+              "specdec forward: the KV cache does not fit the batch or the model");
+  TORCH_CHECK(s.kv_len <= k_cache.size(3), "specdec forward: kv_len ", s.kv_len, " exceeds the cache");
+  TORCH_CHECK(s.D % 2 == 0 && s.H % s.Hkv == 0, "specdec forward: unsupported head layout");
+  const at::Tensor p = pos.to(at::kLong).contiguous(), sl = slots.to(at::kLong).contiguous();
+  const at::Tensor f = inv_freq.to(at::kFloat).contiguous();
+  TORCH_CHECK(p.numel() == s.rows() && sl.numel() == s.rows(), "specdec forward: positions and slots must be (B, T)");
+  const float e = static_cast<float>(eps);
+  if (k_cache.scalar_type() == at::kBFloat16)
+    layers<at::BFloat16>(h, s, d, p.data_ptr<int64_t>(), f.data_ptr<float>(), k_cache, v_cache, sl.data_ptr<int64_t>(),
+                         mask, begin, end, weights, e);
+  else
+    layers<float>(h, s, d, p.data_ptr<int64_t>(), f.data_ptr<float>(), k_cache, v_cache, sl.data_ptr<int64_t>(),
+                  mask, begin, end, weights, e);
+}
+
+}  // namespace
+
+// Decoder layers [begin, end) of hidden states h (B, T, d); weights: 7 per layer (input norm, q/k/v
+// weight, q/k/v bias or None, o_proj, post-attention norm, gate/up weight, down_proj). Returns the
+// new hidden states in h's dtype.
+at::Tensor decoder_layers(const at::Tensor& h, const at::Tensor& pos, const at::Tensor& inv_freq,
+                          const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                          const c10::optional<at::Tensor>& mask, int64_t kv_len, int64_t begin, int64_t end,
+                          const Weights& weights, int64_t H, int64_t Hkv, int64_t D, double eps) {
+  const Dims s{h.size(0), h.size(1), H, Hkv, D, kv_len};
+  at::Tensor out = h.to(at::kFloat).contiguous().clone();  // (B, T, d), updated in place
+  run_layers(out.data_ptr<float>(), s, h.size(2), pos, inv_freq, k_cache, v_cache, slots, mask, begin, end, weights,
+             eps);
+  return out.to(h.scalar_type());
+}
+
+// The whole forward: embedding, decoder layers, final norm and the lm_head over the last
+// num_logits tokens of each row. Returns float32 (logits (B, num_logits, V), normed hidden (B, T, d)).
+std::tuple<at::Tensor, at::Tensor> model_forward(
+    const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& inv_freq, const at::Tensor& embed,
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+    const c10::optional<at::Tensor>& mask, int64_t kv_len, const Weights& weights, const at::Tensor& norm,
+    const at::Tensor& lm_head, int64_t num_logits, int64_t H, int64_t Hkv, int64_t D, double eps) {
+  const Dims s{tokens.size(0), tokens.size(1), H, Hkv, D, kv_len};
+  const int64_t d = embed.size(1), R = s.rows();
+  TORCH_CHECK(num_logits >= 1 && num_logits <= s.T, "specdec forward: num_logits must be in 1..T");
+  at::Tensor h = at::embedding(embed, tokens).to(at::kFloat).contiguous();  // (B, T, d), exact widening
+  run_layers(h.data_ptr<float>(), s, d, pos, inv_freq, k_cache, v_cache, slots, mask, 0,
+             static_cast<int64_t>(weights.size()) / 7, weights, eps);
+  at::Tensor hn = at::empty_like(h);  // (B, T, d)
+  norm_rows(h.data_ptr<float>(), R, d, norm, hn.data_ptr<float>(), static_cast<float>(eps));
+  const at::Tensor last = hn.narrow(1, s.T - num_logits, num_logits).contiguous();  // (B, num_logits, d)
+  at::Tensor logits = at::empty({s.B, num_logits, lm_head.size(0)}, h.options());
+  linear(last.data_ptr<float>(), s.B * num_logits, lm_head, c10::nullopt, logits.data_ptr<float>(), s.few());
+  return {logits, hn};
+}
+
+}  // namespace specdec

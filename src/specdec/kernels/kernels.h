@@ -1,0 +1,167 @@
+// The few-row product and RMSNorm on raw float32 rows, shared by ops.cpp (the torch ops) and
+// forward.cpp (the one-call forward).
+//
+// y (M, N) = x (M, K) @ W (N, K)^T, for the few rows of decoding and verification.
+//
+// Why: on AVX2 CPUs (no AVX-512/AMX) MKL's sgemm runs a 1-row product at well under the memory
+// bandwidth and a 4-16 row product at 3-7x the 1-row time, so verifying K draft tokens is far
+// from free. Reading each weight once and using it for all M rows makes a pass over M <= 8
+// rows cost about one weight read, which is what speculative decoding relies on.
+//
+// Layout: W row-major (N, K), float32 or bfloat16 (widened to float32 in registers; bf16 is
+// the top half of a float32). x and y are float32. Every output y[m, n] is one FMA chain over
+// 8-wide chunks of k in order, then the same horizontal sum and the same scalar tail, whatever
+// M is and whichever rows share a block: the result of a row does not depend on the batch
+// (batch invariance), so a K-token verify pass gives bit-identical logits to K 1-token passes.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace specdec {
+
+
+constexpr int64_t kMaxRows = 32;  // specdec.kernels.MAX_ROWS
+constexpr int64_t kChunkRows = 8;  // rows of x that share one read of the weights
+// Software prefetch, kPrefetchBlocks blocks of weight rows ahead. With several rows of x the
+// core is busy with FMAs long enough that the hardware prefetcher falls behind and the pass
+// stalls on memory; asking for the weight rows ahead keeps the stream going (a 5-8 row pass of
+// the demo target went from ~1.7x to ~1.1x the time of a 1-row pass on the development
+// machine). A 1-row pass over long float32 rows (> 2 KB) streams at full speed without it, and
+// ~10-20 % slower with it (128 MB matrices with 6 KB and 16 KB rows); bfloat16 weights take
+// more work per byte (widening) and gain from it in every case (1-row passes over a 340 MB
+// layer mix of a 700M model: 14.5-16.1 GB/s against 11.3-14.2 GB/s, 5 paired runs).
+constexpr int64_t kPrefetchBlocks = 4;
+constexpr int64_t kPrefetchShortRow = 2048;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));  // 8 x bf16
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const at::BFloat16* p) { return static_cast<float>(*p); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// R weight rows (n0 .. n0+R-1) against M rows of x: R*M independent accumulators.
+template <int M, int R, typename W>
+inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, int64_t N, int64_t ahead) {
+  __m256 acc[M][R];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t K8 = K - K % 8;
+  const bool prefetch = ahead > 0 && n0 + ahead + R <= N;  // never point past the last weight row
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
+    if (prefetch && (k & 15) == 0) {  // once per 64-byte line: the same line, `ahead` rows further
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + ahead + r) * K + k), _MM_HINT_T0);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      asm("" : "+x"(xv));  // keep x in a register: GCC would reload it from memory for every r
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[m][r]);
+      for (int64_t k = K8; k < K; ++k) s += x[m * K + k] * load1(w + (n0 + r) * K + k);
+      y[m * N + n0 + r] = s;
+    }
+}
+
+// Rows [n_begin, n_end) of W against M (<= 8) rows of x, R weight rows at a time. One or two
+// rows of x need several weight rows in flight to hide the FMA latency; from three rows on, one
+// weight row at a time was fastest in measurements of the demo target's passes (fewer memory
+// streams for the prefetcher; M=3..8 row passes at 1.0-1.15x a 1-row pass, against 1.2-1.35x
+// with R = 2-3).
+template <int M, typename W>
+void rows(const float* x, int64_t K, const W* w, int64_t n_begin, int64_t n_end, float* y, int64_t N) {
+  constexpr int R = M == 1 ? 8 : M == 2 ? 4 : 1;
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(W));
+  const bool prefetch = M > 1 || row_bytes <= kPrefetchShortRow || sizeof(W) == 2;
+  const int64_t ahead = prefetch ? kPrefetchBlocks * R : 0;  // rows of W (0: none)
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) block<M, R>(x, K, w, n, y, N, ahead);
+  for (; n < n_end; ++n) block<M, 1>(x, K, w, n, y, N, ahead);
+}
+
+template <typename W>
+void rows_any(int64_t M, const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
+  switch (M) {
+    case 1: return rows<1>(x, K, w, n0, n1, y, N);
+    case 2: return rows<2>(x, K, w, n0, n1, y, N);
+    case 3: return rows<3>(x, K, w, n0, n1, y, N);
+    case 4: return rows<4>(x, K, w, n0, n1, y, N);
+    case 5: return rows<5>(x, K, w, n0, n1, y, N);
+    case 6: return rows<6>(x, K, w, n0, n1, y, N);
+    case 7: return rows<7>(x, K, w, n0, n1, y, N);
+    default: return rows<8>(x, K, w, n0, n1, y, N);
+  }
+}
+
+template <typename W>
+void run(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) {
+  // Tiles of weight rows small enough to stay in L2 while every 8-row chunk of x passes over them.
+  const int64_t tile = std::max<int64_t>(8, (192 * 1024) / (K * static_cast<int64_t>(sizeof(W))));
+  at::parallel_for(0, N, tile, [&](int64_t begin, int64_t end) {
+    for (int64_t t0 = begin; t0 < end; t0 += tile) {
+      const int64_t t1 = std::min(end, t0 + tile);
+      for (int64_t m0 = 0, left = M; left > 0;) {  // chunks of <= kChunkRows rows, as even as possible
+        const int64_t chunks = (left + kChunkRows - 1) / kChunkRows;
+        const int64_t mc = (left + chunks - 1) / chunks;
+        rows_any<W>(mc, x + m0 * K, K, w, t0, t1, y + m0 * N, N);
+        m0 += mc;
+        left -= mc;
+      }
+    }
+  });
+}
+
+
+// y (M, N) = x (M, K) @ weight (N, K)^T for a contiguous float32 or bfloat16 weight.
+inline void product(const float* x, int64_t M, const at::Tensor& weight, float* y) {
+  const int64_t N = weight.size(0), K = weight.size(1);
+  if (weight.scalar_type() == at::kFloat)
+    run<float>(x, M, K, weight.data_ptr<float>(), N, y);
+  else
+    run<at::BFloat16>(x, M, K, weight.data_ptr<at::BFloat16>(), N, y);
+}
+
+// One RMSNorm row: y = x / sqrt(mean(x^2) + eps) * w (the same for every row and batch).
+template <typename N>
+inline void rms_norm_row(const float* x, const N* w, float* y, int64_t D, float eps) {
+  const int64_t D8 = D - D % 8;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t k = 0; k < D8; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float ss = hsum(acc);
+  for (int64_t k = D8; k < D; ++k) ss += x[k] * x[k];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+  const __m256 scale = _mm256_set1_ps(inv);
+  for (int64_t k = 0; k < D8; k += 8)
+    _mm256_storeu_ps(y + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), scale), load8(w + k)));
+  for (int64_t k = D8; k < D; ++k) y[k] = (x[k] * inv) * load1(w + k);
+}
+
+}  // namespace specdec

@@ -1,0 +1,67 @@
+// The torch ops of specdec: few-row products and RMSNorm (module path), and the registration of
+// the one-call forward of forward.cpp.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "forward.h"
+#include "kernels.h"
+
+namespace specdec {
+namespace {
+
+at::Tensor small_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(), "small_linear: CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "small_linear: weight must be a contiguous (N, K) matrix");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+              "small_linear: weight must be float32 or bfloat16");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(input.size(-1) == K, "small_linear: input has ", input.size(-1), " features, weight ", K);
+  const at::Tensor x = input.reshape({-1, K}).to(at::kFloat).contiguous();  // (M, K)
+  at::Tensor y = at::empty({x.size(0), N}, x.options());  // (M, N) float32
+  product(x.data_ptr<float>(), x.size(0), weight, y.data_ptr<float>());
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = N;
+  return y.to(input.scalar_type()).view(shape);
+}
+
+// RMSNorm of float32 rows, one op instead of the six torch's rms_norm runs on CPU.
+at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "rms_norm: float32 only");
+  const int64_t D = input.size(-1);
+  TORCH_CHECK(weight.numel() == D, "rms_norm: weight has ", weight.numel(), " elements, input ", D);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const int64_t rows = D ? x.numel() / D : 0;
+  for (int64_t i = 0; i < rows; ++i)
+    rms_norm_row(x.data_ptr<float>() + i * D, w.data_ptr<float>(), y.data_ptr<float>() + i * D, D,
+                 static_cast<float>(eps));
+  return y;
+}
+
+}  // namespace
+}  // namespace specdec
+
+TORCH_LIBRARY(specdec, m) {
+  m.def("small_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
+  m.def(
+      "decoder_layers(Tensor h, Tensor pos, Tensor inv_freq, Tensor k_cache, Tensor v_cache, Tensor slots, "
+      "Tensor? mask, int kv_len, int begin, int end, Tensor?[] weights, int H, int Hkv, int D, "
+      "float eps) -> Tensor");
+  m.def(
+      "model_forward(Tensor tokens, Tensor pos, Tensor inv_freq, Tensor embed, Tensor k_cache, Tensor v_cache, "
+      "Tensor slots, Tensor? mask, int kv_len, Tensor?[] weights, Tensor norm, Tensor lm_head, int num_logits, "
+      "int H, int Hkv, int D, float eps) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(specdec, CPU, m) {
+  m.impl("small_linear", &specdec::small_linear);
+  m.impl("rms_norm", &specdec::rms_norm);
+  m.impl("decoder_layers", &specdec::decoder_layers);
+  m.impl("model_forward", &specdec::model_forward);
+}
