@@ -128,45 +128,99 @@ inline float dot(const float* q, const C* k, int64_t D) {
   return s;
 }
 
+// e^x for 8 floats: 2^n e^r with n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split
+// in two for precision) and e^r by the degree-7 polynomial of the Cephes library's expf (about 1 ulp).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+  poly = _mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(poly, _mm256_castsi256_ps(two_n));
+}
+
+// act[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i]
+inline void silu_mul(const float* gate, const float* up, float* act, int64_t F) {
+  float g8[8], u8[8], a8[8];
+  for (int64_t i = 0; i < F; i += 8) {
+    const int64_t w = std::min<int64_t>(8, F - i);  // the tail goes through the same vector code
+    std::fill(g8, g8 + 8, 0.0f);
+    std::fill(u8, u8 + 8, 0.0f);
+    std::copy(gate + i, gate + i + w, g8);
+    std::copy(up + i, up + i + w, u8);
+    const __m256 g = _mm256_loadu_ps(g8);
+    const __m256 sig = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(a8, _mm256_mul_ps(sig, _mm256_loadu_ps(u8)));
+    std::copy(a8, a8 + w, act + i);
+  }
+}
+
+// out (D) = sum_j p[j] v_j over the S values of one head, in slot order; slots with p[j] = 0 (masked)
+// are skipped. Blocks of 64 values keep their 8 accumulators in registers.
+template <typename C>
+inline void weighted_values(const float* p, const C* values, int64_t S, int64_t D, float* out) {
+  int64_t i0 = 0;
+  for (; i0 + 64 <= D; i0 += 64) {
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < S; ++j) {
+      if (p[j] == 0.0f) continue;
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      const C* v = values + j * D + i0;
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(pj, load8(v + 8 * k), acc[k]);
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out + i0 + 8 * k, acc[k]);
+  }
+  for (int64_t i = i0; i < D; ++i) {  // head sizes that are not a multiple of 64
+    float a = 0.0f;
+    for (int64_t j = 0; j < S; ++j)
+      if (p[j] != 0.0f) a += p[j] * load1(values + j * D + i);
+    out[i] = a;
+  }
+}
+
 // Attention of each (row, head) over cache slots [0, kv_len), one at a time: scores, softmax,
 // weighted sum of values, always in slot order. mask (B, T, kv_len) or null (every slot).
 template <typename C>
 void attend_rows(const float* qkv, const Dims& s, const bool* mask, const at::Tensor& k_cache,
                  const at::Tensor& v_cache, int64_t layer, float* out) {
-  const int64_t items = s.rows() * s.H, group = s.H / s.Hkv, S = s.kv_len, D = s.D;
+  const int64_t items = s.rows() * s.H, group = s.H / s.Hkv, S = s.kv_len, S8 = (S + 7) / 8 * 8, D = s.D;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float masked = -std::numeric_limits<float>::infinity();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, S * D));
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(S), acc(D);
+    std::vector<float> p(S8);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / s.H, head = item % s.H, b = r / s.T, g = head / group;
       const float* q = qkv + r * s.qkv() + head * D;
       const bool* allowed = mask ? mask + r * S : nullptr;
       const C* keys = cache_row<C>(k_cache, layer, b, g, 0);
-      const C* values = cache_row<C>(v_cache, layer, b, g, 0);
-      float top = -std::numeric_limits<float>::infinity();
+      float top = masked;
       for (int64_t j = 0; j < S; ++j) {
-        p[j] = (allowed && !allowed[j]) ? -std::numeric_limits<float>::infinity() : dot(q, keys + j * D, D) * scale;
+        p[j] = (allowed && !allowed[j]) ? masked : dot(q, keys + j * D, D) * scale;
         top = std::max(top, p[j]);
       }
-      float total = 0.0f;
-      for (int64_t j = 0; j < S; ++j) {
-        p[j] = p[j] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(p[j] - top);
-        total += p[j];
+      std::fill(p.begin() + S, p.end(), masked);  // padding to whole vectors
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < S8; j += 8) {
+        const __m256 score = _mm256_loadu_ps(&p[j]);
+        const __m256 keep = _mm256_cmp_ps(score, _mm256_set1_ps(masked), _CMP_NEQ_OQ);
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(score, _mm256_set1_ps(top))), keep);  // masked: 0
+        _mm256_storeu_ps(&p[j], e);
+        sum = _mm256_add_ps(sum, e);
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      const int64_t D8 = D - D % 8;
-      for (int64_t j = 0; j < S; ++j) {
-        if (p[j] == 0.0f) continue;
-        const __m256 pj = _mm256_set1_ps(p[j]);
-        const C* v = values + j * D;
-        for (int64_t i = 0; i < D8; i += 8)
-          _mm256_storeu_ps(&acc[i], _mm256_fmadd_ps(pj, load8(v + i), _mm256_loadu_ps(&acc[i])));
-        for (int64_t i = D8; i < D; ++i) acc[i] += p[j] * load1(v + i);
-      }
+      const float total = hsum(sum);
       float* o = out + r * s.H * D + head * D;
+      weighted_values(p.data(), cache_row<C>(v_cache, layer, b, g, 0), S, D, o);
       const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-      for (int64_t i = 0; i < D; ++i) o[i] = acc[i] * inv;
+      for (int64_t i = 0; i < D; ++i) o[i] *= inv;
     }
   });
 }
@@ -216,11 +270,7 @@ void layers(float* h, const Dims& s, int64_t d, const int64_t* pos, const float*
     norm_rows(h, R, d, wt(4), x.data(), eps);
     linear(x.data(), R, wt(5), c10::nullopt, gate_up.data(), few);
     const int64_t F = F2 / 2;
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t i = 0; i < F; ++i) {
-        const float g = gate_up[r * F2 + i], u = gate_up[r * F2 + F + i];
-        act[r * F + i] = g / (1.0f + std::exp(-g)) * u;
-      }
+    for (int64_t r = 0; r < R; ++r) silu_mul(&gate_up[r * F2], &gate_up[r * F2 + F], &act[r * F], F);
     linear(act.data(), R, wt(6), c10::nullopt, tmp.data(), few);
     for (int64_t i = 0; i < R * d; ++i) h[i] += tmp[i];
   }

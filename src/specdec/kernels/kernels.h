@@ -95,7 +95,7 @@ inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, i
 // with R = 2-3).
 template <int M, typename W>
 void rows(const float* x, int64_t K, const W* w, int64_t n_begin, int64_t n_end, float* y, int64_t N) {
-  constexpr int R = M == 1 ? 8 : M == 2 ? 4 : 1;
+  constexpr int R = M == 1 ? 8 : M == 2 ? 4 : sizeof(W) == 4 ? 1 : M == 3 ? 3 : M <= 6 ? 2 : 1;
   const int64_t row_bytes = K * static_cast<int64_t>(sizeof(W));
   const bool prefetch = M > 1 || row_bytes <= kPrefetchShortRow || sizeof(W) == 2;
   const int64_t ahead = prefetch ? kPrefetchBlocks * R : 0;  // rows of W (0: none)
