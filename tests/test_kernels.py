@@ -91,3 +91,28 @@ def test_rms_norm_matches_torch_and_is_row_independent(shape):
     rows = x.reshape(-1, shape[-1])
     one_by_one = torch.cat([kernels.rms_norm(r[None], w, 1e-5) for r in rows])
     assert torch.equal(one_by_one, y.reshape(-1, shape[-1]))
+
+
+@needs_kernel
+def test_greedy_chain_drafting_in_one_call_equals_the_python_loop():
+    # DraftModelDrafter's greedy chain runs in one C++ call: the same drafts as a loop of forwards
+    # and argmaxes, and the same cache afterwards (the last draft is not fed).
+    from specdec.models.loading import load_model
+
+    draft = load_model("demo-draft", dtype="float32").module
+    tokens = torch.randint(0, 8000, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fast_cache, loop_cache = draft.new_cache(1, 128), draft.new_cache(1, 128)
+        for cache in (fast_cache, loop_cache):
+            draft(tokens[:, :30], torch.arange(30), cache)
+        fast = draft.draft_greedy(tokens[:, 30:33], 30, 5, fast_cache)
+        feed, pos, loop = tokens[:, 30:33], 30, []
+        for _ in range(5):
+            end = pos + feed.shape[1]
+            logits = draft(feed, torch.arange(pos, end), loop_cache, num_logits=1, kv_len=end)  # (1, 1, V)
+            loop.append(int(logits[0, -1].argmax()))
+            pos, feed = end, logits[0, -1].argmax().view(1, 1)
+    assert fast.tolist() == loop
+    assert fast_cache.lengths == [37]
+    assert torch.equal(fast_cache.k[:, :, :, :37], loop_cache.k[:, :, :, :37])
+    assert torch.equal(fast_cache.v[:, :, :, :37], loop_cache.v[:, :, :, :37])

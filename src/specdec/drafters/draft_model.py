@@ -89,6 +89,11 @@ class DraftModelDrafter:
         if K <= 0:
             return empty_proposal(self.model.device)
         start = self.cache.lengths[0]
+        if ctx.sampling.greedy and self.tree_width == 1:
+            feed = torch.as_tensor(ctx.token_ids[start:], device=self.model.device).reshape(1, -1)  # (1, T)
+            drafts = self.model.module.draft_greedy(feed, start, K, self.cache)  # the loop below in one call
+            if drafts is not None:
+                return DraftProposal(drafts, None)  # (K,)
         logits = self._forward(ctx.token_ids[start:], start)
         if self.tree_width > 1:
             return self._propose_tree(ctx, K, logits)

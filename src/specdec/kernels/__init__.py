@@ -72,7 +72,7 @@ def load(verbose: bool = False) -> object | None:
                     name="specdec_kernels",
                     sources=[str(path) for path in _SOURCES],
                     # torch rebuilds when a source or a flag changes; the headers' hash is a flag
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DSPECDEC_HEADERS={_headers_hash()}"],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DSPECDEC_H={_headers_hash()}"],
                     extra_ldflags=["-fopenmp"],
                     is_python_module=False,
                     verbose=False,
@@ -219,4 +219,28 @@ def model_forward(
     return op.model_forward(  # type: ignore[attr-defined,no-any-return]
         tokens, input_pos, inv_freq, embed, k_cache, v_cache, slots, mask, kv_len, weights, norm, lm_head,
         num_logits, num_heads, num_kv_heads, head_dim, eps,
+    )  # fmt: skip
+
+
+def draft_greedy(
+    tokens: torch.Tensor,  # (1, T)
+    start: int,
+    num_tokens: int,
+    inv_freq: torch.Tensor,  # (D/2,)
+    embed: torch.Tensor,  # (V, d)
+    k_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
+    v_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
+    weights: list[torch.Tensor | None],
+    norm: torch.Tensor,  # (d,)
+    lm_head: torch.Tensor,  # (V, d)
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> torch.Tensor:
+    """Greedy chain drafting in one call (``Transformer.draft_greedy``): ``(K,)`` int64 tokens."""
+    op = _state["op"]
+    return op.draft_greedy(  # type: ignore[attr-defined,no-any-return]
+        tokens, start, num_tokens, inv_freq, embed, k_cache, v_cache, weights, norm, lm_head, num_heads,
+        num_kv_heads, head_dim, eps,
     )  # fmt: skip

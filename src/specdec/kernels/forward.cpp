@@ -335,3 +335,33 @@ std::tuple<at::Tensor, at::Tensor> model_forward(
 }
 
 }  // namespace specdec
+
+namespace specdec {
+
+// Greedy chain drafting in one call (a draft model's propose): feed `tokens` (1, T) at positions
+// start.., then K times take the argmax of the last logits as the next draft token and feed it,
+// all but the last. The cache then holds start + T + K - 1 slots. Returns the K tokens (K,) int64.
+at::Tensor draft_greedy(const at::Tensor& tokens, int64_t start, int64_t K, const at::Tensor& inv_freq,
+                        const at::Tensor& embed, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const Weights& weights, const at::Tensor& norm, const at::Tensor& lm_head, int64_t H,
+                        int64_t Hkv, int64_t D, double eps) {
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor drafts = at::empty({K}, i64);
+  at::Tensor feed = tokens.reshape({1, -1}).to(at::kLong);  // (1, T)
+  int64_t pos = start;
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t T = feed.size(1);
+    const at::Tensor positions = at::arange(pos, pos + T, i64).view({1, T});  // also the cache slots
+    c10::optional<at::Tensor> mask;  // (1, 1, T, pos + T): token t sees slots <= pos + t
+    if (T > 1) mask = at::arange(pos + T, i64).view({1, 1, 1, -1}) <= positions.view({1, 1, T, 1});
+    const at::Tensor logits = std::get<0>(model_forward(feed, positions, inv_freq, embed, k_cache, v_cache, positions,
+                                                        mask, pos + T, weights, norm, lm_head, 1, H, Hkv, D, eps));
+    const int64_t next = logits.reshape({-1}).argmax().item<int64_t>();
+    drafts.data_ptr<int64_t>()[i] = next;
+    pos += T;
+    feed = at::full({1, 1}, next, i64);
+  }
+  return drafts;
+}
+
+}  // namespace specdec

@@ -57,6 +57,9 @@ TORCH_LIBRARY(specdec, m) {
       "model_forward(Tensor tokens, Tensor pos, Tensor inv_freq, Tensor embed, Tensor k_cache, Tensor v_cache, "
       "Tensor slots, Tensor? mask, int kv_len, Tensor?[] weights, Tensor norm, Tensor lm_head, int num_logits, "
       "int H, int Hkv, int D, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "draft_greedy(Tensor tokens, int start, int K, Tensor inv_freq, Tensor embed, Tensor k_cache, Tensor v_cache, "
+      "Tensor?[] weights, Tensor norm, Tensor lm_head, int H, int Hkv, int D, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specdec, CPU, m) {
@@ -64,4 +67,5 @@ TORCH_LIBRARY_IMPL(specdec, CPU, m) {
   m.impl("rms_norm", &specdec::rms_norm);
   m.impl("decoder_layers", &specdec::decoder_layers);
   m.impl("model_forward", &specdec::model_forward);
+  m.impl("draft_greedy", &specdec::draft_greedy);
 }

@@ -361,3 +361,21 @@ class Transformer(nn.Module):
         h = self.model.norm(h)
         logits = self.lm_head(h if num_logits is None else h[:, -num_logits:])
         return (logits, h) if return_hidden else logits
+
+    def draft_greedy(
+        self, tokens: torch.Tensor, start: int, num_tokens: int, cache: KVCache
+    ) -> torch.Tensor | None:
+        """Greedy chain drafting in one C++ call, or None where the kernels do not apply (the caller
+        then runs its own loop): feed ``tokens`` ``(1, T)`` at positions ``start..``, then
+        ``num_tokens`` times append the argmax of the last logits, feeding each but the last.
+        Returns the ``(num_tokens,)`` drafts; ``cache`` holds ``start + T + num_tokens - 1`` slots."""
+        if self._layer_weights is None or not kernels.fused_layers_apply(self.lm_head.weight):
+            return None
+        cfg, (embed, head) = self.config, self._kernel_io  # type: ignore[misc]
+        drafts = kernels.draft_greedy(
+            tokens, start, num_tokens, self.inv_freq, embed, cache.k, cache.v, self._layer_weights,
+            self.model.norm.weight, head, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.rms_norm_eps,
+        )  # fmt: skip
+        cache.truncate(start + tokens.shape[1] + num_tokens - 1)
+        return drafts
