@@ -230,3 +230,33 @@ def test_first_speculative_step_after_plain_steps_is_reported_cold(pair) -> None
     engine.policy.observe_step = lambda b, k, tokens, s, warm=True: seen.append((k, warm))  # type: ignore[method-assign]
     run_engine(engine, [EngineRequest([1, 2, 3], 40, SamplingParams(0.0), lambda e: None, ignore_eos=True)])
     assert seen[:8] == [(0, True), (0, True), (0, True), (2, False), (2, True), (0, True), (2, False), (2, True)]
+
+
+def test_draft_model_costs_nothing_while_the_server_does_not_speculate(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The batched draft model reads a new request's prompt at the row's first proposal, not at
+    admission: with K = 0 on every step it never runs. When speculation starts, the row catches
+    up alone and drafts exactly what a per-row drafter does."""
+    target, draft = pair
+    calls: list[tuple[int, ...]] = []
+    forward = draft.module.forward
+
+    def recording(tokens, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(tuple(tokens.shape))
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(draft.module, "forward", recording)
+    engine = BatchEngine(target, BatchDraftModel(draft, 2), 2, ServerMetrics("t"))
+    engine.policy.choose = lambda batch_size: 0  # type: ignore[method-assign]
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    run_engine(engine, [EngineRequest(prompt, 6, SamplingParams(0.0), lambda e: None, ignore_eos=True)])
+    assert calls == []
+    batched = BatchDraftModel(draft, 2)
+    batched.allocate(1, 64)
+    batched.prefill(0, prompt, TargetOutput())
+    assert calls == []
+    proposal = batched.propose([DraftRow(0, prompt, SamplingParams(), torch.Generator(), 2)])[0]
+    assert calls[0] == (1, len(prompt) - 1)  # the catch-up pass of the row alone
+    single = DraftModelDrafter(draft, 2)
+    single.prefill(prompt, TargetOutput())
+    expected = single.propose(DraftContext(prompt, SamplingParams(), 2, torch.Generator()))
+    assert proposal.tokens.tolist() == expected.tokens.tolist()

@@ -7,6 +7,9 @@ has one row per batch row, kept with the same invariant as the target's: slots b
 pass overwrites, contiguously from ``lengths[row]``, before any real token can attend to them.
 Rows that do not draft this step feed dummy tokens at ``lengths[row]`` onwards (scratch).
 
+A new row reads its prompt lazily, at its first proposal, and a row that fell far behind (plain
+steps) catches up in a pass of its own before the batched passes.
+
 Bookkeeping for one row with ``n`` committed tokens (the last one pending), K drafts::
 
     first pass feeds tokens[lengths:n]       -> lengths = n
@@ -23,6 +26,8 @@ import torch
 from specdec.drafters.base import DraftProposal, TargetOutput
 from specdec.models.loading import LoadedModel
 from specdec.sampling import SamplingParams, logits_to_probs, sample
+
+CATCH_UP_ALONE = 8  # a row with more unread tokens reads them in a pass of its own
 
 
 @dataclass(frozen=True)
@@ -49,14 +54,23 @@ class BatchDraftModel:
         self.cache = self.model.new_cache(batch_size, capacity)
 
     def prefill(self, row: int, prompt_ids: list[int], target_out: TargetOutput) -> None:
+        """A new request in ``row``. Nothing runs yet: the row reads its prompt at its first
+        proposal (:meth:`_catch_up`), so a server that is not speculating (K = 0 under load)
+        never pays the draft model's prefill."""
+        self.cache.lengths[row] = 0
+        self._fed.pop(row, None)
+
+    def _catch_up(self, row: int, tokens: list[int]) -> None:
+        """Feed ``row`` the ``tokens`` its cache has not read, in a pass of its own."""
         from specdec.serving.batch_engine import rows_view
 
-        if len(prompt_ids) > 1:
-            tokens = torch.tensor([prompt_ids[:-1]], device=self.model.device)  # (1, n-1)
-            pos = torch.arange(len(prompt_ids) - 1, device=self.model.device)
-            self.model(tokens, pos, rows_view(self.cache, slice(row, row + 1)), num_logits=1)
-        self.cache.lengths[row] = len(prompt_ids) - 1
-        self._fed.pop(row, None)
+        start = self.cache.lengths[row]
+        if len(tokens) > start:
+            feed = torch.tensor([tokens[start:]], device=self.model.device)  # (1, T)
+            pos = torch.arange(start, len(tokens), device=self.model.device)
+            view = rows_view(self.cache, slice(row, row + 1))
+            self.model(feed, pos, view, num_logits=1, kv_len=len(tokens))
+        self.cache.lengths[row] = len(tokens)
 
     def propose(self, rows: list[DraftRow]) -> dict[int, DraftProposal]:
         """Drafts for each row with ``max_tokens > 0`` (K = the largest ``max_tokens``)."""
@@ -69,6 +83,9 @@ class BatchDraftModel:
         K = max(r.max_tokens for r in rows)
         hi = max(r.row for r in rows) + 1
         lengths = self.cache.lengths
+        for r in rows:  # a row far behind (a new request, or plain steps) catches up alone first:
+            if len(r.tokens) - lengths[r.row] > CATCH_UP_ALONE:  # padding every row to its feed
+                self._catch_up(r.row, r.tokens[:-1])  # would cost B' x its length
         feeds = {r.row: r.tokens[lengths[r.row] :] for r in rows}  # (pending and any unseen tokens)
         U = max(len(f) for f in feeds.values())
         last_slot = self.cache.max_seq_len - 1
