@@ -345,9 +345,11 @@ at::Tensor draft_greedy(const at::Tensor& tokens, int64_t start, int64_t K, cons
                         const at::Tensor& embed, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const Weights& weights, const at::Tensor& norm, const at::Tensor& lm_head, int64_t H,
                         int64_t Hkv, int64_t D, double eps) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == 1 && tokens.size(1) >= 1 && K >= 1,
+              "draft_greedy: one row of at least one token, K >= 1");
   const auto i64 = at::TensorOptions().dtype(at::kLong);
   at::Tensor drafts = at::empty({K}, i64);
-  at::Tensor feed = tokens.reshape({1, -1}).to(at::kLong);  // (1, T)
+  at::Tensor feed = tokens.to(at::kLong);  // (1, T)
   int64_t pos = start;
   for (int64_t i = 0; i < K; ++i) {
     const int64_t T = feed.size(1);
