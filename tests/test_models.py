@@ -248,6 +248,11 @@ def test_bfloat16_copies_of_exact_weights_give_identical_results(hf_pair):
             kernels.exact_bfloat16 = exact_bfloat16
     assert compact.dtype == torch.float32
     assert torch.equal(compact, full)
+    # heads' features through the copy of lm_head (Transformer.project): the same bits again
+    module.fuse()
+    features = torch.randn(3, module.config.hidden_size)
+    with torch.inference_mode():
+        assert torch.equal(module.project(features), module.lm_head(features))
     # one weight that needs float32 keeps them all in float32
     with torch.no_grad():
         module.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-4

@@ -122,7 +122,7 @@ class EagleDrafter:
             return proposal
         tokens, probs = [], []
         for i in range(K):
-            logits = self.target.module.lm_head(feature)[None]  # (1, V)
+            logits = self.target.module.project(feature)[None]  # (1, V)
             token, draft_probs = pick_tokens(logits, ctx.sampling, ctx.generator)
             tokens.append(token[0])
             if draft_probs is not None:
@@ -147,7 +147,7 @@ class EagleDrafter:
         ancestors: dict[int, list[int]] = {-1: []}  # expanded node -> its expanded path, itself included
         frontier = [(-1, root_feature)]  # (expanded node, the head's feature after it)
         for depth in range(1, K + 1):
-            logits = self.target.module.lm_head(torch.stack([f for _, f in frontier]))  # (E, V)
+            logits = self.target.module.project(torch.stack([f for _, f in frontier]))  # (E, V)
             probs = logits.float().softmax(-1) if greedy else logits_to_probs(logits, ctx.sampling)  # (E, V)
             expandable: list[tuple[int, int]] = []  # (node, frontier entry of its parent)
             for e, (parent, _) in enumerate(frontier):

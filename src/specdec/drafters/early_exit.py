@@ -68,7 +68,7 @@ class EarlyExitDrafter:
         h = module.model.embed_tokens(tokens)  # (1, T, d)
         h = module.run_layers(h, pos, self.cache, layers=range(self.exit_layer))  # (1, T, d)
         self.cache.truncate(start + tokens.shape[1])
-        return module.lm_head(self.head(h[0, -1]))  # type: ignore[no-any-return]
+        return module.project(self.head(h[0, -1]))
 
     def propose(self, ctx: DraftContext) -> DraftProposal:
         n = len(ctx.token_ids)

@@ -84,7 +84,7 @@ class MedusaDrafter:
             # only to have the verify pass compute the hidden states.
             return DraftProposal(torch.tensor([ctx.token_ids[-1]], device=self.target.device))
         features = self.heads(self._hidden)[:K]  # (K, d)
-        logits = self.target.module.lm_head(features)  # (K, V)
+        logits = self.target.module.project(features)  # (K, V)
         if self.tree_width == 1:
             tokens, draft_probs = pick_tokens(logits, ctx.sampling, ctx.generator)
             return DraftProposal(tokens, draft_probs)

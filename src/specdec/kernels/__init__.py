@@ -107,7 +107,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         0 < rows <= MAX_ROWS
         and x.device.type == "cpu"
         and weight.dtype in (torch.float32, torch.bfloat16)
-        and x.dtype == weight.dtype
+        and (x.dtype == weight.dtype or x.dtype == torch.float32)  # float32 rows, bfloat16 weights: exact
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):

@@ -362,6 +362,17 @@ class Transformer(nn.Module):
         logits = self.lm_head(h if num_logits is None else h[:, -num_logits:])
         return (logits, h) if return_hidden else logits
 
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """``lm_head(h)`` for final normed hidden states or head features ``(..., d)`` -> ``(..., V)``;
+        a few float32 rows read the exact bfloat16 copy of the head the kernels use (see
+        :meth:`fuse`), which gives the same values from half the bytes."""
+        head = self._kernel_io[1] if self._kernel_io is not None else self.lm_head.weight
+        if head.dtype != h.dtype and h.dtype == torch.float32 and kernels.fused_layers_apply(h):
+            rows = h.numel() // h.shape[-1]
+            if 0 < rows <= kernels.MAX_ROWS:
+                return kernels.linear(h, head)
+        return self.lm_head(h)  # type: ignore[no-any-return]
+
     def draft_greedy(
         self, tokens: torch.Tensor, start: int, num_tokens: int, cache: KVCache
     ) -> torch.Tensor | None:

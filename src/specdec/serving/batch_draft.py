@@ -107,7 +107,7 @@ class BatchDraftModel:
         ends = torch.tensor([len(feeds[r.row]) - 1 for r in rows], device=device)
         # The vocabulary projection only where drafting starts: after a run of plain steps a row
         # catches up on many tokens, and projecting all of them would cost U x V per row.
-        last = self.model.module.lm_head(hidden[index, ends])  # (R, V)
+        last = self.model.module.project(hidden[index, ends])  # (R, V)
         for r in rows:
             lengths[r.row] = len(r.tokens)
         drafts: list[list[torch.Tensor]] = [[] for _ in rows]
