@@ -3,6 +3,7 @@ head training, and head files."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import replace
 
@@ -346,3 +347,46 @@ def test_shipped_demo_heads_load_and_decode_losslessly():
         out = SpeculativeGenerator(demo, drafter).generate(prompt, max_new_tokens=16)
         assert out.token_ids == want, method
         assert out.stats.accepted_tokens > 0, method  # trained heads: some drafts are right
+
+
+def test_eagle_head_layer_runs_in_one_call_like_the_module_path(target):
+    # In inference on a CPU with the kernels, the head's decoder layer is one C++ call over copies of
+    # its weights: it must agree with the module path (chain and tree masks), and follow the
+    # parameters when they change (a head being trained).
+    from specdec import kernels
+
+    if kernels.load() is None:
+        assert not os.environ.get("CI"), kernels.status()
+        pytest.skip(kernels.status())
+    head = random_head("eagle", target, seed=4)
+    d = target.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    embeds, feats = torch.randn(1, 6, d, generator=gen), torch.randn(1, 6, d, generator=gen)
+    tree = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None]  # (1, T, S)
+    tree[0, 4, 3] = False  # node 4 does not see node 3 (siblings)
+
+    def run(**kw):  # type: ignore[no-untyped-def]
+        cache = head.new_cache(1, 16)
+        with torch.inference_mode():
+            return head(embeds, feats, torch.arange(6)[None], cache, **kw)
+
+    fast = [run(), run(attn_mask=tree)]
+    apply = kernels.fused_layers_apply
+    kernels.fused_layers_apply = lambda x: False
+    try:
+        slow = [run(), run(attn_mask=tree)]
+    finally:
+        kernels.fused_layers_apply = apply
+    assert head._kernel_weights is not None
+    for f, s in zip(fast, slow, strict=True):
+        torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fast[0], fast[1])  # the mask mattered
+    with torch.no_grad():
+        head.layer.mlp.down_proj.weight.mul_(2.0)  # in place, as an optimizer step is
+    changed = run()
+    kernels.fused_layers_apply = lambda x: False
+    try:
+        expected = run()
+    finally:
+        kernels.fused_layers_apply = apply
+    torch.testing.assert_close(changed, expected, rtol=1e-5, atol=1e-5)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdec import kernels
 from specdec.cache import KVCache
 from specdec.models.config import ModelConfig, ModelLoadError
 from specdec.models.llama import DecoderLayer, Linear, RMSNorm, Transformer, causal_mask, rope_inv_freq
@@ -99,6 +100,7 @@ class EagleHead(nn.Module):
         self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.layer = DecoderLayer(cfg, layer_idx=0)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self._kernel_weights: tuple[tuple[tuple[int, int], ...], list[torch.Tensor | None]] | None = None
 
     def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
         cfg, p = self.config, self.fc.weight
@@ -121,11 +123,41 @@ class EagleHead(nn.Module):
             mask = causal_mask(input_pos, int(input_pos.max()) + 1)  # (B, 1, T, S)
         else:
             mask = attn_mask[:, None]
+        slots = input_pos if cache_slots is None else cache_slots
+        weights = self._layer_weights(x)
+        if weights is not None:  # the layer below in one C++ call (inference on a CPU)
+            cfg = self.config
+            return kernels.decoder_layers(
+                x, input_pos, self.inv_freq, cache.k, cache.v, slots, mask, mask.shape[-1], 0, 1, weights,
+                cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
+            )  # fmt: skip
         freqs = input_pos[..., None].float() * self.inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        slots = input_pos if cache_slots is None else cache_slots
         return self.layer(x, cos, sin, cache, slots, mask)  # type: ignore[no-any-return]
+
+    def _layer_weights(self, x: torch.Tensor) -> list[torch.Tensor | None] | None:
+        """The layer's weights in ``kernels.decoder_layers``' order (q/k/v and gate/up fused into
+        copies, remade whenever a parameter changes, so training the head stays possible), or
+        None where the kernels do not apply (autograd, another device, no kernels)."""
+        if not kernels.fused_layers_apply(x):
+            return None
+        attn, mlp = self.layer.self_attn, self.layer.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        key = tuple((p.data_ptr(), p._version) for p in self.layer.parameters())
+        if self._kernel_weights is None or self._kernel_weights[0] != key:
+            bias = torch.cat([lin.bias.detach() for lin in qkv]) if attn.q_proj.bias is not None else None
+            weights = [
+                self.layer.input_layernorm.weight.detach(),
+                torch.cat([lin.weight.detach() for lin in qkv]),
+                bias,
+                attn.o_proj.weight.detach(),
+                self.layer.post_attention_layernorm.weight.detach(),
+                torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]),
+                mlp.down_proj.weight.detach(),
+            ]
+            self._kernel_weights = (key, weights)
+        return self._kernel_weights[1]
 
     def settings(self) -> dict[str, Any]:
         return {}
