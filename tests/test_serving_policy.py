@@ -237,3 +237,26 @@ def test_a_cold_switch_to_speculation_is_not_counted_and_is_explored_once_more()
         chosen.append(policy.choose(4))
         policy.observe_step(4, chosen[-1], 12 if chosen[-1] else 4, 0.012 if chosen[-1] else 0.010)
     assert sum(k > 0 for k in chosen) >= 13
+
+
+def test_costly_cold_steps_keep_the_exploration_share_bounded() -> None:
+    """Switching to speculation after plain steps costs a cold step (the draft model catches up
+    on every row), here 20 plain steps' time. Explorations of speculation are spaced by their
+    whole cost, cold step included, so they still take about 1 / explore_every of the time."""
+    policy = SpeculationPolicy(MAX_K, explore_every=16, max_backoff=1)
+    rng = random.Random(3)
+    cold_cost, previous_k, steps = 0.2, 0, []
+    for _ in range(3000):
+        k = policy.choose(8)
+        pass_s = step_cost(8 * (k + 1))
+        committed = sum(1 + sum(1 for _ in range(k) if rng.random() < ALPHA) for _ in range(8))
+        seconds = DRAFT_COST * 8 * k + pass_s + BOOKKEEPING
+        cold = k > 0 and previous_k == 0
+        if cold:
+            seconds += cold_cost
+        policy.observe_step(8, k, committed, seconds, warm=not cold)
+        steps.append((8, k, committed, seconds))
+        previous_k = k
+    count, share = explorations(steps[1000:], bool)
+    assert count >= 4  # still explored
+    assert share <= 1.25 / 16

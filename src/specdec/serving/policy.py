@@ -47,7 +47,9 @@ exploring instead of 1/``explore_every``. An explored pass that does better rese
 interval, so a change of load or acceptance is still found within a few explorations. A step
 that paid a one-off cost of switching to speculation (``observe_step(warm=False)``: the batched
 draft model catching up after plain steps) counts as time spent but not in the goodput, and
-the exploration gets one more pass.
+the exploration gets one more pass; the interval between explorations of speculation counts
+that cold step as part of an exploration's cost, so the share of time stays bounded even when
+catching up costs many steps (rows that joined during plain steps read their whole prompt).
 
 Every 8th pass of a bucket, if it speculates and is not exploring, uses a neighbouring K
 instead (K+1 and K-1 in turn) so the cost line keeps seeing different N.
@@ -85,6 +87,7 @@ class SpeculationPolicy:
         self._explored: dict[int, tuple[int, int]] = {}  # bucket -> (explored K, chosen K), until judged
         self._last_rate: dict[tuple[int, int], float] = {}  # (bucket, K) -> goodput of its latest step
         self._cold: set[int] = set()  # buckets whose latest step was not counted (warm=False)
+        self._cold_seconds: dict[int, float] = {}  # bucket -> time of its latest cold step
         self._drafted = [0.0] * max_draft_tokens
         self._accepted = [0.0] * max_draft_tokens
         self._fit = [0.0] * 5  # decayed sums: w, sum N, sum N^2, sum t, sum N t
@@ -135,6 +138,7 @@ class SpeculationPolicy:
         self._since_explore[bucket] = self._since_explore.get(bucket, 0.0) + seconds
         if not warm:
             self._cold.add(bucket)
+            self._cold_seconds[bucket] = seconds
             return
         self._cold.discard(bucket)
         sums = self._steps.setdefault((bucket, k), [0.0, 0.0, 0.0])
@@ -237,7 +241,11 @@ class SpeculationPolicy:
         pick = spec if spec_rate > (1.0 + self.margin) * plain_rate else 0
         other = 0 if pick else spec
         self._judge_exploration(batch_size)
+        # What one exploration costs: a step of the other arm, plus the cold step before it when
+        # the other arm is speculation (it can cost many steps: every row's draft catches up).
         other_step = self.measured_step_time(batch_size, other) or 0.0
+        if other > 0:
+            other_step += self._cold_seconds.get(bucket, 0.0)
         interval = self.explore_every * self._backoff.get(bucket, 1) * other_step
         if self._since_explore.get(bucket, 0.0) >= interval:
             self._since_explore[bucket] = 0.0
