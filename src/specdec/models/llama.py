@@ -230,8 +230,8 @@ class Transformer(nn.Module):
     def _compact_weights(self) -> None:
         """Swap every product's weight the kernels read for its exact bfloat16 copy, if all have one."""
         weights = self._layer_weights
-        if weights is None or kernels.load() is None:
-            return
+        if weights is None or self.lm_head.weight.device.type != "cpu" or kernels.load() is None:
+            return  # (the kernels are CPU-only: no need to build them for a model on another device)
         products = [i for i in range(len(weights)) if i % 7 in (1, 3, 5, 6) and weights[i] is not None]
         embed, head = self._kernel_io  # type: ignore[misc]
         originals = [weights[i] for i in products] + [embed] + ([] if head is embed else [head])
