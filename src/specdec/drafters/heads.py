@@ -142,21 +142,9 @@ class EagleHead(nn.Module):
         None where the kernels do not apply (autograd, another device, no kernels)."""
         if not kernels.fused_layers_apply(x):
             return None
-        attn, mlp = self.layer.self_attn, self.layer.mlp
-        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         key = tuple((p.data_ptr(), p._version) for p in self.layer.parameters())
         if self._kernel_weights is None or self._kernel_weights[0] != key:
-            bias = torch.cat([lin.bias.detach() for lin in qkv]) if attn.q_proj.bias is not None else None
-            weights = [
-                self.layer.input_layernorm.weight.detach(),
-                torch.cat([lin.weight.detach() for lin in qkv]),
-                bias,
-                attn.o_proj.weight.detach(),
-                self.layer.post_attention_layernorm.weight.detach(),
-                torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]),
-                mlp.down_proj.weight.detach(),
-            ]
-            self._kernel_weights = (key, weights)
+            self._kernel_weights = (key, self.layer.kernel_weights())
         return self._kernel_weights[1]
 
     def settings(self) -> dict[str, Any]:

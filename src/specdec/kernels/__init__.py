@@ -3,9 +3,9 @@
 ``linear(x, weight, bias)`` is ``F.linear`` with one difference: on an x86 CPU with AVX2 and
 FMA, for at most :data:`MAX_ROWS` rows, float32 or bfloat16 weights and no autograd, it runs
 the product of ``kernels.h``, which reads every weight once for all rows and widens bfloat16
-weights to float32 in registers. Why: on AVX2 CPUs MKL's sgemm runs a 1-row product well under the memory
-bandwidth and a 4-16 row product at 3-7x the 1-row time (docs/benchmarks.md), which is exactly
-the regime where speculative decoding lives.
+weights to float32 in registers. Why: on AVX2 CPUs MKL's sgemm runs a 1-row product well under
+the memory bandwidth and a 4-16 row product at 3-7x the 1-row time (docs/benchmarks.md), which
+is exactly the regime where speculative decoding lives.
 
 The C++ source is compiled once per machine with ``torch.utils.cpp_extension`` (about 25 s,
 cached in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); ``make`` builds it at

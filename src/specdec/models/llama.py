@@ -175,6 +175,28 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def kernel_weights(self) -> list[torch.Tensor | None]:
+        """The 7 weights ``kernels.decoder_layers`` reads per layer, in its order: input norm, q/k/v
+        weight, q/k/v bias (or None), o_proj, post-attention norm, gate/up weight, down_proj. The
+        matrices :meth:`Attention.fuse` / :meth:`MLP.fuse` made where they exist, else concatenated
+        copies (which leave the parameters as they are, trainable)."""
+        attn, mlp = self.self_attn, self.mlp
+        if attn.qkv is not None:
+            qkv_weight, qkv_bias = attn.qkv
+        else:
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            qkv_weight = torch.cat([lin.weight.detach() for lin in projections])
+            has_bias = attn.q_proj.bias is not None
+            qkv_bias = torch.cat([lin.bias.detach() for lin in projections]) if has_bias else None  # type: ignore[union-attr]
+        if mlp.gate_up is not None:
+            gate_up = mlp.gate_up[0]
+        else:
+            gate_up = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
+        return [
+            self.input_layernorm.weight, qkv_weight, qkv_bias, attn.o_proj.weight,
+            self.post_attention_layernorm.weight, gate_up, mlp.down_proj.weight,
+        ]  # fmt: skip
+
     def forward(self, x, cos, sin, cache, slots, mask, kv_len=None):  # type: ignore[no-untyped-def]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, mask, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -220,9 +242,7 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
-            attn, mlp = layer.self_attn, layer.mlp
-            weights += [layer.input_layernorm.weight, *attn.qkv, attn.o_proj.weight]  # type: ignore[misc]
-            weights += [layer.post_attention_layernorm.weight, mlp.gate_up[0], mlp.down_proj.weight]  # type: ignore[index]
+            weights += layer.kernel_weights()
         self._layer_weights = weights  # 7 per layer, the order kernels.decoder_layers reads
         self._kernel_io = (self.model.embed_tokens.weight, self.lm_head.weight)
         self._compact_weights()
