@@ -221,8 +221,11 @@ def test_far_draft_is_often_rejected(vocab8):
     """The distribution tests are meaningful only if tree drafts are both accepted and rejected."""
     gen = SpeculativeGenerator(vocab8["target"], DraftModelDrafter(vocab8["far"], 2, tree_width=3))
     stats = [gen.generate([1], max_new_tokens=12, temperature=1.0, seed=s).stats for s in range(20)]
-    rate = sum(s.accepted_tokens for s in stats) / sum(s.draft_tokens for s in stats)
+    rate = sum(s.accepted_tokens for s in stats) / sum(s.draft_positions for s in stats)
     assert 0.1 < rate < 0.9
+    # A tree proposes more tokens than it has depths; the acceptance rate is per depth.
+    assert sum(s.draft_tokens for s in stats) > sum(s.draft_positions for s in stats)
+    assert all(s.acceptance_rate == s.accepted_tokens / s.draft_positions for s in stats if s.draft_positions)
 
 
 def test_negative_control_broken_tree_verifier_fails(vocab8, monkeypatch):

@@ -25,7 +25,7 @@ import torch
 
 from specdec import kernels
 from specdec.bench.methods import Method, Run, build_method
-from specdec.bench.tasks import Task, build_tasks
+from specdec.bench.tasks import Task, build_tasks, prompt_file_tasks, read_prompt_file
 from specdec.engine import SpecStats
 from specdec.models import ModelConfig, ModelLoadError, load_model
 from specdec.models.loading import LoadedModel, resolve_path
@@ -46,6 +46,7 @@ class BenchConfig:
     num_draft_tokens: int = 4
     dtype: str = "auto"
     device: str = "cpu"
+    prompts_file: str | None = None  # your own prompts instead of ``tasks`` (tasks.read_prompt_file)
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ def _summarise(task: Task, method: str, cell: _Cell, reference: dict[int, list[i
             total.verify_steps += s.verify_steps
             total.committed_tokens += s.committed_tokens
             total.draft_tokens += s.draft_tokens
+            total.draft_positions += s.draft_positions
             total.accepted_tokens += s.accepted_tokens
         tau = total.mean_accepted_length
         acceptance = total.acceptance_rate if total.draft_tokens else None
@@ -245,14 +247,14 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
 
     target = load_model(config.target, dtype=config.dtype, device=config.device)
     methods = list(dict.fromkeys(["plain", *config.methods]))
-    tasks = build_tasks(
-        list(config.tasks),
-        config.num_prompts,
-        target.tokenizer,
-        target.config.vocab_size,
-        target.max_seq_len,
-        config.max_new_tokens,
-    )
+    vocab, context = target.config.vocab_size, target.max_seq_len
+    if config.prompts_file is not None:
+        records = read_prompt_file(config.prompts_file)
+        tasks = prompt_file_tasks(records, target.tokenizer, vocab, context, config.max_new_tokens)
+    else:
+        tasks = build_tasks(
+            list(config.tasks), config.num_prompts, target.tokenizer, vocab, context, config.max_new_tokens
+        )
     built: dict[str, Method] = {}
     errors: dict[str, str] = {}
     hf_cache: dict = {}  # type: ignore[type-arg]

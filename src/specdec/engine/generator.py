@@ -223,8 +223,9 @@ class SpeculativeGenerator:
             t_draft = time.perf_counter()
             stats.draft_s += t_draft - t
 
+            nodes = None
             if proposal.tree is not None:  # tree step: one pass, compacts the cache itself
-                K = tree_depth(proposal.tree)
+                K, nodes = tree_depth(proposal.tree), proposal.tree.num_nodes
                 needs_hidden = getattr(drafter, "needs_hidden", False)
                 result = tree_step(target, cache, tokens_so_far, proposal.tree, params, generator, needs_hidden)
             else:
@@ -250,7 +251,7 @@ class SpeculativeGenerator:
             if drafter is not None and K > 0:
                 drafter.on_verified(result)
             stats.verify_s += time.perf_counter() - t_draft
-            stats.record(K, result.num_accepted)
+            stats.record(K, result.num_accepted, nodes)
 
             new = result.tokens[:budget]
             kinds = result.kinds[: len(new)] if drafter is not None else ["target"] * len(new)

@@ -12,13 +12,19 @@ class SpecStats:
 
     ``mean_accepted_length`` (tau) is the number of tokens committed per verify pass, counting
     the recovered / bonus token: plain decoding has tau = 1, K accepted drafts give K + 1.
+
+    A chain of K drafts is K tokens at K positions. A tree counts each of its nodes as a
+    proposed token (``draft_tokens``, what the verify pass paid for) and each depth once as a
+    position (``draft_positions``): the acceptance rate is accepted tokens per drafted position,
+    so it reads the same for chains and trees.
     """
 
     prompt_tokens: int = 0
     new_tokens: int = 0
     target_forwards: int = 0  # prefill + verify passes
     verify_steps: int = 0
-    draft_tokens: int = 0  # proposed
+    draft_tokens: int = 0  # proposed (tree: nodes)
+    draft_positions: int = 0  # drafted depths (chain: = draft_tokens)
     accepted_tokens: int = 0
     committed_tokens: int = 0  # before truncation by EOS / max_new_tokens / stop strings
     drafted_per_position: list[int] = field(default_factory=list)
@@ -28,10 +34,12 @@ class SpecStats:
     verify_s: float = 0.0
     total_s: float = 0.0
 
-    def record(self, num_drafted: int, num_accepted: int) -> None:
+    def record(self, num_drafted: int, num_accepted: int, num_nodes: int | None = None) -> None:
+        """One verify pass over ``num_drafted`` positions (a tree's depth; it has ``num_nodes``)."""
         self.verify_steps += 1
         self.target_forwards += 1
-        self.draft_tokens += num_drafted
+        self.draft_tokens += num_drafted if num_nodes is None else num_nodes
+        self.draft_positions += num_drafted
         self.accepted_tokens += num_accepted
         self.committed_tokens += num_accepted + 1
         while len(self.drafted_per_position) < num_drafted:
@@ -43,7 +51,7 @@ class SpecStats:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+        return self.accepted_tokens / self.draft_positions if self.draft_positions else 0.0
 
     @property
     def mean_accepted_length(self) -> float:

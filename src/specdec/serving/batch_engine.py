@@ -325,8 +325,9 @@ class BatchEngine:
             except Exception as e:
                 self._drafter_failed(seq, e)
                 return
-        seq.stats.record(k, result.num_accepted)
-        self.metrics.record_step(k, result.num_accepted)
+        nodes = proposal.num_tokens  # a tree's node count (a chain: k)
+        seq.stats.record(k, result.num_accepted, nodes)
+        self.metrics.record_step(k, result.num_accepted, nodes)
         self.policy.observe_acceptance(k, result.num_accepted)
 
         new = result.tokens[: request.max_new_tokens - seq.produced]

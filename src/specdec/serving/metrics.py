@@ -31,10 +31,11 @@ class ServerMetrics:
         self.last_num_draft_tokens = 0
         self.passes_by_k: Counter[int] = Counter()  # draft tokens per row chosen -> passes
 
-    def record_step(self, num_drafted: int, num_accepted: int) -> None:
-        """One row's verify step: ``num_drafted`` drafts, ``num_accepted`` of them kept."""
+    def record_step(self, num_drafted: int, num_accepted: int, num_nodes: int | None = None) -> None:
+        """One row's verify step: ``num_drafted`` positions (``num_nodes`` tokens in a tree),
+        ``num_accepted`` of them kept."""
         with self._lock:
-            self.steps.record(num_drafted, num_accepted)
+            self.steps.record(num_drafted, num_accepted, num_nodes)
 
     def record_pass(self, batch_size: int, num_draft_tokens: int) -> None:
         with self._lock:
