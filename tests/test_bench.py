@@ -151,3 +151,43 @@ def test_decode_efficiency_leaves_each_sides_prefill_out() -> None:
     assert rows["ngram"].decode_speedup_vs_plain == pytest.approx(4.0)
     assert rows["ngram"].decode_efficiency == pytest.approx(0.8)
     assert rows["plain"].decode_efficiency == pytest.approx(1.0)
+
+
+def test_own_prompts_file_makes_its_tasks(target_path: Path, good_draft_path: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "mine.jsonl"
+    lines = [
+        {"prompt": "def add(a, b):\n    return", "task": "snippets"},
+        {"prompt": [5, 9, 11, 3], "task": "snippets"},
+        {"prompt": "x = [1, 2, 3]\n" * 4, "task": "lists", "max_new_tokens": 20},
+        "import os\n",
+    ]
+    prompts.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "out"
+    argv = ["bench", "--prompts", str(prompts), "--runs", "1", "--threads", "1", "--no-progress", "--out", str(out)]
+    argv += ["--target", str(target_path), "--draft", str(good_draft_path), "--methods", "plain,draft"]
+    argv += ["--max-new-tokens", "10"]
+    assert main(argv) == 0
+    data = json.loads((out / "bench.json").read_text())
+    rows = {(r["task"], r["method"]): r for r in data["rows"]}
+    assert {task for task, _ in rows} == {"snippets", "lists", "custom", "overall"}
+    assert rows[("snippets", "draft")]["prompts"] == 2 and rows[("snippets", "draft")]["new_tokens"] == 20
+    assert all(r["identical"] for r in data["rows"])
+    assert "prompts of mine.jsonl" in (out / "bench.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "no prompt field"}\n', 'mine.jsonl:1: expected a string or an object with a "prompt" field'),
+        ('"fine"\n{"prompt": ""}\n', 'mine.jsonl:2: "prompt" must be a non-empty string'),
+        ('{"prompt": "a", "max_new_tokens": 0}\n', '"max_new_tokens" must be an integer >= 1'),
+        ("{not json\n", "not JSON lines or a JSON list"),
+        ("\n\n", "holds no prompt"),
+    ],
+)
+def test_bad_prompts_file_is_a_one_line_user_error(tmp_path: Path, capsys, content: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text(content)
+    assert main(["bench", "--prompts", str(prompts), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

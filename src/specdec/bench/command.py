@@ -3,6 +3,7 @@
     specdec bench                                  # demo pair, every method, three tasks
     specdec bench --methods hf,draft,adaptive --tasks code --num-prompts 2 --runs 1
     specdec bench --quick --target T --draft D     # a few seconds (CI)
+    specdec bench --prompts my_prompts.jsonl       # your own prompts: {"prompt": ..., "task": ...}
     specdec bench --cost-curve --sizes 100M,700M --dtypes bfloat16
 
 Writes ``bench.json``, ``bench.md`` and ``speedup.png`` (or ``cost_curve.json/.md/.png``)
@@ -35,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "all = every one known (plain is always run: it is the baseline)",
     )
     p.add_argument("--tasks", default="code,edit,long", help="comma list of code, edit, long")
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        help='your own prompts instead of the tasks: JSON lines {"prompt": text or token ids, '
+        '"task": name, "max_new_tokens": n} (task, max_new_tokens optional)',
+    )
     p.add_argument("--num-prompts", type=int, default=4, help="prompts per task")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 (long: 512)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per prompt (median is kept)")
@@ -96,7 +104,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
 def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from specdec.bench.methods import available_methods, parse_method
     from specdec.bench.runner import BenchConfig
-    from specdec.bench.tasks import TASKS
+    from specdec.bench.tasks import TASKS, read_prompt_file
 
     if args.quick:
         args.num_prompts, args.runs = QUICK["num_prompts"], QUICK["runs"]
@@ -116,6 +124,12 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise UserError(f"unknown task {unknown[0] if unknown else ''!r}; choose from {', '.join(TASKS)}")
+    if args.prompts is not None:
+        try:
+            records = read_prompt_file(args.prompts)  # checked now, before the models load
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        tasks = list(dict.fromkeys(r.task for r in records))
     return BenchConfig(
         target=args.target,
         draft=args.draft,
@@ -127,6 +141,7 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         num_draft_tokens=args.num_draft_tokens,
         dtype=args.dtype,
         device=args.device,
+        prompts_file=None if args.prompts is None else str(args.prompts),
     )
 
 

@@ -68,7 +68,9 @@ def to_markdown(result: BenchResult) -> str:
         + (f" · kernels: {m['kernels']}" if "kernels" in m else ""),
         f"target {Path(target.get('path', c.target)).name} ({target.get('parameters', 0) / 1e6:.1f}M), "
         f"draft {Path(draft.get('path', c.draft)).name} ({draft.get('parameters', 0) / 1e6:.1f}M), "
-        f"{m['dtype']}, greedy, batch 1, {c.num_prompts} prompts/task, median of {c.runs} runs, "
+        f"{m['dtype']}, greedy, batch 1, "
+        + (f"prompts of {Path(c.prompts_file).name}" if c.prompts_file else f"{c.num_prompts} prompts/task")
+        + f", median of {c.runs} runs, "
         f"K = {c.num_draft_tokens} unless NAME@K (NAME@KxW: tree of width W).",
     ]
     failed = {r.method: r.error for r in result.rows if r.error and r.task == "overall"}

@@ -8,6 +8,8 @@ Three tasks, chosen like Spec-Bench's categories (Xia et al. 2024) for what they
   (what retrieval / n-gram drafting exploits, cf. Saxena 2023 "prompt lookup decoding");
 * ``long`` — long generation: a short prompt and many new tokens (512 by default).
 
+``--prompts FILE`` replaces them with prompts of your own (see :func:`read_prompt_file`).
+
 Prompts are token ids. With a tokenizer they are the encoded text; without one (tiny random
 test models) each UTF-8 byte maps to ``byte % vocab_size``. A prompt that does not fit the
 context next to its new tokens keeps its last tokens.
@@ -16,9 +18,11 @@ context next to its new tokens keeps its last tokens.
 from __future__ import annotations
 
 import ast
+import json
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 TASKS = ("code", "edit", "long")
 DEFAULT_NEW_TOKENS = {"code": 128, "edit": 128, "long": 512}
@@ -146,4 +150,80 @@ def build_tasks(
         if not prompts:
             raise ValueError(f"the held-out files give no prompt for task {name!r}")
         tasks.append(Task(name, tuple(prompts), new_tokens, tuple(sources)))
+    return tasks
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    task: str
+    prompt: str | tuple[int, ...]  # text, or token ids
+    max_new_tokens: int | None
+    source: str
+
+
+def read_prompt_file(path: str | Path) -> list[PromptRecord]:
+    """Prompts of your own: JSON lines (or one JSON list) of objects
+    ``{"prompt": "text" or [token ids], "task": "name", "max_new_tokens": 128}`` (``task`` and
+    ``max_new_tokens`` are optional: ``custom`` and 128); a bare string is a prompt too.
+    Raises ``ValueError`` naming the file and line of the first bad entry."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read prompts from {path}: {e}") from None
+    stripped = text.lstrip()
+    try:
+        if stripped.startswith("["):
+            entries = [(1, item) for item in json.loads(text)]
+        else:
+            entries = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON lines or a JSON list ({e})") from None
+    records = [_prompt_record(item, f"{path.name}:{n}") for n, item in entries]
+    if not records:
+        raise ValueError(f"{path} holds no prompt")
+    return records
+
+
+def _prompt_record(item: object, where: str) -> PromptRecord:
+    if isinstance(item, str):
+        item = {"prompt": item}
+    if not isinstance(item, dict) or "prompt" not in item:
+        raise ValueError(f'{where}: expected a string or an object with a "prompt" field')
+    prompt, task = item["prompt"], item.get("task", "custom")
+    new_tokens = item.get("max_new_tokens")
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and t >= 0 for t in prompt):
+        prompt = tuple(prompt)
+    elif not isinstance(prompt, str) or not prompt:
+        raise ValueError(f'{where}: "prompt" must be a non-empty string or a list of token ids')
+    if not isinstance(task, str) or not task or task == "overall":
+        raise ValueError(f"{where}: \"task\" must be a non-empty name other than 'overall'")
+    if new_tokens is not None and (not isinstance(new_tokens, int) or new_tokens < 1):
+        raise ValueError(f'{where}: "max_new_tokens" must be an integer >= 1')
+    return PromptRecord(task, prompt, new_tokens, where)
+
+
+def prompt_file_tasks(
+    records: list[PromptRecord],
+    tokenizer,  # type: ignore[no-untyped-def]
+    vocab_size: int,
+    context: int,
+    max_new_tokens: int | None = None,
+) -> list[Task]:
+    """One task per ``task`` name in ``records`` (in order of appearance). ``max_new_tokens``
+    (the command-line flag) overrides the records' own; a task takes its first record's."""
+    tasks = []
+    for name in dict.fromkeys(r.task for r in records):
+        mine = [r for r in records if r.task == name]
+        new_tokens = max_new_tokens or mine[0].max_new_tokens or DEFAULT_NEW_TOKENS["code"]
+        room = context - new_tokens - 64
+        if room < 8:
+            raise ValueError(f"{new_tokens} new tokens do not fit the model's context of {context}")
+        prompts = []
+        for r in mine:
+            ids = list(r.prompt) if isinstance(r.prompt, tuple) else encode(r.prompt, tokenizer, vocab_size)
+            if any(t >= vocab_size for t in ids):
+                raise ValueError(f"{r.source}: token id {max(ids)} is outside the vocabulary of {vocab_size}")
+            prompts.append(tuple(ids[-room:]))
+        tasks.append(Task(name, tuple(prompts), new_tokens, tuple(r.source for r in mine)))
     return tasks
