@@ -20,6 +20,7 @@ drafters look for ``<target folder>/<method>/`` by default.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,11 @@ class EagleHead(nn.Module):
 
     method = "eagle"
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None) -> None:
+        """``cfg``: the target's configuration; the layer's MLP width defaults to the target's."""
         super().__init__()
+        if intermediate_size is not None:
+            cfg = dataclasses.replace(cfg, intermediate_size=intermediate_size)
         self.config = cfg
         self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.layer = DecoderLayer(cfg, layer_idx=0)
@@ -148,7 +152,7 @@ class EagleHead(nn.Module):
         return self._kernel_weights[1]
 
     def settings(self) -> dict[str, Any]:
-        return {}
+        return {"intermediate_size": self.config.intermediate_size}
 
 
 Head = ExitHead | MedusaHeads | EagleHead
@@ -161,7 +165,8 @@ def new_head(method: str, cfg: ModelConfig, **settings: Any) -> Head:
     if method == "medusa":
         return MedusaHeads(cfg, int(settings.get("num_heads") or 4))
     if method == "eagle":
-        return EagleHead(cfg)
+        size = settings.get("intermediate_size")
+        return EagleHead(cfg, None if size is None else int(size))
     raise ValueError(f"unknown head method {method!r}; choose {', '.join(METHODS)}")
 
 
