@@ -41,7 +41,7 @@ class Totals:
     def add(self, stats: SpecStats) -> None:
         self.tokens += stats.new_tokens
         self.seconds += stats.total_s - stats.prefill_s
-        self.drafted += stats.draft_tokens
+        self.drafted += stats.draft_positions  # acceptance per drafted position (a tree: per depth)
         self.accepted += stats.accepted_tokens
         self.steps += stats.verify_steps
         self.committed += stats.committed_tokens

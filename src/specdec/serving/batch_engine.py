@@ -51,7 +51,7 @@ class EngineEvent:
     finish_reason: str | None = None
     error: str | None = None
     stats: SpecStats | None = None
-    drafted: int = 0  # the request's draft tokens so far (live acceptance in the playground)
+    drafted: int = 0  # the request's drafted positions so far (live acceptance in the playground)
     accepted: int = 0
 
 
@@ -364,7 +364,7 @@ class BatchEngine:
         seq.sent_chars += len(text)
         stats = seq.stats
         seq.request.emit(
-            EngineEvent(ids, text, kinds, pieces, drafted=stats.draft_tokens, accepted=stats.accepted_tokens)
+            EngineEvent(ids, text, kinds, pieces, drafted=stats.draft_positions, accepted=stats.accepted_tokens)
         )
 
     def _pieces(self, seq: _Sequence, num_tokens: int, text: str) -> list[str]:
