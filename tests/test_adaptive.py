@@ -78,6 +78,19 @@ def test_unmeasured_k_borrows_the_nearest_step_time() -> None:
     assert model.step_time(2) == 1.0 and model.step_time(3) == 2.0
 
 
+def test_step_times_of_other_k_follow_the_machines_drift() -> None:
+    model = cost_model(0.8, 0.1, {})
+    model.record_step(1, 2.0)
+    model.record_step(2, 2.4)  # K = 2 costs 1.2x K = 1 ...
+    for _ in range(60):  # ... then the machine gets twice as fast while only K = 1 runs
+        model.record_step(1, 1.0)
+    assert model.step_time(1) == pytest.approx(1.0, rel=1e-6)
+    assert model.step_time(2) == pytest.approx(1.2, rel=1e-6)  # the ratio is kept, the level follows
+    assert model.best_k() > 1
+    # Times left stale would say K = 2 costs 2.4x K = 1 and pin K at 1:
+    assert cost_model(0.8, 0.1, {1: 1.0, 2: 2.4}).best_k() == 1
+
+
 class ScriptedDrafter:
     """A chain drafter that proposes token 0 K times (for the wrapper's K bookkeeping)."""
 

@@ -21,7 +21,9 @@ Everything is measured online with exponential moving averages (EMA):
 * ``t_draft`` — wall time of ``inner.propose`` divided by the K it proposed;
 * ``t_step(K)`` — wall time from the end of one ``propose`` to the start of the next (verify
   pass, cache rollback, engine overhead), kept per K; an unmeasured K borrows the nearest
-  measured K's time (optimistic upward, which makes the model explore longer chains);
+  measured K's time (optimistic upward, which makes the model explore longer chains); every
+  measurement also rescales the other K's times by the drift it shows (the machine's speed
+  moves them all alike);
 * ``alpha_j`` — position j is *tried* when drafts 1..j-1 were accepted; it scores 1 if
   accepted, 0 if it was the first rejection. After a fully accepted chain the next
   position relaxes slowly toward the chain's last estimate, so a K that was once bad is
@@ -67,7 +69,19 @@ class CostModel:
             self.t_draft = self._update(self.t_draft, seconds / num_tokens, self.ema)
 
     def record_step(self, num_drafted: int, seconds: float) -> None:
-        self.t_step[num_drafted] = self._update(self.t_step.get(num_drafted), seconds, self.ema)
+        """Update ``t_step(num_drafted)``; the other K's times move by the same factor.
+
+        The machine's speed drifts (other jobs, caches, clocks) and moves every K's step time
+        alike, while a K not chosen lately keeps its old time: left alone, a stale K = 2 at
+        3.0 ms next to a fresh K = 1 at 2.0 ms would pin K at 1. The ratios between K's times
+        change only when those K are measured."""
+        old = self.t_step.get(num_drafted)
+        new = self._update(old, seconds, self.ema)
+        if old:
+            drift = new / old
+            for k in self.t_step:
+                self.t_step[k] *= drift
+        self.t_step[num_drafted] = new
 
     def record_acceptance(self, num_drafted: int, num_accepted: int) -> None:
         """Update alpha_j for the tried positions ``1 .. min(num_accepted + 1, num_drafted)``.
