@@ -164,7 +164,7 @@ def _summarise(task: Task, method: str, cell: _Cell, reference: dict[int, list[i
             total.draft_positions += s.draft_positions
             total.accepted_tokens += s.accepted_tokens
         tau = total.mean_accepted_length
-        acceptance = total.acceptance_rate if total.draft_tokens else None
+        acceptance = total.acceptance_rate if total.draft_positions else None
         draft_len = total.draft_tokens / total.verify_steps if total.verify_steps else None
         seconds = sum(s.total_s for s in stats)
         if seconds > 0:

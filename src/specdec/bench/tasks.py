@@ -122,6 +122,14 @@ def encode(text: str, tokenizer, vocab_size: int) -> list[int]:  # type: ignore[
     return [b % vocab_size for b in text.encode("utf-8")]
 
 
+def prompt_room(context: int, new_tokens: int) -> int:
+    """Prompt tokens kept (the last ones) so that the new tokens and a draft chain fit the context."""
+    room = context - new_tokens - 64  # leave room for the draft chain
+    if room < 8:
+        raise ValueError(f"{new_tokens} new tokens do not fit the model's context of {context}")
+    return room
+
+
 def build_tasks(
     names: list[str],
     num_prompts: int,
@@ -139,9 +147,7 @@ def build_tasks(
     tasks = []
     for name in names:
         new_tokens = max_new_tokens if max_new_tokens is not None else DEFAULT_NEW_TOKENS[name]
-        room = context - new_tokens - 64  # leave room for the draft chain
-        if room < 8:
-            raise ValueError(f"{new_tokens} new tokens do not fit the model's context of {context}")
+        room = prompt_room(context, new_tokens)
         sources, prompts = [], []
         for source, text in PROMPT_BUILDERS[name](files, num_prompts):
             ids = encode(text, tokenizer, vocab_size)
@@ -216,9 +222,7 @@ def prompt_file_tasks(
     for name in dict.fromkeys(r.task for r in records):
         mine = [r for r in records if r.task == name]
         new_tokens = max_new_tokens or mine[0].max_new_tokens or DEFAULT_NEW_TOKENS["code"]
-        room = context - new_tokens - 64
-        if room < 8:
-            raise ValueError(f"{new_tokens} new tokens do not fit the model's context of {context}")
+        room = prompt_room(context, new_tokens)
         prompts = []
         for r in mine:
             ids = list(r.prompt) if isinstance(r.prompt, tuple) else encode(r.prompt, tokenizer, vocab_size)
