@@ -183,6 +183,7 @@ def test_own_prompts_file_makes_its_tasks(target_path: Path, good_draft_path: Pa
         ('{"prompt": "a", "max_new_tokens": 0}\n', '"max_new_tokens" must be an integer >= 1'),
         ("{not json\n", "not JSON lines or a JSON list"),
         ("\n\n", "holds no prompt"),
+        ('["fine", {"prompt": []}]', 'mine.jsonl entry 2: "prompt" must be a non-empty string'),
     ],
 )
 def test_bad_prompts_file_is_a_one_line_user_error(tmp_path: Path, capsys, content: str, message: str) -> None:  # type: ignore[no-untyped-def]

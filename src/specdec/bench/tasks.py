@@ -171,21 +171,21 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
     """Prompts of your own: JSON lines (or one JSON list) of objects
     ``{"prompt": "text" or [token ids], "task": "name", "max_new_tokens": 128}`` (``task`` and
     ``max_new_tokens`` are optional: ``custom`` and 128); a bare string is a prompt too.
-    Raises ``ValueError`` naming the file and line of the first bad entry."""
+    Raises ``ValueError`` naming the file and the line (or list entry) of the first bad entry."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read prompts from {path}: {e}") from None
-    stripped = text.lstrip()
     try:
-        if stripped.startswith("["):
-            entries = [(1, item) for item in json.loads(text)]
-        else:
-            entries = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        if text.lstrip().startswith("["):  # one JSON list: entries are named by their number
+            entries = [(f"{path.name} entry {n}", item) for n, item in enumerate(json.loads(text), 1)]
+        else:  # JSON lines: by their line
+            lines = enumerate(text.splitlines(), 1)
+            entries = [(f"{path.name}:{n}", json.loads(line)) for n, line in lines if line.strip()]
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON lines or a JSON list ({e})") from None
-    records = [_prompt_record(item, f"{path.name}:{n}") for n, item in entries]
+    records = [_prompt_record(item, where) for where, item in entries]
     if not records:
         raise ValueError(f"{path} holds no prompt")
     return records
