@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -121,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     except (WidenError, ModelLoadError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    params = sum(t.numel() for t in _tensors(path))
-    print(f"wrote {path} ({params / 1e6:.1f}M parameters)")
+    print(f"wrote {path} ({_parameters(path / 'model.safetensors') / 1e6:.1f}M parameters)")
     return 0
 
 
-def _tensors(path: Path) -> list[torch.Tensor]:
-    with safe_open(path / "model.safetensors", "pt") as f:
-        return [f.get_tensor(name) for name in f.keys()]  # noqa: SIM118
+def _parameters(weights: Path) -> int:
+    """Parameters in a safetensors file, from its header (the tensors are not read)."""
+    with safe_open(weights, "pt") as f:
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
 
 
 if __name__ == "__main__":
