@@ -258,3 +258,40 @@ def test_bfloat16_copies_of_exact_weights_give_identical_results(hf_pair):
         module.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-4
     module.fuse()
     assert module._layer_weights[1].dtype == torch.float32
+
+
+def test_long_prefill_in_one_call_reads_the_float32_originals_and_matches_transformers(tmp_path):
+    # A pass over more than MAX_ROWS tokens (prefill) runs BLAS inside the one-call forward, the MLP
+    # in chunks of 1024 intermediate features (2100 here: three chunks, the last partial). It reads
+    # the float32 originals, not the bfloat16 copies widened on every pass, and gives the same bits.
+    from specdec import kernels
+
+    _needs_kernels()
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**{**SMALL, "intermediate_size": 2100})).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.bfloat16().float())  # a bfloat16 checkpoint: the kernels get exact copies
+    hf.save_pretrained(tmp_path)
+    module = load_model(tmp_path, dtype="float32").module
+    T = kernels.MAX_ROWS + 16
+    compact, _ = module._kernel_weights(1)
+    originals, (embed, head) = module._kernel_weights(T)
+    assert compact[5].dtype == torch.bfloat16
+    assert all(w is None or w.dtype == torch.float32 for w in originals) and head.dtype == torch.float32
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, T), generator=torch.Generator().manual_seed(2))
+    calls = []
+    forward = kernels.model_forward
+    kernels.model_forward = lambda *args: calls.append(args[0].shape) or forward(*args)
+    try:
+        with torch.inference_mode():
+            ours = module(tokens, torch.arange(T), module.new_cache(2, 64))  # (2, T, V)
+            module._prefill_weights = compact  # the copies, widened a chunk at a time
+            widened = module(tokens, torch.arange(T), module.new_cache(2, 64))
+    finally:
+        kernels.model_forward = forward
+    assert calls == [(2, T), (2, T)]
+    assert torch.equal(ours, widened)
+    with torch.no_grad():
+        reference = hf(tokens).logits  # (2, T, V)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)

@@ -187,6 +187,29 @@ inline void silu_mul(const float* gate, const float* up, float* act, int64_t F) 
   }
 }
 
+// Prefill MLP, y (R, d) = down(silu(gate(x)) * up(x)) for x (R, d): torch's BLAS over the
+// intermediate features in chunks of kMlpChunk, so a chunk's gate and up activations stay in cache
+// instead of one (R, 2F) buffer going out to memory and back (1.7x faster on a 32768-wide MLP,
+// the same on a 4x-wide one). bfloat16 weights are widened a chunk at a time.
+constexpr int64_t kMlpChunk = 1024;
+
+void mlp_prefill(const float* x, int64_t R, const at::Tensor& gate_up, const at::Tensor& down, float* y) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const int64_t F = gate_up.size(0) / 2;
+  const at::Tensor xs = at::from_blob(const_cast<float*>(x), {R, gate_up.size(1)}, f32);  // (R, d)
+  at::Tensor out = at::from_blob(y, {R, down.size(0)}, f32);                               // (R, d)
+  out.zero_();
+  for (int64_t c = 0; c < F; c += kMlpChunk) {
+    const int64_t n = std::min(kMlpChunk, F - c);
+    const at::Tensor gate = at::mm(xs, gate_up.narrow(0, c, n).to(at::kFloat).t());  // (R, n)
+    const at::Tensor up = at::mm(xs, gate_up.narrow(0, F + c, n).to(at::kFloat).t());  // (R, n)
+    at::Tensor act = at::empty({R, n}, f32);                                           // (R, n)
+    for (int64_t r = 0; r < R; ++r)
+      silu_mul(gate.data_ptr<float>() + r * n, up.data_ptr<float>() + r * n, act.data_ptr<float>() + r * n, n);
+    out.addmm_(act, down.narrow(1, c, n).to(at::kFloat).t());
+  }
+}
+
 // out (D) = sum_j p[j] v_j over the S values of one head, in slot order; slots with p[j] = 0 (masked)
 // are skipped. Blocks of 64 values keep their 8 accumulators in registers.
 template <typename C>
@@ -281,7 +304,8 @@ void layers(float* h, const Dims& s, int64_t d, const int64_t* pos, const float*
     mask_ptr = mask_rows.data_ptr<bool>();
   }
   const int64_t F2 = weights.get(7 * begin + 5).value().size(0);  // 2 x intermediate size
-  std::vector<float> x(R * d), qkv(R * s.qkv()), att(R * s.H * s.D), gate_up(R * F2), act(R * F2 / 2), tmp(R * d);
+  std::vector<float> x(R * d), qkv(R * s.qkv()), att(R * s.H * s.D), tmp(R * d);
+  std::vector<float> gate_up(few ? R * F2 : 0), act(few ? R * F2 / 2 : 0);  // prefill: mlp_prefill's chunks
   for (int64_t l = begin; l < end; ++l) {
     auto wt = [&](int64_t i) -> at::Tensor { return weights.get(7 * l + i).value(); };
     // attention block
@@ -297,10 +321,14 @@ void layers(float* h, const Dims& s, int64_t d, const int64_t* pos, const float*
     for (int64_t i = 0; i < R * d; ++i) h[i] += tmp[i];
     // MLP block: down(silu(gate) * up)
     norm_rows(h, R, d, wt(4), x.data(), eps);
-    linear(x.data(), R, wt(5), c10::nullopt, gate_up.data(), few);
-    const int64_t F = F2 / 2;
-    for (int64_t r = 0; r < R; ++r) silu_mul(&gate_up[r * F2], &gate_up[r * F2 + F], &act[r * F], F);
-    linear(act.data(), R, wt(6), c10::nullopt, tmp.data(), few);
+    if (few) {
+      linear(x.data(), R, wt(5), c10::nullopt, gate_up.data(), few);
+      const int64_t F = F2 / 2;
+      for (int64_t r = 0; r < R; ++r) silu_mul(&gate_up[r * F2], &gate_up[r * F2 + F], &act[r * F], F);
+      linear(act.data(), R, wt(6), c10::nullopt, tmp.data(), few);
+    } else {
+      mlp_prefill(x.data(), R, wt(5), wt(6), tmp.data());
+    }
     for (int64_t i = 0; i < R * d; ++i) h[i] += tmp[i];
   }
 }

@@ -230,6 +230,10 @@ class Transformer(nn.Module):
         self._layer_weights: list[torch.Tensor | None] | None = None  # set by fuse()
         # (embedding, lm_head) the kernels read, set by fuse(); a tuple, so not registered as parameters
         self._kernel_io: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The same for prefill (more than kernels.MAX_ROWS tokens, torch's BLAS): the float32
+        # originals, which BLAS reads as they are (the bfloat16 copies would be widened per pass).
+        self._prefill_weights: list[torch.Tensor | None] | None = None
+        self._prefill_io: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fuse(self) -> None:
         """Fuse q/k/v and gate/up projections for inference (see :meth:`Attention.fuse`).
@@ -245,7 +249,16 @@ class Transformer(nn.Module):
             weights += layer.kernel_weights()
         self._layer_weights = weights  # 7 per layer, the order kernels.decoder_layers reads
         self._kernel_io = (self.model.embed_tokens.weight, self.lm_head.weight)
+        self._prefill_weights, self._prefill_io = list(weights), self._kernel_io
         self._compact_weights()
+
+    def _kernel_weights(self, num_tokens: int) -> tuple[list[torch.Tensor | None], tuple[torch.Tensor, ...]]:
+        """The weights the kernels read for a pass over ``num_tokens`` tokens per sequence, and
+        ``(embedding, lm_head)``: the compact copies for decoding and verification, the float32
+        originals for prefill. Both give the same values."""
+        if num_tokens > kernels.MAX_ROWS:
+            return self._prefill_weights, self._prefill_io  # type: ignore[return-value]
+        return self._layer_weights, self._kernel_io  # type: ignore[return-value]
 
     def _compact_weights(self) -> None:
         """Swap every product's weight the kernels read for its exact bfloat16 copy, if all have one."""
@@ -334,10 +347,10 @@ class Transformer(nn.Module):
         slots, attn_mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
         layers = layers if layers is not None else range(len(self.model.layers))
         if self._layer_weights is not None and layers.step == 1 and kernels.fused_layers_apply(h):
-            cfg = self.config
+            cfg, (weights, _) = self.config, self._kernel_weights(h.shape[1])
             return kernels.decoder_layers(  # the loop below in one C++ call
                 h, input_pos, self.inv_freq, cache.k, cache.v, slots, attn_mask, kv_len, layers.start,
-                layers.stop, self._layer_weights, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                layers.stop, weights, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.rms_norm_eps,
             )  # fmt: skip
         cos, sin = self.rope(input_pos, h.dtype)
@@ -366,10 +379,10 @@ class Transformer(nn.Module):
         if self._layer_weights is not None and kernels.fused_layers_apply(self.lm_head.weight):
             # The module path below in one C++ call (CPU; float32 activations whatever the weights).
             slots, mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
-            cfg, (embed, head) = self.config, self._kernel_io  # type: ignore[misc]
+            cfg, (weights, (embed, head)) = self.config, self._kernel_weights(tokens.shape[1])
             logits, h = kernels.model_forward(
                 tokens, input_pos, self.inv_freq, embed, cache.k, cache.v, slots,
-                mask, kv_len, self._layer_weights, self.model.norm.weight, head,
+                mask, kv_len, weights, self.model.norm.weight, head,
                 num_logits or tokens.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.rms_norm_eps,
             )  # fmt: skip
