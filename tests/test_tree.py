@@ -154,6 +154,25 @@ def test_synthetic_test_detects_a_missing_residual_update(monkeypatch):
     assert chisquare(counts.ravel(), f_exp * counts.sum() / f_exp.sum()).pvalue < 1e-6
 
 
+def test_recursive_rejection_reads_each_nodes_tests_back_at_once(monkeypatch):
+    """The acceptance tests of a node's children come back to the host in one transfer (a GPU
+    sync each), not one per child: here a root with four children, all rejected (the target puts
+    no mass on them), then the recovered token from the residual."""
+    V = 8
+    target = torch.zeros(2, V)
+    target[:, 5:] = 1 / 3  # (2, V): nothing on tokens 0-3
+    transfers = []
+    for name in ("tolist", "item", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda t, *a, _f=original, _n=name: transfers.append(_n) or _f(t, *a)
+        )
+    result = verify_tree_rejection(tree([0, 1, 2, 3], [-1] * 4), target, torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert result.num_accepted == 0 and result.tokens[0] in (5, 6, 7)
+    assert transfers == ["tolist", "tolist", "tolist"]  # tokens, parents, the four tests together
+
+
 # ---------------------------------------------------------------------------- engine
 @pytest.fixture(scope="module")
 def target(target_path):

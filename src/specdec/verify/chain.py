@@ -77,7 +77,7 @@ def residual_probs(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> tor
     residual is empty (only possible when the two distributions are equal)."""
     residual = (target_probs - draft_probs).clamp_min(0)
     total = residual.sum()
-    return residual / total if total > 0 else target_probs
+    return torch.where(total > 0, residual / total, target_probs)  # no host sync
 
 
 def verify_rejection(

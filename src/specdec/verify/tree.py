@@ -134,6 +134,34 @@ def verify_tree_greedy(tree: DraftTree, target_logits: torch.Tensor) -> VerifyRe
     return _result(path, tokens, target_tokens[row], len(parents), bonus=not children[row])
 
 
+def _try_siblings(
+    probs: torch.Tensor,  # (V,) the target's distribution at the node
+    kids: list[int],
+    tokens: list[int],
+    draft_probs: torch.Tensor | None,  # (N, V) or None (one-hot drafts)
+    u: torch.Tensor,  # (N,) one uniform per node
+) -> tuple[int, torch.Tensor]:
+    """One node's rounds of recursive rejection, computed on the device for all its children in
+    order: the first accepted child (-1: none) and the residual ``(V,)`` after every child was
+    rejected. The acceptance tests come back to the host together, one sync per node instead of
+    one per child; a round after the accepted child is computed and thrown away."""
+    flags = []
+    for c in kids:
+        x = tokens[c]
+        if draft_probs is not None:
+            draft_row = draft_probs[c]  # (V,)
+            uq = u[c] * draft_row[x]
+        else:
+            draft_row = torch.zeros_like(probs)
+            draft_row[x] = 1.0
+            uq = u[c]
+        flags.append(uq < probs[x])  # accept with probability min(1, p/q), float32 as the chain
+        probs = residual_probs(probs, draft_row)
+    accepted = torch.stack(flags).tolist()
+    first = next((c for c, ok in zip(kids, accepted, strict=True) if ok), -1)
+    return first, probs
+
+
 def verify_tree_rejection(
     tree: DraftTree,
     target_probs: torch.Tensor,  # (N+1, V), already temperature / top-k / top-p processed
@@ -149,22 +177,8 @@ def verify_tree_rejection(
     while True:
         if not children[row]:
             return _result(path, tokens, int(sample(target_probs[row], generator)), N, bonus=True)
-        probs = target_probs[row]  # (V,) the current residual
-        accepted = -1
-        for c in children[row]:
-            x = tokens[c]
-            if tree.draft_probs is not None:
-                draft_row = tree.draft_probs[c]  # (V,)
-                uq = u[c] * draft_row[x]
-            else:
-                draft_row = torch.zeros_like(probs)
-                draft_row[x] = 1.0
-                uq = u[c]
-            if bool(uq < probs[x]):  # accept with probability min(1, p/q), float32 as the chain
-                accepted = c
-                break
-            probs = residual_probs(probs, draft_row)
+        accepted, residual = _try_siblings(target_probs[row], children[row], tokens, tree.draft_probs, u)
         if accepted < 0:
-            return _result(path, tokens, int(sample(probs, generator)), N, bonus=False)
+            return _result(path, tokens, int(sample(residual, generator)), N, bonus=False)
         path.append(accepted)
         row = accepted + 1
