@@ -390,3 +390,39 @@ def test_eagle_head_layer_runs_in_one_call_like_the_module_path(target):
     finally:
         kernels.fused_layers_apply = apply
     torch.testing.assert_close(changed, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eagle_head_saved_in_bfloat16_reads_exact_copies_with_the_same_bits(target):
+    # A head saved in bfloat16 and loaded in float32 (the shipped one) drafts through bfloat16
+    # copies of its products (fc and the layer): half the bytes, bit-identical features.
+    from specdec import kernels
+
+    if kernels.load() is None:
+        assert not os.environ.get("CI"), kernels.status()
+        pytest.skip(kernels.status())
+    head = random_head("eagle", target, seed=5)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(p.bfloat16().float())
+    d = target.config.hidden_size
+    gen = torch.Generator().manual_seed(1)
+    embeds, feats = torch.randn(1, 5, d, generator=gen), torch.randn(1, 5, d, generator=gen)
+
+    def run():  # type: ignore[no-untyped-def]
+        with torch.inference_mode():
+            return head(embeds, feats, torch.arange(5)[None], head.new_cache(1, 16))
+
+    compact = run()
+    with torch.inference_mode():
+        fc, weights = head._kernel_copies(embeds)  # type: ignore[misc]
+    assert fc.dtype == torch.bfloat16 and weights[5].dtype == torch.bfloat16
+    exact = kernels.exact_bfloat16
+    kernels.exact_bfloat16 = lambda weight: None  # keep the float32 weights
+    try:
+        head._kernel_weights = None
+        full = run()
+        with torch.inference_mode():
+            assert head._kernel_copies(embeds)[0].dtype == torch.float32  # type: ignore[index]
+    finally:
+        kernels.exact_bfloat16 = exact
+    assert torch.equal(compact, full)

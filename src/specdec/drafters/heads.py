@@ -104,7 +104,7 @@ class EagleHead(nn.Module):
         self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.layer = DecoderLayer(cfg, layer_idx=0)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self._kernel_weights: tuple[tuple[tuple[int, int], ...], list[torch.Tensor | None]] | None = None
+        self._kernel_weights: tuple[Any, ...] | None = None  # (key, float32 weights, compact weights)
 
     def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
         cfg, p = self.config, self.fc.weight
@@ -122,15 +122,16 @@ class EagleHead(nn.Module):
         cache_slots: torch.Tensor | None = None,  # (B, T); defaults to input_pos
     ) -> torch.Tensor:
         """Predicted features ``f_{t+1}`` ``(B, T, d)``; writes keys/values at ``cache_slots``."""
-        x = self.fc(torch.cat([token_embeds, features], dim=-1))  # (B, T, d)
+        inputs = torch.cat([token_embeds, features], dim=-1)  # (B, T, 2d)
+        copies = self._kernel_copies(inputs)
+        x = kernels.linear(inputs, copies[0]) if copies is not None else self.fc(inputs)  # (B, T, d)
         if attn_mask is None:
             mask = causal_mask(input_pos, int(input_pos.max()) + 1)  # (B, 1, T, S)
         else:
             mask = attn_mask[:, None]
         slots = input_pos if cache_slots is None else cache_slots
-        weights = self._layer_weights(x)
-        if weights is not None:  # the layer below in one C++ call (inference on a CPU)
-            cfg = self.config
+        if copies is not None:  # the layer below in one C++ call (inference on a CPU)
+            cfg, weights = self.config, copies[1]
             return kernels.decoder_layers(
                 x, input_pos, self.inv_freq, cache.k, cache.v, slots, mask, mask.shape[-1], 0, 1, weights,
                 cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
@@ -140,16 +141,29 @@ class EagleHead(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         return self.layer(x, cos, sin, cache, slots, mask)  # type: ignore[no-any-return]
 
-    def _layer_weights(self, x: torch.Tensor) -> list[torch.Tensor | None] | None:
-        """The layer's weights in ``kernels.decoder_layers``' order (q/k/v and gate/up fused into
-        copies, remade whenever a parameter changes, so training the head stays possible), or
-        None where the kernels do not apply (autograd, another device, no kernels)."""
-        if not kernels.fused_layers_apply(x):
+    def _kernel_copies(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:
+        """``(fc weight, the layer's weights in kernels.decoder_layers' order)`` for the kernels,
+        or None where they do not apply (autograd, another device, no kernels). q/k/v and gate/up
+        are fused into copies; for passes of up to ``kernels.MAX_ROWS`` tokens every product
+        weight is its exact bfloat16 copy where all have one (a head saved in bfloat16: the same
+        bits from half the bytes, as :meth:`Transformer.fuse` does for the target). Remade
+        whenever a parameter changes, so training the head stays possible."""
+        if not kernels.fused_layers_apply(inputs):
             return None
-        key = tuple((p.data_ptr(), p._version) for p in self.layer.parameters())
+        params = [self.fc.weight, *self.layer.parameters()]
+        key = tuple((p.data_ptr(), p._version) for p in params)
         if self._kernel_weights is None or self._kernel_weights[0] != key:
-            self._kernel_weights = (key, self.layer.kernel_weights())
-        return self._kernel_weights[1]
+            weights = self.layer.kernel_weights()
+            products = [i for i in (1, 3, 5, 6) if weights[i] is not None]
+            copies = [kernels.exact_bfloat16(w) for w in [self.fc.weight, *(weights[i] for i in products)]]
+            compact = list(weights)
+            if all(c is not None for c in copies):
+                for i, c in zip(products, copies[1:], strict=True):
+                    compact[i] = c
+            fc = copies[0] if all(c is not None for c in copies) else self.fc.weight
+            self._kernel_weights = (key, (self.fc.weight, weights), (fc, compact))
+        rows = inputs.numel() // inputs.shape[-1]
+        return self._kernel_weights[2] if rows <= kernels.MAX_ROWS else self._kernel_weights[1]
 
     def settings(self) -> dict[str, Any]:
         return {"intermediate_size": self.config.intermediate_size}
