@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 (long: 512)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per prompt (median is kept)")
     p.add_argument("--num-draft-tokens", "-k", type=int, default=4, help="K of the fixed-K drafters")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="early-exit / medusa / eagle: score drafts over the N most frequent tokens of the target's draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -114,6 +115,8 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.draft_vocab is not None and args.draft_vocab < 0:
+        raise UserError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
     methods = available_methods() if args.methods == "all" else _csv(args.methods)
     tasks = _csv(args.tasks)
     try:
@@ -139,6 +142,7 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         max_new_tokens=args.max_new_tokens,
         runs=args.runs,
         num_draft_tokens=args.num_draft_tokens,
+        draft_vocab=args.draft_vocab,
         dtype=args.dtype,
         device=args.device,
         prompts_file=None if args.prompts is None else str(args.prompts),

@@ -112,7 +112,9 @@ def parse_method(name: str, default_k: int) -> tuple[str, int, int]:
     return base, int(k), int(width)
 
 
-def build_method(name: str, target: LoadedModel, draft: str, default_k: int, hf_cache: dict) -> Method:  # type: ignore[type-arg]
+def build_method(  # type: ignore[type-arg]
+    name: str, target: LoadedModel, draft: str, default_k: int, hf_cache: dict, draft_vocab: int | None = None
+) -> Method:
     """Build one method. ``hf_cache`` shares the loaded HF models between ``hf`` methods."""
     base, k, width = parse_method(name, default_k)
     if base in HF_METHODS:
@@ -127,6 +129,7 @@ def build_method(name: str, target: LoadedModel, draft: str, default_k: int, hf_
         return HFMethod(name, hf_cache["target"], hf_cache["draft"])
     dtype = str(target.dtype).removeprefix("torch.")
     drafter = make_drafter(
-        "none" if base == "plain" else base, DrafterSpec(target, draft, k, dtype, tree_width=width)
+        "none" if base == "plain" else base,
+        DrafterSpec(target, draft, k, dtype, tree_width=width, draft_vocab=draft_vocab),
     )
     return SpecdecMethod(name, SpeculativeGenerator(target, drafter))

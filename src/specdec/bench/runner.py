@@ -44,6 +44,7 @@ class BenchConfig:
     max_new_tokens: int | None = None  # None: the task's default
     runs: int = 3
     num_draft_tokens: int = 4
+    draft_vocab: int | None = None  # head drafters' draft vocabulary (None: the drafters' default)
     dtype: str = "auto"
     device: str = "cpu"
     prompts_file: str | None = None  # your own prompts instead of ``tasks`` (tasks.read_prompt_file)
@@ -260,7 +261,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     hf_cache: dict = {}  # type: ignore[type-arg]
     for name in methods:
         try:
-            built[name] = build_method(name, target, config.draft, config.num_draft_tokens, hf_cache)
+            built[name] = build_method(
+                name, target, config.draft, config.num_draft_tokens, hf_cache, config.draft_vocab
+            )
         except Exception as e:  # a drafter that cannot be built is reported, not fatal
             errors[name] = f"{type(e).__name__}: {e}"
     if "plain" not in built:
@@ -303,4 +306,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     meta["target"] = _model_info(target)
     meta["draft"] = _draft_info(config.draft)
     meta["errors"] = errors
+    meta["draft_vocab"] = {  # methods whose heads score a reduced vocabulary: its size
+        name: len(vocab)
+        for name, method in built.items()
+        if (vocab := getattr(getattr(getattr(method, "generator", None), "drafter", None), "draft_vocab", None))
+    }
     return BenchResult(config, meta, rows, {t.name: list(t.sources) for t in tasks})

@@ -55,6 +55,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="trained heads for early-exit / medusa / eagle (default: <target>/<method>)",
     )
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="early-exit / medusa / eagle: score drafts over the N most frequent tokens of the target's draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -92,6 +93,8 @@ def build_generator(args: argparse.Namespace) -> SpeculativeGenerator:
     set_threads(args, target)
     if args.tree_width < 1 or (args.max_tree_nodes is not None and args.max_tree_nodes < 1):
         raise UserError("--tree-width and --max-tree-nodes must be >= 1")
+    if args.draft_vocab is not None and args.draft_vocab < 0:
+        raise UserError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
     spec = DrafterSpec(
         target,
         args.draft,
@@ -100,6 +103,7 @@ def build_generator(args: argparse.Namespace) -> SpeculativeGenerator:
         heads=args.heads,
         tree_width=args.tree_width,
         max_tree_nodes=args.max_tree_nodes,
+        draft_vocab=args.draft_vocab,
     )
     try:
         drafter = make_drafter(args.drafter, spec)

@@ -43,6 +43,7 @@ import torch
 
 from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, check_draft_shape
 from specdec.drafters.heads import EagleHead, pick_tokens, resolve_head
+from specdec.drafters.vocab import DraftVocab, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs
 from specdec.verify.chain import VerifyResult
@@ -52,6 +53,8 @@ class EagleDrafter:
     """Propose a chain of ``num_draft_tokens`` with an EAGLE head.
 
     ``head``: an EagleHead, a head folder, or None for ``<target folder>/eagle/``.
+    ``draft_vocab``: tokens the head scores (see :mod:`specdec.drafters.vocab`): a size, a
+    :class:`DraftVocab`, 0 for the full vocabulary, None for the default.
     """
 
     needs_hidden = True  # the engine passes the verify pass's hidden states to on_verified
@@ -63,12 +66,15 @@ class EagleDrafter:
         num_draft_tokens: int = 4,
         tree_width: int = 1,
         max_tree_nodes: int | None = None,
+        draft_vocab: int | DraftVocab | None = None,
     ) -> None:
         self.max_tree_nodes = check_draft_shape(num_draft_tokens, tree_width, max_tree_nodes)
         self.tree_width = tree_width
         self.target = target
         self.head = resolve_head(head, target.path, target.config, "eagle", target.dtype, target.device)
         assert isinstance(self.head, EagleHead)
+        self.draft_vocab = resolve_draft_vocab(target, draft_vocab)
+        self._project = self.draft_vocab.project if self.draft_vocab is not None else target.module.project
         self.num_draft_tokens = num_draft_tokens
         capacity = target.max_seq_len + self.max_tree_nodes
         self.cache = self.head.new_cache(1, capacity)
@@ -122,7 +128,7 @@ class EagleDrafter:
             return proposal
         tokens, probs = [], []
         for i in range(K):
-            logits = self.target.module.project(feature)[None]  # (1, V)
+            logits = self._project(feature)[None]  # (1, V)
             token, draft_probs = pick_tokens(logits, ctx.sampling, ctx.generator)
             tokens.append(token[0])
             if draft_probs is not None:
@@ -147,7 +153,7 @@ class EagleDrafter:
         ancestors: dict[int, list[int]] = {-1: []}  # expanded node -> its expanded path, itself included
         frontier = [(-1, root_feature)]  # (expanded node, the head's feature after it)
         for depth in range(1, K + 1):
-            logits = self.target.module.project(torch.stack([f for _, f in frontier]))  # (E, V)
+            logits = self._project(torch.stack([f for _, f in frontier]))  # (E, V)
             probs = logits.float().softmax(-1) if greedy else logits_to_probs(logits, ctx.sampling)  # (E, V)
             expandable: list[tuple[int, int]] = []  # (node, frontier entry of its parent)
             for e, (parent, _) in enumerate(frontier):

@@ -30,6 +30,7 @@ import torch
 
 from specdec.drafters.base import DraftContext, DraftProposal, TargetOutput, check_draft_shape, empty_proposal
 from specdec.drafters.heads import ExitHead, pick_tokens, resolve_head
+from specdec.drafters.vocab import DraftVocab, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
 from specdec.verify.chain import VerifyResult
 
@@ -38,15 +39,23 @@ class EarlyExitDrafter:
     """Draft with the target's first ``head.exit_layer`` layers and an :class:`ExitHead`.
 
     ``head``: an ExitHead, a head folder, or None for ``<target folder>/early-exit/``.
+    ``draft_vocab``: tokens the head scores (see :mod:`specdec.drafters.vocab`): a size, a
+    :class:`DraftVocab`, 0 for the full vocabulary, None for the default.
     """
 
     def __init__(
-        self, target: LoadedModel, head: ExitHead | str | Path | None = None, num_draft_tokens: int = 4
+        self,
+        target: LoadedModel,
+        head: ExitHead | str | Path | None = None,
+        num_draft_tokens: int = 4,
+        draft_vocab: int | DraftVocab | None = None,
     ) -> None:
         check_draft_shape(num_draft_tokens)
         self.target = target
         self.head = resolve_head(head, target.path, target.config, "early-exit", target.dtype, target.device)
         assert isinstance(self.head, ExitHead)
+        self.draft_vocab = resolve_draft_vocab(target, draft_vocab)
+        self._project = self.draft_vocab.project if self.draft_vocab is not None else target.module.project
         self.num_draft_tokens = num_draft_tokens
         self.exit_layer = self.head.exit_layer
         self.cache = target.module.new_cache(1, num_layers=self.exit_layer)
@@ -68,7 +77,7 @@ class EarlyExitDrafter:
         h = module.model.embed_tokens(tokens)  # (1, T, d)
         h = module.run_layers(h, pos, self.cache, layers=range(self.exit_layer))  # (1, T, d)
         self.cache.truncate(start + tokens.shape[1])
-        return module.project(self.head(h[0, -1]))
+        return self._project(self.head(h[0, -1]))
 
     def propose(self, ctx: DraftContext) -> DraftProposal:
         n = len(ctx.token_ids)

@@ -34,6 +34,7 @@ import torch
 
 from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, check_draft_shape
 from specdec.drafters.heads import MedusaHeads, pick_tokens, resolve_head
+from specdec.drafters.vocab import DraftVocab, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs, sample
 from specdec.verify.chain import VerifyResult
@@ -43,6 +44,8 @@ class MedusaDrafter:
     """Propose ``num_draft_tokens`` (<= the number of heads) tokens from Medusa heads.
 
     ``heads``: a MedusaHeads, a head folder, or None for ``<target folder>/medusa/``.
+    ``draft_vocab``: tokens the head scores (see :mod:`specdec.drafters.vocab`): a size, a
+    :class:`DraftVocab`, 0 for the full vocabulary, None for the default.
     """
 
     needs_hidden = True  # the engine passes the verify pass's hidden states to on_verified
@@ -54,10 +57,13 @@ class MedusaDrafter:
         num_draft_tokens: int | None = None,
         tree_width: int = 1,
         max_tree_nodes: int | None = None,
+        draft_vocab: int | DraftVocab | None = None,
     ) -> None:
         self.target = target
         self.heads = resolve_head(heads, target.path, target.config, "medusa", target.dtype, target.device)
         assert isinstance(self.heads, MedusaHeads)
+        self.draft_vocab = resolve_draft_vocab(target, draft_vocab)
+        self._project = self.draft_vocab.project if self.draft_vocab is not None else target.module.project
         K = num_draft_tokens if num_draft_tokens is not None else self.heads.num_heads
         if not isinstance(K, int) or not 1 <= K <= self.heads.num_heads:
             raise ValueError(
@@ -84,7 +90,7 @@ class MedusaDrafter:
             # only to have the verify pass compute the hidden states.
             return DraftProposal(torch.tensor([ctx.token_ids[-1]], device=self.target.device))
         features = self.heads(self._hidden)[:K]  # (K, d)
-        logits = self.target.module.project(features)  # (K, V)
+        logits = self._project(features)  # (K, V)
         if self.tree_width == 1:
             tokens, draft_probs = pick_tokens(logits, ctx.sampling, ctx.generator)
             return DraftProposal(tokens, draft_probs)

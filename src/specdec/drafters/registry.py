@@ -20,6 +20,7 @@ class DrafterSpec:
     heads: str | None = None  # trained heads folder (early-exit / medusa / eagle); default <target>/<method>
     tree_width: int = 1  # draft / ngram / staged / medusa / eagle: siblings per tree node (1 = a chain)
     max_tree_nodes: int | None = None  # draft / ngram / medusa / eagle: tree node budget (default K * tree_width)
+    draft_vocab: int | None = None  # early-exit / medusa / eagle: tokens scored (None: default, 0: all)
 
 
 def _draft_model(spec: DrafterSpec) -> Drafter:
@@ -51,19 +52,23 @@ def _adaptive(spec: DrafterSpec) -> Drafter:
 def _early_exit(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.early_exit import EarlyExitDrafter
 
-    return EarlyExitDrafter(spec.target, spec.heads, spec.num_draft_tokens)
+    return EarlyExitDrafter(spec.target, spec.heads, spec.num_draft_tokens, spec.draft_vocab)
 
 
 def _medusa(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.medusa import MedusaDrafter
 
-    return MedusaDrafter(spec.target, spec.heads, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes)
+    return MedusaDrafter(
+        spec.target, spec.heads, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes, spec.draft_vocab
+    )
 
 
 def _eagle(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.eagle import EagleDrafter
 
-    return EagleDrafter(spec.target, spec.heads, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes)
+    return EagleDrafter(
+        spec.target, spec.heads, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes, spec.draft_vocab
+    )
 
 
 DRAFTERS: dict[str, Callable[[DrafterSpec], Drafter]] = {

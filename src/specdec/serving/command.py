@@ -44,7 +44,9 @@ def make_drafting(
         draft = load_model(args.draft, dtype=args.dtype, device=args.device)
         check_compatible(target, draft)
         return BatchDraftModel(draft, args.num_draft_tokens)
-    spec = DrafterSpec(target, args.draft, args.num_draft_tokens, args.dtype, heads=args.heads)
+    spec = DrafterSpec(
+        target, args.draft, args.num_draft_tokens, args.dtype, heads=args.heads, draft_vocab=args.draft_vocab
+    )
     try:
         built = [make_drafter(args.drafter, spec)]  # built once up front: bad names fail here
     except ValueError as e:

@@ -5,6 +5,7 @@
     specdec train draft --teacher runs/target --out runs/draft --max-minutes 15
     specdec train draft --teacher runs/target --no-distill --out runs/draft-data
     specdec train heads ...            (see specdec.train.heads)
+    specdec train draft-vocab --target runs/target   (token ranking for the head drafters)
 
 Models train on the Python standard library corpus (:mod:`specdec.train.corpus`) and are
 saved as Hugging Face folders (``LlamaForCausalLM``) with the tokenizer files copied in.
@@ -63,6 +64,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common(draft, DRAFT_SHAPE, TrainConfig(lr=3e-3))
     draft.set_defaults(_train_run=run_draft)
 
+    vocab = sub.add_parser(
+        "draft-vocab", help="rank the target's tokens by frequency for the head drafters (draft_vocab.json)"
+    )
+    vocab.add_argument("--target", default="demo-target", help="target folder or demo-target")
+    vocab.add_argument(
+        "--files",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="text files to count (default: the corpus train split)",
+    )
+    vocab.add_argument(
+        "--out", type=Path, default=None, help="folder for draft_vocab.json (default: the target's)"
+    )
+    vocab.set_defaults(_train_run=run_draft_vocab)
+
     heads = sub.add_parser("heads", help="train Medusa / EAGLE-style drafter heads on a target")
     try:
         module = importlib.import_module("specdec.train.heads")
@@ -77,6 +94,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     return int(args._train_run(args) or 0)
+
+
+def run_draft_vocab(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from specdec.drafters.vocab import rank_tokens, write_draft_vocab
+    from specdec.models.config import ModelConfig
+    from specdec.models.loading import resolve_path
+    from specdec.models.tokenizer import Tokenizer
+
+    folder = resolve_path(args.target)
+    cfg, tokenizer = ModelConfig.from_folder(folder), Tokenizer.from_folder(folder)
+    if tokenizer is None:
+        raise UserError(f"{folder} has no tokenizer: cannot count tokens")
+    if args.files:
+        missing = [f for f in args.files if not f.is_file()]
+        if missing:
+            raise UserError(f"no such file: {missing[0]}")
+        texts, source = [f.read_text(encoding="utf-8", errors="replace") for f in args.files], "files"
+    else:
+        texts, source = read_split("train"), "corpus train split"
+    ids = [
+        t for text in texts for t in tokenizer.encode(text, add_special_tokens=False) if t < cfg.vocab_size
+    ]
+    if not ids:
+        raise UserError("the texts give no tokens to count")
+    ranking = rank_tokens(ids, cfg.vocab_size)
+    path = write_draft_vocab(args.out or folder, ranking, len(ids), f"{source}, {len(texts)} texts")
+    counts = Counter(ids)
+    cover = ", ".join(
+        f"{n}: {sum(counts.get(t, 0) for t in ranking[:n]) / len(ids):.1%}"
+        for n in (cfg.vocab_size // 8, cfg.vocab_size // 4, cfg.vocab_size // 2)
+    )
+    print(
+        f"ranked {cfg.vocab_size} tokens by {len(ids)} counted in {len(texts)} texts; covered by the top {cover}"
+    )
+    print(f"wrote {path}")
+    return 0
 
 
 def run_tokenizer(args: argparse.Namespace) -> int:
