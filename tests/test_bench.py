@@ -192,3 +192,27 @@ def test_bad_prompts_file_is_a_one_line_user_error(tmp_path: Path, capsys, conte
     assert main(["bench", "--prompts", str(prompts), "--quick"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_head_drafters_bench_with_a_reduced_draft_vocabulary(target_path: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from specdec import load_model
+    from specdec.drafters.heads import new_head, save_head
+    from specdec.drafters.vocab import write_draft_vocab
+
+    folder = tmp_path / "target"
+    shutil.copytree(target_path, folder)
+    cfg = load_model(folder, dtype="float32").config
+    save_head(new_head("eagle", cfg), folder / "eagle", cfg)
+    write_draft_vocab(folder, list(range(cfg.vocab_size)), 1, "test")
+    out = tmp_path / "out"
+    argv = ["bench", "--quick", "--threads", "1", "--no-progress", "--out", str(out), "--target", str(folder)]
+    assert main([*argv, "--methods", "plain,eagle", "--draft-vocab", "16"]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert data["meta"]["draft_vocab"] == {"eagle": 16}
+    assert all(r["identical"] and r["error"] is None for r in data["rows"])
+    assert "score the most frequent tokens only (draft_vocab.json): eagle 16" in (out / "bench.md").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--methods", "plain,eagle", "--draft-vocab", "-2"]) == 2
+    assert "--draft-vocab must be >= 0" in capsys.readouterr().err
