@@ -32,7 +32,15 @@ from torch import nn
 from specdec import kernels
 from specdec.cache import KVCache
 from specdec.models.config import ModelConfig, ModelLoadError
-from specdec.models.llama import DecoderLayer, Linear, RMSNorm, Transformer, causal_mask, rope_inv_freq
+from specdec.models.llama import (
+    DecoderLayer,
+    Linear,
+    RMSNorm,
+    Transformer,
+    causal_mask,
+    compact_copies,
+    rope_inv_freq,
+)
 from specdec.sampling import SamplingParams, logits_to_probs, sample
 
 METHODS = ("early-exit", "medusa", "eagle")
@@ -154,13 +162,8 @@ class EagleHead(nn.Module):
         key = tuple((p.data_ptr(), p._version) for p in params)
         if self._kernel_weights is None or self._kernel_weights[0] != key:
             weights = self.layer.kernel_weights()
-            products = [i for i in (1, 3, 5, 6) if weights[i] is not None]
-            copies = [kernels.exact_bfloat16(w) for w in [self.fc.weight, *(weights[i] for i in products)]]
-            compact = list(weights)
-            if all(c is not None for c in copies):
-                for i, c in zip(products, copies[1:], strict=True):
-                    compact[i] = c
-            fc = copies[0] if all(c is not None for c in copies) else self.fc.weight
+            copies = compact_copies(weights, [self.fc.weight])
+            compact, (fc,) = copies if copies is not None else (weights, [self.fc.weight])
             self._kernel_weights = (key, (self.fc.weight, weights), (fc, compact))
         rows = inputs.numel() // inputs.shape[-1]
         return self._kernel_weights[2] if rows <= kernels.MAX_ROWS else self._kernel_weights[1]

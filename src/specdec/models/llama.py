@@ -90,6 +90,26 @@ def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None
     return weight, bias
 
 
+def compact_copies(
+    weights: list[torch.Tensor | None], extra: list[torch.Tensor]
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor]] | None:
+    """``weights`` (7 per layer, the order ``kernels.decoder_layers`` reads) with every product
+    matrix swapped for its exact bfloat16 copy, and the copies of the ``extra`` matrices; None if
+    one of them has none (a model keeps one kernel path). Widening back is exact, so the kernels
+    give the same bits from half the bytes."""
+    products = [i for i in range(len(weights)) if i % 7 in (1, 3, 5, 6) and weights[i] is not None]
+    copies = []
+    for weight in [*(weights[i] for i in products), *extra]:
+        copy = kernels.exact_bfloat16(weight)  # type: ignore[arg-type]
+        if copy is None:
+            return None
+        copies.append(copy)
+    compact = list(weights)
+    for i, copy in zip(products, copies, strict=False):
+        compact[i] = copy
+    return compact, copies[len(products) :]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -249,7 +269,7 @@ class Transformer(nn.Module):
             weights += layer.kernel_weights()
         self._layer_weights = weights  # 7 per layer, the order kernels.decoder_layers reads
         self._kernel_io = (self.model.embed_tokens.weight, self.lm_head.weight)
-        self._prefill_weights, self._prefill_io = list(weights), self._kernel_io
+        self._prefill_weights, self._prefill_io = weights, self._kernel_io
         self._compact_weights()
 
     def _kernel_weights(self, num_tokens: int) -> tuple[list[torch.Tensor | None], tuple[torch.Tensor, ...]]:
@@ -265,18 +285,12 @@ class Transformer(nn.Module):
         weights = self._layer_weights
         if weights is None or self.lm_head.weight.device.type != "cpu" or kernels.load() is None:
             return  # (the kernels are CPU-only: no need to build them for a model on another device)
-        products = [i for i in range(len(weights)) if i % 7 in (1, 3, 5, 6) and weights[i] is not None]
         embed, head = self._kernel_io  # type: ignore[misc]
-        originals = [weights[i] for i in products] + [embed] + ([] if head is embed else [head])
-        copies = []
-        for weight in originals:
-            copy = kernels.exact_bfloat16(weight)  # type: ignore[arg-type]
-            if copy is None:
-                return  # one weight needs float32: keep them all (one kernel path per model)
-            copies.append(copy)
-        for i, copy in zip(products, copies, strict=False):
-            weights[i] = copy
-        self._kernel_io = (copies[len(products)], copies[-1])
+        compact = compact_copies(weights, [embed] + ([] if head is embed else [head]))
+        if compact is None:
+            return  # one weight needs float32: keep them all
+        self._layer_weights, io = compact
+        self._kernel_io = (io[0], io[-1])
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # .to() / .float() convert each parameter on its own: rebuild the fused matrices after.
