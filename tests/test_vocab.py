@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def bf16_target(tmp_path_factory):
 
 
 def test_ranking_file_round_trips_and_bad_files_are_user_errors(tmp_path):
-    ranking = rank_tokens([3, 3, 1, 3, 1, 7], vocab_size=8)
+    ranking = rank_tokens(Counter([3, 3, 1, 3, 1, 7]), vocab_size=8)
     assert ranking == [3, 1, 7, 0, 2, 4, 5, 6]  # by count, ties and unseen ids by id
     write_draft_vocab(tmp_path / "new", ranking, counted_tokens=6, source="test")  # creates the folder
     assert read_draft_vocab(tmp_path / "new", 8) == ranking

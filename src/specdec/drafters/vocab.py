@@ -21,22 +21,20 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from specdec import kernels
 from specdec.models.config import ModelLoadError
+from specdec.models.llama import project_rows
 from specdec.models.loading import LoadedModel
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"
 
 
-def rank_tokens(token_ids: Iterable[int], vocab_size: int) -> list[int]:
-    """Every id in ``0 .. vocab_size-1``, most frequent in ``token_ids`` first (ties: lower id
+def rank_tokens(counts: Counter[int], vocab_size: int) -> list[int]:
+    """Every id in ``0 .. vocab_size-1``, most frequent by ``counts`` first (ties: lower id
     first; ids never seen come last)."""
-    counts = Counter(token_ids)
     return sorted(range(vocab_size), key=lambda t: (-counts.get(t, 0), t))
 
 
@@ -89,11 +87,9 @@ class DraftVocab:
         return int(self.ids.numel())
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
-        """``(..., d)`` -> ``(..., V)`` logits: the subset's, ``-inf`` elsewhere (as ``project``
-        of the target: the compact copy for a few float32 rows, else the weight itself)."""
-        rows = h.numel() // h.shape[-1]
-        few = h.dtype == torch.float32 and kernels.fused_layers_apply(h) and 0 < rows <= kernels.MAX_ROWS
-        sub = kernels.linear(h, self.compact if few else self.weight)  # (..., N)
+        """``(..., d)`` -> ``(..., V)`` logits: the subset's, ``-inf`` elsewhere (the rows read as
+        :meth:`Transformer.project` reads the whole head)."""
+        sub = project_rows(h, self.compact, self.weight)  # (..., N)
         out = torch.full((*h.shape[:-1], self.vocab_size), float("-inf"), dtype=sub.dtype, device=h.device)
         out[..., self.ids] = sub
         return out

@@ -110,6 +110,17 @@ def compact_copies(
     return compact, copies[len(products) :]
 
 
+def project_rows(h: torch.Tensor, compact: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``h @ weight.T`` for hidden states ``h`` ``(..., d)`` and output rows ``weight`` ``(N, d)``:
+    a few float32 rows read ``compact``, the kernels' exact bfloat16 copy of ``weight`` (the same
+    values from half the bytes); everything else reads ``weight`` itself."""
+    rows = h.numel() // h.shape[-1]
+    if compact.dtype != h.dtype and h.dtype == torch.float32 and kernels.fused_layers_apply(h):
+        if 0 < rows <= kernels.MAX_ROWS:
+            return kernels.linear(h, compact)
+    return kernels.linear(h, weight)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -414,11 +425,7 @@ class Transformer(nn.Module):
         a few float32 rows read the exact bfloat16 copy of the head the kernels use (see
         :meth:`fuse`), which gives the same values from half the bytes."""
         head = self._kernel_io[1] if self._kernel_io is not None else self.lm_head.weight
-        if head.dtype != h.dtype and h.dtype == torch.float32 and kernels.fused_layers_apply(h):
-            rows = h.numel() // h.shape[-1]
-            if 0 < rows <= kernels.MAX_ROWS:
-                return kernels.linear(h, head)
-        return self.lm_head(h)  # type: ignore[no-any-return]
+        return project_rows(h, head, self.lm_head.weight)
 
     def draft_greedy(
         self, tokens: torch.Tensor, start: int, num_tokens: int, cache: KVCache

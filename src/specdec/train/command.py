@@ -120,9 +120,9 @@ def run_draft_vocab(args: argparse.Namespace) -> int:
     ]
     if not ids:
         raise UserError("the texts give no tokens to count")
-    ranking = rank_tokens(ids, cfg.vocab_size)
-    path = write_draft_vocab(args.out or folder, ranking, len(ids), f"{source}, {len(texts)} texts")
     counts = Counter(ids)
+    ranking = rank_tokens(counts, cfg.vocab_size)
+    path = write_draft_vocab(args.out or folder, ranking, len(ids), f"{source}, {len(texts)} texts")
     cover = ", ".join(
         f"{n}: {sum(counts.get(t, 0) for t in ranking[:n]) / len(ids):.1%}"
         for n in (cfg.vocab_size // 8, cfg.vocab_size // 4, cfg.vocab_size // 2)
