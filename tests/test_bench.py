@@ -194,7 +194,7 @@ def test_bad_prompts_file_is_a_one_line_user_error(tmp_path: Path, capsys, conte
     assert message in err and err.count("\n") == 1
 
 
-def test_head_drafters_bench_with_a_reduced_draft_vocabulary(target_path: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_drafters_bench_with_a_reduced_draft_vocabulary(target_path: Path, good_draft_path: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
     from specdec import load_model
@@ -207,12 +207,14 @@ def test_head_drafters_bench_with_a_reduced_draft_vocabulary(target_path: Path, 
     save_head(new_head("eagle", cfg), folder / "eagle", cfg)
     write_draft_vocab(folder, list(range(cfg.vocab_size)), 1, "test")
     out = tmp_path / "out"
-    argv = ["bench", "--quick", "--threads", "1", "--no-progress", "--out", str(out), "--target", str(folder)]
-    assert main([*argv, "--methods", "plain,eagle", "--draft-vocab", "16"]) == 0
+    argv = ["bench", "--quick", "--threads", "1", "--no-progress", "--out", str(out), "--target", str(folder),
+            "--draft", str(good_draft_path)]  # fmt: skip
+    assert main([*argv, "--methods", "plain,eagle,adaptive", "--draft-vocab", "16"]) == 0
     data = json.loads((out / "bench.json").read_text())
-    assert data["meta"]["draft_vocab"] == {"eagle": 16}
+    assert data["meta"]["draft_vocab"] == {"eagle": 16, "adaptive": 16}
     assert all(r["identical"] and r["error"] is None for r in data["rows"])
-    assert "score the most frequent tokens only (draft_vocab.json): eagle 16" in (out / "bench.md").read_text()
+    footer = "score the most frequent tokens only (draft_vocab.json): eagle 16, adaptive 16"
+    assert footer in (out / "bench.md").read_text()
     capsys.readouterr()
     assert main([*argv, "--methods", "plain,eagle", "--draft-vocab", "-2"]) == 2
     assert "--draft-vocab must be >= 0" in capsys.readouterr().err

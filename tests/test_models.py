@@ -168,6 +168,28 @@ def test_fused_projections_change_nothing_but_the_number_of_products(hf_pair):
         torch.testing.assert_close(logits(moved), fused, rtol=1e-5, atol=1e-5)
 
 
+def test_no_logits_gives_the_same_hidden_states_on_both_paths(hf_pair):
+    # num_logits=0 (prefill, drafts scored by a reduced vocabulary): hidden states only, no lm_head
+    module = hf_pair[1].module
+    tokens = torch.tensor([[5, 17, 3, 99, 42]])
+    with torch.inference_mode():
+        outs = []
+        for one_call in (True, False):
+            weights = module._layer_weights
+            if not one_call:
+                module._layer_weights = None
+            try:
+                for n in (1, 0):
+                    outs.append(module(tokens, torch.arange(5), module.new_cache(1, 8), num_logits=n, return_hidden=True))
+            finally:
+                module._layer_weights = weights
+    V, d = module.lm_head.weight.shape
+    assert [tuple(logits.shape) for logits, _ in outs] == [(1, 1, V), (1, 0, V)] * 2
+    assert all(hidden.shape == (1, 5, d) for _, hidden in outs)
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[2][1], outs[3][1])
+    torch.testing.assert_close(outs[0][1], outs[2][1], rtol=1e-5, atol=1e-5)
+
+
 def _needs_kernels():
     from specdec import kernels
 

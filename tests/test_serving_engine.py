@@ -14,6 +14,7 @@ from serving_support import make_pair
 from specdec.drafters.base import DraftContext, DraftProposal, TargetOutput
 from specdec.drafters.draft_model import DraftModelDrafter
 from specdec.drafters.ngram import NgramDrafter
+from specdec.drafters.vocab import DraftVocab
 from specdec.sampling import SamplingParams
 from specdec.serving.batch_draft import BatchDraftModel, DraftRow
 from specdec.serving.batch_engine import BatchEngine, EngineEvent, EngineRequest
@@ -28,15 +29,18 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[specdec.LoadedModel,
     return specdec.load_model(target_path, dtype="float32"), specdec.load_model(draft_path, dtype="float32")
 
 
-def test_batched_drafting_equals_per_row_drafting(pair) -> None:  # type: ignore[no-untyped-def]
-    """Ragged histories (different lengths, acceptances, skipped steps) give the same drafts."""
+@pytest.mark.parametrize("reduced", [False, True], ids=["full-vocab", "draft-vocab"])
+def test_batched_drafting_equals_per_row_drafting(pair, reduced: bool) -> None:  # type: ignore[no-untyped-def]
+    """Ragged histories (different lengths, acceptances, skipped steps) give the same drafts,
+    with the whole vocabulary or a reduced draft vocabulary."""
     _, draft = pair
     rng = random.Random(0)
     greedy = SamplingParams()
-    batched = BatchDraftModel(draft, 4)
+    vocab = DraftVocab(draft, list(range(0, draft.config.vocab_size, 2))) if reduced else None
+    batched = BatchDraftModel(draft, 4, vocab)
     batched.allocate(3, 128)
     sequences = [[5, 9, 17, 30, 2], [40, 41], [7, 8, 9, 10, 11, 12, 13, 14, 15]]
-    singles = [DraftModelDrafter(draft, 4) for _ in sequences]
+    singles = [DraftModelDrafter(draft, 4, draft_vocab=vocab) for _ in sequences]
     for row, (seq, single) in enumerate(zip(sequences, singles, strict=True)):
         single.prefill(seq, TargetOutput())
         batched.prefill(row, seq, TargetOutput())
@@ -55,6 +59,7 @@ def test_batched_drafting_equals_per_row_drafting(pair) -> None:  # type: ignore
             expected = single.propose(DraftContext(seq, greedy, k, generator))
             assert proposals[row].tokens.tolist() == expected.tokens.tolist(), (step, row)
             drafts = expected.tokens.tolist()
+            assert not reduced or all(t % 2 == 0 for t in drafts)
             accepted = rng.randint(0, k)
             result = VerifyResult(drafts[:accepted] + [rng.randrange(100)], accepted, k, accepted == k)
             single.on_verified(result)
@@ -70,7 +75,7 @@ def run_engine(engine: BatchEngine, requests: list[EngineRequest]) -> None:
         engine.step()
 
 
-@pytest.mark.parametrize("drafting", ["batched", "per-row-tree"])
+@pytest.mark.parametrize("drafting", ["batched", "batched-draft-vocab", "per-row-tree"])
 def test_batched_sampling_reproduces_the_target_distribution(pair, drafting: str) -> None:  # type: ignore[no-untyped-def]
     """Rows sampled together (temperature 1; 3 new tokens, so the first step verifies 2 drafts,
     as a chain or as a width-2 tree) follow the target's exact distribution at generated
@@ -97,7 +102,8 @@ def test_batched_sampling_reproduces_the_target_distribution(pair, drafting: str
                 outputs.append(tokens)
 
         requests.append(EngineRequest(prompt, 3, SamplingParams(1.0), emit, seed=seed, ignore_eos=True))
-    source = BatchDraftModel(draft, 3) if drafting == "batched" else (lambda: DraftModelDrafter(draft, 3, 2))
+    vocab = DraftVocab(draft, list(range(0, V, 2))) if drafting == "batched-draft-vocab" else None
+    source = BatchDraftModel(draft, 3, vocab) if drafting != "per-row-tree" else (lambda: DraftModelDrafter(draft, 3, 2))
     engine = BatchEngine(target, source, 16, ServerMetrics("t"), adaptive_draft_tokens=False)
     run_engine(engine, requests)
     assert len(outputs) == samples and all(len(o) == 3 for o in outputs)

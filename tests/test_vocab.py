@@ -1,4 +1,5 @@
-"""The reduced draft vocabulary of the head drafters: ranking file, projection, losslessness."""
+"""The reduced draft vocabulary of the head drafters and the draft model: ranking file,
+projection, the one-call greedy draft, losslessness."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from helpers import save_char_tokenizer, save_tiny_llama
 from specdec import SpeculativeGenerator, load_model
 from specdec.drafters import EagleDrafter, MedusaDrafter
+from specdec.drafters.draft_model import DraftModelDrafter
 from specdec.drafters.early_exit import EarlyExitDrafter
 from specdec.drafters.heads import new_head
 from specdec.drafters.vocab import (
@@ -119,6 +121,71 @@ def test_greedy_output_is_unchanged_and_drafts_stay_in_the_subset(target_path, m
         assert SpeculativeGenerator(target, drafter).generate(prompt, max_new_tokens=24).token_ids == want
     # (a one-token prompt's first step re-proposes the pending token, which may lie outside)
     assert proposed and sum(t % 3 != 0 for t in proposed) <= 1
+
+
+def _recording(drafter):  # type: ignore[no-untyped-def]
+    """``drafter`` with every proposed token appended to the returned list."""
+    proposed: list[int] = []
+    propose = drafter.propose
+    drafter.propose = lambda ctx: (p := propose(ctx)) and proposed.extend(p.tokens.tolist()) or p
+    return drafter, proposed
+
+
+@pytest.mark.parametrize("tree_width", [1, 2], ids=["chain", "tree"])
+def test_draft_model_greedy_output_is_unchanged_and_its_drafts_stay_in_the_subset(models, tree_width):
+    target, draft = models["target"], models["good"]
+    V = target.config.vocab_size
+    subset = [t for t in range(V) if t % 4 != 1]  # three quarters: the good draft is still accepted
+    vocab = DraftVocab(draft, subset)
+    drafter, proposed = _recording(DraftModelDrafter(draft, 4, tree_width=tree_width, draft_vocab=vocab))
+    accepted = 0
+    for prompt in ([5], [1, 2, 3, 4, 5, 6, 7], [9, 40, 2, 2, 17, 80, 33, 61]):
+        want = SpeculativeGenerator(target).generate(prompt, max_new_tokens=24).token_ids
+        out = SpeculativeGenerator(target, drafter).generate(prompt, max_new_tokens=24)
+        assert out.token_ids == want
+        accepted += out.stats.accepted_tokens
+    assert accepted > 0 and proposed and all(t % 4 != 1 for t in proposed)
+
+
+def test_one_call_greedy_draft_maps_the_subsets_argmax_back_to_token_ids(models, monkeypatch):
+    """The C++ ``draft_greedy`` with a reduced vocabulary proposes what the Python loop over
+    :meth:`DraftVocab.project` proposes, and none of the full vocabulary's drafts."""
+    from specdec import kernels
+
+    if kernels.load() is None:
+        pytest.skip(f"no CPU kernels here: {kernels.status()}")  # (CI builds them: see test_models)
+    draft = models["far"]
+    prompts = (list(range(10, 40)), [3, 1, 4, 1, 5, 9, 2, 6])
+    top = {t for p in prompts for t in DraftModelDrafter(draft, 6).propose(_context(p)).tokens.tolist()}
+    vocab = DraftVocab(draft, [t for t in range(draft.config.vocab_size) if t not in top])
+    got = [DraftModelDrafter(draft, 6, draft_vocab=vocab).propose(_context(p)).tokens.tolist() for p in prompts]
+    with monkeypatch.context() as patch:
+        patch.setattr(draft.module, "draft_greedy", lambda *args, **kwargs: None)  # the Python loop runs
+        want = [DraftModelDrafter(draft, 6, draft_vocab=vocab).propose(_context(p)).tokens.tolist() for p in prompts]
+    assert got == want
+    assert not top & {t for tokens in got for t in tokens}
+
+
+def _context(token_ids):  # type: ignore[no-untyped-def]
+    from specdec.drafters.base import DraftContext
+
+    return DraftContext(token_ids, SamplingParams(), max_draft_tokens=16)
+
+
+@pytest.mark.parametrize("tree_width", [1, 2], ids=["chain", "tree"])
+def test_draft_model_sampling_with_a_reduced_vocabulary_matches_the_exact_target_distribution(tmp_path, tree_width):
+    folder = save_tiny_llama(tmp_path / "t", vocab_size=8, hidden_size=32, init_std=0.6, seed=3)
+    target = load_model(folder, dtype="float32")
+    draft = load_model(save_tiny_llama(tmp_path / "d", vocab_size=8, hidden_size=32, init_std=0.6, seed=4))
+    prompt, sampling = [1, 2, 3], dict(temperature=1.0)
+    first, joint = exact_two_token_joint(target, prompt, SamplingParams(**sampling))
+    vocab = DraftVocab(draft, [0, 2, 5, 7])
+    drafter = DraftModelDrafter(draft, 3, tree_width=tree_width, draft_vocab=vocab)
+    fit = goodness_of_fit(
+        sample_two_tokens(SpeculativeGenerator(target, drafter), prompt, 4000, **sampling), first, joint
+    )
+    assert fit.pvalue > 1e-3, f"chi-square p = {fit.pvalue:.2e}"
+    assert fit.total_variation < 3 * fit.null_total_variation, fit
 
 
 def test_sampling_with_a_reduced_vocabulary_matches_the_exact_target_distribution(tmp_path):

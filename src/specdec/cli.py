@@ -77,4 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m specdec.cli` runs this file as __main__, a second copy of the module: its UserError
+    # is not the one the commands raise (specdec.cli.UserError), so run the package's main.
+    from specdec.cli import main as package_main
+
+    sys.exit(package_main())

@@ -75,7 +75,7 @@ def to_markdown(result: BenchResult) -> str:
     ]
     if m.get("draft_vocab"):
         scored = ", ".join(f"{name} {size}" for name, size in m["draft_vocab"].items())
-        footer.append(f"Head drafters score the most frequent tokens only (draft_vocab.json): {scored}.")
+        footer.append(f"Drafts score the most frequent tokens only (draft_vocab.json): {scored}.")
     failed = {r.method: r.error for r in result.rows if r.error and r.task == "overall"}
     footer += [f"Not measured: {method} ({error})" for method, error in failed.items()]
     return "\n".join(lines) + "\n\n" + "\n\n".join(footer) + "\n"

@@ -44,7 +44,7 @@ class BenchConfig:
     max_new_tokens: int | None = None  # None: the task's default
     runs: int = 3
     num_draft_tokens: int = 4
-    draft_vocab: int | None = None  # head drafters' draft vocabulary (None: the drafters' default)
+    draft_vocab: int | None = None  # drafters' draft vocabulary (None: the drafters' default)
     dtype: str = "auto"
     device: str = "cpu"
     prompts_file: str | None = None  # your own prompts instead of ``tasks`` (tasks.read_prompt_file)
@@ -306,7 +306,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     meta["target"] = _model_info(target)
     meta["draft"] = _draft_info(config.draft)
     meta["errors"] = errors
-    meta["draft_vocab"] = {  # methods whose heads score a reduced vocabulary: its size
+    meta["draft_vocab"] = {  # methods whose drafts score a reduced vocabulary: its size
         name: len(vocab)
         for name, method in built.items()
         if (vocab := getattr(getattr(getattr(method, "generator", None), "drafter", None), "draft_vocab", None))

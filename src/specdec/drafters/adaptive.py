@@ -155,6 +155,7 @@ class AdaptiveDrafter:
         self.probe_interval = probe_interval
         self.model = getattr(inner, "model", None)  # lets the engine check vocab compatibility
         self.needs_hidden = getattr(inner, "needs_hidden", False)
+        self.draft_vocab = getattr(inner, "draft_vocab", None)  # (reported by the bench)
         self.chosen: list[int] = []  # K chosen per step (for reports and tests)
         self._plain_streak = 0
         self._last_k: int | None = None

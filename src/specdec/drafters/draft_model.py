@@ -30,6 +30,10 @@ written to slot ``n + j``). Each expanded node gets ``tree_width`` children; at 
 
 After verification the accepted path's expanded nodes are compacted into the draft cache, which
 then holds ``n + m`` slots (``m`` = accepted nodes that were fed).
+
+``draft_vocab`` (:mod:`specdec.drafters.vocab`): the draft scores only the most frequent tokens
+with its ``lm_head`` (73 % of the demo draft's weights); the output is unchanged, since the
+target verifies over the whole vocabulary and a sampled draft carries its exact distribution.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from specdec.drafters.base import (
     check_draft_shape,
     empty_proposal,
 )
+from specdec.drafters.vocab import DraftVocab
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs, sample
 from specdec.verify.chain import VerifyResult
@@ -58,9 +63,11 @@ class DraftModelDrafter:
         num_draft_tokens: int = 4,
         tree_width: int = 1,
         max_tree_nodes: int | None = None,
+        draft_vocab: DraftVocab | None = None,
     ) -> None:
         self.max_tree_nodes = check_draft_shape(num_draft_tokens, tree_width, max_tree_nodes)
         self.model = model
+        self.draft_vocab = draft_vocab
         self.num_draft_tokens = num_draft_tokens
         self.tree_width = tree_width
         self.cache = model.new_cache(1)
@@ -71,15 +78,25 @@ class DraftModelDrafter:
     def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:
         self.cache.truncate(0)
         if len(prompt_ids) > 1:
-            self._forward(prompt_ids[:-1], 0, num_logits=1)
+            self._forward(prompt_ids[:-1], 0, logits=False)
 
-    def _forward(self, token_ids: list[int] | torch.Tensor, start: int, num_logits: int = 1):  # type: ignore[no-untyped-def]
+    def _forward(self, token_ids: list[int] | torch.Tensor, start: int, logits: bool = True):  # type: ignore[no-untyped-def]
+        """Feed ``token_ids`` at positions ``start..``; the last token's logits ``(V,)`` (None
+        without ``logits``)."""
         tokens = torch.as_tensor(token_ids, device=self.model.device).reshape(1, -1)  # (1, T)
         end = start + tokens.shape[1]
         pos = torch.arange(start, end, device=tokens.device)
-        logits = self.model(tokens, pos, self.cache, num_logits=num_logits, kv_len=end)  # no device sync
+        out = self._logits(tokens, pos, int(logits), kv_len=end)  # (0 or 1, V); no device sync
         self.cache.truncate(end)
-        return logits[0, -1]  # (V,)
+        return out[-1] if logits else None  # (V,)
+
+    def _logits(self, tokens: torch.Tensor, pos: torch.Tensor, num_logits: int, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        """One draft pass over ``tokens`` ``(1, T)``; logits ``(num_logits, V)`` of the last tokens,
+        over the draft vocabulary if there is one (``-inf`` outside it)."""
+        if self.draft_vocab is None or num_logits == 0:
+            return self.model(tokens, pos, self.cache, num_logits=num_logits, **kwargs)[0]
+        _, hidden = self.model(tokens, pos, self.cache, num_logits=0, return_hidden=True, **kwargs)  # (1, T, d)
+        return self.draft_vocab.project(hidden[0, hidden.shape[1] - num_logits :])
 
     def propose(self, ctx: DraftContext) -> DraftProposal:
         n = len(ctx.token_ids)
@@ -91,7 +108,8 @@ class DraftModelDrafter:
         start = self.cache.lengths[0]
         if ctx.sampling.greedy and self.tree_width == 1:
             feed = torch.as_tensor(ctx.token_ids[start:], device=self.model.device).reshape(1, -1)  # (1, T)
-            drafts = self.model.module.draft_greedy(feed, start, K, self.cache)  # the loop below in one call
+            vocab = self.draft_vocab.kernel_rows if self.draft_vocab is not None else None
+            drafts = self.model.module.draft_greedy(feed, start, K, self.cache, vocab)  # the loop below in one call
             if drafts is not None:
                 return DraftProposal(drafts, None)  # (K,)
         logits = self._forward(ctx.token_ids[start:], start)
@@ -196,8 +214,7 @@ class DraftModelDrafter:
         inp = torch.tensor([[tokens[i] for i in nodes]], device=device)  # (1, F)
         pos = torch.full_like(inp, position)
         slots = torch.arange(n + first, S, device=device)[None]  # (1, F)
-        logits = self.model(inp, pos, self.cache, attn_mask=mask, cache_slots=slots)
-        return logits[0]  # (F, V)
+        return self._logits(inp, pos, len(nodes), attn_mask=mask, cache_slots=slots)  # (F, V)
 
     def on_verified(self, result: VerifyResult) -> None:
         if not self._proposed:

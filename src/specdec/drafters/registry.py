@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from specdec.drafters.base import Drafter
-from specdec.models.loading import LoadedModel, load_model
+from specdec.models.loading import LoadedModel, check_compatible, load_model
 
 
 @dataclass(frozen=True)
@@ -20,14 +20,17 @@ class DrafterSpec:
     heads: str | None = None  # trained heads folder (early-exit / medusa / eagle); default <target>/<method>
     tree_width: int = 1  # draft / ngram / staged / medusa / eagle: siblings per tree node (1 = a chain)
     max_tree_nodes: int | None = None  # draft / ngram / medusa / eagle: tree node budget (default K * tree_width)
-    draft_vocab: int | None = None  # early-exit / medusa / eagle: tokens scored (None: default, 0: all)
+    draft_vocab: int | None = None  # draft / adaptive / heads: tokens scored (None: default, 0: all)
 
 
 def _draft_model(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.draft_model import DraftModelDrafter
+    from specdec.drafters.vocab import resolve_draft_vocab
 
     draft = load_model(spec.draft, dtype=spec.dtype, device=str(spec.target.device))
-    return DraftModelDrafter(draft, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes)
+    check_compatible(spec.target, draft)  # (the draft vocabulary's ids are the target's)
+    vocab = resolve_draft_vocab(spec.target, spec.draft_vocab, scorer=draft)
+    return DraftModelDrafter(draft, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes, vocab)
 
 
 def _ngram(spec: DrafterSpec) -> Drafter:

@@ -1,8 +1,10 @@
-"""A reduced draft vocabulary for the head drafters (EAGLE, Medusa, early exit).
+"""A reduced draft vocabulary for the drafters that score with an ``lm_head``: the head drafters
+(EAGLE, Medusa, early exit) with the target's, the draft model with its own.
 
-These drafters score every draft token with the target's own ``lm_head``: a ``(V, d)`` product
-per drafted token, a third of the demo target's weights and most of an EAGLE draft's cost on a
-large-vocabulary model. Most of the probability mass sits on a small set of frequent tokens, so
+These drafters score every draft token over the whole vocabulary: a ``(V, d)`` product per
+drafted token. For the head drafters that is the target's ``lm_head``, a third of the demo
+target's weights and most of an EAGLE draft's cost on a large-vocabulary model; for the demo
+draft model its own ``lm_head`` is 73 % of its weights. Most of the probability mass sits on a small set of frequent tokens, so
 the drafters may score only the ``N`` most frequent ones (FR-Spec, Zhao et al. 2025, restricts
 EAGLE-2's drafting to a frequency-ranked subset; EAGLE-3, Li et al. 2025, trains its head
 over a reduced draft vocabulary). Verification still scores the full vocabulary, so the output
@@ -12,6 +14,8 @@ A draft token the subset cannot name is simply a rejected draft.
 
 On the demo pair the 1024 most frequent tokens of the training split (of 8192) left the greedy
 tau of EAGLE and early exit unchanged on the bench's code and long tasks (edit: 2.91 -> 2.84).
+The draft model shares the target's vocabulary (the loader checks it), so it reads the same
+ranking, from the target's folder.
 
 The ranking lives beside the target as ``draft_vocab.json`` (token ids, most frequent first),
 written by ``specdec train draft-vocab`` from the training corpus or your own text files.
@@ -67,13 +71,14 @@ def read_draft_vocab(folder: str | Path, vocab_size: int) -> list[int]:
 
 
 class DraftVocab:
-    """Scores drafts over ``token_ids`` only: ``project(h)`` gives the full-vocabulary logits
+    """Scores drafts over ``token_ids`` only, with the ``lm_head`` of ``model`` (the target for the
+    head drafters, the draft model for itself): ``project(h)`` gives the full-vocabulary logits
     ``(..., V)`` with the subset's values and ``-inf`` elsewhere, so argmax, top-k and sampling
     downstream work unchanged. The subset's values are :meth:`Transformer.project`'s bit for bit
     where the few-row kernel computes both (each logit is the same FMA chain over ``d``)."""
 
-    def __init__(self, target: LoadedModel, token_ids: list[int]) -> None:
-        module = target.module
+    def __init__(self, model: LoadedModel, token_ids: list[int]) -> None:
+        module = model.module
         weight = module.lm_head.weight.detach()  # (V, d)
         if not token_ids or not all(0 <= t < weight.shape[0] for t in token_ids):
             raise ValueError(f"a draft vocabulary needs token ids in 0..{weight.shape[0] - 1}")
@@ -86,6 +91,11 @@ class DraftVocab:
     def __len__(self) -> int:
         return int(self.ids.numel())
 
+    @property
+    def kernel_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``((N,) ids, (N, d) rows)`` for :meth:`Transformer.draft_greedy`."""
+        return self.ids, self.compact
+
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """``(..., d)`` -> ``(..., V)`` logits: the subset's, ``-inf`` elsewhere (the rows read as
         :meth:`Transformer.project` reads the whole head)."""
@@ -95,10 +105,13 @@ class DraftVocab:
         return out
 
 
-def resolve_draft_vocab(target: LoadedModel, size: int | DraftVocab | None) -> DraftVocab | None:
-    """The draft vocabulary a head drafter uses: ``size`` most frequent tokens of the target's
-    ``draft_vocab.json``. None (the default): a quarter of the vocabulary where the file exists,
-    else the full vocabulary; 0 or at least the vocabulary size: the full vocabulary."""
+def resolve_draft_vocab(
+    target: LoadedModel, size: int | DraftVocab | None, scorer: LoadedModel | None = None
+) -> DraftVocab | None:
+    """The draft vocabulary a drafter uses: ``size`` most frequent tokens of the target's
+    ``draft_vocab.json``, scored by ``scorer``'s ``lm_head`` (default: the target's). None (the
+    default): a quarter of the vocabulary where the file exists, else the full vocabulary; 0 or
+    at least the vocabulary size: the full vocabulary."""
     if isinstance(size, DraftVocab):
         return size
     vocab_size = target.config.vocab_size
@@ -110,4 +123,4 @@ def resolve_draft_vocab(target: LoadedModel, size: int | DraftVocab | None) -> D
         raise ValueError(f"--draft-vocab must be >= 0, got {size}")
     if size == 0 or size >= vocab_size:
         return None
-    return DraftVocab(target, read_draft_vocab(target.path, vocab_size)[:size])
+    return DraftVocab(scorer or target, read_draft_vocab(target.path, vocab_size)[:size])

@@ -200,7 +200,7 @@ class SpeculativeGenerator:
         hidden = None
         if n > 1:
             tokens = torch.tensor([prompt_ids[:-1]], device=device)  # (1, n-1)
-            _, hidden = target(tokens, torch.arange(n - 1, device=device), cache, num_logits=1, return_hidden=True)
+            _, hidden = target(tokens, torch.arange(n - 1, device=device), cache, num_logits=0, return_hidden=True)
             stats.target_forwards += 1
         cache.truncate(n - 1)
         if drafter is not None:

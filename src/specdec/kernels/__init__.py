@@ -232,7 +232,8 @@ def draft_greedy(
     v_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
     weights: list[torch.Tensor | None],
     norm: torch.Tensor,  # (d,)
-    lm_head: torch.Tensor,  # (V, d)
+    lm_head: torch.Tensor,  # (V, d), or (N, d): the rows of ids
+    ids: torch.Tensor | None,  # (N,) token id of each lm_head row (a reduced draft vocabulary) or None
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
@@ -241,6 +242,6 @@ def draft_greedy(
     """Greedy chain drafting in one call (``Transformer.draft_greedy``): ``(K,)`` int64 tokens."""
     op = _state["op"]
     return op.draft_greedy(  # type: ignore[attr-defined,no-any-return]
-        tokens, start, num_tokens, inv_freq, embed, k_cache, v_cache, weights, norm, lm_head, num_heads,
+        tokens, start, num_tokens, inv_freq, embed, k_cache, v_cache, weights, norm, lm_head, ids, num_heads,
         num_kv_heads, head_dim, eps,
     )  # fmt: skip

@@ -371,7 +371,8 @@ at::Tensor decoder_layers(const at::Tensor& h, const at::Tensor& pos, const at::
 }
 
 // The whole forward: embedding, decoder layers, final norm and the lm_head over the last
-// num_logits tokens of each row. Returns float32 (logits (B, num_logits, V), normed hidden (B, T, d)).
+// num_logits tokens of each row (none for 0). Returns float32 (logits (B, num_logits, V), normed
+// hidden (B, T, d)).
 std::tuple<at::Tensor, at::Tensor> model_forward(
     const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& inv_freq, const at::Tensor& embed,
     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
@@ -379,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor> model_forward(
     const at::Tensor& lm_head, int64_t num_logits, int64_t H, int64_t Hkv, int64_t D, double eps) {
   const Dims s{tokens.size(0), tokens.size(1), H, Hkv, D, kv_len};
   const int64_t d = embed.size(1), R = s.rows();
-  TORCH_CHECK(num_logits >= 1 && num_logits <= s.T, "specdec forward: num_logits must be in 1..T");
+  TORCH_CHECK(num_logits >= 0 && num_logits <= s.T, "specdec forward: num_logits must be in 0..T");
   at::Tensor h = at::embedding(embed, tokens).to(at::kFloat).contiguous();  // (B, T, d), exact widening
   run_layers(h.data_ptr<float>(), s, d, pos, inv_freq, k_cache, v_cache, slots, mask, 0,
              static_cast<int64_t>(weights.size()) / 7, weights, eps);
@@ -387,7 +388,8 @@ std::tuple<at::Tensor, at::Tensor> model_forward(
   norm_rows(h.data_ptr<float>(), R, d, norm, hn.data_ptr<float>(), static_cast<float>(eps));
   const at::Tensor last = hn.narrow(1, s.T - num_logits, num_logits).contiguous();  // (B, num_logits, d)
   at::Tensor logits = at::empty({s.B, num_logits, lm_head.size(0)}, h.options());
-  linear(last.data_ptr<float>(), s.B * num_logits, lm_head, c10::nullopt, logits.data_ptr<float>(), s.few());
+  if (num_logits > 0)
+    linear(last.data_ptr<float>(), s.B * num_logits, lm_head, c10::nullopt, logits.data_ptr<float>(), s.few());
   return {logits, hn};
 }
 
@@ -398,12 +400,18 @@ namespace specdec {
 // Greedy chain drafting in one call (a draft model's propose): feed `tokens` (1, T) at positions
 // start.., then K times take the argmax of the last logits as the next draft token and feed it,
 // all but the last. The cache then holds start + T + K - 1 slots. Returns the K tokens (K,) int64.
+// With ids (N,), lm_head holds only N rows (a reduced draft vocabulary): row r scores token ids[r].
 at::Tensor draft_greedy(const at::Tensor& tokens, int64_t start, int64_t K, const at::Tensor& inv_freq,
                         const at::Tensor& embed, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const Weights& weights, const at::Tensor& norm, const at::Tensor& lm_head, int64_t H,
-                        int64_t Hkv, int64_t D, double eps) {
+                        const Weights& weights, const at::Tensor& norm, const at::Tensor& lm_head,
+                        const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv, int64_t D, double eps) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == 1 && tokens.size(1) >= 1 && K >= 1,
               "draft_greedy: one row of at least one token, K >= 1");
+  at::Tensor row_ids;  // (N,) int64, contiguous
+  if (ids.has_value()) {
+    row_ids = ids->to(at::kLong).contiguous();
+    TORCH_CHECK(row_ids.dim() == 1 && row_ids.size(0) == lm_head.size(0), "draft_greedy: one id per lm_head row");
+  }
   const auto i64 = at::TensorOptions().dtype(at::kLong);
   at::Tensor drafts = at::empty({K}, i64);
   at::Tensor feed = tokens.to(at::kLong);  // (1, T)
@@ -415,7 +423,8 @@ at::Tensor draft_greedy(const at::Tensor& tokens, int64_t start, int64_t K, cons
     if (T > 1) mask = at::arange(pos + T, i64).view({1, 1, 1, -1}) <= positions.view({1, 1, T, 1});
     const at::Tensor logits = std::get<0>(model_forward(feed, positions, inv_freq, embed, k_cache, v_cache, positions,
                                                         mask, pos + T, weights, norm, lm_head, 1, H, Hkv, D, eps));
-    const int64_t next = logits.reshape({-1}).argmax().item<int64_t>();
+    const int64_t row = logits.reshape({-1}).argmax().item<int64_t>();
+    const int64_t next = row_ids.defined() ? row_ids.data_ptr<int64_t>()[row] : row;
     drafts.data_ptr<int64_t>()[i] = next;
     pos += T;
     feed = at::full({1, 1}, next, i64);

@@ -22,6 +22,7 @@ std::tuple<at::Tensor, at::Tensor> model_forward(
 at::Tensor draft_greedy(const at::Tensor& tokens, int64_t start, int64_t K, const at::Tensor& inv_freq,
                         const at::Tensor& embed, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const c10::List<c10::optional<at::Tensor>>& weights, const at::Tensor& norm,
-                        const at::Tensor& lm_head, int64_t H, int64_t Hkv, int64_t D, double eps);
+                        const at::Tensor& lm_head, const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv,
+                        int64_t D, double eps);
 
 }  // namespace specdec

@@ -59,7 +59,7 @@ TORCH_LIBRARY(specdec, m) {
       "int H, int Hkv, int D, float eps) -> (Tensor, Tensor)");
   m.def(
       "draft_greedy(Tensor tokens, int start, int K, Tensor inv_freq, Tensor embed, Tensor k_cache, Tensor v_cache, "
-      "Tensor?[] weights, Tensor norm, Tensor lm_head, int H, int Hkv, int D, float eps) -> Tensor");
+      "Tensor?[] weights, Tensor norm, Tensor lm_head, Tensor? ids, int H, int Hkv, int D, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specdec, CPU, m) {

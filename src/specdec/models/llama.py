@@ -394,7 +394,8 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
         kv_len: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``(B, T', V)`` for the last ``num_logits`` tokens (all if None).
+        """Logits ``(B, T', V)`` for the last ``num_logits`` tokens (all if None; none for 0, when
+        only the hidden states are wanted).
 
         With ``return_hidden`` also the final normed hidden states ``(B, T, d)``. For a single
         token with the default mask, ``kv_len`` must be its position + 1 (the default).
@@ -408,7 +409,7 @@ class Transformer(nn.Module):
             logits, h = kernels.model_forward(
                 tokens, input_pos, self.inv_freq, embed, cache.k, cache.v, slots,
                 mask, kv_len, weights, self.model.norm.weight, head,
-                num_logits or tokens.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                tokens.shape[1] if num_logits is None else num_logits, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.rms_norm_eps,
             )  # fmt: skip
             dtype = self.lm_head.weight.dtype  # float32 from the kernel; the model's dtype outside
@@ -417,7 +418,7 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(tokens)  # (B, T, d)
         h = self.run_layers(h, input_pos, cache, attn_mask, cache_slots, kv_len=kv_len)
         h = self.model.norm(h)
-        logits = self.lm_head(h if num_logits is None else h[:, -num_logits:])
+        logits = self.lm_head(h if num_logits is None else h[:, h.shape[1] - num_logits :])
         return (logits, h) if return_hidden else logits
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
@@ -428,18 +429,25 @@ class Transformer(nn.Module):
         return project_rows(h, head, self.lm_head.weight)
 
     def draft_greedy(
-        self, tokens: torch.Tensor, start: int, num_tokens: int, cache: KVCache
+        self,
+        tokens: torch.Tensor,  # (1, T)
+        start: int,
+        num_tokens: int,
+        cache: KVCache,
+        vocab: tuple[torch.Tensor, torch.Tensor] | None = None,  # ((N,) ids, (N, d) their kernel rows)
     ) -> torch.Tensor | None:
         """Greedy chain drafting in one C++ call, or None where the kernels do not apply (the caller
         then runs its own loop): feed ``tokens`` ``(1, T)`` at positions ``start..``, then
         ``num_tokens`` times append the argmax of the last logits, feeding each but the last.
-        Returns the ``(num_tokens,)`` drafts; ``cache`` holds ``start + T + num_tokens - 1`` slots."""
+        Returns the ``(num_tokens,)`` drafts; ``cache`` holds ``start + T + num_tokens - 1`` slots.
+        With ``vocab`` the argmax runs over those tokens only (a reduced draft vocabulary)."""
         if self._layer_weights is None or not kernels.fused_layers_apply(self.lm_head.weight):
             return None
         cfg, (embed, head) = self.config, self._kernel_io  # type: ignore[misc]
+        ids, head = vocab if vocab is not None else (None, head)
         drafts = kernels.draft_greedy(
             tokens, start, num_tokens, self.inv_freq, embed, cache.k, cache.v, self._layer_weights,
-            self.model.norm.weight, head, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            self.model.norm.weight, head, ids, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
             cfg.rms_norm_eps,
         )  # fmt: skip
         cache.truncate(start + tokens.shape[1] + num_tokens - 1)

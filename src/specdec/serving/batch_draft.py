@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec.drafters.base import DraftProposal, TargetOutput
+from specdec.drafters.vocab import DraftVocab
 from specdec.models.loading import LoadedModel
 from specdec.sampling import SamplingParams, logits_to_probs, sample
 
@@ -42,10 +43,12 @@ class DraftRow:
 
 
 class BatchDraftModel:
-    def __init__(self, model: LoadedModel, num_draft_tokens: int = 4) -> None:
+    def __init__(self, model: LoadedModel, num_draft_tokens: int = 4, draft_vocab: DraftVocab | None = None) -> None:
         if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
         self.model = model
+        self.draft_vocab = draft_vocab  # score drafts over these tokens only (specdec.drafters.vocab)
+        self._project = draft_vocab.project if draft_vocab is not None else model.module.project
         self.num_draft_tokens = num_draft_tokens
         self.cache = model.new_cache(1, 1)
         self._fed: dict[int, int] = {}  # row -> K of its last proposal
@@ -69,7 +72,7 @@ class BatchDraftModel:
             feed = torch.tensor([tokens[start:]], device=self.model.device)  # (1, T)
             pos = torch.arange(start, len(tokens), device=self.model.device)
             view = rows_view(self.cache, slice(row, row + 1))
-            self.model(feed, pos, view, num_logits=1, kv_len=len(tokens))
+            self.model(feed, pos, view, num_logits=0, kv_len=len(tokens))
         self.cache.lengths[row] = len(tokens)
 
     def propose(self, rows: list[DraftRow]) -> dict[int, DraftProposal]:
@@ -99,7 +102,7 @@ class BatchDraftModel:
             torch.tensor(token_rows, device=device),  # (B', U)
             torch.tensor(pos, device=device),  # (B', U)
             view,
-            num_logits=1,
+            num_logits=0,
             return_hidden=True,
             kv_len=max(p[-1] for p in pos) + 1,
         )  # (B', U, d)
@@ -107,7 +110,7 @@ class BatchDraftModel:
         ends = torch.tensor([len(feeds[r.row]) - 1 for r in rows], device=device)
         # The vocabulary projection only where drafting starts: after a run of plain steps a row
         # catches up on many tokens, and projecting all of them would cost U x V per row.
-        last = self.model.module.project(hidden[index, ends])  # (R, V)
+        last = self._project(hidden[index, ends])  # (R, V)
         for r in rows:
             lengths[r.row] = len(r.tokens)
         drafts: list[list[torch.Tensor]] = [[] for _ in rows]
@@ -129,7 +132,8 @@ class BatchDraftModel:
             for r in rows:
                 step_pos[r.row] = len(r.tokens) + i
             positions = torch.tensor(step_pos, device=device)[:, None]  # (B', 1)
-            last = self.model(step, positions, view, kv_len=max(step_pos) + 1)[index, 0]  # (R, V)
+            _, hidden = self.model(step, positions, view, num_logits=0, return_hidden=True, kv_len=max(step_pos) + 1)
+            last = self._project(hidden[index, 0])  # (R, V)
         for r in rows:
             lengths[r.row] = len(r.tokens) + K - 1
             self._fed[r.row] = K

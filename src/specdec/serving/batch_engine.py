@@ -165,7 +165,7 @@ class BatchEngine:
                 tokens = torch.tensor([ids[:-1]], device=self.target.device)  # (1, n-1)
                 pos = torch.arange(len(ids) - 1, device=self.target.device)
                 _, hidden = self.target(
-                    tokens, pos, rows_view(self.cache, slice(row, row + 1)), num_logits=1, return_hidden=True
+                    tokens, pos, rows_view(self.cache, slice(row, row + 1)), num_logits=0, return_hidden=True
                 )
                 seq.stats.target_forwards += 1
                 self.policy.observe_pass(len(ids) - 1, time.perf_counter() - t)

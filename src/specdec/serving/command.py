@@ -39,11 +39,13 @@ def make_drafting(
     """``--drafter draft``: one draft model drafting for all rows at once; any other drafter:
     a factory of per-row instances (see :class:`~specdec.serving.batch_engine.BatchEngine`)."""
     if args.drafter == "draft":
+        from specdec.drafters.vocab import resolve_draft_vocab
         from specdec.models.loading import check_compatible
 
         draft = load_model(args.draft, dtype=args.dtype, device=args.device)
         check_compatible(target, draft)
-        return BatchDraftModel(draft, args.num_draft_tokens)
+        vocab = resolve_draft_vocab(target, args.draft_vocab, scorer=draft)
+        return BatchDraftModel(draft, args.num_draft_tokens, vocab)
     spec = DrafterSpec(
         target, args.draft, args.num_draft_tokens, args.dtype, heads=args.heads, draft_vocab=args.draft_vocab
     )
