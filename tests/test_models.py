@@ -317,3 +317,38 @@ def test_long_prefill_in_one_call_reads_the_float32_originals_and_matches_transf
     with torch.no_grad():
         reference = hf(tokens).logits  # (2, T, V)
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
+
+
+def test_prefill_from_slot_zero_takes_the_causal_attention_and_agrees_with_the_masked_one(hf_pair):
+    # A prefill from slot 0 with the default mask hands the kernels no mask: torch's causal
+    # attention, which skips the masked half of the scores. A pass that starts later (or brings
+    # its own mask) keeps the explicit mask. Both agree with the module path.
+    from specdec import kernels
+    from specdec.models.llama import causal_mask
+
+    _needs_kernels()
+    module = hf_pair[1].module
+    T = kernels.MAX_ROWS + 8
+    tokens = torch.randint(0, module.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(T)[None].expand(2, -1)
+    masks = []
+    forward = kernels.model_forward
+    kernels.model_forward = lambda *args: masks.append(args[7]) or forward(*args)
+    try:
+        with torch.inference_mode():
+            causal = module(tokens, pos, module.new_cache(2, 2 * T))  # (2, T, V)
+            masked = module(tokens, pos, module.new_cache(2, 2 * T), attn_mask=causal_mask(pos, T)[:, 0])
+            cache = module.new_cache(2, 2 * T)
+            module(tokens[:, :4], torch.arange(4), cache)  # then T - 4 tokens from slot 4
+            later = module(tokens[:, 4:], torch.arange(4, T), cache)
+            weights, module._layer_weights = module._layer_weights, None
+            try:
+                reference = module(tokens, pos, module.new_cache(2, 2 * T))  # the module path
+            finally:
+                module._layer_weights = weights
+    finally:
+        kernels.model_forward = forward
+    assert masks[0] is None and masks[1] is not None and masks[3] is not None
+    torch.testing.assert_close(causal, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(causal, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(later, reference[:, 4:], rtol=1e-5, atol=1e-5)

@@ -67,17 +67,28 @@ void norm_rows(const float* x, int64_t R, int64_t d, const at::Tensor& w, float*
     norm_rows(x, R, d, w.to(at::kFloat).contiguous().data_ptr<float>(), y, eps);
 }
 
+// The rotary angles' cosines and sines of every row (R, D/2) each, computed once per pass (every
+// layer rotates by the same angles).
+struct RopeTable {
+  std::vector<float> cos, sin;
+  RopeTable(const Dims& s, const int64_t* pos, const float* inv_freq) : cos(s.rows() * s.D / 2), sin(cos.size()) {
+    const int64_t half = s.D / 2;
+    for (int64_t r = 0; r < s.rows(); ++r)
+      for (int64_t i = 0; i < half; ++i) {
+        const float f = static_cast<float>(pos[r]) * inv_freq[i];
+        cos[r * half + i] = std::cos(f);
+        sin[r * half + i] = std::sin(f);
+      }
+  }
+};
+
 // Rotary embedding (rotate-half convention) of the H query and Hkv key heads of every row, in
 // place: x[i], x[i + D/2] -> x[i] cos - x[i + D/2] sin, x[i + D/2] cos + x[i] sin.
-void rope(float* qkv, const Dims& s, const int64_t* pos, const float* inv_freq) {
+void rope(float* qkv, const Dims& s, const RopeTable& table) {
   const int64_t half = s.D / 2;
-  std::vector<float> c(half), sn(half);
   for (int64_t r = 0; r < s.rows(); ++r) {
-    for (int64_t i = 0; i < half; ++i) {
-      const float f = static_cast<float>(pos[r]) * inv_freq[i];
-      c[i] = std::cos(f);
-      sn[i] = std::sin(f);
-    }
+    const float* c = table.cos.data() + r * half;
+    const float* sn = table.sin.data() + r * half;
     for (int64_t head = 0; head < s.H + s.Hkv; ++head) {
       float* x = qkv + r * s.qkv() + head * s.D;
       for (int64_t i = 0; i < half; ++i) {
@@ -277,15 +288,18 @@ void attend_rows(const float* qkv, const Dims& s, const bool* mask, const at::Te
   });
 }
 
-// Prefill: torch's attention over the same cache (keys and values widened to float32).
+// Prefill: torch's attention over the same cache (keys and values widened to float32). No mask:
+// a causal pass from slot 0 (T == kv_len), where torch skips the masked half of the scores.
 void attend_prefill(float* qkv, const Dims& s, const c10::optional<at::Tensor>& mask, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, int64_t layer, float* out) {
+  const bool causal = !(mask.has_value() && mask->defined());
+  TORCH_CHECK(!causal || s.T == s.kv_len, "specdec forward: a prefill without a mask must start at slot 0");
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor q = at::from_blob(qkv, {s.B, s.T, s.H + 2 * s.Hkv, s.D}, f32).narrow(2, 0, s.H).transpose(1, 2);
   auto slots_of = [&](const at::Tensor& cache) {  // (B, Hkv, kv_len, D)
     return cache.select(0, layer).narrow(0, 0, s.B).narrow(2, 0, s.kv_len).to(at::kFloat);
   };
-  const at::Tensor attn = at::scaled_dot_product_attention(q, slots_of(k_cache), slots_of(v_cache), mask, 0.0, false,
+  const at::Tensor attn = at::scaled_dot_product_attention(q, slots_of(k_cache), slots_of(v_cache), mask, 0.0, causal,
                                                            c10::nullopt, s.Hkv != s.H);  // (B, H, T, D)
   at::from_blob(out, {s.B, s.T, s.H, s.D}, f32).copy_(attn.transpose(1, 2));
 }
@@ -306,12 +320,13 @@ void layers(float* h, const Dims& s, int64_t d, const int64_t* pos, const float*
   const int64_t F2 = weights.get(7 * begin + 5).value().size(0);  // 2 x intermediate size
   std::vector<float> x(R * d), qkv(R * s.qkv()), att(R * s.H * s.D), tmp(R * d);
   std::vector<float> gate_up(few ? R * F2 : 0), act(few ? R * F2 / 2 : 0);  // prefill: mlp_prefill's chunks
+  const RopeTable angles(s, pos, inv_freq);
   for (int64_t l = begin; l < end; ++l) {
     auto wt = [&](int64_t i) -> at::Tensor { return weights.get(7 * l + i).value(); };
     // attention block
     norm_rows(h, R, d, wt(0), x.data(), eps);
     linear(x.data(), R, wt(1), weights.get(7 * l + 2), qkv.data(), few);
-    rope(qkv.data(), s, pos, inv_freq);
+    rope(qkv.data(), s, angles);
     write_cache<C>(qkv.data(), s, slots, k_cache, v_cache, l);
     if (few)
       attend_rows<C>(qkv.data(), s, mask_ptr, k_cache, v_cache, l, att.data());

@@ -341,12 +341,21 @@ class Transformer(nn.Module):
         attn_mask: torch.Tensor | None,
         cache_slots: torch.Tensor | None,
         kv_len: int | None,
+        kernels_prefill: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Cache slots ``(B, T)``, the attention mask ``(B, 1, T, S)`` (None: a single new token
-        sees every slot) and the number of slots attention reads."""
+        sees every slot) and the number of slots attention reads.
+
+        ``kernels_prefill``: the kernels' prefill (more than ``kernels.MAX_ROWS`` tokens) takes
+        None for the causal mask of a pass from slot 0, and then skips the masked half of the
+        scores instead of computing and discarding it (2x less attention work)."""
         slots = input_pos if cache_slots is None else cache_slots
         if kv_len is None:
             kv_len = int(attn_mask.shape[-1]) if attn_mask is not None else int(slots.max()) + 1
+        if kernels_prefill and attn_mask is None and cache_slots is None and input_pos.shape[1] == kv_len:
+            if kv_len > kernels.MAX_ROWS and torch.equal(input_pos[0], torch.arange(kv_len)):
+                if (input_pos == input_pos[:1]).all():  # every row from slot 0
+                    return slots, None, kv_len
         if attn_mask is None:
             single = input_pos.shape[0] == 1 and input_pos.shape[1] == 1 and cache_slots is None
             attn_mask = None if single else causal_mask(input_pos, kv_len)
@@ -369,15 +378,16 @@ class Transformer(nn.Module):
         ``kv_len``: how many cache slots attention reads (default: up to the highest slot
         written, which costs a device sync; the engine passes it).
         """
-        slots, attn_mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
         layers = layers if layers is not None else range(len(self.model.layers))
         if self._layer_weights is not None and layers.step == 1 and kernels.fused_layers_apply(h):
+            slots, attn_mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len, True)
             cfg, (weights, _) = self.config, self._kernel_weights(h.shape[1])
             return kernels.decoder_layers(  # the loop below in one C++ call
                 h, input_pos, self.inv_freq, cache.k, cache.v, slots, attn_mask, kv_len, layers.start,
                 layers.stop, weights, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.rms_norm_eps,
             )  # fmt: skip
+        slots, attn_mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
         cos, sin = self.rope(input_pos, h.dtype)
         for i in layers:
             h = self.model.layers[i](h, cos, sin, cache, slots, attn_mask, kv_len)
@@ -404,7 +414,7 @@ class Transformer(nn.Module):
             input_pos = input_pos[None].expand(tokens.shape[0], -1)
         if self._layer_weights is not None and kernels.fused_layers_apply(self.lm_head.weight):
             # The module path below in one C++ call (CPU; float32 activations whatever the weights).
-            slots, mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
+            slots, mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len, True)
             cfg, (weights, (embed, head)) = self.config, self._kernel_weights(tokens.shape[1])
             logits, h = kernels.model_forward(
                 tokens, input_pos, self.inv_freq, embed, cache.k, cache.v, slots,
