@@ -182,19 +182,23 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(poly, _mm256_castsi256_ps(two_n));
 }
 
+// silu(g) * u for 8 features
+inline __m256 silu_mul8(__m256 g, __m256 u) {
+  const __m256 sig = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+  return _mm256_mul_ps(sig, u);
+}
+
 // act[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i]
 inline void silu_mul(const float* gate, const float* up, float* act, int64_t F) {
-  float g8[8], u8[8], a8[8];
-  for (int64_t i = 0; i < F; i += 8) {
-    const int64_t w = std::min<int64_t>(8, F - i);  // the tail goes through the same vector code
-    std::fill(g8, g8 + 8, 0.0f);
-    std::fill(u8, u8 + 8, 0.0f);
-    std::copy(gate + i, gate + i + w, g8);
-    std::copy(up + i, up + i + w, u8);
-    const __m256 g = _mm256_loadu_ps(g8);
-    const __m256 sig = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-    _mm256_storeu_ps(a8, _mm256_mul_ps(sig, _mm256_loadu_ps(u8)));
-    std::copy(a8, a8 + w, act + i);
+  const int64_t F8 = F - F % 8;
+  for (int64_t i = 0; i < F8; i += 8)
+    _mm256_storeu_ps(act + i, silu_mul8(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i)));
+  if (F8 < F) {  // the tail goes through the same vector code
+    float g8[8] = {}, u8[8] = {}, a8[8];
+    std::copy(gate + F8, gate + F, g8);
+    std::copy(up + F8, up + F, u8);
+    _mm256_storeu_ps(a8, silu_mul8(_mm256_loadu_ps(g8), _mm256_loadu_ps(u8)));
+    std::copy(a8, a8 + (F - F8), act + F8);
   }
 }
 
