@@ -15,6 +15,7 @@ from specdec.drafters import EagleDrafter, MedusaDrafter
 from specdec.drafters.draft_model import DraftModelDrafter
 from specdec.drafters.early_exit import EarlyExitDrafter
 from specdec.drafters.heads import new_head
+from specdec.drafters.staged import StagedDrafter
 from specdec.drafters.vocab import (
     DRAFT_VOCAB_FILE,
     DraftVocab,
@@ -131,13 +132,20 @@ def _recording(drafter):  # type: ignore[no-untyped-def]
     return drafter, proposed
 
 
-@pytest.mark.parametrize("tree_width", [1, 2], ids=["chain", "tree"])
-def test_draft_model_greedy_output_is_unchanged_and_its_drafts_stay_in_the_subset(models, tree_width):
+DRAFT_MODEL_DRAFTERS = {
+    "chain": lambda draft, vocab: DraftModelDrafter(draft, 4, draft_vocab=vocab),
+    "tree": lambda draft, vocab: DraftModelDrafter(draft, 4, tree_width=2, draft_vocab=vocab),
+    "staged": lambda draft, vocab: StagedDrafter(draft, 4, draft_vocab=vocab),
+}
+
+
+@pytest.mark.parametrize("kind", DRAFT_MODEL_DRAFTERS)
+def test_draft_model_greedy_output_is_unchanged_and_its_drafts_stay_in_the_subset(models, kind):
     target, draft = models["target"], models["good"]
     V = target.config.vocab_size
     subset = [t for t in range(V) if t % 4 != 1]  # three quarters: the good draft is still accepted
     vocab = DraftVocab(draft, subset)
-    drafter, proposed = _recording(DraftModelDrafter(draft, 4, tree_width=tree_width, draft_vocab=vocab))
+    drafter, proposed = _recording(DRAFT_MODEL_DRAFTERS[kind](draft, vocab))
     accepted = 0
     for prompt in ([5], [1, 2, 3, 4, 5, 6, 7], [9, 40, 2, 2, 17, 80, 33, 61]):
         want = SpeculativeGenerator(target).generate(prompt, max_new_tokens=24).token_ids
@@ -172,15 +180,14 @@ def _context(token_ids):  # type: ignore[no-untyped-def]
     return DraftContext(token_ids, SamplingParams(), max_draft_tokens=16)
 
 
-@pytest.mark.parametrize("tree_width", [1, 2], ids=["chain", "tree"])
-def test_draft_model_sampling_with_a_reduced_vocabulary_matches_the_exact_target_distribution(tmp_path, tree_width):
+@pytest.mark.parametrize("kind", DRAFT_MODEL_DRAFTERS)
+def test_draft_model_sampling_with_a_reduced_vocabulary_matches_the_exact_target_distribution(tmp_path, kind):
     folder = save_tiny_llama(tmp_path / "t", vocab_size=8, hidden_size=32, init_std=0.6, seed=3)
     target = load_model(folder, dtype="float32")
     draft = load_model(save_tiny_llama(tmp_path / "d", vocab_size=8, hidden_size=32, init_std=0.6, seed=4))
     prompt, sampling = [1, 2, 3], dict(temperature=1.0)
     first, joint = exact_two_token_joint(target, prompt, SamplingParams(**sampling))
-    vocab = DraftVocab(draft, [0, 2, 5, 7])
-    drafter = DraftModelDrafter(draft, 3, tree_width=tree_width, draft_vocab=vocab)
+    drafter = DRAFT_MODEL_DRAFTERS[kind](draft, DraftVocab(draft, [0, 2, 5, 7]))
     fit = goodness_of_fit(
         sample_two_tokens(SpeculativeGenerator(target, drafter), prompt, 4000, **sampling), first, joint
     )

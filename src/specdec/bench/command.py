@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 (long: 512)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per prompt (median is kept)")
     p.add_argument("--num-draft-tokens", "-k", type=int, default=4, help="K of the fixed-K drafters")
-    p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="draft / adaptive / early-exit / medusa / eagle: score drafts over the N most frequent tokens of the target's draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="every drafter but ngram: score drafts over the N most frequent tokens of the target's draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

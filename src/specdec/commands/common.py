@@ -55,7 +55,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="trained heads for early-exit / medusa / eagle (default: <target>/<method>)",
     )
-    p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="draft / adaptive / early-exit / medusa / eagle: score drafts over the N most frequent tokens of the target's draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="every drafter but ngram: score drafts over the N most frequent tokens of the target's draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
     p.add_argument(

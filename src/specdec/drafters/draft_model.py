@@ -50,7 +50,7 @@ from specdec.drafters.base import (
     check_draft_shape,
     empty_proposal,
 )
-from specdec.drafters.vocab import DraftVocab
+from specdec.drafters.vocab import DraftVocab, draft_pass
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs, sample
 from specdec.verify.chain import VerifyResult
@@ -86,17 +86,9 @@ class DraftModelDrafter:
         tokens = torch.as_tensor(token_ids, device=self.model.device).reshape(1, -1)  # (1, T)
         end = start + tokens.shape[1]
         pos = torch.arange(start, end, device=tokens.device)
-        out = self._logits(tokens, pos, int(logits), kv_len=end)  # (0 or 1, V); no device sync
-        self.cache.truncate(end)
+        out = draft_pass(self.model, self.draft_vocab, tokens, pos, self.cache, int(logits), kv_len=end)  # (0 or 1, V)
+        self.cache.truncate(end)  # (no device sync above)
         return out[-1] if logits else None  # (V,)
-
-    def _logits(self, tokens: torch.Tensor, pos: torch.Tensor, num_logits: int, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        """One draft pass over ``tokens`` ``(1, T)``; logits ``(num_logits, V)`` of the last tokens,
-        over the draft vocabulary if there is one (``-inf`` outside it)."""
-        if self.draft_vocab is None or num_logits == 0:
-            return self.model(tokens, pos, self.cache, num_logits=num_logits, **kwargs)[0]
-        _, hidden = self.model(tokens, pos, self.cache, num_logits=0, return_hidden=True, **kwargs)  # (1, T, d)
-        return self.draft_vocab.project(hidden[0, hidden.shape[1] - num_logits :])
 
     def propose(self, ctx: DraftContext) -> DraftProposal:
         n = len(ctx.token_ids)
@@ -214,7 +206,7 @@ class DraftModelDrafter:
         inp = torch.tensor([[tokens[i] for i in nodes]], device=device)  # (1, F)
         pos = torch.full_like(inp, position)
         slots = torch.arange(n + first, S, device=device)[None]  # (1, F)
-        return self._logits(inp, pos, len(nodes), attn_mask=mask, cache_slots=slots)  # (F, V)
+        return draft_pass(self.model, self.draft_vocab, inp, pos, self.cache, len(nodes), attn_mask=mask, cache_slots=slots)  # (F, V)
 
     def on_verified(self, result: VerifyResult) -> None:
         if not self._proposed:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from specdec.drafters.base import Drafter
 from specdec.models.loading import LoadedModel, check_compatible, load_model
+
+if TYPE_CHECKING:
+    from specdec.drafters.vocab import DraftVocab
 
 
 @dataclass(frozen=True)
@@ -20,16 +24,22 @@ class DrafterSpec:
     heads: str | None = None  # trained heads folder (early-exit / medusa / eagle); default <target>/<method>
     tree_width: int = 1  # draft / ngram / staged / medusa / eagle: siblings per tree node (1 = a chain)
     max_tree_nodes: int | None = None  # draft / ngram / medusa / eagle: tree node budget (default K * tree_width)
-    draft_vocab: int | None = None  # draft / adaptive / heads: tokens scored (None: default, 0: all)
+    draft_vocab: int | None = None  # all but ngram: tokens scored (None: default, 0: all)
 
 
-def _draft_model(spec: DrafterSpec) -> Drafter:
-    from specdec.drafters.draft_model import DraftModelDrafter
+def _load_draft(spec: DrafterSpec) -> tuple[LoadedModel, DraftVocab | None]:
+    """The draft model and the draft vocabulary it scores (the target's ranking, its own rows)."""
     from specdec.drafters.vocab import resolve_draft_vocab
 
     draft = load_model(spec.draft, dtype=spec.dtype, device=str(spec.target.device))
     check_compatible(spec.target, draft)  # (the draft vocabulary's ids are the target's)
-    vocab = resolve_draft_vocab(spec.target, spec.draft_vocab, scorer=draft)
+    return draft, resolve_draft_vocab(spec.target, spec.draft_vocab, scorer=draft)
+
+
+def _draft_model(spec: DrafterSpec) -> Drafter:
+    from specdec.drafters.draft_model import DraftModelDrafter
+
+    draft, vocab = _load_draft(spec)
     return DraftModelDrafter(draft, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes, vocab)
 
 
@@ -42,8 +52,8 @@ def _ngram(spec: DrafterSpec) -> Drafter:
 def _staged(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.staged import StagedDrafter
 
-    draft = load_model(spec.draft, dtype=spec.dtype, device=str(spec.target.device))
-    return StagedDrafter(draft, spec.num_draft_tokens, tree_width=spec.tree_width)
+    draft, vocab = _load_draft(spec)
+    return StagedDrafter(draft, spec.num_draft_tokens, tree_width=spec.tree_width, draft_vocab=vocab)
 
 
 def _adaptive(spec: DrafterSpec) -> Drafter:

@@ -35,6 +35,7 @@ from specdec.drafters.base import (
     empty_proposal,
 )
 from specdec.drafters.ngram import NgramIndex
+from specdec.drafters.vocab import DraftVocab, draft_pass
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs
 from specdec.verify.chain import VerifyResult, verify_greedy, verify_rejection
@@ -49,11 +50,13 @@ class StagedDrafter:
         branch_depth: int = 1,
         max_ngram: int = 3,
         min_ngram: int = 1,
+        draft_vocab: DraftVocab | None = None,
     ) -> None:
         check_draft_shape(num_draft_tokens)
         if tree_width < 1 or branch_depth < 0:
             raise ValueError(f"need tree_width >= 1 and branch_depth >= 0, got {tree_width}, {branch_depth}")
         self.model = model
+        self.draft_vocab = draft_vocab  # score drafts over these tokens only (specdec.drafters.vocab)
         self.num_draft_tokens = num_draft_tokens
         self.tree_width = tree_width
         self.branch_depth = branch_depth
@@ -67,16 +70,16 @@ class StagedDrafter:
         self.cache.truncate(0)
         self.index.reset(prompt_ids)
         if len(prompt_ids) > 1:
-            self._forward(prompt_ids[:-1], 0)
+            self._forward(prompt_ids[:-1], 0, 0)
 
-    def _forward(self, token_ids: list[int], start: int) -> torch.Tensor:
-        """Feed ``token_ids`` at ``start``; logits ``(T, V)`` of all of them."""
+    def _forward(self, token_ids: list[int], start: int, num_logits: int) -> torch.Tensor:
+        """Feed ``token_ids`` at ``start``; logits ``(num_logits, V)`` of the last ones."""
         tokens = torch.tensor([token_ids], device=self.model.device)  # (1, T)
         pos = torch.arange(start, start + len(token_ids), device=tokens.device)
-        logits = self.model(tokens, pos, self.cache)
+        logits = draft_pass(self.model, self.draft_vocab, tokens, pos, self.cache, num_logits)
         self.cache.truncate(start + len(token_ids))
         self.draft_forwards += 1
-        return logits[0]  # (T, V)
+        return logits  # (num_logits, V)
 
     def _chain(self, ctx: DraftContext, K: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """K draft tokens, the draft logits ``(K, V)`` and distributions ``(K, V)`` they follow
@@ -92,7 +95,7 @@ class StagedDrafter:
             query = ids[-self.index.max_n :] + chain
             found = self.index.continuations(query, remaining - 1, 1) if remaining > 1 else []
             guess = found[0] if found else []
-            logits = self._forward(unfed + guess, start)[-(len(guess) + 1) :]  # (m+1, V)
+            logits = self._forward(unfed + guess, start, len(guess) + 1)  # (m+1, V)
             draft_probs = logits_to_probs(logits, ctx.sampling)  # (m+1, V)
             guess_t = torch.tensor(guess, dtype=torch.long, device=logits.device)
             if ctx.sampling.greedy:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from specdec.cache import KVCache
 from specdec.models.config import ModelLoadError
 from specdec.models.llama import project_rows
 from specdec.models.loading import LoadedModel
@@ -103,6 +104,23 @@ class DraftVocab:
         out = torch.full((*h.shape[:-1], self.vocab_size), float("-inf"), dtype=sub.dtype, device=h.device)
         out[..., self.ids] = sub
         return out
+
+
+def draft_pass(
+    model: LoadedModel,
+    vocab: DraftVocab | None,
+    tokens: torch.Tensor,  # (1, T)
+    pos: torch.Tensor,  # (T,) or (1, T)
+    cache: KVCache,
+    num_logits: int,
+    **kwargs,  # type: ignore[no-untyped-def]
+) -> torch.Tensor:
+    """One pass of a draft model over ``tokens``; logits ``(num_logits, V)`` of the last tokens,
+    over ``vocab`` if given (``-inf`` outside it; the full ``lm_head`` product is skipped)."""
+    if vocab is None or num_logits == 0:
+        return model(tokens, pos, cache, num_logits=num_logits, **kwargs)[0]
+    _, hidden = model(tokens, pos, cache, num_logits=0, return_hidden=True, **kwargs)  # (1, T, d)
+    return vocab.project(hidden[0, hidden.shape[1] - num_logits :])
 
 
 def resolve_draft_vocab(
