@@ -91,6 +91,29 @@ def test_step_times_of_other_k_follow_the_machines_drift() -> None:
     assert cost_model(0.8, 0.1, {1: 1.0, 2: 2.4}).best_k() == 1
 
 
+def test_draft_time_is_fitted_as_a_fixed_part_plus_a_part_per_token() -> None:
+    model = CostModel(8)
+    for k in [1, 5, 2, 4] * 40:  # every call: 0.5 s fixed + 0.1 s per draft
+        model.record_draft(k, 0.5 + 0.1 * k)
+    assert model.t_draft == pytest.approx(0.1, rel=1e-6)
+    assert model.t_draft_fixed == pytest.approx(0.5, rel=1e-6)
+    for _ in range(300):  # then only K = 1, on a machine twice as slow: K = 1 is priced right,
+        model.record_draft(1, 2 * 0.6)  # and some of it stays a fixed part
+    assert model.t_draft_fixed + model.t_draft == pytest.approx(1.2, rel=1e-3)
+    assert 0.1 < model.t_draft_fixed < 1.2
+
+
+def test_a_fixed_draft_cost_does_not_pin_k_at_one() -> None:
+    # Calls cost 0.5 + 0.05 K: per token a K = 1 call looks 0.55, eleven times a draft's share
+    # in a K = 8 call. Counted per token that pins K at 1; the fitted line picks a longer chain.
+    steps = {k: 1.0 + 0.02 * k for k in range(9)}
+    per_token = cost_model(0.6, 0.55, steps)
+    assert per_token.best_k() == 1
+    fitted = cost_model(0.6, 0.05, steps)
+    fitted.t_draft_fixed = 0.5
+    assert fitted.best_k() >= 3
+
+
 class ScriptedDrafter:
     """A chain drafter that proposes token 0 K times (for the wrapper's K bookkeeping)."""
 

@@ -6,10 +6,11 @@ accepted given drafts ``1..j-1`` were), a chain of K drafts commits in expectati
     E[accepted + 1 | K] = 1 + sum_{i=1..K} prod_{j=1..i} alpha_j
 
 tokens (Leviathan et al. 2023, Sec. 3.1, with i.i.d. alpha; here alpha varies by position as
-measured), and costs ``K * t_draft + t_step(K)`` seconds, where ``t_step(K)`` is the target's
-verify pass over K+1 tokens plus the engine's per-step bookkeeping. Each step picks
+measured), and costs ``t_draft(K) + t_step(K)`` seconds, where ``t_draft(K) = a + b K`` is the
+draft call (0 for K = 0) and ``t_step(K)`` is the target's verify pass over K+1 tokens plus the
+engine's per-step bookkeeping. Each step picks
 
-    K* = argmax_{K in 0..K_max}  E[accepted + 1 | K] / (K * t_draft + t_step(K))
+    K* = argmax_{K in 0..K_max}  E[accepted + 1 | K] / (t_draft(K) + t_step(K))
 
 and K = 0 (plain decoding, the draft model idles) when drafting does not pay. This is the
 throughput-optimal rule of Leviathan et al. (2023, Sec. 3.4, "optimal gamma") made online,
@@ -18,7 +19,14 @@ in the spirit of dynamic draft lengths (HF transformers' heuristic schedule; Liu
 
 Everything is measured online with exponential moving averages (EMA):
 
-* ``t_draft`` — wall time of ``inner.propose`` divided by the K it proposed;
+* ``a``, ``b`` — a line fitted to the wall times of ``inner.propose`` against the K it proposed
+  (exponentially weighted least squares). The fixed part ``a`` matters: the first draft pass
+  after a target pass finds the draft's weights evicted from the CPU caches, so on the demo
+  pair a K = 1 call costs 0.6 ms and a K = 5 call 1.2 ms inside the engine (0.2 and 0.7 ms
+  in a loop of draft calls alone). Time per token (``a / K + b``) made K = 1 look five times
+  as costly per token as it is at K = 5, and pinned ``adaptive`` at K = 1-2 on the ``edit``
+  task where fixed K = 4 was faster. Until two different K were seen, ``a`` keeps its last
+  fit (0 at first: time per token);
 * ``t_step(K)`` — wall time from the end of one ``propose`` to the start of the next (verify
   pass, cache rollback, engine overhead), kept per K; an unmeasured K borrows the nearest
   measured K's time (optimistic upward, which makes the model explore longer chains); every
@@ -50,9 +58,12 @@ class CostModel:
     ema: float = 0.3  # weight of a new measurement
     relax: float = 0.02  # per fully accepted step, the next position moves this far toward the last
     prior_acceptance: float = 0.6
-    t_draft: float | None = None  # seconds per draft token
+    fit_ema: float = 0.05  # weight of a new draft call in the fit of t_draft(K) = a + b K
+    t_draft: float | None = None  # b: seconds per draft token
+    t_draft_fixed: float = 0.0  # a: seconds per draft call
     t_step: dict[int, float] = field(default_factory=dict)  # K -> seconds per verify step
     acceptance: list[float] = field(default_factory=list)  # (K_max,) conditional alpha_j
+    _moments: list[float] | None = None  # EMAs of K, K^2, seconds, K * seconds
 
     def __post_init__(self) -> None:
         if self.max_draft_tokens < 1:
@@ -65,8 +76,21 @@ class CostModel:
         return new if old is None else (1 - weight) * old + weight * new
 
     def record_draft(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens > 0:
-            self.t_draft = self._update(self.t_draft, seconds / num_tokens, self.ema)
+        """Refit ``t_draft(K) = a + b K`` with a call of ``num_tokens`` drafts."""
+        if num_tokens <= 0:
+            return
+        new = [num_tokens, num_tokens**2, seconds, num_tokens * seconds]
+        m = self._moments = new if self._moments is None else [
+            (1 - self.fit_ema) * old + self.fit_ema * x for old, x in zip(self._moments, new, strict=True)
+        ]  # fmt: skip
+        mean_k, var_k, mean_s = m[0], m[1] - m[0] ** 2, m[2]
+        if var_k > 0.1:  # calls of different K seen: the line through them
+            slope = (m[3] - mean_k * mean_s) / var_k
+            b = max(slope, 0.1 * mean_s / mean_k)  # (noise must not make drafts look free)
+            self.t_draft, self.t_draft_fixed = b, max(0.0, mean_s - b * mean_k)
+        else:  # one K so far: keep the fixed part, the per-token part follows the level
+            a = min(self.t_draft_fixed, 0.9 * mean_s)
+            self.t_draft, self.t_draft_fixed = (mean_s - a) / mean_k, a
 
     def record_step(self, num_drafted: int, seconds: float) -> None:
         """Update ``t_step(num_drafted)``; the other K's times move by the same factor.
@@ -120,7 +144,7 @@ class CostModel:
         step = self.step_time(k)
         if step is None or (k > 0 and self.t_draft is None):
             return None
-        cost = k * (self.t_draft or 0.0) + step
+        cost = (self.t_draft_fixed + k * (self.t_draft or 0.0) if k > 0 else 0.0) + step
         return self.expected_tokens(k) / cost if cost > 0 else None
 
     def best_k(self) -> int | None:
