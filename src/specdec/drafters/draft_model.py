@@ -86,7 +86,7 @@ class DraftModelDrafter:
         tokens = torch.as_tensor(token_ids, device=self.model.device).reshape(1, -1)  # (1, T)
         end = start + tokens.shape[1]
         pos = torch.arange(start, end, device=tokens.device)
-        out = draft_pass(self.model, self.draft_vocab, tokens, pos, self.cache, int(logits), kv_len=end)  # (0 or 1, V)
+        out = draft_pass(self.model, self.draft_vocab, tokens, pos, self.cache, int(logits), kv_len=end)  # (0/1, V)
         self.cache.truncate(end)  # (no device sync above)
         return out[-1] if logits else None  # (V,)
 
@@ -206,7 +206,9 @@ class DraftModelDrafter:
         inp = torch.tensor([[tokens[i] for i in nodes]], device=device)  # (1, F)
         pos = torch.full_like(inp, position)
         slots = torch.arange(n + first, S, device=device)[None]  # (1, F)
-        return draft_pass(self.model, self.draft_vocab, inp, pos, self.cache, len(nodes), attn_mask=mask, cache_slots=slots)  # (F, V)
+        return draft_pass(  # (F, V)
+            self.model, self.draft_vocab, inp, pos, self.cache, len(nodes), attn_mask=mask, cache_slots=slots
+        )
 
     def on_verified(self, result: VerifyResult) -> None:
         if not self._proposed:

@@ -4,8 +4,8 @@
 These drafters score every draft token over the whole vocabulary: a ``(V, d)`` product per
 drafted token. For the head drafters that is the target's ``lm_head``, a third of the demo
 target's weights and most of an EAGLE draft's cost on a large-vocabulary model; for the demo
-draft model its own ``lm_head`` is 73 % of its weights. Most of the probability mass sits on a small set of frequent tokens, so
-the drafters may score only the ``N`` most frequent ones (FR-Spec, Zhao et al. 2025, restricts
+draft model its own ``lm_head`` is 73 % of its weights. Most of the probability mass sits on a
+small set of frequent tokens, so the drafters may score only the ``N`` most frequent ones (FR-Spec, Zhao et al. 2025, restricts
 EAGLE-2's drafting to a frequency-ranked subset; EAGLE-3, Li et al. 2025, trains its head
 over a reduced draft vocabulary). Verification still scores the full vocabulary, so the output
 is unchanged: greedy output stays identical, and a sampled draft comes with its exact
@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -113,7 +114,7 @@ def draft_pass(
     pos: torch.Tensor,  # (T,) or (1, T)
     cache: KVCache,
     num_logits: int,
-    **kwargs,  # type: ignore[no-untyped-def]
+    **kwargs: Any,  # attn_mask, cache_slots, kv_len: as Transformer.forward
 ) -> torch.Tensor:
     """One pass of a draft model over ``tokens``; logits ``(num_logits, V)`` of the last tokens,
     over ``vocab`` if given (``-inf`` outside it; the full ``lm_head`` product is skipped)."""
