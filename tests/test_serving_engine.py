@@ -266,3 +266,25 @@ def test_draft_model_costs_nothing_while_the_server_does_not_speculate(pair, mon
     single.prefill(prompt, TargetOutput())
     expected = single.propose(DraftContext(prompt, SamplingParams(), 2, torch.Generator()))
     assert proposal.tokens.tolist() == expected.tokens.tolist()
+
+
+def test_serve_builds_the_batched_draft_model_with_the_draft_vocabulary(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import argparse
+
+    from specdec.drafters.vocab import write_draft_vocab
+    from specdec.serving.command import make_drafting
+
+    target_path, draft_path = make_pair(tmp_path)
+    V = specdec.load_model(target_path, dtype="float32").config.vocab_size
+    write_draft_vocab(target_path, list(range(V))[::-1], 1, "test")  # most frequent: the highest ids
+    target = specdec.load_model(target_path, dtype="float32")
+    args = argparse.Namespace(drafter="draft", draft=str(draft_path), dtype="float32", device="cpu",
+                              num_draft_tokens=3, heads=None)  # fmt: skip
+    for size, expected in ((None, V // 4), (10, 10), (0, None)):
+        drafting = make_drafting(argparse.Namespace(**vars(args), draft_vocab=size), target)
+        assert isinstance(drafting, BatchDraftModel)
+        vocab = drafting.draft_vocab
+        assert (None if vocab is None else len(vocab)) == expected
+        if vocab is not None:  # the ranking's first ids, scored by the draft's own lm_head rows
+            assert vocab.ids.tolist() == list(range(V - expected, V))
+            assert torch.equal(vocab.weight, drafting.model.module.lm_head.weight[vocab.ids])
