@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import pytest
+
 from specdec.serving.policy import SpeculationPolicy
 
 MAX_K = 4
@@ -260,3 +262,15 @@ def test_costly_cold_steps_keep_the_exploration_share_bounded() -> None:
     count, share = explorations(steps[1000:], bool)
     assert count >= 4  # still explored
     assert share <= 1.25 / 16
+
+
+def test_draft_cost_is_a_fitted_line_once_calls_of_different_sizes_were_seen() -> None:
+    policy = SpeculationPolicy(MAX_K)
+    for _ in range(20):  # one size of call: time per token
+        policy.observe_draft(4, 0.002 + 0.0001 * 4)
+    assert policy.draft_cost(8) == pytest.approx(2 * (0.002 + 0.0001 * 4))
+    for n in [1, 8, 4, 16] * 50:  # a fixed 2 ms per call plus 0.1 ms per token
+        policy.observe_draft(n, 0.002 + 0.0001 * n)
+    assert policy.draft_cost(1) == pytest.approx(0.0021, rel=1e-6)
+    assert policy.draft_cost(16) == pytest.approx(0.0036, rel=1e-6)
+    assert policy.draft_cost(0) == 0.0

@@ -8,13 +8,16 @@ Su et al. 2023, "The Synergy of Speculative Decoding and Batching").
 
 The policy chooses K in ``0 .. max_draft_tokens`` maximising the estimated goodput::
 
-    goodput(K) = B * e(K) / (a + b * B * (K+1) + c * B * K)
+    goodput(K) = B * e(K) / (a + b * B * (K+1) + d(B * K))
 
 * ``e(K) = 1 + sum_{i=1..K} prod_{j<=i} alpha_j``: expected tokens committed per row, from the
   measured per-position acceptance ``alpha_j`` (Leviathan et al. 2023, Sec. 3.1);
 * ``a + b * N``: the measured cost of a target pass over N tokens, a line fitted online
   (exponentially forgotten least squares) to every prefill and verify pass;
-* ``c``: the measured drafting cost per draft token and row.
+* ``d(N)``: the measured cost of drafting N tokens (all rows, K > 0), also a fitted line
+  ``c0 + c * N``: a draft call has a fixed part (its first pass finds the draft's weights out
+  of the CPU caches after a target pass), so its time per token overstates short drafts.
+  Until calls of different sizes were seen, the mean time per token times N.
 
 Where a K already has a measured mean step time in B's batch-size bucket (see the guard
 below), that time replaces the denominator: the line is only the prior for K not yet seen.
@@ -90,24 +93,29 @@ class SpeculationPolicy:
         self._cold_seconds: dict[int, float] = {}  # bucket -> time of its latest cold step
         self._drafted = [0.0] * max_draft_tokens
         self._accepted = [0.0] * max_draft_tokens
-        self._fit = [0.0] * 5  # decayed sums: w, sum N, sum N^2, sum t, sum N t
+        self._fit = [0.0] * 5  # target passes, decayed sums: w, sum N, sum N^2, sum t, sum N t
+        self._draft_fit = [0.0] * 5  # draft calls, the same sums
         self._draft_cost = 0.0  # seconds per draft token and row
         self._draft_samples = 0
 
     # ---------------------------------------------------------------- observations
     def observe_pass(self, num_tokens: int, seconds: float) -> None:
         """A target pass (prefill or verify) over ``num_tokens`` tokens took ``seconds``."""
-        s = self._fit
+        self._add_point(self._fit, num_tokens, seconds)
+
+    def _add_point(self, sums: list[float], num_tokens: int, seconds: float) -> None:
         for i in range(5):
-            s[i] *= self.decay
-        s[0] += 1.0
-        s[1] += num_tokens
-        s[2] += num_tokens * num_tokens
-        s[3] += seconds
-        s[4] += num_tokens * seconds
+            sums[i] *= self.decay
+        sums[0] += 1.0
+        sums[1] += num_tokens
+        sums[2] += num_tokens * num_tokens
+        sums[3] += seconds
+        sums[4] += num_tokens * seconds
 
     def observe_draft(self, num_draft_tokens: int, seconds: float) -> None:
+        """Drafting ``num_draft_tokens`` tokens (all rows together) took ``seconds``."""
         if num_draft_tokens > 0:
+            self._add_point(self._draft_fit, num_draft_tokens, seconds)
             per_token = seconds / num_draft_tokens
             self._draft_samples += 1
             w = max(1.0 / self._draft_samples, 1.0 - self.decay)
@@ -163,7 +171,21 @@ class SpeculationPolicy:
 
     def pass_cost(self) -> tuple[float, float] | None:
         """``(a, b)`` of the fitted cost line, or None while the fit is undetermined."""
-        w, sn, snn, st, snt = self._fit
+        return self._line(self._fit)
+
+    def draft_cost(self, num_draft_tokens: int) -> float:
+        """Estimated seconds to draft ``num_draft_tokens`` tokens (all rows together)."""
+        if num_draft_tokens <= 0:
+            return 0.0
+        line = self._line(self._draft_fit)
+        if line is None:  # one size of call so far: time per token
+            return self._draft_cost * num_draft_tokens
+        return line[0] + line[1] * num_draft_tokens
+
+    @staticmethod
+    def _line(sums: list[float]) -> tuple[float, float] | None:
+        """``(intercept, slope)`` of the least-squares line through decayed sums, or None."""
+        w, sn, snn, st, snt = sums
         if w < 2.0:
             return None
         var = snn / w - (sn / w) ** 2
@@ -198,7 +220,6 @@ class SpeculationPolicy:
         passes of :meth:`_guard` keep measuring new K, so the choice climbs to the K that
         measures best."""
         cost = self.pass_cost()
-        c = self._draft_cost
 
         def step_time(k: int) -> float | None:
             seen = self.measured_step_time(batch_size, k) if measured else None
@@ -207,7 +228,7 @@ class SpeculationPolicy:
             if cost is None:
                 return None
             a, b = cost
-            return a + b * batch_size * (k + 1) + c * batch_size * k
+            return a + b * batch_size * (k + 1) + self.draft_cost(batch_size * k)
 
         times = {k: step_time(k) for k in range(self.max_draft_tokens + 1)}
         if any(t is None for t in times.values()):
