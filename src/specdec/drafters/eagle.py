@@ -43,7 +43,7 @@ import torch
 
 from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, check_draft_shape
 from specdec.drafters.heads import EagleHead, pick_tokens, resolve_head
-from specdec.drafters.vocab import DraftVocab, resolve_draft_vocab
+from specdec.drafters.vocab import DraftVocab, projector, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs
 from specdec.verify.chain import VerifyResult
@@ -74,7 +74,7 @@ class EagleDrafter:
         self.head = resolve_head(head, target.path, target.config, "eagle", target.dtype, target.device)
         assert isinstance(self.head, EagleHead)
         self.draft_vocab = resolve_draft_vocab(target, draft_vocab)
-        self._project = self.draft_vocab.project if self.draft_vocab is not None else target.module.project
+        self._project = projector(target, self.draft_vocab)
         self.num_draft_tokens = num_draft_tokens
         capacity = target.max_seq_len + self.max_tree_nodes
         self.cache = self.head.new_cache(1, capacity)

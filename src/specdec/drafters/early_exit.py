@@ -30,7 +30,7 @@ import torch
 
 from specdec.drafters.base import DraftContext, DraftProposal, TargetOutput, check_draft_shape, empty_proposal
 from specdec.drafters.heads import ExitHead, pick_tokens, resolve_head
-from specdec.drafters.vocab import DraftVocab, resolve_draft_vocab
+from specdec.drafters.vocab import DraftVocab, projector, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
 from specdec.verify.chain import VerifyResult
 
@@ -55,7 +55,7 @@ class EarlyExitDrafter:
         self.head = resolve_head(head, target.path, target.config, "early-exit", target.dtype, target.device)
         assert isinstance(self.head, ExitHead)
         self.draft_vocab = resolve_draft_vocab(target, draft_vocab)
-        self._project = self.draft_vocab.project if self.draft_vocab is not None else target.module.project
+        self._project = projector(target, self.draft_vocab)
         self.num_draft_tokens = num_draft_tokens
         self.exit_layer = self.head.exit_layer
         self.cache = target.module.new_cache(1, num_layers=self.exit_layer)

@@ -34,7 +34,7 @@ import torch
 
 from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, check_draft_shape
 from specdec.drafters.heads import MedusaHeads, pick_tokens, resolve_head
-from specdec.drafters.vocab import DraftVocab, resolve_draft_vocab
+from specdec.drafters.vocab import DraftVocab, projector, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs, sample
 from specdec.verify.chain import VerifyResult
@@ -63,7 +63,7 @@ class MedusaDrafter:
         self.heads = resolve_head(heads, target.path, target.config, "medusa", target.dtype, target.device)
         assert isinstance(self.heads, MedusaHeads)
         self.draft_vocab = resolve_draft_vocab(target, draft_vocab)
-        self._project = self.draft_vocab.project if self.draft_vocab is not None else target.module.project
+        self._project = projector(target, self.draft_vocab)
         K = num_draft_tokens if num_draft_tokens is not None else self.heads.num_heads
         if not isinstance(K, int) or not 1 <= K <= self.heads.num_heads:
             raise ValueError(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,12 @@ class DraftVocab:
         out = torch.full((*h.shape[:-1], self.vocab_size), float("-inf"), dtype=sub.dtype, device=h.device)
         out[..., self.ids] = sub
         return out
+
+
+def projector(model: LoadedModel, vocab: DraftVocab | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``(..., d) -> (..., V)`` logits with ``model``'s ``lm_head``: over ``vocab`` if given
+    (:meth:`DraftVocab.project`), else the whole vocabulary (:meth:`Transformer.project`)."""
+    return vocab.project if vocab is not None else model.module.project
 
 
 def draft_pass(

@@ -352,10 +352,10 @@ class Transformer(nn.Module):
         slots = input_pos if cache_slots is None else cache_slots
         if kv_len is None:
             kv_len = int(attn_mask.shape[-1]) if attn_mask is not None else int(slots.max()) + 1
-        if kernels_prefill and attn_mask is None and cache_slots is None and input_pos.shape[1] == kv_len:
-            if kv_len > kernels.MAX_ROWS and torch.equal(input_pos[0], torch.arange(kv_len)):
-                if (input_pos == input_pos[:1]).all():  # every row from slot 0
-                    return slots, None, kv_len
+        plain = kernels_prefill and attn_mask is None and cache_slots is None
+        if plain and input_pos.shape[1] == kv_len > kernels.MAX_ROWS:
+            if bool((input_pos == torch.arange(kv_len)).all()):  # every row at positions 0..T-1
+                return slots, None, kv_len
         if attn_mask is None:
             single = input_pos.shape[0] == 1 and input_pos.shape[1] == 1 and cache_slots is None
             attn_mask = None if single else causal_mask(input_pos, kv_len)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec.drafters.base import DraftProposal, TargetOutput
-from specdec.drafters.vocab import DraftVocab
+from specdec.drafters.vocab import DraftVocab, projector
 from specdec.models.loading import LoadedModel
 from specdec.sampling import SamplingParams, logits_to_probs, sample
 
@@ -48,7 +48,7 @@ class BatchDraftModel:
             raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
         self.model = model
         self.draft_vocab = draft_vocab  # score drafts over these tokens only (specdec.drafters.vocab)
-        self._project = draft_vocab.project if draft_vocab is not None else model.module.project
+        self._project = projector(model, draft_vocab)
         self.num_draft_tokens = num_draft_tokens
         self.cache = model.new_cache(1, 1)
         self._fed: dict[int, int] = {}  # row -> K of its last proposal
