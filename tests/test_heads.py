@@ -426,3 +426,56 @@ def test_eagle_head_saved_in_bfloat16_reads_exact_copies_with_the_same_bits(targ
     finally:
         kernels.exact_bfloat16 = exact
     assert torch.equal(compact, full)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("subset", [False, True])
+def test_eagle_greedy_chain_in_one_call_proposes_what_the_python_loop_proposes(target_path, dtype, subset):
+    # Greedy chains of EAGLE run in one C++ call (EagleHead.draft_greedy): the head entries built on
+    # target features, then each draft and its feature. Step by step through whole generations, it
+    # must propose exactly the Python loop's drafts, with the full vocabulary and a reduced one,
+    # for a float32 and a bfloat16 target, from a first feed of one entry and of more than
+    # kernels.MAX_ROWS entries (a long prompt).
+    from specdec import kernels
+    from specdec.drafters.heads import EagleHead
+    from specdec.drafters.vocab import DraftVocab
+
+    if kernels.load() is None:
+        assert not os.environ.get("CI"), kernels.status()
+        pytest.skip(kernels.status())
+    target = load_model(target_path, dtype=dtype)
+    vocab = DraftVocab(target, list(range(0, 96, 3))) if subset else 0
+    prompts = [[5, 7], [9, 40, 2, 2, 17, 80, 33, 61, 5, 5, 12], [(7 * i) % 90 + 1 for i in range(40)]]
+
+    def proposals() -> list[list[int]]:
+        drafter = EagleDrafter(target, random_head("eagle", target, seed=6), num_draft_tokens=4, draft_vocab=vocab)
+        seen: list[list[int]] = []
+        propose = drafter.propose
+
+        def record(ctx):  # type: ignore[no-untyped-def]
+            proposal = propose(ctx)
+            seen.append(proposal.tokens.tolist())
+            return proposal
+
+        drafter.propose = record  # type: ignore[method-assign]
+        for prompt in prompts:
+            SpeculativeGenerator(target, drafter).generate(prompt, max_new_tokens=24)
+        return seen
+
+    calls = []
+    one_call = kernels.eagle_greedy
+    kernels.eagle_greedy = lambda *args: calls.append(1) or one_call(*args)  # type: ignore[assignment]
+    try:
+        got = proposals()
+    finally:
+        kernels.eagle_greedy = one_call  # type: ignore[assignment]
+    assert len(calls) == len(got)  # every proposal came from the one call
+    draft_greedy = EagleHead.draft_greedy
+    EagleHead.draft_greedy = lambda *args, **kwargs: None  # type: ignore[method-assign]  # the Python loop runs
+    try:
+        want = proposals()
+    finally:
+        EagleHead.draft_greedy = draft_greedy  # type: ignore[method-assign]
+    assert len(got) >= 3 * 5 and got == want
+    if subset:
+        assert all(t % 3 == 0 for tokens in got for t in tokens)

@@ -75,6 +75,10 @@ class EagleDrafter:
         assert isinstance(self.head, EagleHead)
         self.draft_vocab = resolve_draft_vocab(target, draft_vocab)
         self._project = projector(target, self.draft_vocab)
+        module = target.module
+        embed, head = module._kernel_io or (module.model.embed_tokens.weight, module.lm_head.weight)
+        rows = self.draft_vocab.kernel_rows if self.draft_vocab is not None else (None, head)
+        self._greedy_io = (embed, rows)  # what EagleHead.draft_greedy reads: the kernels' copies
         self.num_draft_tokens = num_draft_tokens
         capacity = target.max_seq_len + self.max_tree_nodes
         self.cache = self.head.new_cache(1, capacity)
@@ -121,6 +125,13 @@ class EagleDrafter:
         K = min(self.num_draft_tokens, ctx.max_draft_tokens)
         start = self.cache.lengths[0]
         next_tokens = torch.tensor(ctx.token_ids[start + 1 : n], device=device)  # (T,) x_{t+1}
+        if ctx.sampling.greedy and self.tree_width == 1:
+            drafts = self.head.draft_greedy(
+                next_tokens, self.features[start : n - 1], start, K, self.cache, *self._greedy_io
+            )  # the first step and the loop below in one call
+            if drafts is not None:
+                self.cache.truncate(n - 1)
+                return DraftProposal(drafts)  # (K,)
         feature = self._step(next_tokens, self.features[start : n - 1], start)  # (d,)
         if self.tree_width > 1:
             proposal = self._tree(feature, ctx, K)

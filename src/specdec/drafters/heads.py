@@ -20,6 +20,7 @@ drafters look for ``<target folder>/<method>/`` by default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -149,6 +150,30 @@ class EagleHead(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         return self.layer(x, cos, sin, cache, slots, mask)  # type: ignore[no-any-return]
 
+    def draft_greedy(
+        self,
+        tokens: torch.Tensor,  # (T,) x_{t+1} of entries start..
+        features: torch.Tensor,  # (T, d) f_t of those entries
+        start: int,
+        num_tokens: int,
+        cache: KVCache,
+        embed: torch.Tensor,  # (V, d) the target's embedding
+        rows: tuple[torch.Tensor | None, torch.Tensor],  # ((N,) ids or None, (N, d) lm_head rows)
+    ) -> torch.Tensor | None:
+        """EAGLE's greedy chain in one C++ call, or None where the kernels do not apply (the
+        caller then runs its own loop): feed entries ``start..`` from ``tokens`` and ``features``,
+        then ``num_tokens`` times append the argmax of ``rows`` on the last predicted feature,
+        feeding each draft but the last with that feature. Returns the ``(num_tokens,)`` drafts;
+        the cache's slots beyond ``start + T`` are the drafts' (the caller rolls back)."""
+        copies = self._kernel_copies(features[-1:])  # the few-row copies, whatever T is
+        if copies is None:
+            return None
+        cfg, (fc, weights), (ids, head) = self.config, copies, rows
+        return kernels.eagle_greedy(
+            tokens, features, start, num_tokens, self.inv_freq, embed, fc, cache.k, cache.v, weights, head, ids,
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
+        )  # fmt: skip
+
     def _kernel_copies(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:
         """``(fc weight, the layer's weights in kernels.decoder_layers' order)`` for the kernels,
         or None where they do not apply (autograd, another device, no kernels). q/k/v and gate/up
@@ -239,9 +264,13 @@ def resolve_head(
     dtype,
     device,  # type: ignore[no-untyped-def]
 ) -> Head:
-    """A head object as given, else loaded from ``head`` (a folder) or ``<target>/<method>/``."""
+    """A head object as given (a copy in the target's dtype and device if it is in others), else
+    loaded from ``head`` (a folder) or ``<target>/<method>/``."""
     if isinstance(head, nn.Module):
-        return head
+        p = next(head.parameters())
+        if p.dtype == dtype and p.device == torch.device(device):
+            return head
+        return copy.deepcopy(head).to(device=device, dtype=dtype)  # type: ignore[no-any-return]
     return load_head(head if head is not None else target_path / method, cfg, method, dtype, device)
 
 

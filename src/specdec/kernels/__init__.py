@@ -245,3 +245,29 @@ def draft_greedy(
         tokens, start, num_tokens, inv_freq, embed, k_cache, v_cache, weights, norm, lm_head, ids, num_heads,
         num_kv_heads, head_dim, eps,
     )  # fmt: skip
+
+
+def eagle_greedy(
+    tokens: torch.Tensor,  # (T,) x_{t+1} of head entries start..
+    features: torch.Tensor,  # (T, d) target features f_t of those entries
+    start: int,
+    num_tokens: int,
+    inv_freq: torch.Tensor,  # (D/2,)
+    embed: torch.Tensor,  # (V, d) the target's embedding
+    fc: torch.Tensor,  # (d, 2d)
+    k_cache: torch.Tensor,  # (1, 1, Hkv, S, D) the head's cache
+    v_cache: torch.Tensor,  # (1, 1, Hkv, S, D)
+    weights: list[torch.Tensor | None],  # the head's decoder layer, 7 (see Transformer.fuse)
+    lm_head: torch.Tensor,  # (V, d), or (N, d): the rows of ids
+    ids: torch.Tensor | None,  # (N,) token id of each lm_head row (a reduced draft vocabulary) or None
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> torch.Tensor:
+    """EAGLE's greedy chain in one call (``EagleHead.draft_greedy``): ``(K,)`` int64 tokens."""
+    op = _state["op"]
+    return op.eagle_greedy(  # type: ignore[attr-defined,no-any-return]
+        tokens, features, start, num_tokens, inv_freq, embed, fc, k_cache, v_cache, weights, lm_head, ids,
+        num_heads, num_kv_heads, head_dim, eps,
+    )  # fmt: skip

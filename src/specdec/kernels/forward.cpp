@@ -451,4 +451,66 @@ at::Tensor draft_greedy(const at::Tensor& tokens, int64_t start, int64_t K, cons
   return drafts;
 }
 
+namespace {
+
+// x rounded to `dtype` and widened back (nothing for float32): the module path keeps the EAGLE
+// head's intermediate results in the model's dtype, and the one-call chain rounds where it does.
+at::Tensor stored_as(const at::Tensor& x, at::ScalarType dtype) {
+  return dtype == at::kFloat ? x.contiguous() : x.to(dtype).to(at::kFloat).contiguous();
+}
+
+}  // namespace
+
+// EAGLE greedy chain in one call (EagleDrafter.propose): feed the head entries start.. built from
+// `tokens` (T,) (x_{t+1}) and the target's `features` (T, d) (f_t); then K times take the argmax
+// of lm_head(predicted feature of the last entry) as the next draft and feed (draft, that
+// feature), all but the last. An entry is fc(cat(embed(x), f)) (2d -> d) through one decoder
+// layer with the head's own cache (no final norm: its output is the predicted feature). Returns
+// the K tokens (K,) int64; the cache then holds start + T + K - 1 slots. ids as in draft_greedy.
+at::Tensor eagle_greedy(const at::Tensor& tokens, const at::Tensor& features, int64_t start, int64_t K,
+                        const at::Tensor& inv_freq, const at::Tensor& embed, const at::Tensor& fc,
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, const Weights& weights,
+                        const at::Tensor& lm_head, const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv,
+                        int64_t D, double eps) {
+  const int64_t d = embed.size(1);
+  TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) >= 1 && K >= 1, "eagle_greedy: at least one token, K >= 1");
+  TORCH_CHECK(features.dim() == 2 && features.size(0) == tokens.size(0) && features.size(1) == d,
+              "eagle_greedy: one feature (d,) per token");
+  TORCH_CHECK(fc.dim() == 2 && fc.size(0) == d && fc.size(1) == 2 * d, "eagle_greedy: fc must be (d, 2d)");
+  TORCH_CHECK(weights.size() == 7, "eagle_greedy: the weights of one decoder layer");
+  at::Tensor row_ids;  // (N,) int64, contiguous
+  if (ids.has_value()) {
+    row_ids = ids->to(at::kLong).contiguous();
+    TORCH_CHECK(row_ids.dim() == 1 && row_ids.size(0) == lm_head.size(0), "eagle_greedy: one id per lm_head row");
+  }
+  const at::ScalarType dtype = features.scalar_type();
+  const auto i64 = at::TensorOptions().dtype(at::kLong), f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor drafts = at::empty({K}, i64);
+  at::Tensor logits = at::empty({lm_head.size(0)}, f32);  // (N,)
+  at::Tensor feed = tokens.to(at::kLong);                   // (T,)
+  at::Tensor feat = features.to(at::kFloat);                // (T, d)
+  int64_t pos = start;
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t T = feed.size(0);
+    const bool few = T <= kMaxRows;
+    const at::Tensor x = at::cat({at::embedding(embed, feed).to(at::kFloat), feat}, 1).contiguous();  // (T, 2d)
+    at::Tensor h = at::empty({T, d}, f32);
+    linear(x.data_ptr<float>(), T, fc, c10::nullopt, h.data_ptr<float>(), few);
+    h = stored_as(h, dtype);
+    const at::Tensor positions = at::arange(pos, pos + T, i64).view({1, T});  // also the cache slots
+    c10::optional<at::Tensor> mask;  // (1, 1, T, pos + T): entry t sees slots <= pos + t
+    if (T > 1) mask = at::arange(pos + T, i64).view({1, 1, 1, -1}) <= positions.view({1, 1, T, 1});
+    const Dims s{1, T, H, Hkv, D, pos + T};
+    run_layers(h.data_ptr<float>(), s, d, positions, inv_freq, k_cache, v_cache, positions, mask, 0, 1, weights, eps);
+    feat = stored_as(h.narrow(0, T - 1, 1), dtype);  // (1, d) the predicted feature
+    linear(feat.data_ptr<float>(), 1, lm_head, c10::nullopt, logits.data_ptr<float>(), true);
+    const int64_t row = stored_as(logits, dtype).argmax().item<int64_t>();
+    const int64_t next = row_ids.defined() ? row_ids.data_ptr<int64_t>()[row] : row;
+    drafts.data_ptr<int64_t>()[i] = next;
+    pos += T;
+    feed = at::full({1}, next, i64);
+  }
+  return drafts;
+}
+
 }  // namespace specdec

@@ -60,6 +60,10 @@ TORCH_LIBRARY(specdec, m) {
   m.def(
       "draft_greedy(Tensor tokens, int start, int K, Tensor inv_freq, Tensor embed, Tensor k_cache, Tensor v_cache, "
       "Tensor?[] weights, Tensor norm, Tensor lm_head, Tensor? ids, int H, int Hkv, int D, float eps) -> Tensor");
+  m.def(
+      "eagle_greedy(Tensor tokens, Tensor features, int start, int K, Tensor inv_freq, Tensor embed, Tensor fc, "
+      "Tensor k_cache, Tensor v_cache, Tensor?[] weights, Tensor lm_head, Tensor? ids, int H, int Hkv, int D, "
+      "float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specdec, CPU, m) {
@@ -68,4 +72,5 @@ TORCH_LIBRARY_IMPL(specdec, CPU, m) {
   m.impl("decoder_layers", &specdec::decoder_layers);
   m.impl("model_forward", &specdec::model_forward);
   m.impl("draft_greedy", &specdec::draft_greedy);
+  m.impl("eagle_greedy", &specdec::eagle_greedy);
 }
