@@ -202,16 +202,18 @@ def test_one_call_forward_matches_the_module_path_and_is_batch_invariant(hf_pair
     # On CPUs with the kernels, forward (and run_layers) hand the pass to one C++ call (forward.cpp).
     # It must agree with the Python modules, and give every row bit-identical results whatever the
     # pass around it: T one-token passes = one T-token pass (greedy equality with plain decoding rests
-    # on it), and a row batched with another = the row alone.
+    # on it), and a row batched with another = the row alone. The prompt is longer than the blocks
+    # of cache slots attention reads at a time (kSlotBlock, 64), so the passes cross a block edge.
     _needs_kernels()
     module = hf_pair[1].module
-    tokens = torch.tensor([[5, 17, 3, 99, 42, 8, 1, 77], [7, 7, 60, 2, 33, 11, 4, 9]])
+    P = 70  # prompt tokens; then 3 more
+    tokens = torch.randint(0, 101, (2, P + 3), generator=torch.Generator().manual_seed(0))
 
-    def passes(rows, steps):  # prefill 5 tokens, then passes of `steps` tokens each: (B, 8, V)
-        cache = module.new_cache(len(rows), 64)
-        out = [module(tokens[rows, :5], torch.arange(5), cache)]
-        for start in range(5, 8, steps):
-            end = min(8, start + steps)
+    def passes(rows, steps):  # prefill P tokens, then passes of `steps` tokens each: (B, P + 3, V)
+        cache = module.new_cache(len(rows), 128)
+        out = [module(tokens[rows, :P], torch.arange(P), cache)]
+        for start in range(P, P + 3, steps):
+            end = min(P + 3, start + steps)
             out.append(module(tokens[rows, start:end], torch.arange(start, end), cache, kv_len=end))
         return torch.cat(out, dim=1)
 
@@ -224,17 +226,17 @@ def test_one_call_forward_matches_the_module_path_and_is_batch_invariant(hf_pair
         finally:
             module._layer_weights = weights
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    assert torch.equal(fast[:, 5:], one_by_one[:, 5:])
+    assert torch.equal(fast[:, P:], one_by_one[:, P:])
     assert torch.equal(fast[1], alone[0])
     # Rows at different lengths, each with its own cache slots (the server's batches)
     with torch.inference_mode():
-        cache = module.new_cache(2, 64)
-        module(tokens[:, :5], torch.arange(5), cache)
-        pos = torch.tensor([[5, 6], [3, 4]])  # row 1 rolled back to 3 committed tokens
-        step = module(tokens[:, 5:7], pos, cache, cache_slots=pos, kv_len=7)  # (2, 2, V)
-        solo = module.new_cache(1, 64)
-        module(tokens[1:, :3], torch.arange(3), solo)
-        row = module(tokens[1:, 5:7], torch.arange(3, 5), solo, kv_len=5)  # (1, 2, V)
+        cache = module.new_cache(2, 128)
+        module(tokens[:, :P], torch.arange(P), cache)
+        pos = torch.tensor([[P, P + 1], [66, 67]])  # row 1 rolled back to 66 committed tokens
+        step = module(tokens[:, P : P + 2], pos, cache, cache_slots=pos, kv_len=P + 2)  # (2, 2, V)
+        solo = module.new_cache(1, 128)
+        module(tokens[1:, :P], torch.arange(P), solo)  # the same cache rows (then 66, 67 are overwritten)
+        row = module(tokens[1:, P : P + 2], torch.arange(66, 68), solo, kv_len=68)  # (1, 2, V)
     assert torch.equal(step[1], row[0])
 
 

@@ -139,32 +139,40 @@ inline float dot(const float* q, const C* k, int64_t D) {
   return s;
 }
 
-// p[j] = q . keys[j] for the S keys of one head, four keys at a time: four independent FMA chains
-// hide the FMA latency that a single chain waits on. Each score is still dot(): one chain over
-// 8-wide chunks of D in order, then the same horizontal sum, so it is bit-identical to it.
+// Keys and values are read in blocks of kSlotBlock slots (16 KB of float32 for 64-wide heads):
+// a block stays in L1 while every query that reads it passes over it, so the cache is read once
+// per pass and kv head, however many rows and query heads share that kv head.
+constexpr int64_t kSlotBlock = 64;
+
+// p[q][j] = queries[q] . keys[j] for slots j in [j0, j1), four keys at a time: four independent
+// FMA chains hide the FMA latency that a single chain waits on. Each score is still dot(): one
+// chain over 8-wide chunks of D in order, then the same horizontal sum, so it is bit-identical.
 template <typename C>
-inline void scores(const float* q, const C* keys, int64_t S, int64_t D, float* p) {
-  if (D % 8 != 0) {
-    for (int64_t j = 0; j < S; ++j) p[j] = dot(q, keys + j * D, D);
-    return;
-  }
-  int64_t j = 0;
-  for (; j + 4 <= S; j += 4) {
-    const C* k = keys + j * D;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int64_t i = 0; i < D; i += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + i);
-      a0 = _mm256_fmadd_ps(qv, load8(k + i), a0);
-      a1 = _mm256_fmadd_ps(qv, load8(k + D + i), a1);
-      a2 = _mm256_fmadd_ps(qv, load8(k + 2 * D + i), a2);
-      a3 = _mm256_fmadd_ps(qv, load8(k + 3 * D + i), a3);
+inline void scores(const float* const* queries, int64_t Q, const C* keys, int64_t j0, int64_t j1, int64_t D,
+                   float* p, int64_t ldp) {
+  for (int64_t q = 0; q < Q; ++q) {
+    const float* qv = queries[q];
+    float* pq = p + q * ldp;
+    int64_t j = j0;
+    if (D % 8 == 0) {
+      for (; j + 4 <= j1; j += 4) {
+        const C* k = keys + j * D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int64_t i = 0; i < D; i += 8) {
+          const __m256 x = _mm256_loadu_ps(qv + i);
+          a0 = _mm256_fmadd_ps(x, load8(k + i), a0);
+          a1 = _mm256_fmadd_ps(x, load8(k + D + i), a1);
+          a2 = _mm256_fmadd_ps(x, load8(k + 2 * D + i), a2);
+          a3 = _mm256_fmadd_ps(x, load8(k + 3 * D + i), a3);
+        }
+        pq[j] = hsum(a0);
+        pq[j + 1] = hsum(a1);
+        pq[j + 2] = hsum(a2);
+        pq[j + 3] = hsum(a3);
+      }
     }
-    p[j] = hsum(a0);
-    p[j + 1] = hsum(a1);
-    p[j + 2] = hsum(a2);
-    p[j + 3] = hsum(a3);
+    for (; j < j1; ++j) pq[j] = dot(qv, keys + j * D, D);
   }
-  for (; j < S; ++j) p[j] = dot(q, keys + j * D, D);
 }
 
 // e^x for 8 floats: 2^n e^r with n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split
@@ -225,69 +233,99 @@ void mlp_prefill(const float* x, int64_t R, const at::Tensor& gate_up, const at:
   }
 }
 
-// out (D) = sum_j p[j] v_j over the S values of one head, in slot order; slots with p[j] = 0 (masked)
-// are skipped. Blocks of 64 values keep their 8 accumulators in registers.
+// outs[q] (D) += sum_j p[q][j] v_j over slots j in [j0, j1), in slot order; slots with p = 0
+// (masked) are skipped. Blocks of 64 features keep their 8 accumulators in registers; a call per
+// block of slots continues each sum where the previous one stopped (the same operations, in the
+// same order, as one pass over all slots).
 template <typename C>
-inline void weighted_values(const float* p, const C* values, int64_t S, int64_t D, float* out) {
-  int64_t i0 = 0;
-  for (; i0 + 64 <= D; i0 += 64) {
-    __m256 acc[8];
+inline void weighted_values(const float* p, int64_t ldp, int64_t Q, const C* values, int64_t j0, int64_t j1,
+                            int64_t D, float* const* outs) {
+  for (int64_t q = 0; q < Q; ++q) {
+    const float* pq = p + q * ldp;
+    float* out = outs[q];
+    int64_t i0 = 0;
+    for (; i0 + 64 <= D; i0 += 64) {
+      __m256 acc[8];
 #pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < S; ++j) {
-      if (p[j] == 0.0f) continue;
-      const __m256 pj = _mm256_set1_ps(p[j]);
-      const C* v = values + j * D + i0;
+      for (int k = 0; k < 8; ++k) acc[k] = _mm256_loadu_ps(out + i0 + 8 * k);
+      for (int64_t j = j0; j < j1; ++j) {
+        if (pq[j] == 0.0f) continue;
+        const __m256 pj = _mm256_set1_ps(pq[j]);
+        const C* v = values + j * D + i0;
 #pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(pj, load8(v + 8 * k), acc[k]);
+        for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(pj, load8(v + 8 * k), acc[k]);
+      }
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out + i0 + 8 * k, acc[k]);
     }
-#pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out + i0 + 8 * k, acc[k]);
-  }
-  for (int64_t i = i0; i < D; ++i) {  // head sizes that are not a multiple of 64
-    float a = 0.0f;
-    for (int64_t j = 0; j < S; ++j)
-      if (p[j] != 0.0f) a += p[j] * load1(values + j * D + i);
-    out[i] = a;
+    for (int64_t i = i0; i < D; ++i) {  // head sizes that are not a multiple of 64
+      float a = out[i];
+      for (int64_t j = j0; j < j1; ++j)
+        if (pq[j] != 0.0f) a += pq[j] * load1(values + j * D + i);
+      out[i] = a;
+    }
   }
 }
 
-// Attention of each (row, head) over cache slots [0, kv_len), one at a time: scores, softmax,
-// weighted sum of values, always in slot order. mask (B, T, kv_len) or null (every slot).
+// Attention over cache slots [0, kv_len). The queries that read one kv head of one sequence (its T
+// rows times the H / Hkv query heads of its group) go together, so each block of keys and values
+// is read once for all of them (see kSlotBlock). Every (row, head) still gets its own scores,
+// softmax and weighted sum, in slot order, so its result does not depend on T or on which rows
+// share the pass. mask (B, T, kv_len) or null (every slot).
 template <typename C>
 void attend_rows(const float* qkv, const Dims& s, const bool* mask, const at::Tensor& k_cache,
                  const at::Tensor& v_cache, int64_t layer, float* out) {
-  const int64_t items = s.rows() * s.H, group = s.H / s.Hkv, S = s.kv_len, S8 = (S + 7) / 8 * 8, D = s.D;
+  const int64_t group = s.H / s.Hkv, S = s.kv_len, S8 = (S + 7) / 8 * 8, D = s.D;
+  const int64_t Q = s.T * group;  // queries per (sequence, kv head)
+  const int64_t parts = std::min<int64_t>(Q, at::get_num_threads());  // Q split so every thread has work
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float masked = -std::numeric_limits<float>::infinity();
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, S * D));
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(S8);
+  at::parallel_for(0, s.B * s.Hkv * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p, totals;
+    std::vector<const float*> queries;
+    std::vector<float*> outs;
+    std::vector<const bool*> allowed;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / s.H, head = item % s.H, b = r / s.T, g = head / group;
-      const float* q = qkv + r * s.qkv() + head * D;
-      const bool* allowed = mask ? mask + r * S : nullptr;
+      const int64_t b = item / (s.Hkv * parts), g = item / parts % s.Hkv, part = item % parts;
+      queries.clear(), outs.clear(), allowed.clear();
+      for (int64_t i = part * Q / parts; i < (part + 1) * Q / parts; ++i) {  // query i: row i / group
+        const int64_t r = b * s.T + i / group, head = g * group + i % group;
+        queries.push_back(qkv + r * s.qkv() + head * D);
+        outs.push_back(out + r * s.H * D + head * D);
+        allowed.push_back(mask ? mask + r * S : nullptr);
+      }
+      const int64_t n = static_cast<int64_t>(queries.size());
+      p.resize(n * S8);
+      totals.resize(n);
       const C* keys = cache_row<C>(k_cache, layer, b, g, 0);
-      scores(q, keys, S, D, p.data());
-      float top = masked;
-      for (int64_t j = 0; j < S; ++j) {
-        p[j] = (allowed && !allowed[j]) ? masked : p[j] * scale;
-        top = std::max(top, p[j]);
+      for (int64_t j0 = 0; j0 < S; j0 += kSlotBlock)
+        scores(queries.data(), n, keys, j0, std::min(S, j0 + kSlotBlock), D, p.data(), S8);
+      for (int64_t q = 0; q < n; ++q) {  // softmax numerators (masked slots: 0) and their sum
+        float* pq = p.data() + q * S8;
+        float top = masked;
+        for (int64_t j = 0; j < S; ++j) {
+          pq[j] = (allowed[q] && !allowed[q][j]) ? masked : pq[j] * scale;
+          top = std::max(top, pq[j]);
+        }
+        std::fill(pq + S, pq + S8, masked);  // padding to whole vectors
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t j = 0; j < S8; j += 8) {
+          const __m256 score = _mm256_loadu_ps(pq + j);
+          const __m256 keep = _mm256_cmp_ps(score, _mm256_set1_ps(masked), _CMP_NEQ_OQ);
+          const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(score, _mm256_set1_ps(top))), keep);  // masked: 0
+          _mm256_storeu_ps(pq + j, e);
+          sum = _mm256_add_ps(sum, e);
+        }
+        totals[q] = hsum(sum);
+        std::fill(outs[q], outs[q] + D, 0.0f);
       }
-      std::fill(p.begin() + S, p.end(), masked);  // padding to whole vectors
-      __m256 sum = _mm256_setzero_ps();
-      for (int64_t j = 0; j < S8; j += 8) {
-        const __m256 score = _mm256_loadu_ps(&p[j]);
-        const __m256 keep = _mm256_cmp_ps(score, _mm256_set1_ps(masked), _CMP_NEQ_OQ);
-        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(score, _mm256_set1_ps(top))), keep);  // masked: 0
-        _mm256_storeu_ps(&p[j], e);
-        sum = _mm256_add_ps(sum, e);
+      const C* values = cache_row<C>(v_cache, layer, b, g, 0);
+      for (int64_t j0 = 0; j0 < S; j0 += kSlotBlock)
+        weighted_values(p.data(), S8, n, values, j0, std::min(S, j0 + kSlotBlock), D, outs.data());
+      for (int64_t q = 0; q < n; ++q) {
+        const float inv = totals[q] > 0.0f ? 1.0f / totals[q] : 0.0f;
+        for (int64_t i = 0; i < D; ++i) outs[q][i] *= inv;
       }
-      const float total = hsum(sum);
-      float* o = out + r * s.H * D + head * D;
-      weighted_values(p.data(), cache_row<C>(v_cache, layer, b, g, 0), S, D, o);
-      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-      for (int64_t i = 0; i < D; ++i) o[i] *= inv;
     }
   });
 }
