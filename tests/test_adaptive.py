@@ -174,3 +174,25 @@ def test_registry_builds_the_adaptive_wrapper(pair) -> None:  # type: ignore[no-
     drafter = make_drafter("adaptive", DrafterSpec(target, str(pair[1]), num_draft_tokens=3, dtype="float32"))
     assert isinstance(drafter, AdaptiveDrafter)
     assert drafter.num_draft_tokens == 6 and isinstance(drafter.inner, DraftModelDrafter)
+
+
+def test_line_fit_recovers_a_line_and_follows_a_new_one() -> None:
+    from specdec.linefit import LineFit
+
+    fit = LineFit(decay=0.9)
+    assert fit.line() is None and fit.means() == (0.0, 0.0, 0.0)
+    for x in [1, 2, 3, 4] * 5:
+        fit.add(x, 0.5 + 0.25 * x)
+    a, b = fit.line()  # type: ignore[misc]
+    assert (a, b) == (pytest.approx(0.5), pytest.approx(0.25))
+    for x in [1, 3] * 100:  # the machine changed: old points fade
+        fit.add(x, 2.0 + 1.0 * x)
+    a, b = fit.line()  # type: ignore[misc]
+    assert (a, b) == (pytest.approx(2.0, rel=1e-6), pytest.approx(1.0, rel=1e-6))
+    assert fit.line(min_slope=3.0) == (0.0, 3.0)  # the floor on b, then a >= 0
+    same_x = LineFit(decay=0.9)
+    for _ in range(10):
+        same_x.add(2, 1.0)
+    assert same_x.line() is None and same_x.means()[:2] == (pytest.approx(2.0), pytest.approx(1.0))
+    with pytest.raises(ValueError):
+        LineFit(decay=1.0)

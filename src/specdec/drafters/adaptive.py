@@ -20,7 +20,8 @@ in the spirit of dynamic draft lengths (HF transformers' heuristic schedule; Liu
 Everything is measured online with exponential moving averages (EMA):
 
 * ``a``, ``b`` — a line fitted to the wall times of ``inner.propose`` against the K it proposed
-  (exponentially weighted least squares). The fixed part ``a`` matters: the first draft pass
+  (least squares with exponential forgetting, :class:`specdec.linefit.LineFit`, as the server's
+  policy fits its cost lines). The fixed part ``a`` matters: the first draft pass
   after a target pass finds the draft's weights evicted from the CPU caches, so on the demo
   pair a K = 1 call costs 0.6 ms and a K = 5 call 1.2 ms inside the engine (0.2 and 0.7 ms
   in a loop of draft calls alone). Time per token (``a / K + b``) made K = 1 look five times
@@ -47,6 +48,7 @@ import time
 from dataclasses import dataclass, field
 
 from specdec.drafters.base import DraftContext, Drafter, DraftProposal, TargetOutput, empty_proposal
+from specdec.linefit import LineFit
 from specdec.verify.chain import VerifyResult
 
 
@@ -58,18 +60,19 @@ class CostModel:
     ema: float = 0.3  # weight of a new measurement
     relax: float = 0.02  # per fully accepted step, the next position moves this far toward the last
     prior_acceptance: float = 0.6
-    fit_ema: float = 0.05  # weight of a new draft call in the fit of t_draft(K) = a + b K
+    fit_decay: float = 0.95  # forgetting per draft call in the fit of t_draft(K) = a + b K
     t_draft: float | None = None  # b: seconds per draft token
     t_draft_fixed: float = 0.0  # a: seconds per draft call
     t_step: dict[int, float] = field(default_factory=dict)  # K -> seconds per verify step
     acceptance: list[float] = field(default_factory=list)  # (K_max,) conditional alpha_j
-    _moments: list[float] | None = None  # EMAs of K, K^2, seconds, K * seconds
+    _draft_fit: LineFit | None = None
 
     def __post_init__(self) -> None:
         if self.max_draft_tokens < 1:
             raise ValueError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}")
         if not self.acceptance:
             self.acceptance = [self.prior_acceptance] * self.max_draft_tokens
+        self._draft_fit = LineFit(self.fit_decay)
 
     @staticmethod
     def _update(old: float | None, new: float, weight: float) -> float:
@@ -79,15 +82,13 @@ class CostModel:
         """Refit ``t_draft(K) = a + b K`` with a call of ``num_tokens`` drafts."""
         if num_tokens <= 0:
             return
-        new = [num_tokens, num_tokens**2, seconds, num_tokens * seconds]
-        m = self._moments = new if self._moments is None else [
-            (1 - self.fit_ema) * old + self.fit_ema * x for old, x in zip(self._moments, new, strict=True)
-        ]  # fmt: skip
-        mean_k, var_k, mean_s = m[0], m[1] - m[0] ** 2, m[2]
-        if var_k > 0.1:  # calls of different K seen: the line through them
-            slope = (m[3] - mean_k * mean_s) / var_k
-            b = max(slope, 0.1 * mean_s / mean_k)  # (noise must not make drafts look free)
-            self.t_draft, self.t_draft_fixed = b, max(0.0, mean_s - b * mean_k)
+        fit = self._draft_fit
+        assert fit is not None
+        fit.add(num_tokens, seconds)
+        mean_k, mean_s, _ = fit.means()
+        line = fit.line(min_var=0.1, min_slope=0.1 * mean_s / mean_k)  # (noise must not make drafts look free)
+        if line is not None:  # calls of different K seen: the line through them
+            self.t_draft_fixed, self.t_draft = line
         else:  # one K so far: keep the fixed part, the per-token part follows the level
             a = min(self.t_draft_fixed, 0.9 * mean_s)
             self.t_draft, self.t_draft_fixed = (mean_s - a) / mean_k, a

@@ -13,7 +13,8 @@ The policy chooses K in ``0 .. max_draft_tokens`` maximising the estimated goodp
 * ``e(K) = 1 + sum_{i=1..K} prod_{j<=i} alpha_j``: expected tokens committed per row, from the
   measured per-position acceptance ``alpha_j`` (Leviathan et al. 2023, Sec. 3.1);
 * ``a + b * N``: the measured cost of a target pass over N tokens, a line fitted online
-  (exponentially forgotten least squares) to every prefill and verify pass;
+  (least squares with exponential forgetting, :class:`specdec.linefit.LineFit`) to every
+  prefill and verify pass;
 * ``d(N)``: the measured cost of drafting N tokens (all rows, K > 0), also a fitted line
   ``c0 + c * N``: a draft call has a fixed part (its first pass finds the draft's weights out
   of the CPU caches after a target pass), so its time per token overstates short drafts.
@@ -62,6 +63,8 @@ With ``adaptive=False`` every pass drafts ``max_draft_tokens`` (no model, no gua
 
 from __future__ import annotations
 
+from specdec.linefit import LineFit
+
 
 class SpeculationPolicy:
     def __init__(
@@ -93,29 +96,20 @@ class SpeculationPolicy:
         self._cold_seconds: dict[int, float] = {}  # bucket -> time of its latest cold step
         self._drafted = [0.0] * max_draft_tokens
         self._accepted = [0.0] * max_draft_tokens
-        self._fit = [0.0] * 5  # target passes, decayed sums: w, sum N, sum N^2, sum t, sum N t
-        self._draft_fit = [0.0] * 5  # draft calls, the same sums
+        self._fit = LineFit(decay)  # target passes: seconds against tokens per pass
+        self._draft_fit = LineFit(decay)  # draft calls: seconds against draft tokens
         self._draft_cost = 0.0  # seconds per draft token and row
         self._draft_samples = 0
 
     # ---------------------------------------------------------------- observations
     def observe_pass(self, num_tokens: int, seconds: float) -> None:
         """A target pass (prefill or verify) over ``num_tokens`` tokens took ``seconds``."""
-        self._add_point(self._fit, num_tokens, seconds)
-
-    def _add_point(self, sums: list[float], num_tokens: int, seconds: float) -> None:
-        for i in range(5):
-            sums[i] *= self.decay
-        sums[0] += 1.0
-        sums[1] += num_tokens
-        sums[2] += num_tokens * num_tokens
-        sums[3] += seconds
-        sums[4] += num_tokens * seconds
+        self._fit.add(num_tokens, seconds)
 
     def observe_draft(self, num_draft_tokens: int, seconds: float) -> None:
         """Drafting ``num_draft_tokens`` tokens (all rows together) took ``seconds``."""
         if num_draft_tokens > 0:
-            self._add_point(self._draft_fit, num_draft_tokens, seconds)
+            self._draft_fit.add(num_draft_tokens, seconds)
             per_token = seconds / num_draft_tokens
             self._draft_samples += 1
             w = max(1.0 / self._draft_samples, 1.0 - self.decay)
@@ -183,17 +177,9 @@ class SpeculationPolicy:
         return line[0] + line[1] * num_draft_tokens
 
     @staticmethod
-    def _line(sums: list[float]) -> tuple[float, float] | None:
-        """``(intercept, slope)`` of the least-squares line through decayed sums, or None."""
-        w, sn, snn, st, snt = sums
-        if w < 2.0:
-            return None
-        var = snn / w - (sn / w) ** 2
-        if var <= 1e-9:
-            return None
-        b = max((snt / w - (sn / w) * (st / w)) / var, 0.0)
-        a = max(st / w - b * sn / w, 0.0)
-        return a, b
+    def _line(fit: LineFit) -> tuple[float, float] | None:
+        """``(intercept, slope)`` of a fit once it has about two points' weight, or None."""
+        return fit.line() if fit.weight >= 2.0 else None
 
     @staticmethod
     def bucket(batch_size: int) -> int:
