@@ -3,14 +3,15 @@ claim that the drafter's kept KV entries equal the target's own for the first L 
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
 import torch
 
 from helpers import save_tiny_llama
-from specdec import SpeculativeGenerator, load_model
-from specdec.drafters import EarlyExitDrafter
+from specdec import SpeculativeGenerator, kernels, load_model
+from specdec.drafters import DraftContext, EarlyExitDrafter, TargetOutput
 from specdec.drafters.heads import ExitHead, new_head
 from specdec.losslessness import exact_two_token_joint, goodness_of_fit, sample_two_tokens
 from specdec.models import LoadedModel
@@ -36,16 +37,23 @@ def target(tmp_path_factory):
     return load_model(folder, dtype="float32")
 
 
-def test_greedy_output_equals_plain_decoding(target):
+@pytest.mark.parametrize("shared", [True, False], ids=["target-cache", "own-cache"])
+def test_greedy_output_equals_plain_decoding(target, shared, monkeypatch):
+    # shared: layers 0..L-1 in the target's cache, reused by the verify pass (where the kernels
+    # run); else the drafter's own cache (the server's way)
+    if not shared:
+        monkeypatch.setattr(target.module, "reuses_layers", lambda: False)
     plain = SpeculativeGenerator(target)
     cases = [(prompt, max_new) for prompt in PROMPTS for max_new in (1, 6, 40)]
     want = {(tuple(p), m): plain.generate(p, max_new_tokens=m).token_ids for p, m in cases}
     for exit_layer, k in [(1, 1), (1, 4), (2, 3), (2, 6)]:
-        gen = SpeculativeGenerator(target, EarlyExitDrafter(target, exit_head(target, exit_layer), k))
+        drafter = EarlyExitDrafter(target, exit_head(target, exit_layer), k)
+        gen = SpeculativeGenerator(target, drafter)
         accepted = drafted = 0
         for prompt, max_new in cases:
             out = gen.generate(prompt, max_new_tokens=max_new)
             assert out.token_ids == want[tuple(prompt), max_new], (exit_layer, k, prompt, max_new)
+            assert drafter._shared == (shared and kernels.load() is not None)
             accepted, drafted = accepted + out.stats.accepted_tokens, drafted + out.stats.draft_tokens
         assert 0 < accepted < drafted, (exit_layer, k)  # both paths of verification were taken
 
@@ -103,3 +111,38 @@ def test_sampling_matches_exact_target_distribution(tmp_path, sampling):
     assert fit.total_variation < 3 * fit.null_total_variation, fit
     rate = gen.generate(prompt, max_new_tokens=30, seed=0, **sampling).stats.acceptance_rate
     assert 0.0 < rate < 1.0  # the drafts are neither always right nor always wrong
+
+
+@torch.inference_mode()
+def test_verify_pass_reusing_the_drafters_layers_gives_the_full_pass_bit_for_bit(target):
+    # Where the kernels run, the drafter writes layers 0..L-1 of the pending token and its drafts
+    # into the target's cache, and the verify pass runs those layers for the last draft only
+    # (ReusedLayers). Logits, hidden states and cache must be the full pass's, bit for bit (greedy
+    # equality rests on it), and the drafts those of a drafter with a cache of its own.
+    if kernels.load() is None:  # as test_models._needs_kernels: CI builds them, so fail there
+        assert not os.environ.get("CI"), kernels.status()
+        pytest.skip(kernels.status())
+    module, prompt, K = target.module, PROMPTS[2], 4
+    n = len(prompt)
+    assert module.reuses_layers()
+    caches = [target.new_cache(1, 64) for _ in range(2)]
+    for cache in caches:
+        target(torch.tensor([prompt[:-1]]), torch.arange(n - 1), cache, num_logits=0)
+        cache.truncate(n - 1)
+    ctx = DraftContext(prompt, SamplingParams(), K)
+    drafter = EarlyExitDrafter(target, exit_head(target, 2), K)
+    drafter.prefill(prompt, TargetOutput(None, caches[0]))
+    proposal = drafter.propose(ctx)
+    assert proposal.reused is not None and proposal.reused.num_layers == 2
+    assert proposal.reused.hidden.shape == (K, target.config.hidden_size)
+    tokens = torch.tensor([[prompt[-1], *proposal.tokens.tolist()]])  # (1, K+1)
+    pos = torch.arange(n - 1, n + K)[None]
+    reused = module.forward_reusing(tokens, pos, caches[0], 2, proposal.reused.hidden[None], n + K)
+    full = module(tokens, pos, caches[1], return_hidden=True, kv_len=n + K)
+    assert torch.equal(reused[0], full[0]) and torch.equal(reused[1], full[1])
+    assert torch.equal(caches[0].k[:, :, :, : n + K], caches[1].k[:, :, :, : n + K])
+    assert torch.equal(caches[0].v[:, :, :, : n + K], caches[1].v[:, :, :, : n + K])
+    own = EarlyExitDrafter(target, exit_head(target, 2), K)
+    own.prefill(prompt, TargetOutput(None))  # no target cache given (the server): its own
+    mine = own.propose(ctx)
+    assert mine.reused is None and torch.equal(mine.tokens, proposal.tokens)

@@ -1,6 +1,6 @@
 """Drafters: one file each, all behind the :class:`~specdec.drafters.base.Drafter` protocol."""
 
-from specdec.drafters.base import DraftContext, Drafter, DraftProposal, DraftTree, TargetOutput
+from specdec.drafters.base import DraftContext, Drafter, DraftProposal, DraftTree, ReusedLayers, TargetOutput
 from specdec.drafters.draft_model import DraftModelDrafter
 from specdec.drafters.eagle import EagleDrafter
 from specdec.drafters.early_exit import EarlyExitDrafter
@@ -18,6 +18,7 @@ __all__ = [
     "EarlyExitDrafter",
     "MedusaDrafter",
     "NgramDrafter",
+    "ReusedLayers",
     "StagedDrafter",
     "TargetOutput",
 ]

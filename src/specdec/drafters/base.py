@@ -6,9 +6,13 @@ The engine drives a drafter through three calls per request:
 2. ``propose(ctx)`` before each verify pass: up to ``ctx.max_draft_tokens`` tokens;
 3. ``on_verified(result)`` after it: roll back own state (cache) and adapt.
 
-A drafter owns its state (a draft model's KV cache, an n-gram index) and never touches the
-target's cache. Proposals carry ``draft_probs`` when the drafter samples from a distribution
-(needed by lossless rejection sampling); deterministic drafters leave it ``None``.
+A drafter owns its state (a draft model's KV cache, an n-gram index) and leaves the target's
+cache alone, with one exception: a self-speculative drafter runs the target's own first layers,
+and may write their keys and values into the target's cache (``TargetOutput.cache``), the values
+the verify pass would write there itself; its proposal then says so (``ReusedLayers``) and the
+verify pass skips those layers for those tokens. Proposals carry ``draft_probs`` when the
+drafter samples from a distribution (needed by lossless rejection sampling); deterministic
+drafters leave it ``None``.
 """
 
 from __future__ import annotations
@@ -18,15 +22,31 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from specdec.cache import KVCache
 from specdec.sampling import SamplingParams
 from specdec.verify.chain import VerifyResult
 
 
 @dataclass(frozen=True)
 class TargetOutput:
-    """What the target computed on the prompt (for drafters that reuse it)."""
+    """What the target computed on the prompt (for drafters that reuse it).
+
+    ``cache``: the target's KV cache of this request, where the engine can take
+    :class:`ReusedLayers` (the single-sequence engine; None elsewhere)."""
 
     hidden: torch.Tensor | None = None  # (T, d) final normed hidden states
+    cache: KVCache | None = None
+
+
+@dataclass(frozen=True)
+class ReusedLayers:
+    """Layers ``0 .. num_layers - 1`` of the target already ran for the pending token and every
+    draft but the last, in this step's slots of the target's cache (LayerSkip's cache reuse,
+    Elhoushi et al. 2024, Sec. 4.2): ``hidden`` ``(K, d)`` float32 is their output. The verify
+    pass runs those layers for the last draft only, then the rest for all K + 1 tokens."""
+
+    num_layers: int
+    hidden: torch.Tensor  # (K, d)
 
 
 @dataclass
@@ -70,6 +90,7 @@ class DraftProposal:
     tokens: torch.Tensor  # (K,) long
     draft_probs: torch.Tensor | None = None  # (K, V) float32, or None for deterministic drafts
     tree: DraftTree | None = None
+    reused: ReusedLayers | None = None  # chains only: layers the verify pass may skip
 
     @property
     def num_tokens(self) -> int:

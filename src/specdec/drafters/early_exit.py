@@ -5,21 +5,25 @@ Zhang et al. 2023 (Draft & Verify: skip layers of the target to draft) and Elhou
 the full model). No second model is loaded: the drafter runs ``embed -> layers[0:L] ->
 ExitHead -> lm_head`` of the target's own weights.
 
-What is reused and what is not:
+Two ways to keep the keys and values of layers ``0..L-1``:
 
-* The drafter keeps its own KV cache of layers ``0..L-1`` and, like a draft model, keeps the
-  entries of accepted draft tokens after verification. These entries are exactly what the
-  target computes in those layers for the same tokens and positions (same weights, same
-  inputs; up to floating-point shape effects), so nothing is recomputed for them.
-* Not reused: the verify pass recomputes layers ``0..L-1`` for all K+1 tokens (LayerSkip's
-  "cache reuse" would feed the draft's layer-L states into the verify pass, which needs an
-  engine that can start the target at layer L), and the drafter reads the prompt through
-  its L layers itself instead of copying them from the target's cache (the engine does not
-  share the target's cache with drafters). Both cost at most L/N of a target pass.
+* **In the target's own cache** (the single-sequence engine on a CPU with the kernels, where
+  the target's rows do not depend on the pass around them): the target's prefill has already
+  run the prompt through those layers, so the drafter reads nothing more; while drafting it
+  writes the pending token's and its drafts' entries into the slots the verify pass would write
+  them to, with the same values, and hands the layer-L states of all but the last draft to the
+  verify pass (:class:`~specdec.drafters.base.ReusedLayers`), which then runs layers ``0..L-1``
+  for that last draft only (LayerSkip's cache reuse, Sec. 4.2). The engine's rollback after
+  verification rolls back the drafter too: each step feeds just the pending token.
+* **In a cache of its own** (elsewhere: the server, the module path): the drafter reads the
+  prompt through its L layers itself and keeps, like a draft model, the entries of accepted
+  drafts: with ``n`` committed tokens and K drafts, the cache holds ``n + K - 1`` slots after
+  ``propose`` and keeps ``n + min(j, K-1)`` of them after ``j`` drafts are accepted. The verify
+  pass runs all N layers for all K + 1 tokens.
 
-Cache bookkeeping is the draft model's (see :mod:`specdec.drafters.draft_model`): with ``n``
-committed tokens and K drafts, the cache holds ``n + K - 1`` slots after ``propose`` and keeps
-``n + min(j, K-1)`` of them after ``j`` drafts are accepted.
+On a memory-bound target the reuse saves arithmetic, not weight reads (the verify pass reads
+layers ``0..L-1`` for the last draft anyway); on a target bound by arithmetic, as the demo
+target is on a CPU, it saves about L/N of the verify pass's work.
 """
 
 from __future__ import annotations
@@ -28,7 +32,14 @@ from pathlib import Path
 
 import torch
 
-from specdec.drafters.base import DraftContext, DraftProposal, TargetOutput, check_draft_shape, empty_proposal
+from specdec.drafters.base import (
+    DraftContext,
+    DraftProposal,
+    ReusedLayers,
+    TargetOutput,
+    check_draft_shape,
+    empty_proposal,
+)
 from specdec.drafters.heads import ExitHead, pick_tokens, resolve_head
 from specdec.drafters.vocab import DraftVocab, projector, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
@@ -58,26 +69,38 @@ class EarlyExitDrafter:
         self._project = projector(target, self.draft_vocab)
         self.num_draft_tokens = num_draft_tokens
         self.exit_layer = self.head.exit_layer
-        self.cache = target.module.new_cache(1, num_layers=self.exit_layer)
+        self._own_cache = target.module.new_cache(1, num_layers=self.exit_layer)
+        self.cache = self._own_cache  # or the target's, see prefill
+        self._shared = False
         self._n = 0  # committed length at the last propose
         self._proposed = 0
 
     def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:
+        self._shared = target_out.cache is not None and self.target.module.reuses_layers()
+        if self._shared:  # the target's prefill has filled layers 0..L-1 for the prompt
+            self.cache = target_out.cache  # type: ignore[assignment]
+            return
+        self.cache = self._own_cache
         self.cache.truncate(0)
         if len(prompt_ids) > 1:
             self._forward(prompt_ids[:-1], 0)
 
     @torch.inference_mode()
-    def _forward(self, token_ids: list[int] | torch.Tensor, start: int) -> torch.Tensor:
+    def _forward(self, token_ids: list[int] | torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Read ``token_ids`` at positions ``start..`` through layers 0..L-1; logits ``(V,)`` of
-        the next token after the last one."""
+        the next token after the last one, and the last token's layer-L state ``(d,)``."""
         module = self.target.module
         tokens = torch.as_tensor(token_ids, device=self.target.device).reshape(1, -1)  # (1, T)
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]  # (1, T)
         h = module.model.embed_tokens(tokens)  # (1, T, d)
-        h = module.run_layers(h, pos, self.cache, layers=range(self.exit_layer))  # (1, T, d)
-        self.cache.truncate(start + tokens.shape[1])
-        return self._project(self.head(h[0, -1]))
+        if self._shared:  # float32 activations, as the verify pass that continues from them
+            h = h.float()
+        end = start + tokens.shape[1]
+        h = module.run_layers(h, pos, self.cache, layers=range(self.exit_layer), kv_len=end)  # (1, T, d)
+        if not self._shared:  # (the engine keeps the length of its own cache)
+            self.cache.truncate(end)
+        state = h[0, -1]  # (d,)
+        return self._project(self.head(state.to(self.target.dtype))), state
 
     def propose(self, ctx: DraftContext) -> DraftProposal:
         n = len(ctx.token_ids)
@@ -85,21 +108,24 @@ class EarlyExitDrafter:
         self._n, self._proposed = n, max(K, 0)
         if K <= 0:
             return empty_proposal(self.target.device)
-        start = self.cache.lengths[0]
-        logits = self._forward(ctx.token_ids[start:], start)  # (V,)
-        tokens, probs = [], []
+        start = self.cache.lengths[0]  # shared: n - 1, the pending token is fed alone
+        logits, state = self._forward(ctx.token_ids[start:], start)  # (V,), (d,)
+        tokens, probs, states = [], [], [state]
         for i in range(K):
             token, draft_probs = pick_tokens(logits[None], ctx.sampling, ctx.generator)
             tokens.append(token[0])
             if draft_probs is not None:
                 probs.append(draft_probs[0])
             if i < K - 1:
-                logits = self._forward(token, n + i)
+                logits, state = self._forward(token, n + i)
+                states.append(state)
+        reused = ReusedLayers(self.exit_layer, torch.stack(states)) if self._shared else None  # (K, d)
         return DraftProposal(
             torch.stack(tokens),  # (K,)
             torch.stack(probs) if probs else None,  # (K, V)
+            reused=reused,
         )
 
     def on_verified(self, result: VerifyResult) -> None:
-        if self._proposed:
+        if self._proposed and not self._shared:  # (shared: the engine has rolled its cache back)
             self.cache.truncate(self._n + min(result.num_accepted, self._proposed - 1))

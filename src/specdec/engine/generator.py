@@ -204,7 +204,7 @@ class SpeculativeGenerator:
             stats.target_forwards += 1
         cache.truncate(n - 1)
         if drafter is not None:
-            drafter.prefill(prompt_ids, TargetOutput(hidden[0] if hidden is not None else None))
+            drafter.prefill(prompt_ids, TargetOutput(hidden[0] if hidden is not None else None, cache))
         stats.prefill_s = time.perf_counter() - t
 
         tokens_so_far = list(prompt_ids)
@@ -234,7 +234,14 @@ class SpeculativeGenerator:
                 inp = torch.cat([pending, proposal.tokens.to(device)])[None]  # (1, K+1)
                 pos = torch.arange(len(tokens_so_far) - 1, len(tokens_so_far) + K, device=device)
                 kv_len = len(tokens_so_far) + K  # no device sync to find it
-                if getattr(drafter, "needs_hidden", False):  # EAGLE / Medusa read the target's features
+                needs_hidden = getattr(drafter, "needs_hidden", False)  # EAGLE / Medusa read the target's features
+                if proposal.reused is not None:  # self-speculation: the first layers ran while drafting
+                    reused = proposal.reused
+                    logits, hidden = target.module.forward_reusing(
+                        inp, pos[None], cache, reused.num_layers, reused.hidden[None], kv_len
+                    )
+                    hidden = hidden if needs_hidden else None
+                elif needs_hidden:
                     logits, hidden = target(inp, pos, cache, return_hidden=True, kv_len=kv_len)
                 else:
                     logits, hidden = target(inp, pos, cache, kv_len=kv_len), None

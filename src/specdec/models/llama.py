@@ -431,6 +431,34 @@ class Transformer(nn.Module):
         logits = self.lm_head(h if num_logits is None else h[:, h.shape[1] - num_logits :])
         return (logits, h) if return_hidden else logits
 
+    def reuses_layers(self) -> bool:
+        """Whether :meth:`forward_reusing` gives exactly the values of :meth:`forward`: where the
+        one-call CPU forward runs, whose rows do not depend on the pass around them."""
+        return self._layer_weights is not None and kernels.fused_layers_apply(self.lm_head.weight)
+
+    def forward_reusing(
+        self,
+        tokens: torch.Tensor,  # (1, T)
+        input_pos: torch.Tensor,  # (1, T)
+        cache: KVCache,
+        num_layers: int,
+        hidden: torch.Tensor,  # (1, T-1, d) float32: output of layers < num_layers for tokens[:, :-1]
+        kv_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(tokens, input_pos, cache, return_hidden=True, kv_len=kv_len)`` for a pass
+        whose first T-1 tokens already went through layers ``0 .. num_layers - 1`` (their keys
+        and values in ``cache``, their output ``hidden``): those layers run for the last token
+        only, the others for all T. Float32 activations throughout, as in the one-call
+        forward, so the values are the same where :meth:`reuses_layers`."""
+        last = self.model.embed_tokens(tokens[:, -1:]).float()  # (1, 1, d)
+        last = self.run_layers(last, input_pos[:, -1:], cache, layers=range(num_layers), kv_len=kv_len)
+        h = torch.cat([hidden.float(), last], dim=1)  # (1, T, d)
+        h = self.run_layers(h, input_pos, cache, layers=range(num_layers, len(self.model.layers)), kv_len=kv_len)
+        norm = self.model.norm
+        h = kernels.rms_norm(h, norm.weight.float(), norm.eps)  # (the one-call forward's float32 norm)
+        dtype = self.lm_head.weight.dtype
+        return self.project(h).to(dtype), h.to(dtype)
+
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """``lm_head(h)`` for final normed hidden states or head features ``(..., d)`` -> ``(..., V)``;
         a few float32 rows read the exact bfloat16 copy of the head the kernels use (see
