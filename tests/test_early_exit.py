@@ -146,3 +146,51 @@ def test_verify_pass_reusing_the_drafters_layers_gives_the_full_pass_bit_for_bit
     own.prefill(prompt, TargetOutput(None))  # no target cache given (the server): its own
     mine = own.propose(ctx)
     assert mine.reused is None and torch.equal(mine.tokens, proposal.tokens)
+
+
+@pytest.mark.parametrize("subset", [False, True], ids=["full-vocab", "draft-vocab"])
+@pytest.mark.parametrize("shared", [True, False], ids=["target-cache", "own-cache"])
+def test_greedy_chain_in_one_call_proposes_what_the_python_loop_proposes(target, shared, subset, monkeypatch):
+    # Greedy chains run in one C++ call (kernels.exit_greedy) on a float32 target: step by step
+    # through whole generations they must propose the Python loop's drafts and hand the verify
+    # pass the same layer-L states, with the target's cache or one of the drafter's own (the
+    # server's way: no cache in TargetOutput), over the full or a reduced vocabulary.
+    from specdec.drafters.vocab import DraftVocab
+    from specdec.engine import generator
+
+    if kernels.load() is None:
+        assert not os.environ.get("CI"), kernels.status()
+        pytest.skip(kernels.status())
+    if not shared:
+        monkeypatch.setattr(generator, "TargetOutput", lambda hidden, cache=None: TargetOutput(hidden))
+    vocab = DraftVocab(target, list(range(0, 96, 3))) if subset else 0
+
+    def proposals() -> list[tuple[list[int], torch.Tensor | None]]:
+        drafter = EarlyExitDrafter(target, exit_head(target, 2), 4, draft_vocab=vocab)
+        seen = []
+        propose = drafter.propose
+
+        def record(ctx):  # type: ignore[no-untyped-def]
+            proposal = propose(ctx)
+            seen.append((proposal.tokens.tolist(), proposal.reused.hidden if proposal.reused else None))
+            return proposal
+
+        drafter.propose = record  # type: ignore[method-assign]
+        for prompt in [*PROMPTS[1:], [(7 * i) % 90 + 1 for i in range(40)]]:
+            SpeculativeGenerator(target, drafter).generate(prompt, max_new_tokens=24)
+        return seen
+
+    calls = []
+    one_call = kernels.exit_greedy
+    monkeypatch.setattr(kernels, "exit_greedy", lambda *args: calls.append(1) or one_call(*args))
+    got = proposals()
+    assert len(calls) == len(got) >= 3 * 5
+    with monkeypatch.context() as patch:
+        patch.setattr(EarlyExitDrafter, "_one_call", lambda self: False)  # the Python loop runs
+        want = proposals()
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want]
+    for (_, mine), (_, theirs) in zip(got, want, strict=True):
+        assert (mine is None) == (theirs is None) == (not shared)
+        assert mine is None or torch.equal(mine, theirs)
+    if subset:
+        assert all(t % 3 == 0 for tokens, _ in got for t in tokens)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from specdec import kernels
 from specdec.drafters.base import (
     DraftContext,
     DraftProposal,
@@ -109,6 +110,10 @@ class EarlyExitDrafter:
         if K <= 0:
             return empty_proposal(self.target.device)
         start = self.cache.lengths[0]  # shared: n - 1, the pending token is fed alone
+        if ctx.sampling.greedy and self._one_call():
+            drafts, states = self._greedy_chain(ctx.token_ids[start:], start, K)  # the loop below in one call
+            reused = ReusedLayers(self.exit_layer, states) if self._shared else None  # (K, d)
+            return DraftProposal(drafts, None, reused=reused)  # (K,)
         logits, state = self._forward(ctx.token_ids[start:], start)  # (V,), (d,)
         tokens, probs, states = [], [], [state]
         for i in range(K):
@@ -125,6 +130,27 @@ class EarlyExitDrafter:
             torch.stack(probs) if probs else None,  # (K, V)
             reused=reused,
         )
+
+    def _one_call(self) -> bool:
+        """Whether the greedy chain runs in one C++ call (``kernels.exit_greedy``): a float32
+        target on the one-call forward, whose exit head is computed in float32 as well."""
+        return self.target.dtype == torch.float32 and self.target.module.reuses_layers()
+
+    @torch.inference_mode()
+    def _greedy_chain(self, token_ids: list[int], start: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K,)`` greedy drafts and the ``(K, d)`` layer-L states of the tokens fed at each step."""
+        module, cfg, head = self.target.module, self.target.config, self.head
+        embed, rows = module._kernel_io  # type: ignore[misc]
+        ids, rows = self.draft_vocab.kernel_rows if self.draft_vocab is not None else (None, rows)
+        tokens = torch.as_tensor(token_ids, device=self.target.device)  # (T,)
+        drafts, states = kernels.exit_greedy(
+            tokens, start, K, module.inv_freq, embed, self.cache.k, self.cache.v, module._layer_weights,
+            self.exit_layer, head.norm.weight, head.proj.weight, rows, ids, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
+        )  # fmt: skip
+        if not self._shared:  # (the engine keeps the length of its own cache)
+            self.cache.truncate(start + len(token_ids) + K - 1)
+        return drafts, states
 
     def on_verified(self, result: VerifyResult) -> None:
         if self._proposed and not self._shared:  # (shared: the engine has rolled its cache back)

@@ -271,3 +271,31 @@ def eagle_greedy(
         tokens, features, start, num_tokens, inv_freq, embed, fc, k_cache, v_cache, weights, lm_head, ids,
         num_heads, num_kv_heads, head_dim, eps,
     )  # fmt: skip
+
+
+def exit_greedy(
+    tokens: torch.Tensor,  # (T,)
+    start: int,
+    num_tokens: int,
+    inv_freq: torch.Tensor,  # (D/2,)
+    embed: torch.Tensor,  # (V, d)
+    k_cache: torch.Tensor,  # (L', 1, Hkv, S, D), L' >= num_layers
+    v_cache: torch.Tensor,  # (L', 1, Hkv, S, D)
+    weights: list[torch.Tensor | None],  # the target's, 7 per layer (see Transformer.fuse)
+    num_layers: int,
+    exit_norm: torch.Tensor,  # (d,)
+    exit_proj: torch.Tensor,  # (d, d)
+    lm_head: torch.Tensor,  # (V, d), or (N, d): the rows of ids
+    ids: torch.Tensor | None,  # (N,) token id of each lm_head row (a reduced draft vocabulary) or None
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The early-exit greedy chain in one call (``EarlyExitDrafter.propose``): ``(K,)`` int64
+    drafts and ``(K, d)`` float32 layer-L states of the tokens fed at each step."""
+    op = _state["op"]
+    return op.exit_greedy(  # type: ignore[attr-defined,no-any-return]
+        tokens, start, num_tokens, inv_freq, embed, k_cache, v_cache, weights, num_layers, exit_norm, exit_proj,
+        lm_head, ids, num_heads, num_kv_heads, head_dim, eps,
+    )  # fmt: skip

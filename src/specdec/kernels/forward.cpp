@@ -551,4 +551,58 @@ at::Tensor eagle_greedy(const at::Tensor& tokens, const at::Tensor& features, in
   return drafts;
 }
 
+// Early-exit greedy chain in one call (EarlyExitDrafter.propose): feed `tokens` (T,) at positions
+// start.. through the target's layers [0, num_layers), then K times: the exit head on the last
+// token's layer-L state (RMSNorm, then x + proj(x)), the argmax of lm_head over it as the next
+// draft, fed in turn, all but the last. The cache's layers below num_layers then hold
+// start + T + K - 1 slots. Returns the drafts (K,) int64 and the layer-L state of the last token
+// fed at each step (K, d) float32 (the pending token's, then the drafts' but the last), which
+// the verify pass can continue from. ids as in draft_greedy.
+std::tuple<at::Tensor, at::Tensor> exit_greedy(const at::Tensor& tokens, int64_t start, int64_t K,
+                                               const at::Tensor& inv_freq, const at::Tensor& embed,
+                                               const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                               const Weights& weights, int64_t num_layers, const at::Tensor& exit_norm,
+                                               const at::Tensor& exit_proj, const at::Tensor& lm_head,
+                                               const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv, int64_t D,
+                                               double eps) {
+  const int64_t d = embed.size(1);
+  TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) >= 1 && K >= 1, "exit_greedy: at least one token, K >= 1");
+  TORCH_CHECK(num_layers >= 1 && 7 * num_layers <= static_cast<int64_t>(weights.size()),
+              "exit_greedy: num_layers must be in 1..the model's layers");
+  TORCH_CHECK(exit_proj.dim() == 2 && exit_proj.size(0) == d && exit_proj.size(1) == d, "exit_greedy: proj must be (d, d)");
+  at::Tensor row_ids;  // (N,) int64, contiguous
+  if (ids.has_value()) {
+    row_ids = ids->to(at::kLong).contiguous();
+    TORCH_CHECK(row_ids.dim() == 1 && row_ids.size(0) == lm_head.size(0), "exit_greedy: one id per lm_head row");
+  }
+  const auto i64 = at::TensorOptions().dtype(at::kLong), f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor drafts = at::empty({K}, i64);
+  at::Tensor states = at::empty({K, d}, f32);
+  std::vector<float> x(d), y(d), logits(lm_head.size(0));
+  at::Tensor feed = tokens.to(at::kLong);  // (T,)
+  int64_t pos = start;
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t T = feed.size(0);
+    at::Tensor h = at::embedding(embed, feed).to(at::kFloat).contiguous();  // (T, d)
+    const at::Tensor positions = at::arange(pos, pos + T, i64).view({1, T});  // also the cache slots
+    c10::optional<at::Tensor> mask;  // (1, 1, T, pos + T): token t sees slots <= pos + t
+    if (T > 1) mask = at::arange(pos + T, i64).view({1, 1, 1, -1}) <= positions.view({1, 1, T, 1});
+    const Dims s{1, T, H, Hkv, D, pos + T};
+    run_layers(h.data_ptr<float>(), s, d, positions, inv_freq, k_cache, v_cache, positions, mask, 0, num_layers,
+               weights, eps);
+    float* state = states.data_ptr<float>() + i * d;
+    std::copy(h.data_ptr<float>() + (T - 1) * d, h.data_ptr<float>() + T * d, state);
+    norm_rows(state, 1, d, exit_norm, x.data(), static_cast<float>(eps));
+    linear(x.data(), 1, exit_proj, c10::nullopt, y.data(), true);
+    for (int64_t k = 0; k < d; ++k) y[k] = x[k] + y[k];
+    linear(y.data(), 1, lm_head, c10::nullopt, logits.data(), true);
+    const int64_t row = std::max_element(logits.begin(), logits.end()) - logits.begin();  // the first maximum
+    const int64_t next = row_ids.defined() ? row_ids.data_ptr<int64_t>()[row] : row;
+    drafts.data_ptr<int64_t>()[i] = next;
+    pos += T;
+    feed = at::full({1}, next, i64);
+  }
+  return {drafts, states};
+}
+
 }  // namespace specdec

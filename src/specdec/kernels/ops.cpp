@@ -64,6 +64,10 @@ TORCH_LIBRARY(specdec, m) {
       "eagle_greedy(Tensor tokens, Tensor features, int start, int K, Tensor inv_freq, Tensor embed, Tensor fc, "
       "Tensor k_cache, Tensor v_cache, Tensor?[] weights, Tensor lm_head, Tensor? ids, int H, int Hkv, int D, "
       "float eps) -> Tensor");
+  m.def(
+      "exit_greedy(Tensor tokens, int start, int K, Tensor inv_freq, Tensor embed, Tensor k_cache, Tensor v_cache, "
+      "Tensor?[] weights, int num_layers, Tensor exit_norm, Tensor exit_proj, Tensor lm_head, Tensor? ids, int H, "
+      "int Hkv, int D, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(specdec, CPU, m) {
@@ -73,4 +77,5 @@ TORCH_LIBRARY_IMPL(specdec, CPU, m) {
   m.impl("model_forward", &specdec::model_forward);
   m.impl("draft_greedy", &specdec::draft_greedy);
   m.impl("eagle_greedy", &specdec::eagle_greedy);
+  m.impl("exit_greedy", &specdec::exit_greedy);
 }
