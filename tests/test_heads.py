@@ -44,13 +44,13 @@ def target(target_path):
 
 @pytest.fixture(scope="module")
 def sequences(target):
-    """Text the target itself writes: 24 sequences of 32 tokens."""
+    """Text the target itself writes: 48 sequences of 32 tokens."""
     gen = SpeculativeGenerator(target)
     rows = []
-    for i in range(24):
+    for i in range(48):
         start = [1 + (7 * i) % 90]
         rows.append(start + gen.generate(start, max_new_tokens=31, temperature=1.0, seed=i).token_ids)
-    return torch.tensor(rows)  # (24, 32)
+    return torch.tensor(rows)  # (48, 32)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def trained(target, sequences):
         cfg = HeadTrainConfig(
             method, steps=30, batch_size=4, lr=1e-2, num_heads=4, exit_layer=1, target_dtype="float32"
         )
-        results[method] = train_head(target, sequences[:18], sequences[18:], cfg, progress=False)
+        results[method] = train_head(target, sequences[:40], sequences[40:], cfg, progress=False)
     return results
 
 

@@ -78,3 +78,25 @@ def test_sampling_filters():
         SamplingParams(-0.5)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(1.0, top_p=0.0)
+
+
+def test_sample_draws_each_token_with_its_probability_and_never_a_zero_one():
+    from scipy.stats import chisquare
+
+    from specdec.sampling import sample
+
+    probs = torch.tensor([[0.0, 0.5, 0.2, 0.0, 0.3, 0.0], [0.1, 0.1, 0.1, 0.1, 0.1, 0.5]])  # (2, V)
+    gen = torch.Generator().manual_seed(0)
+    one = sample(probs, gen)
+    assert one.shape == (2,) and one.dtype == torch.long
+    draws = sample(probs, gen, num_samples=20000)  # (2, 20000)
+    assert draws.shape == (2, 20000)
+    for row in range(2):
+        counts = torch.bincount(draws[row], minlength=V).double()
+        assert counts[probs[row] == 0].sum() == 0  # a token of probability 0 is never drawn
+        keep = probs[row] > 0
+        result = chisquare(counts[keep].numpy(), (probs[row][keep] * 20000).numpy())
+        assert result.pvalue > 1e-3, result
+    edge = torch.tensor([0.0, 0.0, 1.0, 0.0])  # all the mass on one token, zeros after it
+    assert set(sample(edge, gen, num_samples=500).tolist()) == {2}
+    assert sample(probs[0], gen).shape == ()  # one distribution (V,) -> one token

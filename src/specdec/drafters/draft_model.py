@@ -131,7 +131,7 @@ class DraftModelDrafter:
             tokens = log_probs.topk(min(count, log_probs.shape[-1])).indices  # (count,) distinct
             return tokens.tolist(), log_probs[tokens].tolist(), None
         draft_probs = logits_to_probs(logits, ctx.sampling)  # (V,)
-        tokens = torch.multinomial(draft_probs, count, replacement=True, generator=ctx.generator)
+        tokens = sample(draft_probs, ctx.generator, num_samples=count)
         return tokens.tolist(), draft_probs[tokens].log().tolist(), draft_probs
 
     def _propose_tree(self, ctx: DraftContext, K: int, root_logits: torch.Tensor) -> DraftProposal:

@@ -45,7 +45,7 @@ from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, Target
 from specdec.drafters.heads import EagleHead, pick_tokens, resolve_head
 from specdec.drafters.vocab import DraftVocab, projector, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
-from specdec.sampling import logits_to_probs
+from specdec.sampling import logits_to_probs, sample
 from specdec.verify.chain import VerifyResult
 
 
@@ -175,7 +175,7 @@ class EagleDrafter:
                     m = min(width, budget - len(tokens))
                     if m <= 0:
                         break
-                    kids = torch.multinomial(probs[e], m, replacement=True, generator=ctx.generator).tolist()
+                    kids = sample(probs[e], ctx.generator, num_samples=m).tolist()
                 seen: set[int] = set()
                 for token in kids:
                     if token not in seen:

@@ -37,7 +37,7 @@ from specdec.drafters.base import (
 from specdec.drafters.ngram import NgramIndex
 from specdec.drafters.vocab import DraftVocab, draft_pass
 from specdec.models.loading import LoadedModel
-from specdec.sampling import logits_to_probs
+from specdec.sampling import logits_to_probs, sample
 from specdec.verify.chain import VerifyResult, verify_greedy, verify_rejection
 
 
@@ -145,7 +145,7 @@ class StagedDrafter:
         if ctx.sampling.greedy:  # the draft's next best tokens, distinct from the chain token
             ranked = logits.topk(min(extra + 1, logits.shape[-1])).indices.tolist()
             return [t for t in ranked if t != chain_token][:extra]
-        draws = torch.multinomial(draft_probs, extra, replacement=True, generator=ctx.generator)
+        draws = sample(draft_probs, ctx.generator, num_samples=extra)
         return draws.tolist()
 
     def on_verified(self, result: VerifyResult) -> None:
