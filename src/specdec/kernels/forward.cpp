@@ -454,6 +454,28 @@ std::tuple<at::Tensor, at::Tensor> model_forward(
 
 namespace specdec {
 
+namespace {
+
+// The token ids of lm_head's rows: ids[row] for a reduced draft vocabulary, else the row itself.
+struct RowIds {
+  at::Tensor ids;  // (N,) int64, contiguous, or undefined
+  RowIds(const c10::optional<at::Tensor>& given, const at::Tensor& lm_head, const char* who) {
+    if (!given.has_value()) return;
+    ids = given->to(at::kLong).contiguous();
+    TORCH_CHECK(ids.dim() == 1 && ids.size(0) == lm_head.size(0), who, ": one id per lm_head row");
+  }
+  int64_t token(int64_t row) const { return ids.defined() ? ids.data_ptr<int64_t>()[row] : row; }
+};
+
+// The mask (1, 1, T, pos + T) of T chain tokens at `positions` pos..pos+T-1: token t sees slots
+// <= pos + t. None for one token (it sees every slot).
+c10::optional<at::Tensor> chain_mask(const at::Tensor& positions, int64_t pos, int64_t T) {
+  if (T == 1) return c10::nullopt;
+  return at::arange(pos + T, positions.options()).view({1, 1, 1, -1}) <= positions.view({1, 1, T, 1});
+}
+
+}  // namespace
+
 // Greedy chain drafting in one call (a draft model's propose): feed `tokens` (1, T) at positions
 // start.., then K times take the argmax of the last logits as the next draft token and feed it,
 // all but the last. The cache then holds start + T + K - 1 slots. Returns the K tokens (K,) int64.
@@ -464,11 +486,7 @@ at::Tensor draft_greedy(const at::Tensor& tokens, int64_t start, int64_t K, cons
                         const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv, int64_t D, double eps) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == 1 && tokens.size(1) >= 1 && K >= 1,
               "draft_greedy: one row of at least one token, K >= 1");
-  at::Tensor row_ids;  // (N,) int64, contiguous
-  if (ids.has_value()) {
-    row_ids = ids->to(at::kLong).contiguous();
-    TORCH_CHECK(row_ids.dim() == 1 && row_ids.size(0) == lm_head.size(0), "draft_greedy: one id per lm_head row");
-  }
+  const RowIds row_ids(ids, lm_head, "draft_greedy");
   const auto i64 = at::TensorOptions().dtype(at::kLong);
   at::Tensor drafts = at::empty({K}, i64);
   at::Tensor feed = tokens.to(at::kLong);  // (1, T)
@@ -476,12 +494,11 @@ at::Tensor draft_greedy(const at::Tensor& tokens, int64_t start, int64_t K, cons
   for (int64_t i = 0; i < K; ++i) {
     const int64_t T = feed.size(1);
     const at::Tensor positions = at::arange(pos, pos + T, i64).view({1, T});  // also the cache slots
-    c10::optional<at::Tensor> mask;  // (1, 1, T, pos + T): token t sees slots <= pos + t
-    if (T > 1) mask = at::arange(pos + T, i64).view({1, 1, 1, -1}) <= positions.view({1, 1, T, 1});
+    const c10::optional<at::Tensor> mask = chain_mask(positions, pos, T);
     const at::Tensor logits = std::get<0>(model_forward(feed, positions, inv_freq, embed, k_cache, v_cache, positions,
                                                         mask, pos + T, weights, norm, lm_head, 1, H, Hkv, D, eps));
     const int64_t row = logits.reshape({-1}).argmax().item<int64_t>();
-    const int64_t next = row_ids.defined() ? row_ids.data_ptr<int64_t>()[row] : row;
+    const int64_t next = row_ids.token(row);
     drafts.data_ptr<int64_t>()[i] = next;
     pos += T;
     feed = at::full({1, 1}, next, i64);
@@ -516,11 +533,7 @@ at::Tensor eagle_greedy(const at::Tensor& tokens, const at::Tensor& features, in
               "eagle_greedy: one feature (d,) per token");
   TORCH_CHECK(fc.dim() == 2 && fc.size(0) == d && fc.size(1) == 2 * d, "eagle_greedy: fc must be (d, 2d)");
   TORCH_CHECK(weights.size() == 7, "eagle_greedy: the weights of one decoder layer");
-  at::Tensor row_ids;  // (N,) int64, contiguous
-  if (ids.has_value()) {
-    row_ids = ids->to(at::kLong).contiguous();
-    TORCH_CHECK(row_ids.dim() == 1 && row_ids.size(0) == lm_head.size(0), "eagle_greedy: one id per lm_head row");
-  }
+  const RowIds row_ids(ids, lm_head, "eagle_greedy");
   const at::ScalarType dtype = features.scalar_type();
   const auto i64 = at::TensorOptions().dtype(at::kLong), f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor drafts = at::empty({K}, i64);
@@ -536,14 +549,13 @@ at::Tensor eagle_greedy(const at::Tensor& tokens, const at::Tensor& features, in
     linear(x.data_ptr<float>(), T, fc, c10::nullopt, h.data_ptr<float>(), few);
     h = stored_as(h, dtype);
     const at::Tensor positions = at::arange(pos, pos + T, i64).view({1, T});  // also the cache slots
-    c10::optional<at::Tensor> mask;  // (1, 1, T, pos + T): entry t sees slots <= pos + t
-    if (T > 1) mask = at::arange(pos + T, i64).view({1, 1, 1, -1}) <= positions.view({1, 1, T, 1});
+    const c10::optional<at::Tensor> mask = chain_mask(positions, pos, T);
     const Dims s{1, T, H, Hkv, D, pos + T};
     run_layers(h.data_ptr<float>(), s, d, positions, inv_freq, k_cache, v_cache, positions, mask, 0, 1, weights, eps);
     feat = stored_as(h.narrow(0, T - 1, 1), dtype);  // (1, d) the predicted feature
     linear(feat.data_ptr<float>(), 1, lm_head, c10::nullopt, logits.data_ptr<float>(), true);
     const int64_t row = stored_as(logits, dtype).argmax().item<int64_t>();
-    const int64_t next = row_ids.defined() ? row_ids.data_ptr<int64_t>()[row] : row;
+    const int64_t next = row_ids.token(row);
     drafts.data_ptr<int64_t>()[i] = next;
     pos += T;
     feed = at::full({1}, next, i64);
@@ -570,11 +582,7 @@ std::tuple<at::Tensor, at::Tensor> exit_greedy(const at::Tensor& tokens, int64_t
   TORCH_CHECK(num_layers >= 1 && 7 * num_layers <= static_cast<int64_t>(weights.size()),
               "exit_greedy: num_layers must be in 1..the model's layers");
   TORCH_CHECK(exit_proj.dim() == 2 && exit_proj.size(0) == d && exit_proj.size(1) == d, "exit_greedy: proj must be (d, d)");
-  at::Tensor row_ids;  // (N,) int64, contiguous
-  if (ids.has_value()) {
-    row_ids = ids->to(at::kLong).contiguous();
-    TORCH_CHECK(row_ids.dim() == 1 && row_ids.size(0) == lm_head.size(0), "exit_greedy: one id per lm_head row");
-  }
+  const RowIds row_ids(ids, lm_head, "exit_greedy");
   const auto i64 = at::TensorOptions().dtype(at::kLong), f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor drafts = at::empty({K}, i64);
   at::Tensor states = at::empty({K, d}, f32);
@@ -585,8 +593,7 @@ std::tuple<at::Tensor, at::Tensor> exit_greedy(const at::Tensor& tokens, int64_t
     const int64_t T = feed.size(0);
     at::Tensor h = at::embedding(embed, feed).to(at::kFloat).contiguous();  // (T, d)
     const at::Tensor positions = at::arange(pos, pos + T, i64).view({1, T});  // also the cache slots
-    c10::optional<at::Tensor> mask;  // (1, 1, T, pos + T): token t sees slots <= pos + t
-    if (T > 1) mask = at::arange(pos + T, i64).view({1, 1, 1, -1}) <= positions.view({1, 1, T, 1});
+    const c10::optional<at::Tensor> mask = chain_mask(positions, pos, T);
     const Dims s{1, T, H, Hkv, D, pos + T};
     run_layers(h.data_ptr<float>(), s, d, positions, inv_freq, k_cache, v_cache, positions, mask, 0, num_layers,
                weights, eps);
@@ -597,7 +604,7 @@ std::tuple<at::Tensor, at::Tensor> exit_greedy(const at::Tensor& tokens, int64_t
     for (int64_t k = 0; k < d; ++k) y[k] = x[k] + y[k];
     linear(y.data(), 1, lm_head, c10::nullopt, logits.data(), true);
     const int64_t row = std::max_element(logits.begin(), logits.end()) - logits.begin();  // the first maximum
-    const int64_t next = row_ids.defined() ? row_ids.data_ptr<int64_t>()[row] : row;
+    const int64_t next = row_ids.token(row);
     drafts.data_ptr<int64_t>()[i] = next;
     pos += T;
     feed = at::full({1}, next, i64);
