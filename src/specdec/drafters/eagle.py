@@ -43,7 +43,7 @@ import torch
 
 from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, check_draft_shape
 from specdec.drafters.heads import EagleHead, pick_tokens, resolve_head
-from specdec.drafters.vocab import DraftVocab, projector, resolve_draft_vocab
+from specdec.drafters.vocab import DraftVocab, head_rows, projector, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs, sample
 from specdec.verify.chain import VerifyResult
@@ -76,9 +76,8 @@ class EagleDrafter:
         self.draft_vocab = resolve_draft_vocab(target, draft_vocab)
         self._project = projector(target, self.draft_vocab)
         module = target.module
-        embed, head = module._kernel_io or (module.model.embed_tokens.weight, module.lm_head.weight)
-        rows = self.draft_vocab.kernel_rows if self.draft_vocab is not None else (None, head)
-        self._greedy_io = (embed, rows)  # what EagleHead.draft_greedy reads: the kernels' copies
+        embed = module._kernel_io[0] if module._kernel_io is not None else module.model.embed_tokens.weight
+        self._greedy_io = (embed, head_rows(target, self.draft_vocab))  # what EagleHead.draft_greedy reads
         self.num_draft_tokens = num_draft_tokens
         capacity = target.max_seq_len + self.max_tree_nodes
         self.cache = self.head.new_cache(1, capacity)

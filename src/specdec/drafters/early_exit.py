@@ -42,7 +42,7 @@ from specdec.drafters.base import (
     empty_proposal,
 )
 from specdec.drafters.heads import ExitHead, pick_tokens, resolve_head
-from specdec.drafters.vocab import DraftVocab, projector, resolve_draft_vocab
+from specdec.drafters.vocab import DraftVocab, head_rows, projector, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
 from specdec.verify.chain import VerifyResult
 
@@ -140,8 +140,8 @@ class EarlyExitDrafter:
     def _greedy_chain(self, token_ids: list[int], start: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(K,)`` greedy drafts and the ``(K, d)`` layer-L states of the tokens fed at each step."""
         module, cfg, head = self.target.module, self.target.config, self.head
-        embed, rows = module._kernel_io  # type: ignore[misc]
-        ids, rows = self.draft_vocab.kernel_rows if self.draft_vocab is not None else (None, rows)
+        embed = module._kernel_io[0]  # type: ignore[index]
+        ids, rows = head_rows(self.target, self.draft_vocab)
         tokens = torch.as_tensor(token_ids, device=self.target.device)  # (T,)
         drafts, states = kernels.exit_greedy(
             tokens, start, K, module.inv_freq, embed, self.cache.k, self.cache.v, module._layer_weights,

@@ -114,6 +114,16 @@ def projector(model: LoadedModel, vocab: DraftVocab | None) -> Callable[[torch.T
     return vocab.project if vocab is not None else model.module.project
 
 
+def head_rows(model: LoadedModel, vocab: DraftVocab | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``((N,) ids or None, (N, d) rows)`` of ``model``'s ``lm_head`` that a one-call greedy
+    chain scores: ``vocab``'s (:attr:`DraftVocab.kernel_rows`), else the whole head as the
+    kernels read it (ids None: row r is token r)."""
+    if vocab is not None:
+        return vocab.kernel_rows
+    module = model.module
+    return None, module._kernel_io[1] if module._kernel_io is not None else module.lm_head.weight
+
+
 def draft_pass(
     model: LoadedModel,
     vocab: DraftVocab | None,
