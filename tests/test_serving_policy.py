@@ -67,6 +67,13 @@ def goodput(steps: list[tuple[int, int, int, float]]) -> float:
     return sum(s[2] for s in steps) / sum(s[3] for s in steps)
 
 
+def first_steps(policy: SpeculationPolicy, batch_size: int, ks: list[int]) -> None:
+    """One step of each K in ``batch_size``'s bucket: the guard does not count a first step (it
+    pays one-off costs). Fast on purpose (10 000 tokens/s): counted, it would sway the tests."""
+    for k in ks:
+        policy.observe_step(batch_size, k, 1, 1e-4)
+
+
 def test_guard_falls_back_to_plain_where_the_linear_model_is_wrong() -> None:
     policy = SpeculationPolicy(MAX_K)
     steps = simulate(policy, [8, 1] * 400, step_cost, random.Random(0))
@@ -124,8 +131,12 @@ def test_untried_arms_are_tried_first_then_measurements_decide() -> None:
         policy.observe_pass(tokens, 0.010)  # flat cost: the model wants the longest drafts
     assert policy.model_k(4) == MAX_K
     assert policy.choose(4) == MAX_K  # nothing measured: the model's K
+    policy.observe_step(4, MAX_K, 1, 1.0)  # its first step (one-off costs): not counted ...
+    assert policy.choose(4) == MAX_K  # ... so it is tried once more
     policy.observe_step(4, MAX_K, 4, 0.010)  # 400 tokens/s, at the step time the line predicts
     assert policy.choose(4) == 0  # plain untried in this bucket: try it
+    policy.observe_step(4, 0, 1, 1.0)  # its first step: not counted
+    assert policy.choose(4) == 0
     policy.observe_step(4, 0, 4, 0.005)  # 800 tokens/s
     assert policy.choose(4) == 0  # measured plain beats the model's K
     assert policy.choose(5) == 0  # 4..7 share the bucket
@@ -164,6 +175,7 @@ def test_measured_step_times_correct_the_line_where_verification_is_flat() -> No
 
 def test_margin_keeps_plain_unless_speculation_is_clearly_better() -> None:
     policy = SpeculationPolicy(MAX_K, margin=0.05)
+    first_steps(policy, 2, [0, MAX_K])
     policy.observe_step(2, 0, 2, 0.010)  # 200 tokens/s
     policy.observe_step(2, MAX_K, 2.06, 0.010)  # 3% better: within the margin
     assert policy.choose(2) == 0
@@ -178,6 +190,7 @@ def test_guard_prefers_measured_speculation_when_the_model_says_plain() -> None:
     for _ in range(50):
         policy.observe_acceptance(MAX_K, 0)
     assert policy.model_k(16) == 0
+    first_steps(policy, 16, [0, 1, 2])
     policy.observe_step(16, 0, 16, 0.016)  # 1000 tokens/s
     assert policy.choose(16) == 1  # no K > 0 measured here yet: K = 1 is tried
     policy.observe_step(16, 1, 16, 0.030)  # worse
@@ -221,6 +234,7 @@ def test_acceptance_is_per_position_given_the_earlier_ones_passed() -> None:
 
 def test_a_cold_switch_to_speculation_is_not_counted_and_is_explored_once_more() -> None:
     policy = SpeculationPolicy(MAX_K, explore_every=4)
+    first_steps(policy, 4, [0, MAX_K])
     policy.observe_step(4, 0, 4, 0.010)  # plain: 400 tokens/s
     policy.observe_step(4, MAX_K, 4, 0.020)  # speculation: 200 tokens/s, plain is chosen
     for _ in range(20):
@@ -274,3 +288,20 @@ def test_draft_cost_is_a_fitted_line_once_calls_of_different_sizes_were_seen() -
     assert policy.draft_cost(1) == pytest.approx(0.0021, rel=1e-6)
     assert policy.draft_cost(16) == pytest.approx(0.0036, rel=1e-6)
     assert policy.draft_cost(0) == 0.0
+
+
+def test_a_slow_first_step_does_not_hold_an_arm_down() -> None:
+    # The first step of a batch size and K pays one-off costs (allocations, first calls), here
+    # 50 times a steady step. Measured goodput pools tokens and seconds: counted, that step would
+    # keep speculation under plain (8 against 100 tokens/s) until many more of its steps came in,
+    # and an arm the guard has backed off gets few. It is not counted.
+    policy = SpeculationPolicy(MAX_K)
+    policy.observe_step(1, 0, 1, 0.1)  # plain's first step, slow too
+    policy.observe_step(1, MAX_K, 4, 1.0)  # speculation's first step: 4 tokens/s
+    policy.observe_step(1, 0, 1, 0.01)  # 100 tokens/s
+    policy.observe_step(1, MAX_K, 4, 0.02)  # 200 tokens/s
+    assert policy.measured_goodput(1, 0) == pytest.approx(100.0)
+    assert policy.measured_goodput(1, MAX_K) == pytest.approx(200.0)
+    assert policy.choose(1) == 0  # the slow first steps' time made an exploration of plain due
+    policy.observe_step(1, 0, 1, 0.01)
+    assert policy.choose(1) == MAX_K  # speculation measures better and is chosen

@@ -54,6 +54,7 @@ draft model catching up after plain steps) counts as time spent but not in the g
 the exploration gets one more pass; the interval between explorations of speculation counts
 that cold step as part of an exploration's cost, so the share of time stays bounded even when
 catching up costs many steps (rows that joined during plain steps read their whole prompt).
+The first step of each bucket and K is not counted either (one-off costs of a new shape).
 
 Every 8th pass of a bucket, if it speculates and is not exploring, uses a neighbouring K
 instead (K+1 and K-1 in turn) so the cost line keeps seeing different N.
@@ -93,6 +94,7 @@ class SpeculationPolicy:
         self._explored: dict[int, tuple[int, int]] = {}  # bucket -> (explored K, chosen K), until judged
         self._last_rate: dict[tuple[int, int], float] = {}  # (bucket, K) -> goodput of its latest step
         self._cold: set[int] = set()  # buckets whose latest step was not counted (warm=False)
+        self._seen: set[tuple[int, int]] = set()  # (bucket, K) with a step observed
         self._cold_seconds: dict[int, float] = {}  # bucket -> time of its latest cold step
         self._drafted = [0.0] * max_draft_tokens
         self._accepted = [0.0] * max_draft_tokens
@@ -133,12 +135,19 @@ class SpeculationPolicy:
         ``warm=False``: the step also paid a one-off cost of switching to speculation (a batched
         draft model catching up on the tokens of the plain steps before it). Counting it would
         charge every exploration of speculation with that cost, which steady speculation never
-        pays, so it only counts as time spent; the guard explores once more."""
+        pays, so it only counts as time spent; the guard explores once more.
+
+        The first step of each batch-size bucket and K is treated the same way: it pays the
+        one-off costs of a new shape (allocations, first calls). Measured goodput pools tokens
+        and seconds, so one such step, counted, stays in an arm's seconds and leaves them only
+        as fast as new steps of that arm come in: few, for an arm the guard has backed off."""
         if seconds <= 0.0:
             return
         bucket = self.bucket(batch_size)
         self._since_explore[bucket] = self._since_explore.get(bucket, 0.0) + seconds
-        if not warm:
+        first = (bucket, k) not in self._seen
+        self._seen.add((bucket, k))
+        if not warm or first:
             self._cold.add(bucket)
             self._cold_seconds[bucket] = seconds
             return
