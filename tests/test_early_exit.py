@@ -3,13 +3,12 @@ claim that the drafter's kept KV entries equal the target's own for the first L 
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import pytest
 import torch
 
-from helpers import save_tiny_llama
+from helpers import needs_kernels, save_tiny_llama
 from specdec import SpeculativeGenerator, kernels, load_model
 from specdec.drafters import DraftContext, EarlyExitDrafter, TargetOutput
 from specdec.drafters.heads import ExitHead, new_head
@@ -119,9 +118,7 @@ def test_verify_pass_reusing_the_drafters_layers_gives_the_full_pass_bit_for_bit
     # into the target's cache, and the verify pass runs those layers for the last draft only
     # (ReusedLayers). Logits, hidden states and cache must be the full pass's, bit for bit (greedy
     # equality rests on it), and the drafts those of a drafter with a cache of its own.
-    if kernels.load() is None:  # as test_models._needs_kernels: CI builds them, so fail there
-        assert not os.environ.get("CI"), kernels.status()
-        pytest.skip(kernels.status())
+    needs_kernels()
     module, prompt, K = target.module, PROMPTS[2], 4
     n = len(prompt)
     assert module.reuses_layers()
@@ -158,9 +155,7 @@ def test_greedy_chain_in_one_call_proposes_what_the_python_loop_proposes(target,
     from specdec.drafters.vocab import DraftVocab
     from specdec.engine import generator
 
-    if kernels.load() is None:
-        assert not os.environ.get("CI"), kernels.status()
-        pytest.skip(kernels.status())
+    needs_kernels()
     if not shared:
         monkeypatch.setattr(generator, "TargetOutput", lambda hidden, cache=None: TargetOutput(hidden))
     vocab = DraftVocab(target, list(range(0, 96, 3))) if subset else 0

@@ -3,14 +3,13 @@ head training, and head files."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import replace
 
 import pytest
 import torch
 
-from helpers import save_tiny_llama
+from helpers import needs_kernels, save_tiny_llama
 from specdec import SpeculativeGenerator, load_model
 from specdec.drafters import DraftContext, EagleDrafter, MedusaDrafter, TargetOutput
 from specdec.drafters.base import empty_proposal
@@ -355,9 +354,7 @@ def test_eagle_head_layer_runs_in_one_call_like_the_module_path(target):
     # parameters when they change (a head being trained).
     from specdec import kernels
 
-    if kernels.load() is None:
-        assert not os.environ.get("CI"), kernels.status()
-        pytest.skip(kernels.status())
+    needs_kernels()
     head = random_head("eagle", target, seed=4)
     d = target.config.hidden_size
     gen = torch.Generator().manual_seed(0)
@@ -397,9 +394,7 @@ def test_eagle_head_saved_in_bfloat16_reads_exact_copies_with_the_same_bits(targ
     # copies of its products (fc and the layer): half the bytes, bit-identical features.
     from specdec import kernels
 
-    if kernels.load() is None:
-        assert not os.environ.get("CI"), kernels.status()
-        pytest.skip(kernels.status())
+    needs_kernels()
     head = random_head("eagle", target, seed=5)
     with torch.no_grad():
         for p in head.parameters():
@@ -440,9 +435,7 @@ def test_eagle_greedy_chain_in_one_call_proposes_what_the_python_loop_proposes(t
     from specdec.drafters.heads import EagleHead
     from specdec.drafters.vocab import DraftVocab
 
-    if kernels.load() is None:
-        assert not os.environ.get("CI"), kernels.status()
-        pytest.skip(kernels.status())
+    needs_kernels()
     target = load_model(target_path, dtype=dtype)
     vocab = DraftVocab(target, list(range(0, 96, 3))) if subset else 0
     prompts = [[5, 7], [9, 40, 2, 2, 17, 80, 33, 61, 5, 5, 12], [(7 * i) % 90 + 1 for i in range(40)]]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from helpers import needs_kernels
 from specdec import ModelLoadError, load_model
 from specdec.models.llama import Transformer
 
@@ -190,21 +190,13 @@ def test_no_logits_gives_the_same_hidden_states_on_both_paths(hf_pair):
     torch.testing.assert_close(outs[0][1], outs[2][1], rtol=1e-5, atol=1e-5)
 
 
-def _needs_kernels():
-    from specdec import kernels
-
-    if kernels.load() is None:
-        assert not os.environ.get("CI"), kernels.status()
-        pytest.skip(kernels.status())
-
-
 def test_one_call_forward_matches_the_module_path_and_is_batch_invariant(hf_pair):
     # On CPUs with the kernels, forward (and run_layers) hand the pass to one C++ call (forward.cpp).
     # It must agree with the Python modules, and give every row bit-identical results whatever the
     # pass around it: T one-token passes = one T-token pass (greedy equality with plain decoding rests
     # on it), and a row batched with another = the row alone. The prompt is longer than the blocks
     # of cache slots attention reads at a time (kSlotBlock, 64), so the passes cross a block edge.
-    _needs_kernels()
+    needs_kernels()
     module = hf_pair[1].module
     P = 70  # prompt tokens; then 3 more
     tokens = torch.randint(0, 101, (2, P + 3), generator=torch.Generator().manual_seed(0))
@@ -245,7 +237,7 @@ def test_bfloat16_copies_of_exact_weights_give_identical_results(hf_pair):
     # copies: half the bytes, and the same bits out as from the float32 weights.
     from specdec import kernels
 
-    _needs_kernels()
+    needs_kernels()
     module = hf_pair[1].module
     with torch.no_grad():
         for p in module.parameters():
@@ -290,7 +282,7 @@ def test_long_prefill_in_one_call_reads_the_float32_originals_and_matches_transf
     # the float32 originals, not the bfloat16 copies widened on every pass, and gives the same bits.
     from specdec import kernels
 
-    _needs_kernels()
+    needs_kernels()
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(**{**SMALL, "intermediate_size": 2100})).eval()
     with torch.no_grad():
@@ -328,7 +320,7 @@ def test_prefill_from_slot_zero_takes_the_causal_attention_and_agrees_with_the_m
     from specdec import kernels
     from specdec.models.llama import causal_mask
 
-    _needs_kernels()
+    needs_kernels()
     module = hf_pair[1].module
     T = kernels.MAX_ROWS + 8
     tokens = torch.randint(0, module.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(3))

@@ -4,13 +4,12 @@ projection, the one-call greedy draft, losslessness."""
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
 import pytest
 import torch
 
-from helpers import save_char_tokenizer, save_tiny_llama
+from helpers import needs_kernels, save_char_tokenizer, save_tiny_llama
 from specdec import SpeculativeGenerator, load_model
 from specdec.drafters import EagleDrafter, MedusaDrafter
 from specdec.drafters.draft_model import DraftModelDrafter
@@ -159,11 +158,8 @@ def test_draft_model_greedy_output_is_unchanged_and_its_drafts_stay_in_the_subse
 def test_one_call_greedy_draft_maps_the_subsets_argmax_back_to_token_ids(models, monkeypatch):
     """The C++ ``draft_greedy`` with a reduced vocabulary proposes what the Python loop over
     :meth:`DraftVocab.project` proposes, and none of the full vocabulary's drafts."""
-    from specdec import kernels
 
-    if kernels.load() is None:  # as test_models._needs_kernels: CI builds them, so fail there
-        assert not os.environ.get("CI"), kernels.status()
-        pytest.skip(kernels.status())
+    needs_kernels()
     draft = models["far"]
     prompts = (list(range(10, 40)), [3, 1, 4, 1, 5, 9, 2, 6])
     top = {t for p in prompts for t in DraftModelDrafter(draft, 6).propose(_context(p)).tokens.tolist()}
