@@ -110,8 +110,8 @@ def test_cost_curve_measures_resumes_and_plots(tmp_path: Path, monkeypatch: pyte
 
     tiny = cost_curve.llama_config(64, 2, 128, 4, 2)
     monkeypatch.setitem(cost_curve.SIZES, "tiny", tiny)
-    monkeypatch.setattr(cost_curve, "copy_bandwidth", lambda clock: 1e9)
-    monkeypatch.setattr(cost_curve, "read_bandwidth", lambda clock: 0.5e9)  # the floor takes the faster
+    monkeypatch.setattr(cost_curve, "copy_bandwidth", lambda clock, device: 1e9)
+    monkeypatch.setattr(cost_curve, "read_bandwidth", lambda clock, device: 0.5e9)  # the floor takes the faster
     data = cost_curve.measure(
         tmp_path, ["tiny"], ["float32"], [1, 2, 3], repeats=1, new_tokens=4, progress=False
     )

@@ -93,7 +93,9 @@ def run_cost_curve(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     out = args.out or _default_out("cost-curve")
-    data = cost_curve.measure(out, sizes, dtypes, ks, args.repeats, progress=not args.no_progress)
+    data = cost_curve.measure(
+        out, sizes, dtypes, ks, args.repeats, progress=not args.no_progress, device=args.device
+    )
     table = cost_curve.to_markdown(data)
     (out / "cost_curve.md").write_text(table)
     cost_curve.plot(data, out / "cost_curve.png")

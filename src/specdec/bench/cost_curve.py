@@ -12,6 +12,10 @@ compares plain decoding's time per token with the memory-bandwidth floor
 bandwidth is the better of a large tensor copy (read + write bytes / time) and a sum over a
 large tensor (read bytes / time): the stricter floor.
 
+On a GPU (``--device cuda``) the clock is the wall clock with the device synchronised around
+each timing, and plain decoding is timed twice: with CUDA graphs (the engine's default there)
+and eagerly (``SPECDEC_CUDA_GRAPHS=0``).
+
 Results go to ``cost_curve.json`` one (size, dtype) entry at a time; a rerun skips the
 entries already there, so an interrupted measurement resumes.
 """
@@ -53,8 +57,9 @@ SIZES: dict[str, ModelConfig] = {
 }
 
 
-def random_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
-    """A Transformer with N(0, 0.02) weights and unit norms, built without a checkpoint."""
+def random_model(cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu") -> Transformer:
+    """A Transformer with N(0, 0.02) weights and unit norms, built without a checkpoint (drawn on
+    the CPU, so every device gets the same weights)."""
     with torch.device("meta"):
         module = Transformer(cfg)
     module = module.to_empty(device="cpu").to(dtype)
@@ -66,7 +71,7 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
             else:
                 p.normal_(0.0, 0.02, generator=generator)
     module.inv_freq = rope_inv_freq(cfg)
-    module = module.eval().requires_grad_(False)
+    module = module.to(device).eval().requires_grad_(False)
     module.fuse()
     return module
 
@@ -80,11 +85,19 @@ def streamed_weight_bytes(module: Transformer) -> int:
     return total
 
 
+def _sync() -> None:
+    """Wait for queued GPU work (a no-op where CUDA was never used)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(fn) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     """``(wall, cpu)`` seconds of ``fn()``; with one thread the CPU time leaves out time spent
-    waiting for a core that other processes hold."""
+    waiting for a core that other processes hold. GPU work is waited for on both sides."""
+    _sync()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    _sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -99,18 +112,18 @@ def _best_seconds(fns: list[Any], clock: str, repeats: int) -> float:
     return best
 
 
-def copy_bandwidth(clock: str = "wall", megabytes: int = 512, repeats: int = 5) -> float:
+def copy_bandwidth(clock: str = "wall", megabytes: int = 512, repeats: int = 5, device: str = "cpu") -> float:
     """Bytes per second of a large tensor copy, counting the read and the write."""
-    src = torch.ones(megabytes * 2**20 // 4)
+    src = torch.ones(megabytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     return 2 * src.numel() * src.element_size() / _best_seconds([lambda: dst.copy_(src)], clock, repeats)
 
 
-def read_bandwidth(clock: str = "wall", megabytes: int = 512, repeats: int = 5) -> float:
+def read_bandwidth(clock: str = "wall", megabytes: int = 512, repeats: int = 5, device: str = "cpu") -> float:
     """Bytes per second of reading a large tensor: the faster of a sum (reads every byte,
     writes one number) and a one-row product with it as a weight matrix (what decoding does)."""
-    src = torch.ones(megabytes * 2**20 // 4)
-    matrix, row = src.view(-1, 4096), torch.ones(1, 4096)
+    src = torch.ones(megabytes * 2**20 // 4, device=device)
+    matrix, row = src.view(-1, 4096), torch.ones(1, 4096, device=device)
     seconds = _best_seconds([src.sum, lambda: kernels.linear(row, matrix)], clock, repeats)
     return src.numel() * src.element_size() / seconds
 
@@ -119,33 +132,38 @@ def read_bandwidth(clock: str = "wall", megabytes: int = 512, repeats: int = 5) 
 def forward_times(module: Transformer, ks: list[int], repeats: int) -> dict[str, dict[str, float]]:
     """Median ``wall`` and ``cpu`` seconds of one forward over k tokens after ``CONTEXT``
     cached tokens, as ``{"wall": {k: s}, "cpu": {k: s}}``."""
+    device = module.lm_head.weight.device
     cache = module.new_cache(1, CONTEXT + max(ks) + 1)
-    context = torch.randint(0, module.config.vocab_size, (1, CONTEXT))
-    module(context, torch.arange(CONTEXT), cache, num_logits=1)
-    module(context[:, :1], torch.arange(CONTEXT, CONTEXT + 1), cache)  # warm-up
+    context = torch.randint(0, module.config.vocab_size, (1, CONTEXT), device=device)
+    module(context, torch.arange(CONTEXT, device=device), cache, num_logits=1)
+    module(context[:, :1], torch.arange(CONTEXT, CONTEXT + 1, device=device), cache)  # warm-up
     times: dict[str, dict[str, float]] = {"wall": {}, "cpu": {}}
     for k in ks:
-        tokens = torch.randint(0, module.config.vocab_size, (1, k))  # (1, k)
-        pos = torch.arange(CONTEXT, CONTEXT + k)
+        tokens = torch.randint(0, module.config.vocab_size, (1, k), device=device)  # (1, k)
+        pos = torch.arange(CONTEXT, CONTEXT + k, device=device)
         runs = [_timed(lambda: module(tokens, pos, cache)) for _ in range(repeats)]  # noqa: B023
         times["wall"][str(k)] = statistics.median(r[0] for r in runs)
         times["cpu"][str(k)] = statistics.median(r[1] for r in runs)
     return times
 
 
-def plain_decode_time(module: Transformer, cfg: ModelConfig, new_tokens: int) -> dict[str, float]:
+def plain_decode_time(module: Transformer, cfg: ModelConfig, new_tokens: int, graphs: bool = True) -> dict[str, float]:
     """Seconds per token of plain greedy decoding with our engine, prefill excluded (the
-    engine's own timing, wall clock, best of three runs); stored under both clocks."""
+    engine's own timing, wall clock, best of three runs); stored under both clocks. Without
+    ``graphs`` every pass runs eagerly (on a GPU; elsewhere there are none)."""
     from specdec.engine import SpeculativeGenerator
 
-    generator = SpeculativeGenerator(LoadedModel(module, cfg, None, Path("random")))
+    model = LoadedModel(module, cfg, None, Path("random"))
+    if not graphs:
+        model.graphs = None
+    generator = SpeculativeGenerator(model)
     prompt = torch.randint(0, cfg.vocab_size, (CONTEXT,)).tolist()
 
     def per_token() -> float:  # decoding only: the engine's stats leave the prefill out
         stats = generator.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True).stats
         return (stats.total_s - stats.prefill_s) / new_tokens
 
-    per_token()  # warm-up
+    per_token()  # warm-up (and, on a GPU, the graphs' recording)
     best = min(per_token() for _ in range(3))  # background load only ever adds time
     return {"wall": best, "cpu": best}
 
@@ -158,6 +176,7 @@ def measure(
     repeats: int = 3,
     new_tokens: int = 16,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Measure every (size, dtype) not yet in ``out/cost_curve.json``; return all entries.
 
@@ -171,9 +190,10 @@ def measure(
     data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"entries": {}}
     if "bandwidth_bytes_per_s" not in data:
         data["torch_threads"] = torch.get_num_threads()
-        data["clock"] = "cpu" if data["torch_threads"] == 1 else "wall"
-        data["copy_bandwidth_bytes_per_s"] = copy_bandwidth(data["clock"])
-        data["read_bandwidth_bytes_per_s"] = read_bandwidth(data["clock"])
+        data["device"] = device if device == "cpu" else torch.cuda.get_device_name(device)
+        data["clock"] = "cpu" if data["torch_threads"] == 1 and device == "cpu" else "wall"
+        data["copy_bandwidth_bytes_per_s"] = copy_bandwidth(data["clock"], device=device)
+        data["read_bandwidth_bytes_per_s"] = read_bandwidth(data["clock"], device=device)
         # The floor uses the faster of the two: the lower (stricter) floor.
         data["bandwidth_bytes_per_s"] = max(
             data["copy_bandwidth_bytes_per_s"], data["read_bandwidth_bytes_per_s"]
@@ -183,10 +203,11 @@ def measure(
     for size, dtype in tqdm(todo, desc="cost curve", disable=not progress):
         cfg = SIZES[size]
         torch.manual_seed(0)
-        module = random_model(cfg, getattr(torch, dtype))
+        module = random_model(cfg, getattr(torch, dtype), device)
         weight_bytes = streamed_weight_bytes(module)
         times = forward_times(module, ks, repeats)
         per_token = plain_decode_time(module, cfg, new_tokens)
+        eager = plain_decode_time(module, cfg, new_tokens, graphs=False) if device != "cpu" else None
         floor = weight_bytes / data["bandwidth_bytes_per_s"]
         data["entries"][f"{size}/{dtype}"] = {
             "size": size,
@@ -200,6 +221,8 @@ def measure(
             "bandwidth_floor_s": floor,
             "plain_over_floor": per_token[clock] / floor,
         }
+        if eager is not None:  # a GPU: plain decoding without CUDA graphs too
+            data["entries"][f"{size}/{dtype}"]["plain_eager_wall_s_per_token"] = eager["wall"]
         del module
         path.write_text(json.dumps(data, indent=1))
     path.write_text(json.dumps(data, indent=1))
@@ -218,8 +241,14 @@ def to_markdown(data: dict[str, Any]) -> str:
         )
         or "a copy (read + write bytes)"
     )
+    digits = 1 if bandwidth < 200 else 3  # a GPU's times are fractions of a millisecond
+    device = data.get("device", "cpu")
+
+    def eager(e: dict[str, Any]) -> str:  # a GPU: plain decoding without CUDA graphs in brackets
+        return f" ({e['plain_eager_wall_s_per_token'] * 1e3:.{digits}f} eager)" if "plain_eager_wall_s_per_token" in e else ""
+
     lines = [
-        f"Bandwidth: {bandwidth:.1f} GB/s, the best of {measured}, {data['torch_threads']} thread(s); "
+        f"Device: {device}. Bandwidth: {bandwidth:.1f} GB/s, the best of {measured}, {data['torch_threads']} thread(s); "
         f"times on the {clock} clock (wall clock of t(k=1) in brackets).",
         "",
         "| model | dtype | params | t(k=1) ms | t(4)/t(1) | t(8)/t(1) | t(16)/t(1) | t(32)/t(1) "
@@ -231,10 +260,10 @@ def to_markdown(data: dict[str, Any]) -> str:
         wall_1 = e["forward_wall_s"].get("1", 0.0) * 1e3
         ratios = [f"{t[k] / t[1]:.2f}" if k in t and 1 in t else "–" for k in (4, 8, 16, 32)]
         lines.append(
-            f"| {e['size']} | {e['dtype']} | {e['parameters'] / 1e6:.0f}M | {t.get(1, 0) * 1e3:.1f} "
-            f"({wall_1:.1f}) | "
+            f"| {e['size']} | {e['dtype']} | {e['parameters'] / 1e6:.0f}M | {t.get(1, 0) * 1e3:.{digits}f} "
+            f"({wall_1:.{digits}f}) | "
             + " | ".join(ratios)
-            + f" | {e[f'plain_{clock}_s_per_token'] * 1e3:.1f} | {e['bandwidth_floor_s'] * 1e3:.1f} "
+            + f" | {e[f'plain_{clock}_s_per_token'] * 1e3:.{digits}f}{eager(e)} | {e['bandwidth_floor_s'] * 1e3:.{digits}f} "
             f"| {e['plain_over_floor']:.2f} |"
         )
     return "\n".join(lines) + "\n"

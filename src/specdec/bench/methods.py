@@ -77,6 +77,8 @@ class HFMethod:
             kwargs["assistant_model"] = self.assistant
         start, cpu = time.perf_counter(), time.process_time()
         out = self.model.generate(ids, **kwargs)  # (1, T + n)
+        if out.is_cuda:
+            torch.cuda.synchronize()  # the last step's kernels may still run
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         return Run(out[0, ids.shape[1] :].tolist(), wall, cpu, None)
 

@@ -242,9 +242,9 @@ class SpeculativeGenerator:
                     )
                     hidden = hidden if needs_hidden else None
                 elif needs_hidden:
-                    logits, hidden = target(inp, pos, cache, return_hidden=True, kv_len=kv_len)
+                    logits, hidden = target.step(inp, pos, cache, return_hidden=True, kv_len=kv_len)
                 else:
-                    logits, hidden = target(inp, pos, cache, kv_len=kv_len), None
+                    logits, hidden = target.step(inp, pos, cache, kv_len=kv_len), None
                 logits = logits[0]  # (K+1, V)
                 if params.greedy:
                     result = verify_greedy(proposal.tokens, logits)

@@ -8,13 +8,15 @@ is a folder path. Unsupported architectures, missing folders and broken checkpoi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from specdec.cache import KVCache
+from specdec.models import cuda_graphs
 from specdec.models.config import ModelConfig, ModelLoadError
 from specdec.models.llama import Transformer, rope_inv_freq
 from specdec.models.tokenizer import Tokenizer
@@ -48,8 +50,23 @@ class LoadedModel:
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
         return self.module.new_cache(batch_size, max_seq_len)
 
+    # CUDA graphs of this model's chain passes (see :meth:`step`); None: every pass runs eagerly.
+    graphs: cuda_graphs.GraphedPasses | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if cuda_graphs.enabled(self.device):
+            self.graphs = cuda_graphs.GraphedPasses(self.module)
+
     def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         return self.module(*args, **kwargs)
+
+    def step(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache, **kwargs: Any):  # type: ignore[no-untyped-def]
+        """``self(tokens, input_pos, cache, **kwargs)`` for a decoding step over a cache that
+        lives across steps (the engine's, a drafter's): on CUDA a single-sequence chain pass
+        replays a graph recorded for its shape (:mod:`specdec.models.cuda_graphs`)."""
+        if self.graphs is not None and self.graphs.applies(tokens, kwargs):
+            return self.graphs(tokens, input_pos, cache, **kwargs)
+        return self.module(tokens, input_pos, cache, **kwargs)
 
 
 def resolve_path(name_or_path: str | Path) -> Path:

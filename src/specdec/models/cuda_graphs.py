@@ -1,0 +1,154 @@
+"""CUDA graphs for the small passes of decoding (plain steps, verify passes, draft steps).
+
+On a GPU a pass of a small model over a few tokens is bound by kernel launches, not by the
+GPU: the demo target launches about ten kernels per layer, each a few microseconds of CPU
+work, and the GPU waits for them. A CUDA graph records the launches of one pass once and
+replays them with one call (the approach of gpt-fast's ``mode="reduce-overhead"`` and of
+vLLM's decode graphs).
+
+A graph replays fixed shapes on fixed memory, so a captured pass:
+
+* reads its tokens and positions from static input tensors the caller's values are copied to;
+* attends over a fixed number of cache slots, the pass's ``kv_len`` rounded up to a multiple
+  of :data:`SLOT_BUCKET`, under the causal mask of its positions (the slots past the
+  committed length are masked, whatever stale keys they hold);
+* writes keys and values into the one :class:`~specdec.cache.KVCache` it was captured with.
+
+Graphs are kept per cache, per number of tokens, slot bucket and output kind; a cache that is
+dropped takes its graphs with it. Only single-sequence chain passes over at most
+:data:`MAX_TOKENS` tokens are graphed (prefill, tree passes and batches run eagerly).
+``SPECDEC_CUDA_GRAPHS=0`` turns graphs off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from specdec.cache import KVCache
+
+MAX_TOKENS = 32  # passes over more tokens per sequence run eagerly (prefill)
+SLOT_BUCKET = 256  # attention reads the pass's slots rounded up to a multiple of this
+GRAPH_KWARGS = {"num_logits", "return_hidden", "kv_len"}
+
+Outputs = tuple[torch.Tensor, ...]
+# A capture takes the pass to record and returns its outputs (static tensors) and a replay.
+Capture = Callable[[Callable[[], Outputs]], tuple[Outputs, Callable[[], None]]]
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether passes on ``device`` are graphed: CUDA, unless ``SPECDEC_CUDA_GRAPHS=0``."""
+    return device.type == "cuda" and os.environ.get("SPECDEC_CUDA_GRAPHS", "1") != "0"
+
+
+def cuda_capture(run: Callable[[], Outputs]) -> tuple[Outputs, Callable[[], None]]:
+    """Record ``run`` as a CUDA graph after a warm-up on a side stream (as the PyTorch docs
+    advise: the warm-up initialises lazy state such as cuBLAS workspaces outside the capture);
+    the capture itself computes nothing, so one replay gives this pass's values."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = run()
+    graph.replay()
+    return outputs, graph.replay
+
+
+def eager_capture(run: Callable[[], Outputs]) -> tuple[Outputs, Callable[[], None]]:
+    """A stand-in for :func:`cuda_capture` that replays by running the pass again into the same
+    output tensors: the static-shape pass and the bookkeeping around it, without a GPU (tests)."""
+    outputs = run()
+
+    def replay() -> None:
+        for static, new in zip(outputs, run(), strict=True):
+            static.copy_(new)
+
+    return outputs, replay
+
+
+@dataclass
+class _Graph:
+    tokens: torch.Tensor  # (1, T) static input
+    positions: torch.Tensor  # (1, T) static input
+    outputs: Outputs  # static outputs: logits (1, T', V) [, hidden (1, T, d)]
+    replay: Callable[[], None]
+
+
+class GraphedPasses:
+    """The graphed passes of one model; call it like ``Transformer.forward`` where
+    :meth:`applies` says so."""
+
+    def __init__(self, module: torch.nn.Module, capture: Capture = cuda_capture) -> None:
+        self.module = module
+        self.capture = capture
+        self.captures = 0  # graphs recorded so far (a test and a benchmark read it)
+        self._graphs: weakref.WeakKeyDictionary[KVCache, dict[tuple[Any, ...], _Graph]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @staticmethod
+    def applies(tokens: torch.Tensor, kwargs: dict[str, Any]) -> bool:
+        """A single-sequence pass over at most :data:`MAX_TOKENS` tokens whose ``kv_len`` the
+        caller knows, with the default mask and cache slots (a chain)."""
+        return (
+            tokens.dim() == 2
+            and tokens.shape[0] == 1
+            and 0 < tokens.shape[1] <= MAX_TOKENS
+            and kwargs.keys() <= GRAPH_KWARGS
+            and kwargs.get("kv_len") is not None
+        )
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,  # (1, T)
+        input_pos: torch.Tensor,  # (T,) or (1, T)
+        cache: KVCache,
+        num_logits: int | None = None,
+        return_hidden: bool = False,
+        kv_len: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        T = tokens.shape[1]
+        assert kv_len is not None
+        slots = min(cache.max_seq_len, SLOT_BUCKET * math.ceil(kv_len / SLOT_BUCKET))
+        key = (T, slots, num_logits, return_hidden)
+        graphs = self._graphs.setdefault(cache, {})
+        graph = graphs.get(key)
+        if graph is None:
+            graph = graphs[key] = self._record(tokens, input_pos.reshape(1, T), cache, key)
+        else:
+            graph.tokens.copy_(tokens)
+            graph.positions.copy_(input_pos.reshape(1, T))
+            graph.replay()
+        # Copies: the next replay overwrites the static outputs.
+        outputs = tuple(out.clone() for out in graph.outputs)
+        return outputs if return_hidden else outputs[0]
+
+    def _record(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, key: tuple[Any, ...]) -> _Graph:
+        from specdec.models.llama import causal_mask
+
+        _, slots, num_logits, return_hidden = key
+        static_tokens, static_positions = tokens.clone(), positions.clone()
+        module = self.module
+
+        def run() -> Outputs:  # the pass, on the static inputs
+            mask = causal_mask(static_positions, slots)  # (1, 1, T, slots)
+            out = module(
+                static_tokens, static_positions, cache, attn_mask=mask, num_logits=num_logits,
+                return_hidden=return_hidden, kv_len=slots,
+            )  # fmt: skip
+            return out if isinstance(out, tuple) else (out,)
+
+        # The warm-up and the recorded pass write this pass's keys and values: the same values
+        # into the same slots, so recording on the caller's inputs is harmless.
+        outputs, replay = self.capture(run)
+        self.captures += 1
+        return _Graph(static_tokens, static_positions, outputs, replay)
