@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks, in one run on a machine with a CUDA GPU (docs/benchmarks.md,
 # section "GPU"). Uses the machine's python3 with torch and transformers, and the source tree
 # as it is (no install); each step has its own time limit and log, and a failed step does not
-# stop the others. Results: $OUT/gpu-results.tar.gz (logs, bench and cost-curve folders).
+# stop the others; SKIP="tests smoke" leaves steps out. Results: $OUT/gpu-results.tar.gz (logs, bench and cost-curve folders).
 set -u
 OUT=${OUT:-runs/gpu}
 WORK=$(mktemp -d)
@@ -14,6 +14,7 @@ METHODS=hf,hf-assisted,plain,draft@1,draft,adaptive,ngram,staged,early-exit,medu
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, show its end
   local name=$1 limit=$2
   shift 2
+  case " ${SKIP:-} " in *" $name "*) echo "== $name: skipped (SKIP)"; return ;; esac
   echo "== $name: start $(date +%T)"
   timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
   echo "== $name: rc=$? end $(date +%T)"

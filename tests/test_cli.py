@@ -145,3 +145,17 @@ def test_small_models_use_one_thread_only_without_the_one_call_forward(pair, mon
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_missing_optional_package_disables_only_its_subcommand():
+    """Without fastapi (the 'serve' extra) 'specdec serve' says what to install and the other
+    subcommands still work; this once failed every subcommand on a machine without fastapi."""
+    code = "import sys; sys.modules['fastapi'] = None; from specdec.cli import main; sys.exit(main(sys.argv[1:]))"
+    serve = subprocess.run([sys.executable, "-c", code, "serve"], capture_output=True, text=True)
+    assert serve.returncode == 2
+    assert serve.stderr.strip().splitlines() == [
+        "specdec: error: 'specdec serve' needs the Python package 'fastapi', which is not installed "
+        "(pip install 'specdec[serve]')"
+    ]
+    bench = subprocess.run([sys.executable, "-c", code, "bench", "--help"], capture_output=True, text=True)
+    assert bench.returncode == 0 and "--cost-curve" in bench.stdout and not bench.stderr

@@ -49,9 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name is None or not module_name.startswith(e.name):
-                raise
-            p.set_defaults(_missing=f"'specdec {name}' is not available in this installation")
+            missing = e.name or ""
+            if missing.partition(".")[0] == "specdec" and not module_name.startswith(missing):
+                raise  # one of our modules is broken: a bug, not a missing package
+            why = (
+                "is not available in this installation"
+                if module_name.startswith(missing)
+                else f"needs the Python package {missing!r}, which is not installed"
+                + (" (pip install 'specdec[serve]')" if name == "serve" else "")
+            )
+            p.set_defaults(_missing=f"'specdec {name}' {why}")  # the other subcommands still work
             continue
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
