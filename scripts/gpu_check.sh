@@ -31,8 +31,10 @@ step cost 100 $PY -m specdec.cli bench --cost-curve --device cuda --sizes 100M,3
   --dtypes bfloat16,float32 --ks 1-8,12,16,24,32 --repeats 5 --no-progress --out "$WORK/cost"
 step eager 90 env SPECDEC_CUDA_GRAPHS=0 $PY -m specdec.cli bench --device cuda --dtype float32 \
   --num-prompts 3 --runs 2 --methods plain,draft,ngram,eagle --no-progress --out "$WORK/bench-eager"
+step bf16 100 $PY -m specdec.cli bench --device cuda --dtype bfloat16 --num-prompts 2 --runs 2 \
+  --methods hf,hf-assisted,plain,draft,ngram,eagle --no-progress --out "$WORK/bench-bf16"
 tar czf "$OUT/gpu-results.tar.gz" -C "$WORK" .
-for f in bench/bench.md cost/cost_curve.md bench-eager/bench.md; do
+for f in bench/bench.md cost/cost_curve.md bench-eager/bench.md bench-bf16/bench.md; do
   echo "== $f"
-  cat "$WORK/$f" 2>/dev/null | head -40
+  head -c 2500 "$WORK/$f" 2>/dev/null
 done
