@@ -33,8 +33,13 @@ step eager 90 env SPECDEC_CUDA_GRAPHS=0 $PY -m specdec.cli bench --device cuda -
   --num-prompts 3 --runs 2 --methods plain,draft,ngram,eagle --no-progress --out "$WORK/bench-eager"
 step bf16 100 $PY -m specdec.cli bench --device cuda --dtype bfloat16 --num-prompts 2 --runs 2 \
   --methods hf,hf-assisted,plain,draft,ngram,eagle --no-progress --out "$WORK/bench-bf16"
-tar czf "$OUT/gpu-results.tar.gz" -C "$WORK" .
-for f in bench/bench.md cost/cost_curve.md bench-eager/bench.md bench-bf16/bench.md; do
+# A memory-bound stand-in on the GPU: the demo target padded to 1.2B parameters (same outputs).
+step widen 40 $PY -m specdec.bench.widen --out "$WORK/wide-target" --intermediate-size 262144
+step wide 160 $PY -m specdec.cli bench --target "$WORK/wide-target" --device cuda --dtype float32 \
+  --num-prompts 1 --runs 2 --methods hf,hf-assisted,plain,draft@1,draft,ngram,eagle,medusa --no-progress \
+  --out "$WORK/bench-wide"
+tar czf "$OUT/gpu-results.tar.gz" --exclude=wide-target -C "$WORK" .
+for f in bench/bench.md cost/cost_curve.md bench-eager/bench.md bench-bf16/bench.md bench-wide/bench.md; do
   echo "== $f"
   head -c 2500 "$WORK/$f" 2>/dev/null
 done
