@@ -87,3 +87,20 @@ def needs_kernels() -> None:
     if kernels.load() is None:
         assert not os.environ.get("CI"), kernels.status()
         pytest.skip(kernels.status())
+
+
+def random_head(method: str, target, seed: int, **settings):  # type: ignore[no-untyped-def]
+    """A drafter head (``medusa``, ``eagle``, ``early-exit``) for ``target`` with random (not
+    zero) weights, so that its drafts are sometimes right, often wrong."""
+    from specdec.drafters.heads import new_head
+
+    torch.manual_seed(seed)
+    head = new_head(method, target.config, **settings)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.1)
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+    return head.eval().requires_grad_(False)
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import accept_every_draft, save_tiny_llama
+from helpers import accept_every_draft, needs_kernels, save_tiny_llama
 from specdec import DraftModelDrafter, SpeculativeGenerator, load_model
 from specdec.losslessness import exact_two_token_joint, goodness_of_fit, sample_two_tokens
 from specdec.sampling import SamplingParams
@@ -36,15 +36,27 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "loop"])
 @pytest.mark.parametrize("draft,k,sampling", SETTINGS, ids=[f"{d}-k{k}-{s}" for d, k, s in SETTINGS])
-def test_speculative_sampling_matches_exact_target_distribution(small_vocab, draft, k, sampling):
+def test_speculative_sampling_matches_exact_target_distribution(small_vocab, draft, k, sampling, one_call, monkeypatch):
+    """Both ways a draft model samples its chain: in one C++ call (``draft_sample``, where the
+    kernels run) and the Python loop (elsewhere, e.g. on a GPU)."""
     target = small_vocab["target"]
     first, joint = exact_two_token_joint(target, PROMPT, SamplingParams(**sampling))
     assert abs(joint.sum() - 1) < 1e-5  # the whole joint is enumerated
+    module = small_vocab[draft].module
+    calls = []
+    if one_call:
+        needs_kernels()
+        original = module.draft_sample
+        monkeypatch.setattr(module, "draft_sample", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    else:
+        monkeypatch.setattr(module, "draft_sample", lambda *args, **kwargs: None)  # the Python loop runs
     gen = SpeculativeGenerator(target, DraftModelDrafter(small_vocab[draft], k))
     fit = goodness_of_fit(sample_two_tokens(gen, PROMPT, N, **sampling), first, joint)
     assert fit.pvalue > 1e-3, f"chi-square p = {fit.pvalue:.2e}"
     assert fit.total_variation < 3 * fit.null_total_variation, fit
+    assert len(calls) >= N if one_call else not calls  # every sample drafted the way under test
 
 
 @pytest.mark.parametrize("draft,low,high", [("near", 0.2, 0.9), ("far", 0.005, 0.5)])

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers import needs_kernels, save_tiny_llama
+from helpers import needs_kernels, random_head, save_tiny_llama
 from specdec import SpeculativeGenerator, load_model
 from specdec.drafters import DraftContext, EagleDrafter, MedusaDrafter, TargetOutput
 from specdec.drafters.base import empty_proposal
@@ -21,19 +21,6 @@ from specdec.sampling import SamplingParams, logits_to_probs
 from specdec.train.heads import HeadTrainConfig, train_head
 
 PROMPTS = [[5], [1, 2, 3, 4, 5, 6, 7], [9, 40, 2, 2, 17, 80, 33, 61, 5, 5, 12]]
-
-
-def random_head(method: str, target: LoadedModel, seed: int, **settings):  # type: ignore[no-untyped-def]
-    """A head with random (not zero) weights, so that its drafts are sometimes right, often wrong."""
-    torch.manual_seed(seed)
-    head = new_head(method, target.config, **settings)
-    with torch.no_grad():
-        for name, p in head.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.1)
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
-    return head.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -220,9 +207,10 @@ def small_target(tmp_path_factory):
     return load_model(folder, dtype="float32")
 
 
-SAMPLING = [  # chain sampling (pick_tokens) is covered by test_early_exit.py
+SAMPLING = [  # the Python loop's chain sampling (pick_tokens) is covered by test_early_exit.py
     ("medusa", dict(num_draft_tokens=2, tree_width=3), dict(temperature=0.8, top_k=5)),
     ("eagle", dict(num_draft_tokens=3, tree_width=2), dict(temperature=1.0)),
+    ("eagle", dict(num_draft_tokens=3), dict(temperature=0.9, top_p=0.9)),  # the one-call chain (eagle_sample)
 ]
 
 

@@ -9,12 +9,11 @@ from collections import Counter
 import pytest
 import torch
 
-from helpers import needs_kernels, save_char_tokenizer, save_tiny_llama
+from helpers import needs_kernels, random_head, save_char_tokenizer, save_tiny_llama
 from specdec import SpeculativeGenerator, load_model
 from specdec.drafters import EagleDrafter, MedusaDrafter
 from specdec.drafters.draft_model import DraftModelDrafter
 from specdec.drafters.early_exit import EarlyExitDrafter
-from specdec.drafters.heads import new_head
 from specdec.drafters.staged import StagedDrafter
 from specdec.drafters.vocab import (
     DRAFT_VOCAB_FILE,
@@ -27,15 +26,6 @@ from specdec.drafters.vocab import (
 from specdec.losslessness import exact_two_token_joint, goodness_of_fit, sample_two_tokens
 from specdec.models import ModelLoadError
 from specdec.sampling import SamplingParams
-
-
-def random_head(method, target, seed, **settings):  # type: ignore[no-untyped-def]
-    torch.manual_seed(seed)
-    head = new_head(method, target.config, **settings)
-    with torch.no_grad():
-        for name, p in head.named_parameters():
-            p.normal_(0.0, 0.1) if p.dim() > 1 else p.fill_(1.0 if "norm" in name else 0.0)
-    return head.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

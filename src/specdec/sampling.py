@@ -74,3 +74,15 @@ def sample(
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # < total despite rounding
     tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)  # (R, n): first cdf > u
     return tokens.reshape(*probs.shape[:-1], n) if num_samples is not None else tokens.reshape(probs.shape[:-1])
+
+
+def spread_rows(probs: torch.Tensor, ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """Distributions ``(K, N)`` over a subset of the vocabulary (column ``r`` is token ``ids[r]``)
+    as distributions ``(K, V)`` over every token, zero outside the subset; ``ids`` None: the
+    columns are the vocabulary already."""
+    if ids is None:
+        return probs
+    full = probs.new_zeros(probs.shape[0], vocab_size)  # (K, V)
+    full[:, ids] = probs
+    return full
+

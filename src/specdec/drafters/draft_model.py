@@ -98,12 +98,20 @@ class DraftModelDrafter:
         if K <= 0:
             return empty_proposal(self.model.device)
         start = self.cache.lengths[0]
-        if ctx.sampling.greedy and self.tree_width == 1:
+        if self.tree_width == 1:  # the loop below in one call, where the kernels run
             feed = torch.as_tensor(ctx.token_ids[start:], device=self.model.device).reshape(1, -1)  # (1, T)
             vocab = self.draft_vocab.kernel_rows if self.draft_vocab is not None else None
-            drafts = self.model.module.draft_greedy(feed, start, K, self.cache, vocab)  # the loop below in one call
-            if drafts is not None:
-                return DraftProposal(drafts, None)  # (K,)
+            if ctx.sampling.greedy:
+                drafts = self.model.module.draft_greedy(feed, start, K, self.cache, vocab)
+                if drafts is not None:
+                    return DraftProposal(drafts, None)  # (K,)
+            else:
+                s = ctx.sampling
+                sampled = self.model.module.draft_sample(
+                    feed, start, K, self.cache, ctx.generator, s.temperature, s.top_k, s.top_p, vocab
+                )
+                if sampled is not None:
+                    return DraftProposal(*sampled)  # (K,), (K, V)
         logits = self._forward(ctx.token_ids[start:], start)
         if self.tree_width > 1:
             return self._propose_tree(ctx, K, logits)

@@ -124,13 +124,20 @@ class EagleDrafter:
         K = min(self.num_draft_tokens, ctx.max_draft_tokens)
         start = self.cache.lengths[0]
         next_tokens = torch.tensor(ctx.token_ids[start + 1 : n], device=device)  # (T,) x_{t+1}
-        if ctx.sampling.greedy and self.tree_width == 1:
-            drafts = self.head.draft_greedy(
-                next_tokens, self.features[start : n - 1], start, K, self.cache, *self._greedy_io
-            )  # the first step and the loop below in one call
-            if drafts is not None:
+        if self.tree_width == 1:  # the first step and the loop below in one call, where the kernels run
+            features = self.features[start : n - 1]
+            if ctx.sampling.greedy:
+                chain = self.head.draft_greedy(next_tokens, features, start, K, self.cache, *self._greedy_io)
+                proposal = DraftProposal(chain) if chain is not None else None  # (K,)
+            else:
+                sampled = self.head.draft_sample(
+                    next_tokens, features, start, K, self.cache, *self._greedy_io, ctx.sampling, ctx.generator,
+                    self.target.config.vocab_size,
+                )
+                proposal = DraftProposal(*sampled) if sampled is not None else None  # (K,), (K, V)
+            if proposal is not None:
                 self.cache.truncate(n - 1)
-                return DraftProposal(drafts)  # (K,)
+                return proposal
         feature = self._step(next_tokens, self.features[start : n - 1], start)  # (d,)
         if self.tree_width > 1:
             proposal = self._tree(feature, ctx, K)

@@ -42,7 +42,7 @@ from specdec.models.llama import (
     compact_copies,
     rope_inv_freq,
 )
-from specdec.sampling import SamplingParams, logits_to_probs, sample
+from specdec.sampling import SamplingParams, logits_to_probs, sample, spread_rows
 
 METHODS = ("early-exit", "medusa", "eagle")
 
@@ -173,6 +173,35 @@ class EagleHead(nn.Module):
             tokens, features, start, num_tokens, self.inv_freq, embed, fc, cache.k, cache.v, weights, head, ids,
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
         )  # fmt: skip
+
+    def draft_sample(
+        self,
+        tokens: torch.Tensor,  # (T,) x_{t+1} of entries start..
+        features: torch.Tensor,  # (T, d) f_t of those entries
+        start: int,
+        num_tokens: int,
+        cache: KVCache,
+        embed: torch.Tensor,  # (V, d) the target's embedding
+        rows: tuple[torch.Tensor | None, torch.Tensor],  # ((N,) ids or None, (N, d) lm_head rows)
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        vocab_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`draft_greedy` sampled: each draft is drawn (by inverse transform, with a uniform
+        from ``generator``) from the distribution ``sampling.logits_to_probs`` makes of its logits,
+        computed in C++. Returns the ``(K,)`` drafts and those ``(K, V)`` distributions (zero
+        outside the rows' ids), or None where the kernels do not apply."""
+        copies = self._kernel_copies(features[-1:])
+        if copies is None:
+            return None
+        cfg, (fc, weights), (ids, head) = self.config, copies, rows
+        uniforms = torch.rand(num_tokens, generator=generator, dtype=torch.float64)  # (K,)
+        drafts, probs = kernels.eagle_sample(
+            tokens, features, start, num_tokens, self.inv_freq, embed, fc, cache.k, cache.v, weights, head, ids,
+            uniforms, sampling.temperature, sampling.top_k or 0, 1.0 if sampling.top_p is None else sampling.top_p,
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
+        )  # fmt: skip
+        return drafts, spread_rows(probs, ids, vocab_size)
 
     def _kernel_copies(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:
         """``(fc weight, the layer's weights in kernels.decoder_layers' order)`` for the kernels,

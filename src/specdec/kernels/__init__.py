@@ -247,6 +247,36 @@ def draft_greedy(
     )  # fmt: skip
 
 
+def draft_sample(
+    tokens: torch.Tensor,  # (1, T)
+    start: int,
+    num_tokens: int,
+    inv_freq: torch.Tensor,  # (D/2,)
+    embed: torch.Tensor,  # (V, d)
+    k_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
+    v_cache: torch.Tensor,  # (L, 1, Hkv, S, D)
+    weights: list[torch.Tensor | None],
+    norm: torch.Tensor,  # (d,)
+    lm_head: torch.Tensor,  # (V, d), or (N, d): the rows of ids
+    ids: torch.Tensor | None,  # (N,) token id of each lm_head row or None
+    uniforms: torch.Tensor,  # (K,) float64 in [0, 1): one per draft
+    temperature: float,
+    top_k: int,  # 0: no cut
+    top_p: float,  # 1.0: no cut
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled chain drafting in one call (``Transformer.draft_sample``): ``(K,)`` int64 tokens and
+    the ``(K, N)`` float32 distributions over ``lm_head``'s rows they were drawn from."""
+    op = _state["op"]
+    return op.draft_sample(  # type: ignore[attr-defined,no-any-return]
+        tokens, start, num_tokens, inv_freq, embed, k_cache, v_cache, weights, norm, lm_head, ids, uniforms,
+        temperature, top_k, top_p, num_heads, num_kv_heads, head_dim, eps,
+    )  # fmt: skip
+
+
 def eagle_greedy(
     tokens: torch.Tensor,  # (T,) x_{t+1} of head entries start..
     features: torch.Tensor,  # (T, d) target features f_t of those entries
@@ -270,6 +300,37 @@ def eagle_greedy(
     return op.eagle_greedy(  # type: ignore[attr-defined,no-any-return]
         tokens, features, start, num_tokens, inv_freq, embed, fc, k_cache, v_cache, weights, lm_head, ids,
         num_heads, num_kv_heads, head_dim, eps,
+    )  # fmt: skip
+
+
+def eagle_sample(
+    tokens: torch.Tensor,  # (T,) x_{t+1} of head entries start..
+    features: torch.Tensor,  # (T, d) target features f_t of those entries
+    start: int,
+    num_tokens: int,
+    inv_freq: torch.Tensor,  # (D/2,)
+    embed: torch.Tensor,  # (V, d) the target's embedding
+    fc: torch.Tensor,  # (d, 2d)
+    k_cache: torch.Tensor,  # (1, 1, Hkv, S, D) the head's cache
+    v_cache: torch.Tensor,  # (1, 1, Hkv, S, D)
+    weights: list[torch.Tensor | None],  # the head layer's 7 weights
+    lm_head: torch.Tensor,  # (V, d), or (N, d): the rows of ids
+    ids: torch.Tensor | None,  # (N,) token id of each lm_head row or None
+    uniforms: torch.Tensor,  # (K,) float64 in [0, 1): one per draft
+    temperature: float,
+    top_k: int,  # 0: no cut
+    top_p: float,  # 1.0: no cut
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EAGLE's sampled chain in one call (``EagleHead.draft_sample``): ``(K,)`` int64 tokens and the
+    ``(K, N)`` float32 distributions over ``lm_head``'s rows they were drawn from."""
+    op = _state["op"]
+    return op.eagle_sample(  # type: ignore[attr-defined,no-any-return]
+        tokens, features, start, num_tokens, inv_freq, embed, fc, k_cache, v_cache, weights, lm_head, ids,
+        uniforms, temperature, top_k, top_p, num_heads, num_kv_heads, head_dim, eps,
     )  # fmt: skip
 
 

@@ -16,7 +16,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -476,6 +478,97 @@ c10::optional<at::Tensor> chain_mask(const at::Tensor& positions, int64_t pos, i
 
 }  // namespace
 
+namespace {
+
+// Feed `tokens` (1, T) at positions start.., then K times pick the next draft token from the last
+// logits with `pick(logits (N,) float32, i) -> lm_head row` and feed it, all but the last.
+template <typename Pick>
+at::Tensor draft_chain(const at::Tensor& tokens, int64_t start, int64_t K, const at::Tensor& inv_freq,
+                       const at::Tensor& embed, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const Weights& weights, const at::Tensor& norm, const at::Tensor& lm_head,
+                       const RowIds& row_ids, int64_t H, int64_t Hkv, int64_t D, double eps, Pick pick) {
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor drafts = at::empty({K}, i64);
+  at::Tensor feed = tokens.to(at::kLong);  // (1, T)
+  int64_t pos = start;
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t T = feed.size(1);
+    const at::Tensor positions = at::arange(pos, pos + T, i64).view({1, T});  // also the cache slots
+    const c10::optional<at::Tensor> mask = chain_mask(positions, pos, T);
+    const at::Tensor logits = std::get<0>(model_forward(feed, positions, inv_freq, embed, k_cache, v_cache, positions,
+                                                        mask, pos + T, weights, norm, lm_head, 1, H, Hkv, D, eps));
+    const int64_t next = row_ids.token(pick(logits.contiguous().data_ptr<float>(), i));
+    drafts.data_ptr<int64_t>()[i] = next;
+    pos += T;
+    feed = at::full({1, 1}, next, i64);
+  }
+  return drafts;
+}
+
+// p (N,) = the distribution sampling.logits_to_probs makes of `logits` (N,): divided by the
+// temperature, cut to the top_k largest (0: all; ties at the k-th value stay), softmax, then cut
+// to the smallest set of likeliest tokens whose probability reaches top_p (1: all), renormalised.
+void processed_probs(const float* logits, int64_t N, double temperature, int64_t top_k, double top_p, float* p) {
+  const float t = static_cast<float>(temperature);
+  std::vector<float> x(logits, logits + N);
+  for (float& v : x) v /= t;
+  float cut = -std::numeric_limits<float>::infinity();
+  if (top_k > 0 && top_k < N) {
+    std::vector<float> sorted(x);
+    std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1), sorted.end(), std::greater<float>());
+    cut = sorted[top_k - 1];
+  }
+  float peak = -std::numeric_limits<float>::infinity();
+  for (const float v : x)
+    if (v >= cut) peak = std::max(peak, v);
+  double total = 0.0;
+  for (int64_t j = 0; j < N; ++j) {
+    p[j] = x[j] >= cut ? std::exp(x[j] - peak) : 0.0f;
+    total += p[j];
+  }
+  for (int64_t j = 0; j < N; ++j) p[j] = static_cast<float>(p[j] / total);
+  if (top_p >= 1.0) return;
+  std::vector<int64_t> order(N);
+  for (int64_t j = 0; j < N; ++j) order[j] = j;
+  std::stable_sort(order.begin(), order.end(), [p](int64_t a, int64_t b) { return p[a] > p[b]; });
+  double before = 0.0;  // probability of the likelier tokens
+  total = 0.0;
+  for (const int64_t j : order) {
+    if (before >= top_p) {
+      p[j] = 0.0f;  // the likelier tokens already reach top_p (the first token always stays)
+    } else {
+      before += p[j];
+      total += p[j];
+    }
+  }
+  for (int64_t j = 0; j < N; ++j) p[j] = static_cast<float>(p[j] / total);
+}
+
+// The first row whose cumulative probability (double) exceeds u * total, u in [0, 1): a draw from
+// p by inverse transform, as sampling.sample does; a row of probability 0 is never drawn.
+int64_t inverse_cdf(const float* p, int64_t N, double u) {
+  double total = 0.0;
+  for (int64_t j = 0; j < N; ++j) total += p[j];
+  const double target = u * total;
+  double cumulative = 0.0;
+  for (int64_t j = 0; j < N; ++j) {
+    cumulative += p[j];
+    if (p[j] > 0.0f && cumulative > target) return j;
+  }
+  for (int64_t j = N - 1; j > 0; --j)  // rounding left target at the very end
+    if (p[j] > 0.0f) return j;
+  return 0;
+}
+
+void check_sampling(const at::Tensor& uniforms, int64_t K, double temperature, int64_t top_k, double top_p,
+                    const char* who) {
+  TORCH_CHECK(uniforms.dim() == 1 && uniforms.size(0) == K && uniforms.scalar_type() == at::kDouble, who,
+              ": K float64 uniforms");
+  TORCH_CHECK(temperature > 0.0 && top_k >= 0 && top_p > 0.0 && top_p <= 1.0, who, ": bad sampling parameters");
+}
+
+}  // namespace
+
 // Greedy chain drafting in one call (a draft model's propose): feed `tokens` (1, T) at positions
 // start.., then K times take the argmax of the last logits as the next draft token and feed it,
 // all but the last. The cache then holds start + T + K - 1 slots. Returns the K tokens (K,) int64.
@@ -487,23 +580,40 @@ at::Tensor draft_greedy(const at::Tensor& tokens, int64_t start, int64_t K, cons
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == 1 && tokens.size(1) >= 1 && K >= 1,
               "draft_greedy: one row of at least one token, K >= 1");
   const RowIds row_ids(ids, lm_head, "draft_greedy");
-  const auto i64 = at::TensorOptions().dtype(at::kLong);
-  at::Tensor drafts = at::empty({K}, i64);
-  at::Tensor feed = tokens.to(at::kLong);  // (1, T)
-  int64_t pos = start;
-  for (int64_t i = 0; i < K; ++i) {
-    const int64_t T = feed.size(1);
-    const at::Tensor positions = at::arange(pos, pos + T, i64).view({1, T});  // also the cache slots
-    const c10::optional<at::Tensor> mask = chain_mask(positions, pos, T);
-    const at::Tensor logits = std::get<0>(model_forward(feed, positions, inv_freq, embed, k_cache, v_cache, positions,
-                                                        mask, pos + T, weights, norm, lm_head, 1, H, Hkv, D, eps));
-    const int64_t row = logits.reshape({-1}).argmax().item<int64_t>();
-    const int64_t next = row_ids.token(row);
-    drafts.data_ptr<int64_t>()[i] = next;
-    pos += T;
-    feed = at::full({1, 1}, next, i64);
-  }
-  return drafts;
+  const int64_t N = lm_head.size(0);
+  return draft_chain(tokens, start, K, inv_freq, embed, k_cache, v_cache, weights, norm, lm_head, row_ids, H, Hkv,
+                     D, eps, [N](const float* logits, int64_t) {
+                       return static_cast<int64_t>(std::max_element(logits, logits + N) - logits);
+                     });
+}
+
+// The same chain sampled: draft i is drawn from the processed distribution of its logits
+// (processed_probs) with the uniform uniforms[i] (K,) float64. Returns the K tokens (K,) int64 and
+// the K distributions they were drawn from, (K, N) float32 over lm_head's rows.
+std::tuple<at::Tensor, at::Tensor> draft_sample(const at::Tensor& tokens, int64_t start, int64_t K,
+                                                const at::Tensor& inv_freq, const at::Tensor& embed,
+                                                const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                                const Weights& weights, const at::Tensor& norm,
+                                                const at::Tensor& lm_head, const c10::optional<at::Tensor>& ids,
+                                                const at::Tensor& uniforms, double temperature, int64_t top_k,
+                                                double top_p, int64_t H, int64_t Hkv, int64_t D, double eps) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == 1 && tokens.size(1) >= 1 && K >= 1,
+              "draft_sample: one row of at least one token, K >= 1");
+  check_sampling(uniforms, K, temperature, top_k, top_p, "draft_sample");
+  const RowIds row_ids(ids, lm_head, "draft_sample");
+  const int64_t N = lm_head.size(0);
+  at::Tensor probs = at::empty({K, N}, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor u = uniforms.contiguous();
+  float* rows = probs.data_ptr<float>();
+  const double* draws = u.data_ptr<double>();
+  const at::Tensor drafts = draft_chain(
+      tokens, start, K, inv_freq, embed, k_cache, v_cache, weights, norm, lm_head, row_ids, H, Hkv, D, eps,
+      [&](const float* logits, int64_t i) {
+        float* p = rows + i * N;
+        processed_probs(logits, N, temperature, top_k, top_p, p);
+        return inverse_cdf(p, N, draws[i]);
+      });
+  return {drafts, probs};
 }
 
 namespace {
@@ -516,24 +626,21 @@ at::Tensor stored_as(const at::Tensor& x, at::ScalarType dtype) {
 
 }  // namespace
 
-// EAGLE greedy chain in one call (EagleDrafter.propose): feed the head entries start.. built from
-// `tokens` (T,) (x_{t+1}) and the target's `features` (T, d) (f_t); then K times take the argmax
-// of lm_head(predicted feature of the last entry) as the next draft and feed (draft, that
-// feature), all but the last. An entry is fc(cat(embed(x), f)) (2d -> d) through one decoder
-// layer with the head's own cache (no final norm: its output is the predicted feature). Returns
-// the K tokens (K,) int64; the cache then holds start + T + K - 1 slots. ids as in draft_greedy.
-at::Tensor eagle_greedy(const at::Tensor& tokens, const at::Tensor& features, int64_t start, int64_t K,
-                        const at::Tensor& inv_freq, const at::Tensor& embed, const at::Tensor& fc,
-                        const at::Tensor& k_cache, const at::Tensor& v_cache, const Weights& weights,
-                        const at::Tensor& lm_head, const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv,
-                        int64_t D, double eps) {
+namespace {
+
+// EAGLE's chain, picking each draft with `pick(logits (N,) float32, i) -> lm_head row`.
+template <typename Pick>
+at::Tensor eagle_chain(const at::Tensor& tokens, const at::Tensor& features, int64_t start, int64_t K,
+                       const at::Tensor& inv_freq, const at::Tensor& embed, const at::Tensor& fc,
+                       const at::Tensor& k_cache, const at::Tensor& v_cache, const Weights& weights,
+                       const at::Tensor& lm_head, const RowIds& row_ids, int64_t H, int64_t Hkv, int64_t D,
+                       double eps, const char* who, Pick pick) {
   const int64_t d = embed.size(1);
-  TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) >= 1 && K >= 1, "eagle_greedy: at least one token, K >= 1");
-  TORCH_CHECK(features.dim() == 2 && features.size(0) == tokens.size(0) && features.size(1) == d,
-              "eagle_greedy: one feature (d,) per token");
-  TORCH_CHECK(fc.dim() == 2 && fc.size(0) == d && fc.size(1) == 2 * d, "eagle_greedy: fc must be (d, 2d)");
-  TORCH_CHECK(weights.size() == 7, "eagle_greedy: the weights of one decoder layer");
-  const RowIds row_ids(ids, lm_head, "eagle_greedy");
+  TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) >= 1 && K >= 1, who, ": at least one token, K >= 1");
+  TORCH_CHECK(features.dim() == 2 && features.size(0) == tokens.size(0) && features.size(1) == d, who,
+              ": one feature (d,) per token");
+  TORCH_CHECK(fc.dim() == 2 && fc.size(0) == d && fc.size(1) == 2 * d, who, ": fc must be (d, 2d)");
+  TORCH_CHECK(weights.size() == 7, who, ": the weights of one decoder layer");
   const at::ScalarType dtype = features.scalar_type();
   const auto i64 = at::TensorOptions().dtype(at::kLong), f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor drafts = at::empty({K}, i64);
@@ -554,13 +661,60 @@ at::Tensor eagle_greedy(const at::Tensor& tokens, const at::Tensor& features, in
     run_layers(h.data_ptr<float>(), s, d, positions, inv_freq, k_cache, v_cache, positions, mask, 0, 1, weights, eps);
     feat = stored_as(h.narrow(0, T - 1, 1), dtype);  // (1, d) the predicted feature
     linear(feat.data_ptr<float>(), 1, lm_head, c10::nullopt, logits.data_ptr<float>(), true);
-    const int64_t row = stored_as(logits, dtype).argmax().item<int64_t>();
-    const int64_t next = row_ids.token(row);
+    const at::Tensor rounded = stored_as(logits, dtype);  // the module path's logits, in its dtype
+    const int64_t next = row_ids.token(pick(rounded.data_ptr<float>(), i));
     drafts.data_ptr<int64_t>()[i] = next;
     pos += T;
     feed = at::full({1}, next, i64);
   }
   return drafts;
+}
+
+}  // namespace
+
+// EAGLE greedy chain in one call (EagleDrafter.propose): feed the head entries start.. built from
+// `tokens` (T,) (x_{t+1}) and the target's `features` (T, d) (f_t); then K times take the argmax
+// of lm_head(predicted feature of the last entry) as the next draft and feed (draft, that
+// feature), all but the last. An entry is fc(cat(embed(x), f)) (2d -> d) through one decoder
+// layer with the head's own cache (no final norm: its output is the predicted feature). Returns
+// the K tokens (K,) int64; the cache then holds start + T + K - 1 slots. ids as in draft_greedy.
+at::Tensor eagle_greedy(const at::Tensor& tokens, const at::Tensor& features, int64_t start, int64_t K,
+                        const at::Tensor& inv_freq, const at::Tensor& embed, const at::Tensor& fc,
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, const Weights& weights,
+                        const at::Tensor& lm_head, const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv,
+                        int64_t D, double eps) {
+  const RowIds row_ids(ids, lm_head, "eagle_greedy");
+  const int64_t N = lm_head.size(0);
+  return eagle_chain(tokens, features, start, K, inv_freq, embed, fc, k_cache, v_cache, weights, lm_head, row_ids, H,
+                     Hkv, D, eps, "eagle_greedy", [N](const float* logits, int64_t) {
+                       return static_cast<int64_t>(std::max_element(logits, logits + N) - logits);
+                     });
+}
+
+// The same chain sampled, as draft_sample samples a draft model's: returns the drafts (K,) int64
+// and the distributions (K, N) float32 over lm_head's rows they were drawn from.
+std::tuple<at::Tensor, at::Tensor> eagle_sample(const at::Tensor& tokens, const at::Tensor& features, int64_t start,
+                                                int64_t K, const at::Tensor& inv_freq, const at::Tensor& embed,
+                                                const at::Tensor& fc, const at::Tensor& k_cache,
+                                                const at::Tensor& v_cache, const Weights& weights,
+                                                const at::Tensor& lm_head, const c10::optional<at::Tensor>& ids,
+                                                const at::Tensor& uniforms, double temperature, int64_t top_k,
+                                                double top_p, int64_t H, int64_t Hkv, int64_t D, double eps) {
+  check_sampling(uniforms, K, temperature, top_k, top_p, "eagle_sample");
+  const RowIds row_ids(ids, lm_head, "eagle_sample");
+  const int64_t N = lm_head.size(0);
+  at::Tensor probs = at::empty({K, N}, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor u = uniforms.contiguous();
+  float* rows = probs.data_ptr<float>();
+  const double* draws = u.data_ptr<double>();
+  const at::Tensor drafts = eagle_chain(
+      tokens, features, start, K, inv_freq, embed, fc, k_cache, v_cache, weights, lm_head, row_ids, H, Hkv, D, eps,
+      "eagle_sample", [&](const float* logits, int64_t i) {
+        float* p = rows + i * N;
+        processed_probs(logits, N, temperature, top_k, top_p, p);
+        return inverse_cdf(p, N, draws[i]);
+      });
+  return {drafts, probs};
 }
 
 // Early-exit greedy chain in one call (EarlyExitDrafter.propose): feed `tokens` (T,) at positions

@@ -25,11 +25,27 @@ at::Tensor draft_greedy(const at::Tensor& tokens, int64_t start, int64_t K, cons
                         const at::Tensor& lm_head, const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv,
                         int64_t D, double eps);
 
+std::tuple<at::Tensor, at::Tensor> draft_sample(const at::Tensor& tokens, int64_t start, int64_t K,
+                                                const at::Tensor& inv_freq, const at::Tensor& embed,
+                                                const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                                const c10::List<c10::optional<at::Tensor>>& weights,
+                                                const at::Tensor& norm, const at::Tensor& lm_head,
+                                                const c10::optional<at::Tensor>& ids, const at::Tensor& uniforms,
+                                                double temperature, int64_t top_k, double top_p, int64_t H,
+                                                int64_t Hkv, int64_t D, double eps);
+
 at::Tensor eagle_greedy(const at::Tensor& tokens, const at::Tensor& features, int64_t start, int64_t K,
                         const at::Tensor& inv_freq, const at::Tensor& embed, const at::Tensor& fc,
                         const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const c10::List<c10::optional<at::Tensor>>& weights, const at::Tensor& lm_head,
                         const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv, int64_t D, double eps);
+
+std::tuple<at::Tensor, at::Tensor> eagle_sample(
+    const at::Tensor& tokens, const at::Tensor& features, int64_t start, int64_t K, const at::Tensor& inv_freq,
+    const at::Tensor& embed, const at::Tensor& fc, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const c10::List<c10::optional<at::Tensor>>& weights, const at::Tensor& lm_head,
+    const c10::optional<at::Tensor>& ids, const at::Tensor& uniforms, double temperature, int64_t top_k,
+    double top_p, int64_t H, int64_t Hkv, int64_t D, double eps);
 
 std::tuple<at::Tensor, at::Tensor> exit_greedy(const at::Tensor& tokens, int64_t start, int64_t K,
                                                const at::Tensor& inv_freq, const at::Tensor& embed,

@@ -61,9 +61,17 @@ TORCH_LIBRARY(specdec, m) {
       "draft_greedy(Tensor tokens, int start, int K, Tensor inv_freq, Tensor embed, Tensor k_cache, Tensor v_cache, "
       "Tensor?[] weights, Tensor norm, Tensor lm_head, Tensor? ids, int H, int Hkv, int D, float eps) -> Tensor");
   m.def(
+      "draft_sample(Tensor tokens, int start, int K, Tensor inv_freq, Tensor embed, Tensor k_cache, Tensor v_cache, "
+      "Tensor?[] weights, Tensor norm, Tensor lm_head, Tensor? ids, Tensor uniforms, float temperature, int top_k, "
+      "float top_p, int H, int Hkv, int D, float eps) -> (Tensor, Tensor)");
+  m.def(
       "eagle_greedy(Tensor tokens, Tensor features, int start, int K, Tensor inv_freq, Tensor embed, Tensor fc, "
       "Tensor k_cache, Tensor v_cache, Tensor?[] weights, Tensor lm_head, Tensor? ids, int H, int Hkv, int D, "
       "float eps) -> Tensor");
+  m.def(
+      "eagle_sample(Tensor tokens, Tensor features, int start, int K, Tensor inv_freq, Tensor embed, Tensor fc, "
+      "Tensor k_cache, Tensor v_cache, Tensor?[] weights, Tensor lm_head, Tensor? ids, Tensor uniforms, "
+      "float temperature, int top_k, float top_p, int H, int Hkv, int D, float eps) -> (Tensor, Tensor)");
   m.def(
       "exit_greedy(Tensor tokens, int start, int K, Tensor inv_freq, Tensor embed, Tensor k_cache, Tensor v_cache, "
       "Tensor?[] weights, int num_layers, Tensor exit_norm, Tensor exit_proj, Tensor lm_head, Tensor? ids, int H, "
@@ -76,6 +84,8 @@ TORCH_LIBRARY_IMPL(specdec, CPU, m) {
   m.impl("decoder_layers", &specdec::decoder_layers);
   m.impl("model_forward", &specdec::model_forward);
   m.impl("draft_greedy", &specdec::draft_greedy);
+  m.impl("draft_sample", &specdec::draft_sample);
   m.impl("eagle_greedy", &specdec::eagle_greedy);
+  m.impl("eagle_sample", &specdec::eagle_sample);
   m.impl("exit_greedy", &specdec::exit_greedy);
 }
