@@ -218,3 +218,41 @@ def test_drafters_bench_with_a_reduced_draft_vocabulary(target_path: Path, good_
     capsys.readouterr()
     assert main([*argv, "--methods", "plain,eagle", "--draft-vocab", "-2"]) == 2
     assert "--draft-vocab must be >= 0" in capsys.readouterr().err
+
+
+def test_sampled_bench_uses_the_same_seeds_and_claims_no_identity(
+    target_path: Path, good_draft_path: Path, tmp_path: Path
+) -> None:
+    """``--temperature``: every method samples with the same seeds; outputs are not compared token
+    for token (they follow the target's distribution), and plain decoding's own repeat runs with
+    a prompt's seeds differ from each other (it really samples)."""
+    from specdec.bench.methods import build_method
+    from specdec.bench.runner import BenchConfig
+    from specdec.models import load_model
+    from specdec.sampling import SamplingParams
+
+    out = tmp_path / "sampled"
+    argv = ["bench", "--quick", "--threads", "1", "--no-progress", "--out", str(out), "--temperature", "0.9"]
+    argv += ["--top-p", "0.95", "--target", str(target_path), "--draft", str(good_draft_path)]
+    assert main(argv + ["--methods", "hf,plain,draft"]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert data["config"]["sampling"] == {"temperature": 0.9, "top_k": None, "top_p": 0.95}
+    for row in data["rows"]:
+        assert row["error"] is None and row["tokens_per_s"] > 0
+        assert row["identical"] is None and row["identical_fraction"] is None
+    assert "sampled at temperature 0.9, top-p 0.95" in (out / "bench.md").read_text()
+
+    target = load_model(target_path, dtype="float32")
+    plain = build_method("plain", target, str(good_draft_path), 4, {})
+    sampling = SamplingParams(0.9, top_p=0.95)
+    first = plain.generate([1, 2, 3], 24, sampling, seed=7).token_ids
+    assert plain.generate([1, 2, 3], 24, sampling, seed=7).token_ids == first
+    assert any(plain.generate([1, 2, 3], 24, sampling, seed=s).token_ids != first for s in range(8, 12))
+    assert BenchConfig().greedy  # Spec-Bench's setting stays the default
+
+
+def test_bad_sampling_options_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--temperature", "-1"]) == 2
+    assert main(["bench", "--quick", "--temperature", "0.7", "--top-p", "1.5"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "temperature must be >= 0" in err[0] and "top_p must be in (0, 1]" in err[1]

@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs per prompt (median is kept)")
     p.add_argument("--num-draft-tokens", "-k", type=int, default=4, help="K of the fixed-K drafters")
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="every drafter but ngram: score drafts over the N most frequent tokens of the target's draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); > 0: sampled, the same seeds for every method")
+    p.add_argument("--top-k", type=int, default=None, help="sampling: keep the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sampling: keep the likeliest tokens up to this probability")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -108,6 +111,7 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from specdec.bench.methods import available_methods, parse_method
     from specdec.bench.runner import BenchConfig
     from specdec.bench.tasks import TASKS, read_prompt_file
+    from specdec.sampling import SamplingParams
 
     if args.quick:
         args.num_prompts, args.runs = QUICK["num_prompts"], QUICK["runs"]
@@ -119,6 +123,10 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.draft_vocab is not None and args.draft_vocab < 0:
         raise UserError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
+    try:
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     methods = available_methods() if args.methods == "all" else _csv(args.methods)
     tasks = _csv(args.tasks)
     try:
@@ -148,6 +156,7 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         dtype=args.dtype,
         device=args.device,
         prompts_file=None if args.prompts is None else str(args.prompts),
+        sampling=sampling,
     )
 
 

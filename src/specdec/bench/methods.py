@@ -23,6 +23,9 @@ import torch
 from specdec.drafters.registry import DRAFTERS, DrafterSpec, make_drafter
 from specdec.engine import SpecStats, SpeculativeGenerator
 from specdec.models.loading import LoadedModel
+from specdec.sampling import SamplingParams
+
+GREEDY = SamplingParams()
 
 HF_METHODS = ("hf", "hf-assisted")
 
@@ -40,7 +43,9 @@ class Run:
 class Method(Protocol):
     name: str
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Run: ...
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams = GREEDY, seed: int = 0
+    ) -> Run: ...
 
 
 class SpecdecMethod:
@@ -48,9 +53,14 @@ class SpecdecMethod:
         self.name = name
         self.generator = generator
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams = GREEDY, seed: int = 0
+    ) -> Run:
         start, cpu = time.perf_counter(), time.process_time()
-        out = self.generator.generate(prompt_ids, max_new_tokens=max_new_tokens, ignore_eos=True)
+        out = self.generator.generate(
+            prompt_ids, max_new_tokens=max_new_tokens, ignore_eos=True, seed=seed, temperature=sampling.temperature,
+            top_k=sampling.top_k, top_p=sampling.top_p,
+        )  # fmt: skip
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         return Run(out.token_ids, wall, cpu, out.stats)
 
@@ -64,15 +74,20 @@ class HFMethod:
         self.assistant = assistant
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams = GREEDY, seed: int = 0
+    ) -> Run:
         ids = torch.tensor([prompt_ids], device=self.model.device)  # (1, T)
         kwargs = dict(
             attention_mask=torch.ones_like(ids),
-            do_sample=False,
+            do_sample=not sampling.greedy,
             max_new_tokens=max_new_tokens,
             eos_token_id=None,
             pad_token_id=0,
         )
+        if not sampling.greedy:  # our processing: no top-k / top-p unless asked (HF's default top-k is 50)
+            kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p or 1.0)
+            torch.manual_seed(seed)  # HF samples from torch's global generators
         if self.assistant is not None:
             kwargs["assistant_model"] = self.assistant
         start, cpu = time.perf_counter(), time.process_time()

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from specdec.bench.runner import BenchResult, Row
+from specdec.bench.runner import BenchConfig, BenchResult, Row
 
 
 def to_dict(result: BenchResult) -> dict[str, Any]:
@@ -26,6 +26,15 @@ def _split(row: Row) -> str:
         return "–"
     parts = (row.time_split.get(k, 0.0) * 100 for k in ("prefill", "draft", "verify", "overhead"))
     return " / ".join(f"{p:.0f}" for p in parts)
+
+
+def decoding(config: BenchConfig) -> str:
+    """``greedy``, or the sampling settings of a sampled run."""
+    s = config.sampling
+    if s.greedy:
+        return "greedy"
+    cuts = (f", top-k {s.top_k}" if s.top_k else "") + (f", top-p {s.top_p}" if s.top_p else "")
+    return f"sampled at temperature {s.temperature}{cuts}"
 
 
 def _identical(row: Row) -> str:
@@ -68,7 +77,7 @@ def to_markdown(result: BenchResult) -> str:
         + (f" · kernels: {m['kernels']}" if "kernels" in m else ""),
         f"target {Path(target.get('path', c.target)).name} ({target.get('parameters', 0) / 1e6:.1f}M), "
         f"draft {Path(draft.get('path', c.draft)).name} ({draft.get('parameters', 0) / 1e6:.1f}M), "
-        f"{m['dtype']}, greedy, batch 1, "
+        f"{m['dtype']}, {decoding(c)}, batch 1, "
         + (f"prompts of {Path(c.prompts_file).name}" if c.prompts_file else f"{c.num_prompts} prompts/task")
         + f", median of {c.runs} runs, "
         f"K = {c.num_draft_tokens} unless NAME@K (NAME@KxW: tree of width W).",
@@ -93,7 +102,7 @@ def plot(result: BenchResult, path: Path) -> None:
     methods = [m for m in dict.fromkeys(r.method for r in rows) if m != "plain"]
     baselines = [("speedup_vs_plain", "plain decoding")]
     if any(r.speedup_vs_hf for r in rows):
-        baselines.append(("speedup_vs_hf", "HF generate (greedy)"))
+        baselines.append(("speedup_vs_hf", f"HF generate ({decoding(result.config)})"))
     fig, axes = plt.subplots(1, len(baselines), figsize=(6 * len(baselines), 3.8), squeeze=False)
     width = 0.8 / max(len(methods), 1)
     cell = {(r.task, r.method): r for r in rows}
@@ -108,7 +117,9 @@ def plot(result: BenchResult, path: Path) -> None:
         ax.set_title(f"new tokens/s ÷ {label}")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(methods), 6), fontsize="small")
-    fig.suptitle(f"{result.meta['dtype']}, greedy, batch 1 — {result.meta['date_utc']} UTC", fontsize="small")
+    fig.suptitle(
+        f"{result.meta['dtype']}, {decoding(result.config)}, batch 1 — {result.meta['date_utc']} UTC", fontsize="small"
+    )
     rows_of_legend = -(-len(methods) // 6)
     fig.tight_layout(rect=(0, 0.05 * rows_of_legend + 0.02, 1, 1))
     fig.savefig(path, dpi=110)

@@ -1,6 +1,7 @@
 """Run every method on every prompt of every task, the Spec-Bench way (Xia et al. 2024).
 
-Greedy, batch 1, the same prompts for every method. Each method is warmed up once, then
+Greedy (or, with ``sampling``, sampled with the same seeds for every method), batch 1, the
+same prompts for every method. Each method is warmed up once, then
 each prompt is generated ``runs`` times; a prompt's time is the median of its runs. Methods
 are interleaved per prompt and run so that load from other processes hits them alike.
 Throughput is new tokens / wall time of the whole ``generate`` call (prefill included), the
@@ -9,7 +10,8 @@ wall clock also counts time the process waited for a core; with one torch thread
 CPU time does not, so every figure is also given on CPU time (``cpu_*`` fields).
 
 ``plain`` is always run: it is the speed-up baseline and its first run's tokens are the
-reference of the identical-output check.
+reference of the identical-output check (greedy only: sampled outputs follow the target's
+distribution, which the losslessness tests check, but are not equal token for token).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from specdec.bench.tasks import Task, build_tasks, prompt_file_tasks, read_promp
 from specdec.engine import SpecStats
 from specdec.models import ModelConfig, ModelLoadError, load_model
 from specdec.models.loading import LoadedModel, resolve_path
+from specdec.sampling import SamplingParams
 
 BASELINES = ("plain", "hf")
 WARMUP_TOKENS = 16
@@ -48,6 +51,11 @@ class BenchConfig:
     dtype: str = "auto"
     device: str = "cpu"
     prompts_file: str | None = None  # your own prompts instead of ``tasks`` (tasks.read_prompt_file)
+    sampling: SamplingParams = SamplingParams()  # greedy (Spec-Bench's setting) unless asked
+
+    @property
+    def greedy(self) -> bool:
+        return self.sampling.greedy
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,7 @@ class Row:
     acceptance_rate: float | None = None
     mean_draft_len: float | None = None  # draft tokens per verify pass (K actually used)
     time_split: dict[str, float] = field(default_factory=dict)  # fraction of generate time
-    identical: bool | None = None  # every prompt's tokens equal plain greedy's
+    identical: bool | None = None  # every prompt's tokens equal plain greedy's (None when sampling)
     identical_fraction: float | None = None
     error: str | None = None
 
@@ -146,13 +154,15 @@ class _Cell:
     error: str | None = None
 
 
-def _summarise(task: Task, method: str, cell: _Cell, reference: dict[int, list[int]]) -> Row:
+def _summarise(task: Task, method: str, cell: _Cell, reference: dict[int, list[int]] | None) -> Row:
+    """``reference``: plain decoding's tokens per prompt (greedy), or None (sampled outputs are
+    distributed as the target's, not equal token for token)."""
     if cell.error is not None or not cell.runs:
         return Row(task.name, method, error=cell.error or "no runs")
     new_tokens = sum(len(runs[0].token_ids) for runs in cell.runs.values())
     wall = sum(statistics.median(r.wall_s for r in runs) for runs in cell.runs.values())
     cpu = sum(statistics.median(r.cpu_s for r in runs) for runs in cell.runs.values())
-    same = [cell.runs[i][0].token_ids == reference[i] for i in cell.runs]
+    same = [cell.runs[i][0].token_ids == reference[i] for i in cell.runs] if reference is not None else []
     stats = [r.stats for runs in cell.runs.values() for r in runs if r.stats is not None]
     tau = acceptance = draft_len = None
     split: dict[str, float] = {}
@@ -187,8 +197,8 @@ def _summarise(task: Task, method: str, cell: _Cell, reference: dict[int, list[i
         acceptance_rate=acceptance,
         mean_draft_len=draft_len,
         time_split=split,
-        identical=all(same),
-        identical_fraction=sum(same) / len(same),
+        identical=all(same) if same else None,
+        identical_fraction=sum(same) / len(same) if same else None,
     )
 
 
@@ -235,8 +245,8 @@ def _overall(task_rows: list[Row], methods: list[str]) -> list[Row]:
                 wall_s=wall,
                 cpu_s=cpu,
                 tokens_per_s=tokens / wall if wall > 0 else None,
-                identical=all(r.identical for r in mine),
-                identical_fraction=sum(identical) / prompts if prompts else None,
+                identical=all(r.identical for r in mine) if identical else None,
+                identical_fraction=sum(identical) / prompts if prompts and identical else None,
             )
         )
     return rows
@@ -272,7 +282,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     first = list(tasks[0].prompts[0])
     for name, method in list(built.items()):
         try:
-            method.generate(first, WARMUP_TOKENS)
+            method.generate(first, WARMUP_TOKENS, config.sampling)
         except Exception as e:
             errors[name] = f"{type(e).__name__}: {e}"
             del built[name]
@@ -284,7 +294,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
         cells = {name: _Cell(error=errors.get(name)) for name in methods}
         reference: dict[int, list[int]] = {}
         for i, prompt in enumerate(task.prompts):
-            for _ in range(config.runs):
+            for r in range(config.runs):
+                seed = 1000 * i + r  # the same seeds for every method
                 for name, method in built.items():
                     cell = cells[name]
                     bar.update(1)
@@ -292,13 +303,14 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
                         continue
                     bar.set_postfix_str(f"{task.name}/{name}")
                     try:
-                        run = method.generate(list(prompt), task.max_new_tokens)
+                        run = method.generate(list(prompt), task.max_new_tokens, config.sampling, seed)
                     except Exception as e:
                         cell.error = f"{type(e).__name__}: {e}"
                         continue
                     cell.runs.setdefault(i, []).append(run)
                     reference.setdefault(i, run.token_ids)  # plain runs first
-        rows += [_summarise(task, name, cells[name], reference) for name in methods]
+        reference_or_none = reference if config.greedy else None
+        rows += [_summarise(task, name, cells[name], reference_or_none) for name in methods]
     bar.close()
     rows = _with_speedups(rows + _overall(rows, methods))
     meta = machine_info()
