@@ -95,8 +95,15 @@ def test_exit_layer_must_leave_layers_to_skip(target):
         EarlyExitDrafter(target, exit_head(target, 1), 0)
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "loop"])
 @pytest.mark.parametrize("sampling", [dict(temperature=1.2, top_p=0.85)])
-def test_sampling_matches_exact_target_distribution(tmp_path, sampling):
+def test_sampling_matches_exact_target_distribution(tmp_path, sampling, one_call, monkeypatch):
+    """Both ways of sampling the chain: one C++ call (exit_sample) and the Python loop
+    (pick_tokens, which the other head drafters' loops use too)."""
+    if one_call:
+        needs_kernels()
+    else:
+        monkeypatch.setattr(EarlyExitDrafter, "_one_call", lambda self: False)
     folder = save_tiny_llama(
         tmp_path / "t", vocab_size=10, hidden_size=32, num_layers=3, init_std=0.6, seed=3
     )
@@ -145,13 +152,15 @@ def test_verify_pass_reusing_the_drafters_layers_gives_the_full_pass_bit_for_bit
     assert mine.reused is None and torch.equal(mine.tokens, proposal.tokens)
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("subset", [False, True], ids=["full-vocab", "draft-vocab"])
 @pytest.mark.parametrize("shared", [True, False], ids=["target-cache", "own-cache"])
-def test_greedy_chain_in_one_call_proposes_what_the_python_loop_proposes(target, shared, subset, monkeypatch):
-    # Greedy chains run in one C++ call (kernels.exit_greedy) on a float32 target: step by step
-    # through whole generations they must propose the Python loop's drafts and hand the verify
-    # pass the same layer-L states, with the target's cache or one of the drafter's own (the
-    # server's way: no cache in TargetOutput), over the full or a reduced vocabulary.
+def test_chain_in_one_call_proposes_what_the_python_loop_proposes(target, shared, subset, sampled, monkeypatch):
+    # Chains run in one C++ call (kernels.exit_greedy, kernels.exit_sample) on a float32 target:
+    # step by step through whole (seeded) generations they must propose the Python loop's drafts
+    # (sampled: with its distributions) and hand the verify pass the same layer-L states, with
+    # the target's cache or one of the drafter's own (the server's way: no cache in
+    # TargetOutput), over the full or a reduced vocabulary.
     from specdec.drafters.vocab import DraftVocab
     from specdec.engine import generator
 
@@ -168,16 +177,19 @@ def test_greedy_chain_in_one_call_proposes_what_the_python_loop_proposes(target,
         def record(ctx):  # type: ignore[no-untyped-def]
             proposal = propose(ctx)
             seen.append((proposal.tokens.tolist(), proposal.reused.hidden if proposal.reused else None))
+            probs.append(proposal.draft_probs)
             return proposal
 
         drafter.propose = record  # type: ignore[method-assign]
-        for prompt in [*PROMPTS[1:], [(7 * i) % 90 + 1 for i in range(40)]]:
-            SpeculativeGenerator(target, drafter).generate(prompt, max_new_tokens=24)
+        for seed, prompt in enumerate([*PROMPTS[1:], [(7 * i) % 90 + 1 for i in range(40)]]):
+            SpeculativeGenerator(target, drafter).generate(prompt, max_new_tokens=24, seed=seed, **sampling)
         return seen
 
-    calls = []
-    one_call = kernels.exit_greedy
-    monkeypatch.setattr(kernels, "exit_greedy", lambda *args: calls.append(1) or one_call(*args))
+    sampling = dict(temperature=0.8, top_k=50, top_p=0.95) if sampled else {}
+    calls, probs = [], []
+    name = "exit_sample" if sampled else "exit_greedy"
+    one_call = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *args: calls.append(1) or one_call(*args))
     got = proposals()
     assert len(calls) == len(got) >= 3 * 5
     with monkeypatch.context() as patch:
@@ -187,5 +199,10 @@ def test_greedy_chain_in_one_call_proposes_what_the_python_loop_proposes(target,
     for (_, mine), (_, theirs) in zip(got, want, strict=True):
         assert (mine is None) == (theirs is None) == (not shared)
         assert mine is None or torch.equal(mine, theirs)
+    got_probs, want_probs = probs[: len(got)], probs[len(got) :]
+    for q_got, q_want in zip(got_probs, want_probs, strict=True):
+        assert (q_got is None) == (q_want is None) == (not sampled)
+        if sampled:
+            torch.testing.assert_close(q_got, q_want, atol=1e-5, rtol=1e-4)
     if subset:
         assert all(t % 3 == 0 for tokens, _ in got for t in tokens)

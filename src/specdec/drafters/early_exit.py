@@ -44,6 +44,7 @@ from specdec.drafters.base import (
 from specdec.drafters.heads import ExitHead, pick_tokens, resolve_head
 from specdec.drafters.vocab import DraftVocab, head_rows, projector, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
+from specdec.sampling import spread_rows
 from specdec.verify.chain import VerifyResult
 
 
@@ -110,10 +111,10 @@ class EarlyExitDrafter:
         if K <= 0:
             return empty_proposal(self.target.device)
         start = self.cache.lengths[0]  # shared: n - 1, the pending token is fed alone
-        if ctx.sampling.greedy and self._one_call():
-            drafts, states = self._greedy_chain(ctx.token_ids[start:], start, K)  # the loop below in one call
+        if self._one_call():
+            drafts, states, probs = self._chain(ctx, start, K)  # the loop below in one call
             reused = ReusedLayers(self.exit_layer, states) if self._shared else None  # (K, d)
-            return DraftProposal(drafts, None, reused=reused)  # (K,)
+            return DraftProposal(drafts, probs, reused=reused)  # (K,), (K, V) or None
         logits, state = self._forward(ctx.token_ids[start:], start)  # (V,), (d,)
         tokens, probs, states = [], [], [state]
         for i in range(K):
@@ -132,25 +133,33 @@ class EarlyExitDrafter:
         )
 
     def _one_call(self) -> bool:
-        """Whether the greedy chain runs in one C++ call (``kernels.exit_greedy``): a float32
-        target on the one-call forward, whose exit head is computed in float32 as well."""
+        """Whether the chain runs in one C++ call (``kernels.exit_greedy`` / ``exit_sample``): a
+        float32 target on the one-call forward, whose exit head is computed in float32 as well."""
         return self.target.dtype == torch.float32 and self.target.module.reuses_layers()
 
     @torch.inference_mode()
-    def _greedy_chain(self, token_ids: list[int], start: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(K,)`` greedy drafts and the ``(K, d)`` layer-L states of the tokens fed at each step."""
-        module, cfg, head = self.target.module, self.target.config, self.head
+    def _chain(self, ctx: DraftContext, start: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(K,)`` drafts, the ``(K, d)`` layer-L states of the tokens fed at each step and, when
+        sampling, the ``(K, V)`` distributions the drafts were drawn from (None when greedy)."""
+        module, cfg, head, s = self.target.module, self.target.config, self.head, ctx.sampling
         embed = module._kernel_io[0]  # type: ignore[index]
         ids, rows = head_rows(self.target, self.draft_vocab)
+        token_ids = ctx.token_ids[start:]
         tokens = torch.as_tensor(token_ids, device=self.target.device)  # (T,)
-        drafts, states = kernels.exit_greedy(
-            tokens, start, K, module.inv_freq, embed, self.cache.k, self.cache.v, module._layer_weights,
-            self.exit_layer, head.norm.weight, head.proj.weight, rows, ids, cfg.num_attention_heads,
-            cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
-        )  # fmt: skip
+        common = (tokens, start, K, module.inv_freq, embed, self.cache.k, self.cache.v, module._layer_weights,
+                  self.exit_layer, head.norm.weight, head.proj.weight, rows, ids)  # fmt: skip
+        shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
+        probs = None
+        if s.greedy:
+            drafts, states = kernels.exit_greedy(*common, *shape)
+        else:
+            uniforms = torch.rand(K, generator=ctx.generator, dtype=torch.float64)  # (K,)
+            top_k, top_p = s.top_k or 0, 1.0 if s.top_p is None else s.top_p
+            drafts, states, subset_probs = kernels.exit_sample(*common, uniforms, s.temperature, top_k, top_p, *shape)
+            probs = spread_rows(subset_probs, ids, cfg.vocab_size)  # (K, V)
         if not self._shared:  # (the engine keeps the length of its own cache)
             self.cache.truncate(start + len(token_ids) + K - 1)
-        return drafts, states
+        return drafts, states, probs
 
     def on_verified(self, result: VerifyResult) -> None:
         if self._proposed and not self._shared:  # (shared: the engine has rolled its cache back)

@@ -360,3 +360,37 @@ def exit_greedy(
         tokens, start, num_tokens, inv_freq, embed, k_cache, v_cache, weights, num_layers, exit_norm, exit_proj,
         lm_head, ids, num_heads, num_kv_heads, head_dim, eps,
     )  # fmt: skip
+
+
+def exit_sample(
+    tokens: torch.Tensor,  # (T,)
+    start: int,
+    num_tokens: int,
+    inv_freq: torch.Tensor,  # (D/2,)
+    embed: torch.Tensor,  # (V, d)
+    k_cache: torch.Tensor,  # (L', 1, Hkv, S, D)
+    v_cache: torch.Tensor,  # (L', 1, Hkv, S, D)
+    weights: list[torch.Tensor | None],  # the target's, 7 per layer
+    num_layers: int,
+    exit_norm: torch.Tensor,  # (d,)
+    exit_proj: torch.Tensor,  # (d, d)
+    lm_head: torch.Tensor,  # (V, d), or (N, d): the rows of ids
+    ids: torch.Tensor | None,  # (N,) token id of each lm_head row or None
+    uniforms: torch.Tensor,  # (K,) float64 in [0, 1): one per draft
+    temperature: float,
+    top_k: int,  # 0: no cut
+    top_p: float,  # 1.0: no cut
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Early exit's sampled chain in one call: ``(K,)`` int64 drafts, the ``(K, d)`` layer-L
+    states of the tokens fed (as :func:`exit_greedy`) and the ``(K, N)`` float32 distributions
+    over ``lm_head``'s rows the drafts were drawn from."""
+    op = _state["op"]
+    return op.exit_sample(  # type: ignore[attr-defined,no-any-return]
+        tokens, start, num_tokens, inv_freq, embed, k_cache, v_cache, weights, num_layers, exit_norm, exit_proj,
+        lm_head, ids, uniforms, temperature, top_k, top_p, num_heads, num_kv_heads, head_dim, eps,
+    )  # fmt: skip
+

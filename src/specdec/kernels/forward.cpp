@@ -724,19 +724,22 @@ std::tuple<at::Tensor, at::Tensor> eagle_sample(const at::Tensor& tokens, const 
 // start + T + K - 1 slots. Returns the drafts (K,) int64 and the layer-L state of the last token
 // fed at each step (K, d) float32 (the pending token's, then the drafts' but the last), which
 // the verify pass can continue from. ids as in draft_greedy.
-std::tuple<at::Tensor, at::Tensor> exit_greedy(const at::Tensor& tokens, int64_t start, int64_t K,
-                                               const at::Tensor& inv_freq, const at::Tensor& embed,
-                                               const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                               const Weights& weights, int64_t num_layers, const at::Tensor& exit_norm,
-                                               const at::Tensor& exit_proj, const at::Tensor& lm_head,
-                                               const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv, int64_t D,
-                                               double eps) {
+namespace {
+
+// Early exit's chain, picking each draft with `pick(logits (N,) float32, i) -> lm_head row`.
+template <typename Pick>
+std::tuple<at::Tensor, at::Tensor> exit_chain(const at::Tensor& tokens, int64_t start, int64_t K,
+                                              const at::Tensor& inv_freq, const at::Tensor& embed,
+                                              const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                              const Weights& weights, int64_t num_layers, const at::Tensor& exit_norm,
+                                              const at::Tensor& exit_proj, const at::Tensor& lm_head,
+                                              const RowIds& row_ids, int64_t H, int64_t Hkv, int64_t D, double eps,
+                                              const char* who, Pick pick) {
   const int64_t d = embed.size(1);
-  TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) >= 1 && K >= 1, "exit_greedy: at least one token, K >= 1");
-  TORCH_CHECK(num_layers >= 1 && 7 * num_layers <= static_cast<int64_t>(weights.size()),
-              "exit_greedy: num_layers must be in 1..the model's layers");
-  TORCH_CHECK(exit_proj.dim() == 2 && exit_proj.size(0) == d && exit_proj.size(1) == d, "exit_greedy: proj must be (d, d)");
-  const RowIds row_ids(ids, lm_head, "exit_greedy");
+  TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) >= 1 && K >= 1, who, ": at least one token, K >= 1");
+  TORCH_CHECK(num_layers >= 1 && 7 * num_layers <= static_cast<int64_t>(weights.size()), who,
+              ": num_layers must be in 1..the model's layers");
+  TORCH_CHECK(exit_proj.dim() == 2 && exit_proj.size(0) == d && exit_proj.size(1) == d, who, ": proj must be (d, d)");
   const auto i64 = at::TensorOptions().dtype(at::kLong), f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor drafts = at::empty({K}, i64);
   at::Tensor states = at::empty({K, d}, f32);
@@ -757,13 +760,54 @@ std::tuple<at::Tensor, at::Tensor> exit_greedy(const at::Tensor& tokens, int64_t
     linear(x.data(), 1, exit_proj, c10::nullopt, y.data(), true);
     for (int64_t k = 0; k < d; ++k) y[k] = x[k] + y[k];
     linear(y.data(), 1, lm_head, c10::nullopt, logits.data(), true);
-    const int64_t row = std::max_element(logits.begin(), logits.end()) - logits.begin();  // the first maximum
-    const int64_t next = row_ids.token(row);
+    const int64_t next = row_ids.token(pick(logits.data(), i));
     drafts.data_ptr<int64_t>()[i] = next;
     pos += T;
     feed = at::full({1}, next, i64);
   }
   return {drafts, states};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> exit_greedy(const at::Tensor& tokens, int64_t start, int64_t K,
+                                               const at::Tensor& inv_freq, const at::Tensor& embed,
+                                               const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                               const Weights& weights, int64_t num_layers, const at::Tensor& exit_norm,
+                                               const at::Tensor& exit_proj, const at::Tensor& lm_head,
+                                               const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv, int64_t D,
+                                               double eps) {
+  const RowIds row_ids(ids, lm_head, "exit_greedy");
+  const int64_t N = lm_head.size(0);
+  return exit_chain(tokens, start, K, inv_freq, embed, k_cache, v_cache, weights, num_layers, exit_norm, exit_proj,
+                    lm_head, row_ids, H, Hkv, D, eps, "exit_greedy", [N](const float* logits, int64_t) {
+                      return static_cast<int64_t>(std::max_element(logits, logits + N) - logits);  // the first maximum
+                    });
+}
+
+// The same chain sampled, as draft_sample samples a draft model's: the drafts (K,) int64, the
+// layer-L states (K, d) and the distributions (K, N) float32 over lm_head's rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_sample(
+    const at::Tensor& tokens, int64_t start, int64_t K, const at::Tensor& inv_freq, const at::Tensor& embed,
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const Weights& weights, int64_t num_layers,
+    const at::Tensor& exit_norm, const at::Tensor& exit_proj, const at::Tensor& lm_head,
+    const c10::optional<at::Tensor>& ids, const at::Tensor& uniforms, double temperature, int64_t top_k, double top_p,
+    int64_t H, int64_t Hkv, int64_t D, double eps) {
+  check_sampling(uniforms, K, temperature, top_k, top_p, "exit_sample");
+  const RowIds row_ids(ids, lm_head, "exit_sample");
+  const int64_t N = lm_head.size(0);
+  at::Tensor probs = at::empty({K, N}, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor u = uniforms.contiguous();
+  float* rows = probs.data_ptr<float>();
+  const double* draws = u.data_ptr<double>();
+  auto [drafts, states] = exit_chain(tokens, start, K, inv_freq, embed, k_cache, v_cache, weights, num_layers,
+                                     exit_norm, exit_proj, lm_head, row_ids, H, Hkv, D, eps, "exit_sample",
+                                     [&](const float* logits, int64_t i) {
+                                       float* p = rows + i * N;
+                                       processed_probs(logits, N, temperature, top_k, top_p, p);
+                                       return inverse_cdf(p, N, draws[i]);
+                                     });
+  return {drafts, states, probs};
 }
 
 }  // namespace specdec

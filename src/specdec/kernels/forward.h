@@ -56,4 +56,11 @@ std::tuple<at::Tensor, at::Tensor> exit_greedy(const at::Tensor& tokens, int64_t
                                                const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv, int64_t D,
                                                double eps);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_sample(
+    const at::Tensor& tokens, int64_t start, int64_t K, const at::Tensor& inv_freq, const at::Tensor& embed,
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const c10::List<c10::optional<at::Tensor>>& weights,
+    int64_t num_layers, const at::Tensor& exit_norm, const at::Tensor& exit_proj, const at::Tensor& lm_head,
+    const c10::optional<at::Tensor>& ids, const at::Tensor& uniforms, double temperature, int64_t top_k, double top_p,
+    int64_t H, int64_t Hkv, int64_t D, double eps);
+
 }  // namespace specdec

@@ -76,6 +76,11 @@ TORCH_LIBRARY(specdec, m) {
       "exit_greedy(Tensor tokens, int start, int K, Tensor inv_freq, Tensor embed, Tensor k_cache, Tensor v_cache, "
       "Tensor?[] weights, int num_layers, Tensor exit_norm, Tensor exit_proj, Tensor lm_head, Tensor? ids, int H, "
       "int Hkv, int D, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "exit_sample(Tensor tokens, int start, int K, Tensor inv_freq, Tensor embed, Tensor k_cache, Tensor v_cache, "
+      "Tensor?[] weights, int num_layers, Tensor exit_norm, Tensor exit_proj, Tensor lm_head, Tensor? ids, "
+      "Tensor uniforms, float temperature, int top_k, float top_p, int H, int Hkv, int D, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(specdec, CPU, m) {
@@ -88,4 +93,5 @@ TORCH_LIBRARY_IMPL(specdec, CPU, m) {
   m.impl("eagle_greedy", &specdec::eagle_greedy);
   m.impl("eagle_sample", &specdec::eagle_sample);
   m.impl("exit_greedy", &specdec::exit_greedy);
+  m.impl("exit_sample", &specdec::exit_sample);
 }
