@@ -69,8 +69,15 @@ def test_a_short_k_with_full_acceptance_grows_again() -> None:
     assert model.best_k() == 8
 
 
+def first_steps(model: CostModel, *ks: int) -> None:
+    """Each K's first step, which the model does not count (slow on purpose: counted, it would show)."""
+    for k in ks:
+        model.record_step(k, 100.0)
+
+
 def test_unmeasured_k_borrows_the_nearest_step_time() -> None:
     model = CostModel(8)
+    first_steps(model, 4, 1)
     assert model.best_k() is None  # no timings yet
     model.record_step(4, 2.0)
     model.record_step(1, 1.0)
@@ -80,6 +87,7 @@ def test_unmeasured_k_borrows_the_nearest_step_time() -> None:
 
 def test_step_times_of_other_k_follow_the_machines_drift() -> None:
     model = cost_model(0.8, 0.1, {})
+    first_steps(model, 1, 2)
     model.record_step(1, 2.0)
     model.record_step(2, 2.4)  # K = 2 costs 1.2x K = 1 ...
     for _ in range(60):  # ... then the machine gets twice as fast while only K = 1 runs
@@ -89,6 +97,20 @@ def test_step_times_of_other_k_follow_the_machines_drift() -> None:
     assert model.best_k() > 1
     # Times left stale would say K = 2 costs 2.4x K = 1 and pin K at 1:
     assert cost_model(0.8, 0.1, {1: 1.0, 2: 2.4}).best_k() == 1
+
+
+def test_a_slow_first_step_does_not_keep_a_k_from_being_chosen() -> None:
+    """The first step of each K pays one-off costs; counted, this one would price K = 4 at twice
+    K = 3 and, as a K's time is refreshed only when it is chosen, keep it so for good."""
+    model = cost_model(0.9, 0.05, {})
+    for k, seconds in [(4, 2.0), (4, 1.0), (3, 0.95), (3, 0.95)]:  # the first K = 4 step is slow
+        model.record_step(k, seconds)
+    assert model.step_time(4) == 1.0 and model.best_k() == 8  # (longer chains borrow K = 4's time)
+    counted = cost_model(0.9, 0.05, {})
+    counted._first_step_seen = {3, 4}  # the old rule: every step counted
+    for k, seconds in [(4, 2.0), (3, 0.95), (3, 0.95)]:
+        counted.record_step(k, seconds)
+    assert counted.best_k() == 3
 
 
 def test_draft_time_is_fitted_as_a_fixed_part_plus_a_part_per_token() -> None:

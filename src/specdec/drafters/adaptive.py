@@ -32,7 +32,11 @@ Everything is measured online with exponential moving averages (EMA):
   pass, cache rollback, engine overhead), kept per K; an unmeasured K borrows the nearest
   measured K's time (optimistic upward, which makes the model explore longer chains); every
   measurement also rescales the other K's times by the drift it shows (the machine's speed
-  moves them all alike);
+  moves them all alike). The first step of each K is not counted: it pays one-off costs, and
+  a K's time is refreshed only when that K is chosen, so one slow first step could keep it
+  from ever being chosen again (seen on the demo pair under sampling: a first K = 4 step of
+  5.2 ms, against 4.4 ms for the K = 3 steps after it, kept ``adaptive`` at K <= 3 while fixed
+  K = 4 was faster). The server's policy skips first steps for the same reason;
 * ``alpha_j`` — position j is *tried* when drafts 1..j-1 were accepted; it scores 1 if
   accepted, 0 if it was the first rejection. After a fully accepted chain the next
   position relaxes slowly toward the chain's last estimate, so a K that was once bad is
@@ -66,6 +70,7 @@ class CostModel:
     t_step: dict[int, float] = field(default_factory=dict)  # K -> seconds per verify step
     acceptance: list[float] = field(default_factory=list)  # (K_max,) conditional alpha_j
     _draft_fit: LineFit | None = None
+    _first_step_seen: set[int] = field(default_factory=set)  # K whose first (uncounted) step is done
 
     def __post_init__(self) -> None:
         if self.max_draft_tokens < 1:
@@ -99,7 +104,11 @@ class CostModel:
         The machine's speed drifts (other jobs, caches, clocks) and moves every K's step time
         alike, while a K not chosen lately keeps its old time: left alone, a stale K = 2 at
         3.0 ms next to a fresh K = 1 at 2.0 ms would pin K at 1. The ratios between K's times
-        change only when those K are measured."""
+        change only when those K are measured. A K's first step is not counted (module
+        docstring); until its second, it borrows the nearest measured K's time."""
+        if num_drafted not in self._first_step_seen:
+            self._first_step_seen.add(num_drafted)
+            return
         old = self.t_step.get(num_drafted)
         new = self._update(old, seconds, self.ema)
         if old:
