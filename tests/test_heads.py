@@ -414,7 +414,7 @@ def test_eagle_head_saved_in_bfloat16_reads_exact_copies_with_the_same_bits(targ
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("subset", [False, True])
 def test_eagle_greedy_chain_in_one_call_proposes_what_the_python_loop_proposes(target_path, dtype, subset):
-    # Greedy chains of EAGLE run in one C++ call (EagleHead.draft_greedy): the head entries built on
+    # Greedy chains of EAGLE run in one C++ call (EagleHead.draft_chain): the head entries built on
     # target features, then each draft and its feature. Step by step through whole generations, it
     # must propose exactly the Python loop's drafts, with the full vocabulary and a reduced one,
     # for a float32 and a bfloat16 target, from a first feed of one entry and of more than
@@ -451,12 +451,12 @@ def test_eagle_greedy_chain_in_one_call_proposes_what_the_python_loop_proposes(t
     finally:
         kernels.eagle_greedy = one_call  # type: ignore[assignment]
     assert len(calls) == len(got)  # every proposal came from the one call
-    draft_greedy = EagleHead.draft_greedy
-    EagleHead.draft_greedy = lambda *args, **kwargs: None  # type: ignore[method-assign]  # the Python loop runs
+    draft_chain = EagleHead.draft_chain
+    EagleHead.draft_chain = lambda *args, **kwargs: None  # type: ignore[method-assign]  # the Python loop runs
     try:
         want = proposals()
     finally:
-        EagleHead.draft_greedy = draft_greedy  # type: ignore[method-assign]
+        EagleHead.draft_chain = draft_chain  # type: ignore[method-assign]
     assert len(got) >= 3 * 5 and got == want
     if subset:
         assert all(t % 3 == 0 for tokens in got for t in tokens)

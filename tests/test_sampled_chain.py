@@ -1,4 +1,4 @@
-"""The sampled draft chains in one C++ call (``Transformer.draft_sample``, ``EagleHead.draft_sample``).
+"""The sampled draft chains in one C++ call (``Transformer.draft_sample``, ``EagleHead.draft_chain``).
 
 Rejection sampling is lossless for any draft distribution q as long as each draft is drawn from
 the q handed to verification (tests/test_distribution.py checks the whole pipeline). Here: the
@@ -132,12 +132,12 @@ def test_sampled_chain_in_one_call_proposes_what_the_python_loop_proposes(
             SpeculativeGenerator(target, drafter).generate(prompt, max_new_tokens=24, seed=seed, **params)
         return seen
 
-    owner = Transformer if kind == "draft" else EagleHead
+    owner, method = (Transformer, "draft_sample") if kind == "draft" else (EagleHead, "draft_chain")
     calls = []
-    one_call = owner.draft_sample
-    monkeypatch.setattr(owner, "draft_sample", lambda *a, **kw: calls.append(1) or one_call(*a, **kw))
+    one_call = getattr(owner, method)
+    monkeypatch.setattr(owner, method, lambda *a, **kw: calls.append(1) or one_call(*a, **kw))
     got = proposals()
-    monkeypatch.setattr(owner, "draft_sample", lambda *args, **kwargs: None)  # the Python loop runs
+    monkeypatch.setattr(owner, method, lambda *args, **kwargs: None)  # the Python loop runs
     want = proposals()
     assert len(got) >= 10 and len(calls) == len(got)  # every proposal came from the one call
     assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want]

@@ -77,7 +77,7 @@ class EagleDrafter:
         self._project = projector(target, self.draft_vocab)
         module = target.module
         embed = module._kernel_io[0] if module._kernel_io is not None else module.model.embed_tokens.weight
-        self._greedy_io = (embed, head_rows(target, self.draft_vocab))  # what EagleHead.draft_greedy reads
+        self._chain_io = (embed, head_rows(target, self.draft_vocab))  # what EagleHead.draft_chain reads
         self.num_draft_tokens = num_draft_tokens
         capacity = target.max_seq_len + self.max_tree_nodes
         self.cache = self.head.new_cache(1, capacity)
@@ -125,19 +125,13 @@ class EagleDrafter:
         start = self.cache.lengths[0]
         next_tokens = torch.tensor(ctx.token_ids[start + 1 : n], device=device)  # (T,) x_{t+1}
         if self.tree_width == 1:  # the first step and the loop below in one call, where the kernels run
-            features = self.features[start : n - 1]
-            if ctx.sampling.greedy:
-                chain = self.head.draft_greedy(next_tokens, features, start, K, self.cache, *self._greedy_io)
-                proposal = DraftProposal(chain) if chain is not None else None  # (K,)
-            else:
-                sampled = self.head.draft_sample(
-                    next_tokens, features, start, K, self.cache, *self._greedy_io, ctx.sampling, ctx.generator,
-                    self.target.config.vocab_size,
-                )
-                proposal = DraftProposal(*sampled) if sampled is not None else None  # (K,), (K, V)
-            if proposal is not None:
+            chain = self.head.draft_chain(
+                next_tokens, self.features[start : n - 1], start, K, self.cache, *self._chain_io, ctx.sampling,
+                ctx.generator, self.target.config.vocab_size,
+            )  # fmt: skip
+            if chain is not None:
                 self.cache.truncate(n - 1)
-                return proposal
+                return DraftProposal(*chain)  # (K,), (K, V) or None
         feature = self._step(next_tokens, self.features[start : n - 1], start)  # (d,)
         if self.tree_width > 1:
             proposal = self._tree(feature, ctx, K)

@@ -150,31 +150,7 @@ class EagleHead(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         return self.layer(x, cos, sin, cache, slots, mask)  # type: ignore[no-any-return]
 
-    def draft_greedy(
-        self,
-        tokens: torch.Tensor,  # (T,) x_{t+1} of entries start..
-        features: torch.Tensor,  # (T, d) f_t of those entries
-        start: int,
-        num_tokens: int,
-        cache: KVCache,
-        embed: torch.Tensor,  # (V, d) the target's embedding
-        rows: tuple[torch.Tensor | None, torch.Tensor],  # ((N,) ids or None, (N, d) lm_head rows)
-    ) -> torch.Tensor | None:
-        """EAGLE's greedy chain in one C++ call, or None where the kernels do not apply (the
-        caller then runs its own loop): feed entries ``start..`` from ``tokens`` and ``features``,
-        then ``num_tokens`` times append the argmax of ``rows`` on the last predicted feature,
-        feeding each draft but the last with that feature. Returns the ``(num_tokens,)`` drafts;
-        the cache's slots beyond ``start + T`` are the drafts' (the caller rolls back)."""
-        copies = self._kernel_copies(features[-1:])  # the few-row copies, whatever T is
-        if copies is None:
-            return None
-        cfg, (fc, weights), (ids, head) = self.config, copies, rows
-        return kernels.eagle_greedy(
-            tokens, features, start, num_tokens, self.inv_freq, embed, fc, cache.k, cache.v, weights, head, ids,
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
-        )  # fmt: skip
-
-    def draft_sample(
+    def draft_chain(
         self,
         tokens: torch.Tensor,  # (T,) x_{t+1} of entries start..
         features: torch.Tensor,  # (T, d) f_t of those entries
@@ -186,21 +162,26 @@ class EagleHead(nn.Module):
         sampling: SamplingParams,
         generator: torch.Generator | None,
         vocab_size: int,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """:meth:`draft_greedy` sampled: each draft is drawn (by inverse transform, with a uniform
-        from ``generator``) from the distribution ``sampling.logits_to_probs`` makes of its logits,
-        computed in C++. Returns the ``(K,)`` drafts and those ``(K, V)`` distributions (zero
-        outside the rows' ids), or None where the kernels do not apply."""
-        copies = self._kernel_copies(features[-1:])
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """EAGLE's chain in one C++ call, or None where the kernels do not apply (the caller then
+        runs its own loop): feed entries ``start..`` from ``tokens`` and ``features``, then
+        ``num_tokens`` times pick a draft from ``rows`` on the last predicted feature and feed it
+        with that feature, all but the last. Greedy picks the argmax; sampling draws (by inverse
+        transform, with a uniform from ``generator``) from the distribution
+        ``sampling.logits_to_probs`` makes of the logits. Returns the ``(K,)`` drafts and, when
+        sampling, those ``(K, V)`` distributions (zero outside the rows' ids; None when greedy).
+        The cache's slots beyond ``start + T`` are the drafts' (the caller rolls back)."""
+        copies = self._kernel_copies(features[-1:])  # the few-row copies, whatever T is
         if copies is None:
             return None
         cfg, (fc, weights), (ids, head) = self.config, copies, rows
+        common = (tokens, features, start, num_tokens, self.inv_freq, embed, fc, cache.k, cache.v, weights, head, ids)
+        shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
+        if sampling.greedy:
+            return kernels.eagle_greedy(*common, *shape), None
         uniforms = torch.rand(num_tokens, generator=generator, dtype=torch.float64)  # (K,)
-        drafts, probs = kernels.eagle_sample(
-            tokens, features, start, num_tokens, self.inv_freq, embed, fc, cache.k, cache.v, weights, head, ids,
-            uniforms, sampling.temperature, sampling.top_k or 0, 1.0 if sampling.top_p is None else sampling.top_p,
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
-        )  # fmt: skip
+        top_k, top_p = sampling.top_k or 0, 1.0 if sampling.top_p is None else sampling.top_p
+        drafts, probs = kernels.eagle_sample(*common, uniforms, sampling.temperature, top_k, top_p, *shape)
         return drafts, spread_rows(probs, ids, vocab_size)
 
     def _kernel_copies(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:

@@ -295,7 +295,7 @@ def eagle_greedy(
     head_dim: int,
     eps: float,
 ) -> torch.Tensor:
-    """EAGLE's greedy chain in one call (``EagleHead.draft_greedy``): ``(K,)`` int64 tokens."""
+    """EAGLE's greedy chain in one call (``EagleHead.draft_chain``): ``(K,)`` int64 tokens."""
     op = _state["op"]
     return op.eagle_greedy(  # type: ignore[attr-defined,no-any-return]
         tokens, features, start, num_tokens, inv_freq, embed, fc, k_cache, v_cache, weights, lm_head, ids,
@@ -325,7 +325,7 @@ def eagle_sample(
     head_dim: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EAGLE's sampled chain in one call (``EagleHead.draft_sample``): ``(K,)`` int64 tokens and the
+    """EAGLE's sampled chain in one call (``EagleHead.draft_chain``): ``(K,)`` int64 tokens and the
     ``(K, N)`` float32 distributions over ``lm_head``'s rows they were drawn from."""
     op = _state["op"]
     return op.eagle_sample(  # type: ignore[attr-defined,no-any-return]

@@ -560,12 +560,34 @@ int64_t inverse_cdf(const float* p, int64_t N, double u) {
   return 0;
 }
 
-void check_sampling(const at::Tensor& uniforms, int64_t K, double temperature, int64_t top_k, double top_p,
-                    const char* who) {
-  TORCH_CHECK(uniforms.dim() == 1 && uniforms.size(0) == K && uniforms.scalar_type() == at::kDouble, who,
-              ": K float64 uniforms");
-  TORCH_CHECK(temperature > 0.0 && top_k >= 0 && top_p > 0.0 && top_p <= 1.0, who, ": bad sampling parameters");
-}
+// The greedy pick of a chain: the first row of the largest logit.
+struct ArgmaxPick {
+  int64_t N;  // lm_head rows
+  int64_t operator()(const float* logits, int64_t) const {
+    return static_cast<int64_t>(std::max_element(logits, logits + N) - logits);
+  }
+};
+
+// The sampled pick of a chain: draft i drawn from the processed distribution of its logits
+// (processed_probs) with the uniform uniforms[i]; `probs` (K, N) keeps each distribution.
+struct SampledPick {
+  at::Tensor probs;     // (K, N) float32
+  at::Tensor uniforms;  // (K,) float64
+  double temperature, top_p;
+  int64_t top_k, N;
+  SampledPick(const at::Tensor& u, int64_t K, int64_t rows, double t, int64_t k, double p, const char* who)
+      : temperature(t), top_p(p), top_k(k), N(rows) {
+    TORCH_CHECK(u.dim() == 1 && u.size(0) == K && u.scalar_type() == at::kDouble, who, ": K float64 uniforms");
+    TORCH_CHECK(t > 0.0 && k >= 0 && p > 0.0 && p <= 1.0, who, ": bad sampling parameters");
+    uniforms = u.contiguous();
+    probs = at::empty({K, N}, at::TensorOptions().dtype(at::kFloat));
+  }
+  int64_t operator()(const float* logits, int64_t i) const {
+    float* p = probs.data_ptr<float>() + i * N;
+    processed_probs(logits, N, temperature, top_k, top_p, p);
+    return inverse_cdf(p, N, uniforms.data_ptr<double>()[i]);
+  }
+};
 
 }  // namespace
 
@@ -580,11 +602,8 @@ at::Tensor draft_greedy(const at::Tensor& tokens, int64_t start, int64_t K, cons
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == 1 && tokens.size(1) >= 1 && K >= 1,
               "draft_greedy: one row of at least one token, K >= 1");
   const RowIds row_ids(ids, lm_head, "draft_greedy");
-  const int64_t N = lm_head.size(0);
   return draft_chain(tokens, start, K, inv_freq, embed, k_cache, v_cache, weights, norm, lm_head, row_ids, H, Hkv,
-                     D, eps, [N](const float* logits, int64_t) {
-                       return static_cast<int64_t>(std::max_element(logits, logits + N) - logits);
-                     });
+                     D, eps, ArgmaxPick{lm_head.size(0)});
 }
 
 // The same chain sampled: draft i is drawn from the processed distribution of its logits
@@ -599,21 +618,11 @@ std::tuple<at::Tensor, at::Tensor> draft_sample(const at::Tensor& tokens, int64_
                                                 double top_p, int64_t H, int64_t Hkv, int64_t D, double eps) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == 1 && tokens.size(1) >= 1 && K >= 1,
               "draft_sample: one row of at least one token, K >= 1");
-  check_sampling(uniforms, K, temperature, top_k, top_p, "draft_sample");
   const RowIds row_ids(ids, lm_head, "draft_sample");
-  const int64_t N = lm_head.size(0);
-  at::Tensor probs = at::empty({K, N}, at::TensorOptions().dtype(at::kFloat));
-  const at::Tensor u = uniforms.contiguous();
-  float* rows = probs.data_ptr<float>();
-  const double* draws = u.data_ptr<double>();
-  const at::Tensor drafts = draft_chain(
-      tokens, start, K, inv_freq, embed, k_cache, v_cache, weights, norm, lm_head, row_ids, H, Hkv, D, eps,
-      [&](const float* logits, int64_t i) {
-        float* p = rows + i * N;
-        processed_probs(logits, N, temperature, top_k, top_p, p);
-        return inverse_cdf(p, N, draws[i]);
-      });
-  return {drafts, probs};
+  const SampledPick pick(uniforms, K, lm_head.size(0), temperature, top_k, top_p, "draft_sample");
+  const at::Tensor drafts = draft_chain(tokens, start, K, inv_freq, embed, k_cache, v_cache, weights, norm, lm_head,
+                                        row_ids, H, Hkv, D, eps, pick);
+  return {drafts, pick.probs};
 }
 
 namespace {
@@ -684,11 +693,8 @@ at::Tensor eagle_greedy(const at::Tensor& tokens, const at::Tensor& features, in
                         const at::Tensor& lm_head, const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv,
                         int64_t D, double eps) {
   const RowIds row_ids(ids, lm_head, "eagle_greedy");
-  const int64_t N = lm_head.size(0);
   return eagle_chain(tokens, features, start, K, inv_freq, embed, fc, k_cache, v_cache, weights, lm_head, row_ids, H,
-                     Hkv, D, eps, "eagle_greedy", [N](const float* logits, int64_t) {
-                       return static_cast<int64_t>(std::max_element(logits, logits + N) - logits);
-                     });
+                     Hkv, D, eps, "eagle_greedy", ArgmaxPick{lm_head.size(0)});
 }
 
 // The same chain sampled, as draft_sample samples a draft model's: returns the drafts (K,) int64
@@ -700,21 +706,11 @@ std::tuple<at::Tensor, at::Tensor> eagle_sample(const at::Tensor& tokens, const 
                                                 const at::Tensor& lm_head, const c10::optional<at::Tensor>& ids,
                                                 const at::Tensor& uniforms, double temperature, int64_t top_k,
                                                 double top_p, int64_t H, int64_t Hkv, int64_t D, double eps) {
-  check_sampling(uniforms, K, temperature, top_k, top_p, "eagle_sample");
   const RowIds row_ids(ids, lm_head, "eagle_sample");
-  const int64_t N = lm_head.size(0);
-  at::Tensor probs = at::empty({K, N}, at::TensorOptions().dtype(at::kFloat));
-  const at::Tensor u = uniforms.contiguous();
-  float* rows = probs.data_ptr<float>();
-  const double* draws = u.data_ptr<double>();
-  const at::Tensor drafts = eagle_chain(
-      tokens, features, start, K, inv_freq, embed, fc, k_cache, v_cache, weights, lm_head, row_ids, H, Hkv, D, eps,
-      "eagle_sample", [&](const float* logits, int64_t i) {
-        float* p = rows + i * N;
-        processed_probs(logits, N, temperature, top_k, top_p, p);
-        return inverse_cdf(p, N, draws[i]);
-      });
-  return {drafts, probs};
+  const SampledPick pick(uniforms, K, lm_head.size(0), temperature, top_k, top_p, "eagle_sample");
+  const at::Tensor drafts = eagle_chain(tokens, features, start, K, inv_freq, embed, fc, k_cache, v_cache, weights,
+                                        lm_head, row_ids, H, Hkv, D, eps, "eagle_sample", pick);
+  return {drafts, pick.probs};
 }
 
 // Early-exit greedy chain in one call (EarlyExitDrafter.propose): feed `tokens` (T,) at positions
@@ -778,11 +774,8 @@ std::tuple<at::Tensor, at::Tensor> exit_greedy(const at::Tensor& tokens, int64_t
                                                const c10::optional<at::Tensor>& ids, int64_t H, int64_t Hkv, int64_t D,
                                                double eps) {
   const RowIds row_ids(ids, lm_head, "exit_greedy");
-  const int64_t N = lm_head.size(0);
   return exit_chain(tokens, start, K, inv_freq, embed, k_cache, v_cache, weights, num_layers, exit_norm, exit_proj,
-                    lm_head, row_ids, H, Hkv, D, eps, "exit_greedy", [N](const float* logits, int64_t) {
-                      return static_cast<int64_t>(std::max_element(logits, logits + N) - logits);  // the first maximum
-                    });
+                    lm_head, row_ids, H, Hkv, D, eps, "exit_greedy", ArgmaxPick{lm_head.size(0)});
 }
 
 // The same chain sampled, as draft_sample samples a draft model's: the drafts (K,) int64, the
@@ -793,21 +786,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_sample(
     const at::Tensor& exit_norm, const at::Tensor& exit_proj, const at::Tensor& lm_head,
     const c10::optional<at::Tensor>& ids, const at::Tensor& uniforms, double temperature, int64_t top_k, double top_p,
     int64_t H, int64_t Hkv, int64_t D, double eps) {
-  check_sampling(uniforms, K, temperature, top_k, top_p, "exit_sample");
   const RowIds row_ids(ids, lm_head, "exit_sample");
-  const int64_t N = lm_head.size(0);
-  at::Tensor probs = at::empty({K, N}, at::TensorOptions().dtype(at::kFloat));
-  const at::Tensor u = uniforms.contiguous();
-  float* rows = probs.data_ptr<float>();
-  const double* draws = u.data_ptr<double>();
+  const SampledPick pick(uniforms, K, lm_head.size(0), temperature, top_k, top_p, "exit_sample");
   auto [drafts, states] = exit_chain(tokens, start, K, inv_freq, embed, k_cache, v_cache, weights, num_layers,
-                                     exit_norm, exit_proj, lm_head, row_ids, H, Hkv, D, eps, "exit_sample",
-                                     [&](const float* logits, int64_t i) {
-                                       float* p = rows + i * N;
-                                       processed_probs(logits, N, temperature, top_k, top_p, p);
-                                       return inverse_cdf(p, N, draws[i]);
-                                     });
-  return {drafts, states, probs};
+                                     exit_norm, exit_proj, lm_head, row_ids, H, Hkv, D, eps, "exit_sample", pick);
+  return {drafts, states, pick.probs};
 }
 
 }  // namespace specdec
