@@ -37,7 +37,7 @@ def chain(draft, prompt, k, params, seed, vocab=None):  # type: ignore[no-untype
     feed = torch.tensor([prompt])
     generator = torch.Generator().manual_seed(seed)
     rows = vocab.kernel_rows if vocab is not None else None
-    out = draft.module.draft_sample(feed, 0, k, cache, generator, params.temperature, params.top_k, params.top_p, rows)
+    out = draft.module.draft_sample(feed, 0, k, cache, params, generator, rows)
     assert out is not None and cache.lengths[0] == len(prompt) + k - 1
     return out
 

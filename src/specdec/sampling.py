@@ -76,6 +76,17 @@ def sample(
     return tokens.reshape(*probs.shape[:-1], n) if num_samples is not None else tokens.reshape(probs.shape[:-1])
 
 
+def chain_draws(
+    params: SamplingParams, num_tokens: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, float, int, float]:
+    """What a one-call sampled chain of ``num_tokens`` drafts takes (``kernels.draft_sample`` and
+    its twins): one uniform per draft ``(K,)`` float64 from ``generator`` (the order the Python
+    loop draws them in), the temperature, top-k (0: none) and top-p (1.0: none)."""
+    uniforms = torch.rand(num_tokens, generator=generator, dtype=torch.float64)  # (K,)
+    top_p = 1.0 if params.top_p is None else params.top_p
+    return uniforms, params.temperature, params.top_k or 0, top_p
+
+
 def spread_rows(probs: torch.Tensor, ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
     """Distributions ``(K, N)`` over a subset of the vocabulary (column ``r`` is token ``ids[r]``)
     as distributions ``(K, V)`` over every token, zero outside the subset; ``ids`` None: the

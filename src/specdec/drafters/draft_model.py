@@ -106,10 +106,7 @@ class DraftModelDrafter:
                 if drafts is not None:
                     return DraftProposal(drafts, None)  # (K,)
             else:
-                s = ctx.sampling
-                sampled = self.model.module.draft_sample(
-                    feed, start, K, self.cache, ctx.generator, s.temperature, s.top_k, s.top_p, vocab
-                )
+                sampled = self.model.module.draft_sample(feed, start, K, self.cache, ctx.sampling, ctx.generator, vocab)
                 if sampled is not None:
                     return DraftProposal(*sampled)  # (K,), (K, V)
         logits = self._forward(ctx.token_ids[start:], start)

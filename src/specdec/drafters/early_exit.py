@@ -44,7 +44,7 @@ from specdec.drafters.base import (
 from specdec.drafters.heads import ExitHead, pick_tokens, resolve_head
 from specdec.drafters.vocab import DraftVocab, head_rows, projector, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
-from specdec.sampling import spread_rows
+from specdec.sampling import chain_draws, spread_rows
 from specdec.verify.chain import VerifyResult
 
 
@@ -141,7 +141,7 @@ class EarlyExitDrafter:
     def _chain(self, ctx: DraftContext, start: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(K,)`` drafts, the ``(K, d)`` layer-L states of the tokens fed at each step and, when
         sampling, the ``(K, V)`` distributions the drafts were drawn from (None when greedy)."""
-        module, cfg, head, s = self.target.module, self.target.config, self.head, ctx.sampling
+        module, cfg, head = self.target.module, self.target.config, self.head
         embed = module._kernel_io[0]  # type: ignore[index]
         ids, rows = head_rows(self.target, self.draft_vocab)
         token_ids = ctx.token_ids[start:]
@@ -150,12 +150,11 @@ class EarlyExitDrafter:
                   self.exit_layer, head.norm.weight, head.proj.weight, rows, ids)  # fmt: skip
         shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
         probs = None
-        if s.greedy:
+        if ctx.sampling.greedy:
             drafts, states = kernels.exit_greedy(*common, *shape)
         else:
-            uniforms = torch.rand(K, generator=ctx.generator, dtype=torch.float64)  # (K,)
-            top_k, top_p = s.top_k or 0, 1.0 if s.top_p is None else s.top_p
-            drafts, states, subset_probs = kernels.exit_sample(*common, uniforms, s.temperature, top_k, top_p, *shape)
+            draws = chain_draws(ctx.sampling, K, ctx.generator)
+            drafts, states, subset_probs = kernels.exit_sample(*common, *draws, *shape)
             probs = spread_rows(subset_probs, ids, cfg.vocab_size)  # (K, V)
         if not self._shared:  # (the engine keeps the length of its own cache)
             self.cache.truncate(start + len(token_ids) + K - 1)

@@ -42,7 +42,7 @@ from specdec.models.llama import (
     compact_copies,
     rope_inv_freq,
 )
-from specdec.sampling import SamplingParams, logits_to_probs, sample, spread_rows
+from specdec.sampling import SamplingParams, chain_draws, logits_to_probs, sample, spread_rows
 
 METHODS = ("early-exit", "medusa", "eagle")
 
@@ -179,9 +179,7 @@ class EagleHead(nn.Module):
         shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
         if sampling.greedy:
             return kernels.eagle_greedy(*common, *shape), None
-        uniforms = torch.rand(num_tokens, generator=generator, dtype=torch.float64)  # (K,)
-        top_k, top_p = sampling.top_k or 0, 1.0 if sampling.top_p is None else sampling.top_p
-        drafts, probs = kernels.eagle_sample(*common, uniforms, sampling.temperature, top_k, top_p, *shape)
+        drafts, probs = kernels.eagle_sample(*common, *chain_draws(sampling, num_tokens, generator), *shape)
         return drafts, spread_rows(probs, ids, vocab_size)
 
     def _kernel_copies(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:

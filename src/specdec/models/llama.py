@@ -22,7 +22,7 @@ from torch import nn
 from specdec import kernels
 from specdec.cache import KVCache
 from specdec.models.config import ModelConfig
-from specdec.sampling import spread_rows
+from specdec.sampling import SamplingParams, chain_draws, spread_rows
 
 DEFAULT_CACHE_SLOTS = 8192
 
@@ -498,24 +498,21 @@ class Transformer(nn.Module):
         start: int,
         num_tokens: int,
         cache: KVCache,
+        sampling: SamplingParams,
         generator: torch.Generator | None,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
         vocab: tuple[torch.Tensor, torch.Tensor] | None = None,  # ((N,) ids, (N, d) their kernel rows)
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """:meth:`draft_greedy` sampled: each draft is drawn (by inverse transform, with a uniform
         from ``generator``) from the distribution ``sampling.logits_to_probs`` makes of its logits
-        (temperature, top-k, top-p), computed in C++. Returns the ``(K,)`` drafts and those ``(K, V)`` distributions (zero outside
-        ``vocab``), or None where the kernels do not apply."""
+        (temperature, top-k, top-p), computed in C++. Returns the ``(K,)`` drafts and those
+        ``(K, V)`` distributions (zero outside ``vocab``), or None where the kernels do not apply."""
         if self._layer_weights is None or not kernels.fused_layers_apply(self.lm_head.weight):
             return None
         cfg, (embed, head) = self.config, self._kernel_io  # type: ignore[misc]
         ids, head = vocab if vocab is not None else (None, head)
-        uniforms = torch.rand(num_tokens, generator=generator, dtype=torch.float64)  # (K,)
         drafts, rows = kernels.draft_sample(
             tokens, start, num_tokens, self.inv_freq, embed, cache.k, cache.v, self._layer_weights,
-            self.model.norm.weight, head, ids, uniforms, temperature, top_k or 0, 1.0 if top_p is None else top_p,
+            self.model.norm.weight, head, ids, *chain_draws(sampling, num_tokens, generator),
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
         )  # fmt: skip
         cache.truncate(start + tokens.shape[1] + num_tokens - 1)

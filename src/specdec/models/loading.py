@@ -34,6 +34,8 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Tokenizer | None
     path: Path
+    # CUDA graphs of this model's chain passes (see :meth:`step`); None: every pass runs eagerly.
+    graphs: cuda_graphs.GraphedPasses | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -49,9 +51,6 @@ class LoadedModel:
 
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
         return self.module.new_cache(batch_size, max_seq_len)
-
-    # CUDA graphs of this model's chain passes (see :meth:`step`); None: every pass runs eagerly.
-    graphs: cuda_graphs.GraphedPasses | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if cuda_graphs.enabled(self.device):
