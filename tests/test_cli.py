@@ -93,6 +93,8 @@ BAD_INPUTS = [
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--drafter", "telepathy"], "invalid choice"),
+    (["--device", "nonsense"], "unknown device 'nonsense'"),
+    (["--device", "cuda:99"], "device 'cuda:99' is not available here"),  # (no GPU, or not 100 of them)
 ]
 
 

@@ -185,6 +185,9 @@ def measure(
     """
     from tqdm import tqdm
 
+    from specdec.models.loading import resolve_device
+
+    resolve_device(device)  # a clear error before any measurement
     out.mkdir(parents=True, exist_ok=True)
     path = out / "cost_curve.json"
     data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"entries": {}}

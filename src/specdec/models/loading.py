@@ -100,6 +100,23 @@ def fast_bf16(device: torch.device | str) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _cpu_has_amx())
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here; :class:`ModelLoadError` (one line for
+    the CLI, a 4xx for the server) for a name torch does not know or a GPU this machine lacks."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type != "cpu":
+        try:
+            torch.empty(1, device=resolved)  # torch's own check: built for it, present, index in range
+        except (RuntimeError, AssertionError) as e:
+            text = str(e).strip()
+            why = text.splitlines()[0].split(". ")[0][:160] if text else type(e).__name__  # its first sentence
+            raise ModelLoadError(f"device {str(device)!r} is not available here: {why}") from None
+    return resolved
+
+
 def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: str = "cpu") -> torch.dtype:
     """``auto``: the checkpoint's 16-bit dtype where 16-bit matmuls are fast, else float32."""
     if isinstance(dtype, torch.dtype):
@@ -138,6 +155,7 @@ def load_model(
     """Load a Llama-family model from a Hugging Face folder or an embedded name."""
     folder = resolve_path(name_or_path)
     cfg = ModelConfig.from_folder(folder)
+    resolve_device(device)
     torch_dtype = resolve_dtype(dtype, cfg, device)
     state = read_state_dict(folder)
     with torch.device("meta"):
