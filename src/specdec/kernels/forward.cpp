@@ -476,10 +476,6 @@ c10::optional<at::Tensor> chain_mask(const at::Tensor& positions, int64_t pos, i
   return at::arange(pos + T, positions.options()).view({1, 1, 1, -1}) <= positions.view({1, 1, T, 1});
 }
 
-}  // namespace
-
-namespace {
-
 // Feed `tokens` (1, T) at positions start.., then K times pick the next draft token from the last
 // logits with `pick(logits (N,) float32, i) -> lm_head row` and feed it, all but the last.
 template <typename Pick>
@@ -632,10 +628,6 @@ namespace {
 at::Tensor stored_as(const at::Tensor& x, at::ScalarType dtype) {
   return dtype == at::kFloat ? x.contiguous() : x.to(dtype).to(at::kFloat).contiguous();
 }
-
-}  // namespace
-
-namespace {
 
 // EAGLE's chain, picking each draft with `pick(logits (N,) float32, i) -> lm_head row`.
 template <typename Pick>
