@@ -46,7 +46,7 @@ def test_expensive_drafts_choose_a_middle_k() -> None:
 
 
 def test_acceptance_scores_tried_positions_and_relaxes_only_after_full_chains() -> None:
-    model = CostModel(4, ema=1.0, relax=0.5)  # ema 1: the latest measurement replaces the estimate
+    model = CostModel(4, acceptance_ema=1.0, relax=0.5)  # 1: the latest outcome replaces the estimate
     prior = model.prior_acceptance
     model.record_acceptance(num_drafted=4, num_accepted=1)
     assert model.acceptance == [1.0, 0.0, prior, prior]  # accepted, first rejection, untried
@@ -171,6 +171,34 @@ def test_wrapper_sets_inner_k_and_probes_after_plain_steps() -> None:
     ks = [drafter.propose(ctx).num_tokens for _ in range(6)]
     assert ks == [0, 0, 1, 0, 0, 1]  # the third plain step probes with K = 1
     assert inner.asked == [3, 1, 1]
+
+
+def test_wrapper_on_a_clock_settles_on_the_fastest_k() -> None:
+    """Steps of K drafts cost 1 + 0.05 K, drafts 0.1 each (on a fake clock, the one
+    scripts/adaptive_replay.py replays traces on); the first three drafts are always accepted,
+    the fourth never: K = 3 gives 4 tokens per 1.45 s, the most of any K (K = 4: 4 per 1.6 s)."""
+    from specdec.drafters.base import DraftContext
+    from specdec.sampling import SamplingParams
+    from specdec.verify.chain import VerifyResult
+
+    now = [0.0]
+
+    class Clocked(ScriptedDrafter):
+        def propose(self, ctx):  # type: ignore[no-untyped-def]
+            now[0] += 0.1 * self.num_draft_tokens
+            return super().propose(ctx)
+
+    drafter = AdaptiveDrafter(Clocked(), max_draft_tokens=8, initial_draft_tokens=6, clock=lambda: now[0])
+    ctx = DraftContext([1, 2, 3], SamplingParams(), max_draft_tokens=8)
+    chosen = []
+    for _ in range(80):
+        k = drafter.propose(ctx).num_tokens
+        now[0] += 1.0 + 0.05 * k
+        accepted = min(k, 3)
+        drafter.on_verified(VerifyResult([0] * (accepted + 1), accepted, k, bonus=accepted == k))
+        chosen.append(k)
+    late = chosen[-40:]  # K = 4 is retried now and then (its alpha relaxes after full chains)
+    assert set(late) <= {3, 4} and late.count(3) >= 30, chosen
 
 
 @pytest.fixture(scope="module")

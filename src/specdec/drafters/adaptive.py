@@ -38,9 +38,10 @@ Everything is measured online with exponential moving averages (EMA):
   5.2 ms, against 4.4 ms for the K = 3 steps after it, kept ``adaptive`` at K <= 3 while fixed
   K = 4 was faster). The server's policy skips first steps for the same reason;
 * ``alpha_j`` — position j is *tried* when drafts 1..j-1 were accepted; it scores 1 if
-  accepted, 0 if it was the first rejection. After a fully accepted chain the next
-  position relaxes slowly toward the chain's last estimate, so a K that was once bad is
-  retried when acceptance improves.
+  accepted, 0 if it was the first rejection (moving average, weight 0.15: at 0.3 three
+  rejections in a row under sampling could switch speculation off for 16 steps). After a fully
+  accepted chain the next position relaxes slowly toward the chain's last estimate, so a K
+  that was once bad is retried when acceptance improves.
 
 While K = 0 the acceptance estimates cannot change, so every ``probe_interval`` consecutive
 plain steps one K = 1 step probes whether drafting pays again (e.g. on repetitive text).
@@ -49,6 +50,7 @@ plain steps one K = 1 step probes whether drafting pays again (e.g. on repetitiv
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from specdec.drafters.base import DraftContext, Drafter, DraftProposal, TargetOutput, empty_proposal
@@ -61,7 +63,8 @@ class CostModel:
     """Online estimates of draft/step times and per-position acceptance; picks K."""
 
     max_draft_tokens: int
-    ema: float = 0.3  # weight of a new measurement
+    ema: float = 0.3  # weight of a new step time
+    acceptance_ema: float = 0.15  # weight of a new acceptance outcome (module docstring)
     relax: float = 0.02  # per fully accepted step, the next position moves this far toward the last
     prior_acceptance: float = 0.6
     fit_decay: float = 0.95  # forgetting per draft call in the fit of t_draft(K) = a + b K
@@ -128,7 +131,7 @@ class CostModel:
         tried = min(num_accepted + 1, num_drafted)
         for j in range(tried):
             accepted = 1.0 if j < num_accepted else 0.0
-            self.acceptance[j] = self._update(self.acceptance[j], accepted, self.ema)
+            self.acceptance[j] = self._update(self.acceptance[j], accepted, self.acceptance_ema)
         if 0 < num_drafted == num_accepted < self.max_draft_tokens:
             anchor = self.acceptance[num_drafted - 1]
             self.acceptance[num_drafted] = self._update(self.acceptance[num_drafted], anchor, self.relax)
@@ -180,13 +183,16 @@ class AdaptiveDrafter:
         initial_draft_tokens: int | None = None,
         probe_interval: int = 16,
         ema: float = 0.3,
+        acceptance_ema: float = 0.15,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.inner = inner
         self.num_draft_tokens = max_draft_tokens
-        self.cost = CostModel(max_draft_tokens, ema=ema)
+        self.cost = CostModel(max_draft_tokens, ema=ema, acceptance_ema=acceptance_ema)
         start = initial_draft_tokens if initial_draft_tokens is not None else inner.num_draft_tokens
         self.initial_draft_tokens = max(1, min(start, max_draft_tokens))
         self.probe_interval = probe_interval
+        self.clock = clock  # seconds; scripts/adaptive_replay.py replays recorded steps on a fake one
         self.model = getattr(inner, "model", None)  # lets the engine check vocab compatibility
         self.needs_hidden = getattr(inner, "needs_hidden", False)
         self.draft_vocab = getattr(inner, "draft_vocab", None)  # (reported by the bench)
@@ -214,7 +220,7 @@ class AdaptiveDrafter:
         return best
 
     def propose(self, ctx: DraftContext) -> DraftProposal:
-        start = time.perf_counter()
+        start = self.clock()
         if self._last_k is not None:
             self.cost.record_step(self._last_k, start - self._last_end)
         k = min(self.choose_k(), ctx.max_draft_tokens)
@@ -224,7 +230,7 @@ class AdaptiveDrafter:
         else:
             self.inner.num_draft_tokens = k
             proposal = self.inner.propose(ctx)
-        end = time.perf_counter()
+        end = self.clock()
         self.cost.record_draft(proposal.num_tokens, end - start)
         self._last_k, self._last_end = proposal.num_tokens, end
         return proposal
