@@ -39,7 +39,7 @@ SETTINGS = [
 @pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "loop"])
 @pytest.mark.parametrize("draft,k,sampling", SETTINGS, ids=[f"{d}-k{k}-{s}" for d, k, s in SETTINGS])
 def test_speculative_sampling_matches_exact_target_distribution(small_vocab, draft, k, sampling, one_call, monkeypatch):
-    """Both ways a draft model samples its chain: in one C++ call (``draft_sample``, where the
+    """Both ways a draft model samples its chain: in one C++ call (``draft_chain``, where the
     kernels run) and the Python loop (elsewhere, e.g. on a GPU)."""
     target = small_vocab["target"]
     first, joint = exact_two_token_joint(target, PROMPT, SamplingParams(**sampling))
@@ -48,10 +48,10 @@ def test_speculative_sampling_matches_exact_target_distribution(small_vocab, dra
     calls = []
     if one_call:
         needs_kernels()
-        original = module.draft_sample
-        monkeypatch.setattr(module, "draft_sample", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+        original = module.draft_chain
+        monkeypatch.setattr(module, "draft_chain", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     else:
-        monkeypatch.setattr(module, "draft_sample", lambda *args, **kwargs: None)  # the Python loop runs
+        monkeypatch.setattr(module, "draft_chain", lambda *args, **kwargs: None)  # the Python loop runs
     gen = SpeculativeGenerator(target, DraftModelDrafter(small_vocab[draft], k))
     fit = goodness_of_fit(sample_two_tokens(gen, PROMPT, N, **sampling), first, joint)
     assert fit.pvalue > 1e-3, f"chi-square p = {fit.pvalue:.2e}"

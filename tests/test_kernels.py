@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec import kernels
+from specdec.sampling import SamplingParams
 
 op = kernels.load()
 needs_kernel = pytest.mark.skipif(
@@ -105,14 +106,14 @@ def test_greedy_chain_drafting_in_one_call_equals_the_python_loop():
         fast_cache, loop_cache = draft.new_cache(1, 128), draft.new_cache(1, 128)
         for cache in (fast_cache, loop_cache):
             draft(tokens[:, :30], torch.arange(30), cache)
-        fast = draft.draft_greedy(tokens[:, 30:33], 30, 5, fast_cache)
+        fast, probs = draft.draft_chain(tokens[:, 30:33], 30, 5, fast_cache, SamplingParams())
         feed, pos, loop = tokens[:, 30:33], 30, []
         for _ in range(5):
             end = pos + feed.shape[1]
             logits = draft(feed, torch.arange(pos, end), loop_cache, num_logits=1, kv_len=end)  # (1, 1, V)
             loop.append(int(logits[0, -1].argmax()))
             pos, feed = end, logits[0, -1].argmax().view(1, 1)
-    assert fast.tolist() == loop
+    assert fast.tolist() == loop and probs is None
     assert fast_cache.lengths == [37]
     assert torch.equal(fast_cache.k[:, :, :, :37], loop_cache.k[:, :, :, :37])
     assert torch.equal(fast_cache.v[:, :, :, :37], loop_cache.v[:, :, :, :37])

@@ -1,4 +1,4 @@
-"""The sampled draft chains in one C++ call (``Transformer.draft_sample``, ``EagleHead.draft_chain``).
+"""The sampled draft chains in one C++ call (``Transformer.draft_chain``, ``EagleHead.draft_chain``).
 
 Rejection sampling is lossless for any draft distribution q as long as each draft is drawn from
 the q handed to verification (tests/test_distribution.py checks the whole pipeline). Here: the
@@ -37,7 +37,7 @@ def chain(draft, prompt, k, params, seed, vocab=None):  # type: ignore[no-untype
     feed = torch.tensor([prompt])
     generator = torch.Generator().manual_seed(seed)
     rows = vocab.kernel_rows if vocab is not None else None
-    out = draft.module.draft_sample(feed, 0, k, cache, params, generator, rows)
+    out = draft.module.draft_chain(feed, 0, k, cache, params, generator, rows)
     assert out is not None and cache.lengths[0] == len(prompt) + k - 1
     return out
 
@@ -132,7 +132,7 @@ def test_sampled_chain_in_one_call_proposes_what_the_python_loop_proposes(
             SpeculativeGenerator(target, drafter).generate(prompt, max_new_tokens=24, seed=seed, **params)
         return seen
 
-    owner, method = (Transformer, "draft_sample") if kind == "draft" else (EagleHead, "draft_chain")
+    owner, method = (Transformer, "draft_chain") if kind == "draft" else (EagleHead, "draft_chain")
     calls = []
     one_call = getattr(owner, method)
     monkeypatch.setattr(owner, method, lambda *a, **kw: calls.append(1) or one_call(*a, **kw))

@@ -146,7 +146,7 @@ def test_draft_model_greedy_output_is_unchanged_and_its_drafts_stay_in_the_subse
 
 
 def test_one_call_greedy_draft_maps_the_subsets_argmax_back_to_token_ids(models, monkeypatch):
-    """The C++ ``draft_greedy`` with a reduced vocabulary proposes what the Python loop over
+    """The C++ greedy ``draft_chain`` with a reduced vocabulary proposes what the Python loop over
     :meth:`DraftVocab.project` proposes, and none of the full vocabulary's drafts."""
 
     needs_kernels()
@@ -156,7 +156,7 @@ def test_one_call_greedy_draft_maps_the_subsets_argmax_back_to_token_ids(models,
     vocab = DraftVocab(draft, [t for t in range(draft.config.vocab_size) if t not in top])
     got = [DraftModelDrafter(draft, 6, draft_vocab=vocab).propose(_context(p)).tokens.tolist() for p in prompts]
     with monkeypatch.context() as patch:
-        patch.setattr(draft.module, "draft_greedy", lambda *args, **kwargs: None)  # the Python loop runs
+        patch.setattr(draft.module, "draft_chain", lambda *args, **kwargs: None)  # the Python loop runs
         want = [DraftModelDrafter(draft, 6, draft_vocab=vocab).propose(_context(p)).tokens.tolist() for p in prompts]
     assert got == want
     assert not top & {t for tokens in got for t in tokens}

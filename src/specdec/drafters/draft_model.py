@@ -101,14 +101,9 @@ class DraftModelDrafter:
         if self.tree_width == 1:  # the loop below in one call, where the kernels run
             feed = torch.as_tensor(ctx.token_ids[start:], device=self.model.device).reshape(1, -1)  # (1, T)
             vocab = self.draft_vocab.kernel_rows if self.draft_vocab is not None else None
-            if ctx.sampling.greedy:
-                drafts = self.model.module.draft_greedy(feed, start, K, self.cache, vocab)
-                if drafts is not None:
-                    return DraftProposal(drafts, None)  # (K,)
-            else:
-                sampled = self.model.module.draft_sample(feed, start, K, self.cache, ctx.sampling, ctx.generator, vocab)
-                if sampled is not None:
-                    return DraftProposal(*sampled)  # (K,), (K, V)
+            chain = self.model.module.draft_chain(feed, start, K, self.cache, ctx.sampling, ctx.generator, vocab)
+            if chain is not None:
+                return DraftProposal(*chain)  # (K,), (K, V) or None
         logits = self._forward(ctx.token_ids[start:], start)
         if self.tree_width > 1:
             return self._propose_tree(ctx, K, logits)

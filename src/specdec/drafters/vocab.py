@@ -96,7 +96,7 @@ class DraftVocab:
 
     @property
     def kernel_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``((N,) ids, (N, d) rows)`` for :meth:`Transformer.draft_greedy`."""
+        """``((N,) ids, (N, d) rows)`` for :meth:`Transformer.draft_chain`."""
         return self.ids, self.compact
 
     def project(self, h: torch.Tensor) -> torch.Tensor:

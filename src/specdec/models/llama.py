@@ -467,53 +467,36 @@ class Transformer(nn.Module):
         head = self._kernel_io[1] if self._kernel_io is not None else self.lm_head.weight
         return project_rows(h, head, self.lm_head.weight)
 
-    def draft_greedy(
-        self,
-        tokens: torch.Tensor,  # (1, T)
-        start: int,
-        num_tokens: int,
-        cache: KVCache,
-        vocab: tuple[torch.Tensor, torch.Tensor] | None = None,  # ((N,) ids, (N, d) their kernel rows)
-    ) -> torch.Tensor | None:
-        """Greedy chain drafting in one C++ call, or None where the kernels do not apply (the caller
-        then runs its own loop): feed ``tokens`` ``(1, T)`` at positions ``start..``, then
-        ``num_tokens`` times append the argmax of the last logits, feeding each but the last.
-        Returns the ``(num_tokens,)`` drafts; ``cache`` holds ``start + T + num_tokens - 1`` slots.
-        With ``vocab`` the argmax runs over those tokens only (a reduced draft vocabulary)."""
-        if self._layer_weights is None or not kernels.fused_layers_apply(self.lm_head.weight):
-            return None
-        cfg, (embed, head) = self.config, self._kernel_io  # type: ignore[misc]
-        ids, head = vocab if vocab is not None else (None, head)
-        drafts = kernels.draft_greedy(
-            tokens, start, num_tokens, self.inv_freq, embed, cache.k, cache.v, self._layer_weights,
-            self.model.norm.weight, head, ids, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-            cfg.rms_norm_eps,
-        )  # fmt: skip
-        cache.truncate(start + tokens.shape[1] + num_tokens - 1)
-        return drafts
-
-    def draft_sample(
+    def draft_chain(
         self,
         tokens: torch.Tensor,  # (1, T)
         start: int,
         num_tokens: int,
         cache: KVCache,
         sampling: SamplingParams,
-        generator: torch.Generator | None,
+        generator: torch.Generator | None = None,
         vocab: tuple[torch.Tensor, torch.Tensor] | None = None,  # ((N,) ids, (N, d) their kernel rows)
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """:meth:`draft_greedy` sampled: each draft is drawn (by inverse transform, with a uniform
-        from ``generator``) from the distribution ``sampling.logits_to_probs`` makes of its logits
-        (temperature, top-k, top-p), computed in C++. Returns the ``(K,)`` drafts and those
-        ``(K, V)`` distributions (zero outside ``vocab``), or None where the kernels do not apply."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Chain drafting in one C++ call, or None where the kernels do not apply (the caller then
+        runs its own loop): feed ``tokens`` ``(1, T)`` at positions ``start..``, then
+        ``num_tokens`` times pick a draft from the last logits and feed it, all but the last.
+        Greedy picks the argmax; sampling draws (by inverse transform, with a uniform from
+        ``generator``) from the distribution ``sampling.logits_to_probs`` makes of the logits
+        (temperature, top-k, top-p), computed in C++. With ``vocab`` only those tokens are
+        scored (a reduced draft vocabulary). Returns the ``(K,)`` drafts and, when sampling,
+        their ``(K, V)`` distributions (zero outside ``vocab``; None when greedy); ``cache``
+        holds ``start + T + num_tokens - 1`` slots."""
         if self._layer_weights is None or not kernels.fused_layers_apply(self.lm_head.weight):
             return None
         cfg, (embed, head) = self.config, self._kernel_io  # type: ignore[misc]
         ids, head = vocab if vocab is not None else (None, head)
-        drafts, rows = kernels.draft_sample(
-            tokens, start, num_tokens, self.inv_freq, embed, cache.k, cache.v, self._layer_weights,
-            self.model.norm.weight, head, ids, *chain_draws(sampling, num_tokens, generator),
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
-        )  # fmt: skip
+        common = (tokens, start, num_tokens, self.inv_freq, embed, cache.k, cache.v, self._layer_weights)
+        shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
+        norm = self.model.norm.weight
+        if sampling.greedy:
+            drafts, probs = kernels.draft_greedy(*common, norm, head, ids, *shape), None
+        else:
+            drafts, rows = kernels.draft_sample(*common, norm, head, ids, *chain_draws(sampling, num_tokens, generator), *shape)
+            probs = spread_rows(rows, ids, cfg.vocab_size)  # (K, V)
         cache.truncate(start + tokens.shape[1] + num_tokens - 1)
-        return drafts, spread_rows(rows, ids, cfg.vocab_size)  # (K,), (K, V)
+        return drafts, probs  # (K,), (K, V) or None
