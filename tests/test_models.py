@@ -18,6 +18,7 @@ from transformers import (
 from helpers import needs_kernels
 from specdec import ModelLoadError, load_model
 from specdec.models.llama import Transformer
+from specdec.models.loading import resolve_device
 
 SMALL = dict(
     vocab_size=101,
@@ -134,6 +135,15 @@ def test_auto_dtype_is_bfloat16_only_where_it_is_fast(tmp_path, monkeypatch):
     assert load_model(tmp_path, dtype="float16").dtype == torch.float16
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         load_model(tmp_path, dtype="int3")
+
+
+def test_auto_device_is_a_gpu_only_where_torch_sees_one(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SMALL)).save_pretrained(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_model(tmp_path, device="auto").device.type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
 
 
 def test_fused_projections_change_nothing_but_the_number_of_products(hf_pair):

@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sampling: keep the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="sampling: keep the likeliest tokens up to this probability")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (a GPU where there is one, else the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<time>)")
     p.add_argument("--quick", action="store_true", help="1 prompt per task, 1 run, 12 new tokens")
@@ -111,6 +111,7 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from specdec.bench.methods import available_methods, parse_method
     from specdec.bench.runner import BenchConfig
     from specdec.bench.tasks import TASKS, read_prompt_file
+    from specdec.models.loading import resolve_device
     from specdec.sampling import SamplingParams
 
     if args.quick:
@@ -125,7 +126,8 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise UserError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
     try:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-    except ValueError as e:
+        device = str(resolve_device(args.device))  # (auto: recorded as the device it chose)
+    except ValueError as e:  # (ModelLoadError is one)
         raise UserError(str(e)) from None
     methods = available_methods() if args.methods == "all" else _csv(args.methods)
     tasks = _csv(args.tasks)
@@ -154,7 +156,7 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         num_draft_tokens=args.num_draft_tokens,
         draft_vocab=args.draft_vocab,
         dtype=args.dtype,
-        device=args.device,
+        device=device,
         prompts_file=None if args.prompts is None else str(args.prompts),
         sampling=sampling,
     )

@@ -187,7 +187,7 @@ def measure(
 
     from specdec.models.loading import resolve_device
 
-    resolve_device(device)  # a clear error before any measurement
+    device = str(resolve_device(device))  # a clear error before any measurement
     out.mkdir(parents=True, exist_ok=True)
     path = out / "cost_curve.json"
     data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"entries": {}}

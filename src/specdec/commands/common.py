@@ -57,7 +57,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="every drafter but ngram: score drafts over the N most frequent tokens of the target's draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (a GPU where there is one, else the CPU)")
     p.add_argument(
         "--threads",
         type=int,

@@ -101,8 +101,11 @@ def fast_bf16(device: torch.device | str) -> bool:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device`` that exists here; :class:`ModelLoadError` (one line for
-    the CLI, a 4xx for the server) for a name torch does not know or a GPU this machine lacks."""
+    """``device`` as a ``torch.device`` that exists here (``auto``: the first GPU where torch
+    sees one, else the CPU); :class:`ModelLoadError` (one line for the CLI, a 4xx for the
+    server) for a name torch does not know or a GPU this machine lacks."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
@@ -152,10 +155,11 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def load_model(
     name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu"
 ) -> LoadedModel:
-    """Load a Llama-family model from a Hugging Face folder or an embedded name."""
+    """Load a Llama-family model from a Hugging Face folder or an embedded name onto ``device``
+    (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: a GPU where there is one)."""
     folder = resolve_path(name_or_path)
     cfg = ModelConfig.from_folder(folder)
-    resolve_device(device)
+    device = str(resolve_device(device))
     torch_dtype = resolve_dtype(dtype, cfg, device)
     state = read_state_dict(folder)
     with torch.device("meta"):
