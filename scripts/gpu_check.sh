@@ -23,7 +23,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 $PY -c "import torch, transformers, sys; print(sys.version.split()[0], torch.__version__, transformers.__version__)"
-step tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
+step tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
+    "tests/test_serving_engine.py::test_demo_pair_in_a_batch_equals_plain_greedy"
 step smoke 100 $PY scripts/gpu_smoke.py
 step bench 200 $PY -m specdec.cli bench --device cuda --dtype float32 --num-prompts 3 --runs 2 \
   --methods "$METHODS" --no-progress --out "$WORK/bench"

@@ -182,12 +182,14 @@ def test_tree_and_chain_rows_in_one_batch_equal_plain_greedy(pair) -> None:  # t
     assert TreeCounter.trees > 0
 
 
-def test_demo_pair_in_a_batch_equals_plain_greedy() -> None:
-    """The shipped pair (float32): 8 rows with the batched draft model equal plain decoding."""
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))  # (no skip)
+def test_demo_pair_in_a_batch_equals_plain_greedy(device: str) -> None:
+    """The shipped pair (float32): 8 rows with the batched draft model equal plain decoding,
+    on the CPU and, where there is one, a GPU (scripts/gpu_check.sh runs it there)."""
     from specdec.serving.loadtest import PROMPTS
 
-    target = specdec.load_model("demo-target", dtype="float32")
-    draft = specdec.load_model("demo-draft", dtype="float32")
+    target = specdec.load_model("demo-target", dtype="float32", device=device)
+    draft = specdec.load_model("demo-draft", dtype="float32", device=device)
     prompts = [target.tokenizer.encode(p) for p in PROMPTS[:8]]
     outputs: dict[int, list[int]] = {}
     requests = []
