@@ -11,9 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec import DraftModelDrafter, SpeculativeGenerator, load_model
+from helpers import random_head
+from specdec import DraftModelDrafter, EagleDrafter, EarlyExitDrafter, SpeculativeGenerator, load_model
+from specdec.drafters.heads import EagleHead
 from specdec.models import cuda_graphs
-from specdec.models.cuda_graphs import GraphedPasses, eager_capture
+from specdec.models.cuda_graphs import GraphedPasses, GraphTable, cuda_capture, eager_capture
 
 PROMPTS = [[5], [1, 2, 3], list(range(40, 60))]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -83,6 +85,50 @@ def test_graphed_pass_matches_the_eager_pass(target_path, device, monkeypatch):
         torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-5, atol=1e-5)
     # One graph per cache: three caches, three recordings (a dropped cache drops its graphs).
     assert target.graphs.captures == 3
+
+
+def record_proposals(drafter, seen: list[list[int]]) -> None:  # type: ignore[no-untyped-def]
+    propose = drafter.propose
+
+    def record(ctx):  # type: ignore[no-untyped-def]
+        proposal = propose(ctx)
+        seen.append(proposal.tokens.tolist())
+        return proposal
+
+    drafter.propose = record
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["eagle", "early-exit"])
+def test_graphed_head_drafters_draft_what_their_eager_loops_draft(target_path, device, method, monkeypatch):
+    """The EAGLE head's and early exit's chain passes, replayed from graphs, give the eager
+    loop's drafts (greedy and sampled) and plain greedy output; small slot buckets make the
+    passes cross buckets."""
+    monkeypatch.setattr(cuda_graphs, "SLOT_BUCKET", 16)
+    # The loops under test, not the one-call C++ chains the CPU would take:
+    monkeypatch.setattr(EagleHead, "draft_chain", lambda *args, **kwargs: None)
+    monkeypatch.setattr(EarlyExitDrafter, "_one_call", lambda self: False)
+    target = load_model(target_path, dtype="float32", device=device)
+    settings = {"exit_layer": 1} if method == "early-exit" else {}
+    head = random_head(method, target, seed=0, **settings).to(device)
+    make = EagleDrafter if method == "eagle" else EarlyExitDrafter
+    drafters = {name: make(target, head, num_draft_tokens=4) for name in ("eager", "graphed")}
+    drafters["eager"].graphs = None
+    drafters["graphed"].graphs = GraphTable(eager_capture if device == "cpu" else cuda_capture)
+    proposals: dict[str, list[list[int]]] = {name: [] for name in drafters}
+    for name, drafter in drafters.items():
+        record_proposals(drafter, proposals[name])
+    plain = SpeculativeGenerator(target)
+    for prompt in PROMPTS:
+        ref = plain.generate(prompt, max_new_tokens=40).token_ids
+        for name, drafter in drafters.items():
+            gen = SpeculativeGenerator(target, drafter)
+            assert gen.generate(prompt, max_new_tokens=40).token_ids == ref, name
+            gen.generate(prompt, max_new_tokens=20, temperature=0.8, seed=3)
+    assert proposals["graphed"] == proposals["eager"]
+    assert drafters["graphed"].graphs.captures > 0
+    if device == "cpu":
+        assert make(target, head).graphs is None  # graphs only on CUDA
 
 
 def test_which_passes_are_graphed():

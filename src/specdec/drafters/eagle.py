@@ -44,6 +44,8 @@ import torch
 from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, check_draft_shape
 from specdec.drafters.heads import EagleHead, pick_tokens, resolve_head
 from specdec.drafters.vocab import DraftVocab, head_rows, projector, resolve_draft_vocab
+from specdec.models import cuda_graphs
+from specdec.models.llama import causal_mask
 from specdec.models.loading import LoadedModel
 from specdec.sampling import logits_to_probs, sample
 from specdec.verify.chain import VerifyResult
@@ -85,6 +87,7 @@ class EagleDrafter:
             capacity, target.config.hidden_size, dtype=target.dtype, device=target.device
         )  # (S, d) target features by position
         self._num_features = 0
+        self.graphs = cuda_graphs.GraphTable() if cuda_graphs.enabled(target.device) else None
 
     def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:
         self.cache.truncate(0)
@@ -99,12 +102,24 @@ class EagleDrafter:
 
     def _step(self, tokens: torch.Tensor, features: torch.Tensor, start: int) -> torch.Tensor:
         """Feed entries ``t = start ..`` (``tokens`` are x_{t+1} ``(T,)``, ``features`` f_t
-        ``(T, d)``); the predicted feature of the last entry ``(d,)``."""
-        embed = self.target.module.model.embed_tokens(tokens[None])  # (1, T, d)
-        pos = torch.arange(start, start + tokens.shape[0], device=tokens.device)[None]  # (1, T)
-        predicted = self.head(embed, features[None], pos, self.cache)  # (1, T, d)
-        self.cache.truncate(start + tokens.shape[0])
-        return predicted[0, -1]  # type: ignore[no-any-return]
+        ``(T, d)``); the predicted feature of the last entry ``(d,)``. On a GPU a chain pass
+        replays a graph recorded for its shape (:mod:`specdec.models.cuda_graphs`)."""
+        T = tokens.shape[0]
+        pos = torch.arange(start, start + T, device=tokens.device)[None]  # (1, T)
+        inputs = (tokens[None], features[None], pos)
+        (predicted,) = cuda_graphs.chain_pass(self.graphs, self.cache, start + T, inputs, self._head_pass)
+        self.cache.truncate(start + T)
+        return predicted[0, -1]
+
+    def _head_pass(
+        self, tokens: torch.Tensor, features: torch.Tensor, pos: torch.Tensor, slots: int | None
+    ) -> tuple[torch.Tensor]:
+        """The head over ``tokens`` ``(1, T)`` (x_{t+1}), ``features`` ``(1, T, d)`` at ``pos``
+        ``(1, T)``: ``((1, T, d) predicted features,)``. With ``slots`` it attends over that many
+        cache slots under the causal mask of ``pos`` (a fixed shape, for a graph)."""
+        embed = self.target.module.model.embed_tokens(tokens)  # (1, T, d)
+        mask = None if slots is None else causal_mask(pos, slots)[:, 0]  # (1, T, slots)
+        return (self.head(embed, features, pos, self.cache, attn_mask=mask),)
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftProposal:

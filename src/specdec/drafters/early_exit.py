@@ -28,6 +28,7 @@ target is on a CPU, it saves about L/N of the verify pass's work.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,6 +44,8 @@ from specdec.drafters.base import (
 )
 from specdec.drafters.heads import ExitHead, pick_tokens, resolve_head
 from specdec.drafters.vocab import DraftVocab, head_rows, projector, resolve_draft_vocab
+from specdec.models import cuda_graphs
+from specdec.models.llama import causal_mask
 from specdec.models.loading import LoadedModel
 from specdec.sampling import chain_draws, spread_rows
 from specdec.verify.chain import VerifyResult
@@ -76,6 +79,7 @@ class EarlyExitDrafter:
         self._shared = False
         self._n = 0  # committed length at the last propose
         self._proposed = 0
+        self.graphs = cuda_graphs.GraphTable() if cuda_graphs.enabled(target.device) else None
 
     def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:
         self._shared = target_out.cache is not None and self.target.module.reuses_layers()
@@ -90,17 +94,31 @@ class EarlyExitDrafter:
     @torch.inference_mode()
     def _forward(self, token_ids: list[int] | torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Read ``token_ids`` at positions ``start..`` through layers 0..L-1; logits ``(V,)`` of
-        the next token after the last one, and the last token's layer-L state ``(d,)``."""
-        module = self.target.module
+        the next token after the last one, and the last token's layer-L state ``(d,)``. On a GPU
+        a chain pass replays a graph recorded for its shape (:mod:`specdec.models.cuda_graphs`)."""
         tokens = torch.as_tensor(token_ids, device=self.target.device).reshape(1, -1)  # (1, T)
-        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]  # (1, T)
+        end = start + tokens.shape[1]
+        pos = torch.arange(start, end, device=tokens.device)[None]  # (1, T)
+        layers = partial(self._exit_pass, end=end)
+        logits, state = cuda_graphs.chain_pass(self.graphs, self.cache, end, (tokens, pos), layers)
+        if not self._shared:  # (the engine keeps the length of its own cache)
+            self.cache.truncate(end)
+        return logits, state
+
+    def _exit_pass(
+        self, tokens: torch.Tensor, pos: torch.Tensor, slots: int | None, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers 0..L-1 and the exit head over ``tokens`` ``(1, T)`` at ``pos`` ``(1, T)``, the
+        cache filled up to ``end``: ``((V,) logits after the last token, (d,) its layer-L
+        state)``. With ``slots`` attention reads that many cache slots under the causal mask of
+        ``pos`` instead (a fixed shape, for a graph)."""
+        module = self.target.module
         h = module.model.embed_tokens(tokens)  # (1, T, d)
         if self._shared:  # float32 activations, as the verify pass that continues from them
             h = h.float()
-        end = start + tokens.shape[1]
-        h = module.run_layers(h, pos, self.cache, layers=range(self.exit_layer), kv_len=end)  # (1, T, d)
-        if not self._shared:  # (the engine keeps the length of its own cache)
-            self.cache.truncate(end)
+        mask = None if slots is None else causal_mask(pos, slots)  # (1, 1, T, slots)
+        kv_len = end if slots is None else slots
+        h = module.run_layers(h, pos, self.cache, attn_mask=mask, layers=range(self.exit_layer), kv_len=kv_len)
         state = h[0, -1]  # (d,)
         return self._project(self.head(state.to(self.target.dtype))), state
 

@@ -75,9 +75,11 @@ class StagedDrafter:
     def _forward(self, token_ids: list[int], start: int, num_logits: int) -> torch.Tensor:
         """Feed ``token_ids`` at ``start``; logits ``(num_logits, V)`` of the last ones."""
         tokens = torch.tensor([token_ids], device=self.model.device)  # (1, T)
-        pos = torch.arange(start, start + len(token_ids), device=tokens.device)
-        logits = draft_pass(self.model, self.draft_vocab, tokens, pos, self.cache, num_logits)
-        self.cache.truncate(start + len(token_ids))
+        end = start + len(token_ids)
+        pos = torch.arange(start, end, device=tokens.device)
+        # (kv_len known: no device sync, and on a GPU the pass replays a graph)
+        logits = draft_pass(self.model, self.draft_vocab, tokens, pos, self.cache, num_logits, kv_len=end)
+        self.cache.truncate(end)
         self.draft_forwards += 1
         return logits  # (num_logits, V)
 

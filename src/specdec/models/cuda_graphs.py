@@ -15,9 +15,10 @@ A graph replays fixed shapes on fixed memory, so a captured pass:
 * writes keys and values into the one :class:`~specdec.cache.KVCache` it was captured with.
 
 Graphs are kept per cache, per number of tokens, slot bucket and output kind; a cache that is
-dropped takes its graphs with it. Only single-sequence chain passes over at most
-:data:`MAX_TOKENS` tokens are graphed (prefill, tree passes and batches run eagerly).
-``SPECDEC_CUDA_GRAPHS=0`` turns graphs off.
+dropped takes its graphs with it (:class:`GraphTable`). Graphed: a model's single-sequence
+chain passes over at most :data:`MAX_TOKENS` tokens (:class:`GraphedPasses`, the target's and
+a draft model's steps) and the EAGLE head's chain passes (``EagleDrafter``); prefill, tree
+passes and batches run eagerly. ``SPECDEC_CUDA_GRAPHS=0`` turns graphs off.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -75,12 +77,75 @@ def eager_capture(run: Callable[[], Outputs]) -> tuple[Outputs, Callable[[], Non
     return outputs, replay
 
 
+def bucket_slots(kv_len: int, max_seq_len: int) -> int:
+    """The cache slots a captured pass attends over: ``kv_len`` rounded up to a multiple of
+    :data:`SLOT_BUCKET`, at most the cache's size."""
+    return min(max_seq_len, SLOT_BUCKET * math.ceil(kv_len / SLOT_BUCKET))
+
+
 @dataclass
 class _Graph:
-    tokens: torch.Tensor  # (1, T) static input
-    positions: torch.Tensor  # (1, T) static input
-    outputs: Outputs  # static outputs: logits (1, T', V) [, hidden (1, T, d)]
+    inputs: tuple[torch.Tensor, ...]  # static inputs the caller's values are copied to
+    outputs: Outputs  # static outputs
     replay: Callable[[], None]
+
+
+class GraphTable:
+    """Recorded passes over caches, each kept per cache and a key that fixes its shapes.
+
+    ``run(cache, key, inputs, fn)`` returns ``fn(*inputs)``: the first time for a (cache, key),
+    ``fn`` is recorded on static copies of ``inputs``; later, the inputs are copied into them
+    and the recording replays. ``fn`` must take its shapes from the key and touch no other
+    memory than its inputs, the cache and the model's weights."""
+
+    def __init__(self, capture: Capture = cuda_capture) -> None:
+        self.capture = capture
+        self.captures = 0  # graphs recorded so far (tests and benchmarks read it)
+        self._graphs: weakref.WeakKeyDictionary[KVCache, dict[tuple[Any, ...], _Graph]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def run(
+        self,
+        cache: KVCache,
+        key: tuple[Any, ...],
+        inputs: tuple[torch.Tensor, ...],
+        fn: Callable[..., Outputs],
+    ) -> Outputs:
+        graphs = self._graphs.setdefault(cache, {})
+        graph = graphs.get(key)
+        if graph is None:
+            static = tuple(x.clone() for x in inputs)
+            # The warm-up and the recorded pass write this pass's keys and values: the same
+            # values into the same slots, so recording on the caller's inputs is harmless.
+            outputs, replay = self.capture(lambda: fn(*static))
+            self.captures += 1
+            graphs[key] = _Graph(static, outputs, replay)
+            graph = graphs[key]
+        else:
+            for static, value in zip(graph.inputs, inputs, strict=True):
+                static.copy_(value)
+            graph.replay()
+        return tuple(out.clone() for out in graph.outputs)  # (the next replay overwrites them)
+
+
+def chain_pass(
+    table: GraphTable | None,
+    cache: KVCache,
+    kv_len: int,
+    inputs: tuple[torch.Tensor, ...],
+    fn: Callable[..., Outputs],
+) -> Outputs:
+    """A drafter's single-sequence pass ``fn(*inputs, slots=...)`` over ``cache``, whose
+    ``inputs[0]`` is ``(1, T)``: eagerly (``slots=None``: ``fn`` attends over the ``kv_len``
+    written slots its own way) without a table or for more than :data:`MAX_TOKENS` tokens,
+    else recorded / replayed from ``table`` with ``slots`` = the bucket of ``kv_len``
+    (``fn`` then attends over that many slots under the causal mask of its positions)."""
+    T = inputs[0].shape[1]
+    if table is None or T > MAX_TOKENS:
+        return fn(*inputs, slots=None)
+    slots = bucket_slots(kv_len, cache.max_seq_len)
+    return table.run(cache, (T, slots), inputs, partial(fn, slots=slots))
 
 
 class GraphedPasses:
@@ -89,11 +154,11 @@ class GraphedPasses:
 
     def __init__(self, module: torch.nn.Module, capture: Capture = cuda_capture) -> None:
         self.module = module
-        self.capture = capture
-        self.captures = 0  # graphs recorded so far (a test and a benchmark read it)
-        self._graphs: weakref.WeakKeyDictionary[KVCache, dict[tuple[Any, ...], _Graph]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self.table = GraphTable(capture)
+
+    @property
+    def captures(self) -> int:
+        return self.table.captures
 
     @staticmethod
     def applies(tokens: torch.Tensor, kwargs: dict[str, Any]) -> bool:
@@ -116,30 +181,14 @@ class GraphedPasses:
         return_hidden: bool = False,
         kv_len: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        T = tokens.shape[1]
-        assert kv_len is not None
-        slots = min(cache.max_seq_len, SLOT_BUCKET * math.ceil(kv_len / SLOT_BUCKET))
-        key = (T, slots, num_logits, return_hidden)
-        graphs = self._graphs.setdefault(cache, {})
-        graph = graphs.get(key)
-        if graph is None:
-            graph = graphs[key] = self._record(tokens, input_pos.reshape(1, T), cache, key)
-        else:
-            graph.tokens.copy_(tokens)
-            graph.positions.copy_(input_pos.reshape(1, T))
-            graph.replay()
-        # Copies: the next replay overwrites the static outputs.
-        outputs = tuple(out.clone() for out in graph.outputs)
-        return outputs if return_hidden else outputs[0]
-
-    def _record(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, key: tuple[Any, ...]) -> _Graph:
         from specdec.models.llama import causal_mask
 
-        _, slots, num_logits, return_hidden = key
-        static_tokens, static_positions = tokens.clone(), positions.clone()
+        T = tokens.shape[1]
+        assert kv_len is not None
+        slots = bucket_slots(kv_len, cache.max_seq_len)
         module = self.module
 
-        def run() -> Outputs:  # the pass, on the static inputs
+        def run(static_tokens: torch.Tensor, static_positions: torch.Tensor) -> Outputs:
             mask = causal_mask(static_positions, slots)  # (1, 1, T, slots)
             out = module(
                 static_tokens, static_positions, cache, attn_mask=mask, num_logits=num_logits,
@@ -147,8 +196,6 @@ class GraphedPasses:
             )  # fmt: skip
             return out if isinstance(out, tuple) else (out,)
 
-        # The warm-up and the recorded pass write this pass's keys and values: the same values
-        # into the same slots, so recording on the caller's inputs is harmless.
-        outputs, replay = self.capture(run)
-        self.captures += 1
-        return _Graph(static_tokens, static_positions, outputs, replay)
+        key = (T, slots, num_logits, return_hidden)
+        outputs = self.table.run(cache, key, (tokens, input_pos.reshape(1, T)), run)
+        return outputs if return_hidden else outputs[0]
