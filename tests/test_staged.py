@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import accept_every_draft
+from helpers import accept_every_draft, needs_kernels
 from specdec import DraftModelDrafter, SpeculativeGenerator, load_model
 from specdec.drafters import StagedDrafter
 from specdec.drafters.base import DraftContext
@@ -149,6 +149,34 @@ def test_tree_sampling_matches_exact_target_distribution(vocab8, sampling):
         vocab8["target"], StagedDrafter(vocab8["far"], 2, tree_width=3, branch_depth=2)
     )
     assert_matches_target(gen, NGRAM_PROMPT, N_SAMPLES, sampling)
+
+
+@pytest.mark.parametrize("sampling", SETTINGS[1:], ids=SETTING_IDS[1:])
+def test_chain_sampling_matches_exact_target_distribution(vocab8, sampling):
+    """A staged chain: n-gram guesses verified by the draft, and where none is left the rest of
+    the chain from the draft model's one-call chain (where the kernels run)."""
+    gen = SpeculativeGenerator(vocab8["target"], StagedDrafter(vocab8["far"], 3, tree_width=1))
+    assert_matches_target(gen, NGRAM_PROMPT, N_SAMPLES, sampling)
+
+
+def test_a_chain_without_ngram_guesses_is_drafted_in_one_call(models, monkeypatch):
+    """No n-gram guess (a prompt without repeats): the whole chain comes from one call of the
+    draft model's chain, the same drafts as the draft model's own drafter."""
+    needs_kernels()
+    draft, prompt = models["good"], [1, 2, 3, 4]
+    calls = []
+    one_call = type(draft.module).draft_chain
+    monkeypatch.setattr(type(draft.module), "draft_chain", lambda *a, **kw: calls.append(a[3]) or one_call(*a, **kw))
+    staged = StagedDrafter(draft, 4, tree_width=1)
+    staged.prefill(prompt, None)
+    with torch.inference_mode():
+        got = staged.propose(DraftContext(prompt, SamplingParams(0.0), 10)).tokens.tolist()
+    assert calls == [4]  # one call for all four drafts
+    plain = DraftModelDrafter(draft, 4)
+    plain.prefill(prompt, None)
+    want = plain.propose(DraftContext(prompt, SamplingParams(0.0), 10)).tokens.tolist()
+    assert got == want
+    assert staged.cache.lengths[0] == len(prompt) + 3  # the chain's last token is not fed
 
 
 def test_negative_control_broken_tree_verifier_fails(vocab8, monkeypatch):
