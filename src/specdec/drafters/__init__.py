@@ -4,6 +4,7 @@ from specdec.drafters.base import DraftContext, Drafter, DraftProposal, DraftTre
 from specdec.drafters.draft_model import DraftModelDrafter
 from specdec.drafters.eagle import EagleDrafter
 from specdec.drafters.early_exit import EarlyExitDrafter
+from specdec.drafters.hybrid import HybridDrafter
 from specdec.drafters.medusa import MedusaDrafter
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.staged import StagedDrafter
@@ -16,6 +17,7 @@ __all__ = [
     "Drafter",
     "EagleDrafter",
     "EarlyExitDrafter",
+    "HybridDrafter",
     "MedusaDrafter",
     "NgramDrafter",
     "ReusedLayers",

@@ -66,13 +66,16 @@ class NgramIndex:
         else:
             self.extend(tokens)
 
-    def continuations(self, query: list[int], max_len: int, max_count: int) -> list[list[int]]:
+    def continuations(
+        self, query: list[int], max_len: int, max_count: int, min_n: int | None = None
+    ) -> list[list[int]]:
         """Up to ``max_count`` distinct continuations (each <= ``max_len`` tokens) of ``query``'s
-        suffix: the longest matching n first; for one n, among its ``SCAN`` most recent
-        occurrences, full-length continuations (most recent first) before ones cut short by the
-        end of the text (longest first)."""
+        suffix: the longest matching n first (down to ``min_n``, default the index's); for one
+        n, among its ``SCAN`` most recent occurrences, full-length continuations (most recent
+        first) before ones cut short by the end of the text (longest first)."""
         found: list[list[int]] = []
-        for n in range(min(self.max_n, len(query)), self.min_n - 1, -1):
+        lowest = self.min_n if min_n is None else max(min_n, self.min_n)
+        for n in range(min(self.max_n, len(query)), lowest - 1, -1):
             recent = self._follow.get(tuple(query[len(query) - n :]), [])[-self.SCAN :][::-1]
             conts = [self.tokens[e : e + max_len] for e in recent]
             conts.sort(key=lambda c: -len(c))  # stable: recency breaks ties

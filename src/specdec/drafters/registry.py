@@ -62,6 +62,12 @@ def _adaptive(spec: DrafterSpec) -> Drafter:
     return AdaptiveDrafter(_draft_model(spec), max_draft_tokens=2 * spec.num_draft_tokens)
 
 
+def _hybrid(spec: DrafterSpec) -> Drafter:
+    from specdec.drafters.hybrid import HybridDrafter
+
+    return HybridDrafter(_draft_model(spec))
+
+
 def _early_exit(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.early_exit import EarlyExitDrafter
 
@@ -87,6 +93,7 @@ def _eagle(spec: DrafterSpec) -> Drafter:
 DRAFTERS: dict[str, Callable[[DrafterSpec], Drafter]] = {
     "draft": _draft_model,
     "adaptive": _adaptive,
+    "hybrid": _hybrid,
     "early-exit": _early_exit,
     "medusa": _medusa,
     "eagle": _eagle,
