@@ -123,6 +123,16 @@ def test_real_process_exit_code_and_no_traceback(pair):
     )
 
 
+def test_a_reader_that_goes_away_is_no_error(pair):
+    """``specdec generate ... | head``: the pipe closes before the output is written."""
+    exe = shutil.which("specdec") or f"{sys.executable} -m specdec.cli"
+    cmd = exe.split() + ["generate", "hi", "--target", pair["target"], "--draft", pair["draft"], "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # type: ignore[union-attr]  # (before the models have loaded)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and "Traceback" not in err, err
+
+
 def test_small_models_use_one_thread_only_without_the_one_call_forward(pair, monkeypatch):
     import argparse
 
