@@ -51,29 +51,26 @@ class Scripted:
 def test_lookup_is_proposed_where_the_rule_allows_and_the_draft_elsewhere() -> None:
     draft = Scripted()
     hybrid = HybridDrafter(draft)
-    ids = [1, 2, 3, 9, 1, 2]  # "1 2" was followed by "3 9 1 2": a 2-gram match, 4 tokens
-    hybrid.prefill(ids, None)  # type: ignore[arg-type]
     greedy, sampled = SamplingParams(), SamplingParams(temperature=0.8)
-    assert hybrid.propose(DraftContext(ids, greedy, 8)).tokens.tolist() == [3, 9, 1, 2]
-    hybrid.on_verified(VerifyResult([3, 9], 1, 4, False))
-    assert hybrid.propose(DraftContext(ids, sampled, 8)).tokens.tolist() == [0, 0, 0, 0]  # sampling: the draft
-    hybrid.on_verified(VerifyResult([0], 0, 4, False))
-    assert (draft.proposed, draft.verified) == (1, 1)
-    hybrid = HybridDrafter(draft := Scripted(), sampled_rule=LookupRule(min_tokens=None, min_match=2))
-    hybrid.prefill(ids, None)  # type: ignore[arg-type]
-    assert hybrid.propose(DraftContext(ids, sampled, 4)).tokens.tolist() == [3, 9, 1, 2]  # the full K
-    hybrid.on_verified(VerifyResult([3, 9], 1, 4, False))
+
+    def propose(ids: list[int], sampling: SamplingParams) -> list[int]:
+        hybrid.prefill(ids, None)  # type: ignore[arg-type]
+        tokens = hybrid.propose(DraftContext(ids, sampling, 8)).tokens.tolist()
+        hybrid.on_verified(VerifyResult(tokens[:1], 0, len(tokens), False))
+        return tokens
+
+    three = [1, 2, 3, 9, 1, 2, 3]  # "1 2 3" was followed by "9 1 2 3": a 3-token match
+    assert propose(three, greedy) == [9, 1, 2, 3]
     assert (draft.proposed, draft.verified) == (0, 0)  # a lookup step leaves the draft alone
-    short = [5, 6, 7, 5]  # "5" was followed by "6 7 5": a 1-gram match
-    hybrid.prefill(short, None)  # type: ignore[arg-type]
-    assert hybrid.propose(DraftContext(short, greedy, 8)).tokens.tolist() == [6, 7, 5]  # greedy: any
-    assert hybrid.propose(DraftContext(short, sampled, 8)).tokens.tolist() == [0, 0, 0, 0]  # a 1-gram: no
-    hybrid.on_verified(VerifyResult([0], 0, 4, False))
-    assert (draft.proposed, draft.verified) == (1, 1)
-    assert (hybrid.looked_up, hybrid.drafted) == (2, 1)
-    new = [4, 5, 6]  # nothing to look up: the draft, whatever the rule
-    hybrid.prefill(new, None)  # type: ignore[arg-type]
-    assert hybrid.propose(DraftContext(new, greedy, 8)).tokens.tolist() == [0, 0, 0, 0]
+    assert propose(three, sampled) == [0, 0, 0, 0]  # sampling: the draft model, by default
+    two = [1, 2, 3, 9, 1, 2]  # "1 2" was followed by "3 9 1 2": a 2-token match only
+    assert propose(two, greedy) == [0, 0, 0, 0]
+    assert propose([4, 5, 6], greedy) == [0, 0, 0, 0]  # nothing to look up
+    assert (draft.proposed, draft.verified) == (3, 3)
+    assert (hybrid.looked_up, hybrid.drafted) == (1, 3)
+    hybrid = HybridDrafter(draft, sampled_rule=LookupRule(min_tokens=None, min_match=2))
+    assert propose(two, sampled) == [3, 9, 1, 2]  # the full K (4) after a 2-token match
+    assert propose([1, 2, 9, 1, 2], sampled) == [0, 0, 0, 0]  # "9 1 2": 3 tokens of 4, the draft
 
 
 def test_greedy_output_equals_plain_decoding(models) -> None:  # type: ignore[no-untyped-def]
