@@ -13,6 +13,7 @@ import specdec
 from serving_support import make_pair
 from specdec.drafters.base import DraftContext, DraftProposal, TargetOutput
 from specdec.drafters.draft_model import DraftModelDrafter
+from specdec.drafters.hybrid import HybridDrafter
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.vocab import DraftVocab
 from specdec.sampling import SamplingParams
@@ -148,18 +149,22 @@ class TreeCounter(DraftModelDrafter):
 def test_tree_and_chain_rows_in_one_batch_equal_plain_greedy(pair) -> None:  # type: ignore[no-untyped-def]
     target, draft = pair
     kinds = iter(range(10**6))
+    hybrids: list[HybridDrafter] = []
 
     def factory():  # type: ignore[no-untyped-def]
         i = next(kinds)
-        if i % 3 == 0:
+        if i % 4 == 0:
             return TreeCounter(draft, 3, tree_width=2)
-        return NgramDrafter(3, num_branches=2) if i % 3 == 1 else DraftModelDrafter(draft, 3)
+        if i % 4 == 3:
+            hybrids.append(HybridDrafter(DraftModelDrafter(draft, 3)))
+            return hybrids[-1]
+        return NgramDrafter(3, num_branches=2) if i % 4 == 1 else DraftModelDrafter(draft, 3)
 
     texts = (
         "the model",
         "a fast draft",
         "red green blue",
-        "for while",
+        "for while do for while do for while",  # repeats, on the hybrid row (the 4th)
         "print value",
         "one two",
         "hello",
@@ -174,12 +179,13 @@ def test_tree_and_chain_rows_in_one_batch_equal_plain_greedy(pair) -> None:  # t
             outputs.setdefault(i, []).extend(event.token_ids)
 
         requests.append(EngineRequest(ids, 24 + i, SamplingParams(), emit))
-    engine = BatchEngine(target, factory, 3, ServerMetrics("t"), adaptive_draft_tokens=False)
+    engine = BatchEngine(target, factory, 4, ServerMetrics("t"), adaptive_draft_tokens=False)  # one row each
     run_engine(engine, requests)
     plain = specdec.SpeculativeGenerator(target)
     for i, ids in enumerate(prompts):
         assert outputs[i] == plain.generate(ids, max_new_tokens=24 + i).token_ids, i
     assert TreeCounter.trees > 0
+    assert sum(h.looked_up for h in hybrids) > 0 and sum(h.drafted for h in hybrids) > 0
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))  # (no skip)
