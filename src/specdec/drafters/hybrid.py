@@ -80,11 +80,12 @@ class HybridDrafter:
         self.index.sync(ids)
         K = min(self.num_draft_tokens, ctx.max_draft_tokens)
         rule = self.rules[ctx.sampling.greedy]
-        found = self.index.continuations(ids, K, 1, min_n=rule.min_match) if rule and K > 0 else []
-        if rule and found and len(found[0]) >= (K if rule.min_tokens is None else rule.min_tokens):
-            self.looked_up += 1
-            self._draft_proposed = False
-            return DraftProposal(torch.tensor(found[0], dtype=torch.long))  # (k,) deterministic
+        if rule is not None and K > 0:
+            found = self.index.continuations(ids, K, 1, min_n=rule.min_match)
+            if found and len(found[0]) >= (rule.min_tokens or K):
+                self.looked_up += 1
+                self._draft_proposed = False
+                return DraftProposal(torch.tensor(found[0], dtype=torch.long))  # (k,) deterministic
         self.drafted += 1
         self._draft_proposed = True
         self.draft.num_draft_tokens = self.num_draft_tokens

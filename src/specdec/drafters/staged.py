@@ -113,9 +113,9 @@ class StagedDrafter:
             if not guess and self.tree_width == 1:
                 rest = self._rest_in_one_call(unfed, start, remaining, ctx)
                 if rest is not None:
-                    chain += rest[0].tolist()
-                    greedy = ctx.sampling.greedy
-                    return chain, None, None if greedy else torch.cat([*prob_rows, rest[1]])  # type: ignore[list-item]
+                    drafts, probs = rest  # (K',), (K', V) or None (greedy)
+                    chain += drafts.tolist()
+                    return chain, None, None if probs is None else torch.cat([*prob_rows, probs])
             logits = self._forward(unfed + guess, start, len(guess) + 1)  # (m+1, V)
             draft_probs = logits_to_probs(logits, ctx.sampling)  # (m+1, V)
             guess_t = torch.tensor(guess, dtype=torch.long, device=logits.device)

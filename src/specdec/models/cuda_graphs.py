@@ -17,8 +17,8 @@ A graph replays fixed shapes on fixed memory, so a captured pass:
 Graphs are kept per cache, per number of tokens, slot bucket and output kind; a cache that is
 dropped takes its graphs with it (:class:`GraphTable`). Graphed: a model's single-sequence
 chain passes over at most :data:`MAX_TOKENS` tokens (:class:`GraphedPasses`, the target's and
-a draft model's steps) and the EAGLE head's chain passes (``EagleDrafter``); prefill, tree
-passes and batches run eagerly. ``SPECDEC_CUDA_GRAPHS=0`` turns graphs off.
+a draft model's steps) and the drafting passes of the EAGLE head and of early exit
+(:func:`chain_pass`); prefill, tree passes and batches run eagerly. ``SPECDEC_CUDA_GRAPHS=0`` turns graphs off.
 """
 
 from __future__ import annotations
@@ -120,8 +120,7 @@ class GraphTable:
             # values into the same slots, so recording on the caller's inputs is harmless.
             outputs, replay = self.capture(lambda: fn(*static))
             self.captures += 1
-            graphs[key] = _Graph(static, outputs, replay)
-            graph = graphs[key]
+            graph = graphs[key] = _Graph(static, outputs, replay)
         else:
             for static, value in zip(graph.inputs, inputs, strict=True):
                 static.copy_(value)
