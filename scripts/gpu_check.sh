@@ -9,7 +9,7 @@ WORK=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 SPECDEC_CPU_KERNELS=0 MPLBACKEND=Agg
 PY=${PYTHON:-python3}
-METHODS=hf,hf-assisted,plain,draft@1,draft,adaptive,ngram,staged,early-exit,medusa,eagle
+METHODS=hf,hf-assisted,plain,draft@1,draft,adaptive,ngram,hybrid,staged,early-exit,medusa,eagle
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, show its end
   local name=$1 limit=$2

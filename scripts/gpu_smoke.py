@@ -17,7 +17,7 @@ import torch
 from specdec import SpeculativeGenerator, load_model
 from specdec.bench.methods import build_method
 
-METHODS = ["draft", "draft@4x2", "adaptive", "ngram", "staged", "early-exit", "medusa", "medusa@4x3",
+METHODS = ["draft", "draft@4x2", "adaptive", "ngram", "hybrid", "staged", "early-exit", "medusa", "medusa@4x3",
            "eagle", "eagle@4x3", "hf", "hf-assisted"]  # fmt: skip
 DEVICE = sys.argv[1] if len(sys.argv) > 1 else "cuda"
 PROMPT = "def fibonacci(n):\n    "
