@@ -239,7 +239,7 @@ def draft_greedy(
     head_dim: int,
     eps: float,
 ) -> torch.Tensor:
-    """Greedy chain drafting in one call (``Transformer.draft_greedy``): ``(K,)`` int64 tokens."""
+    """Greedy chain drafting in one call (``Transformer.draft_chain``, greedy): ``(K,)`` int64 tokens."""
     op = _state["op"]
     return op.draft_greedy(  # type: ignore[attr-defined,no-any-return]
         tokens, start, num_tokens, inv_freq, embed, k_cache, v_cache, weights, norm, lm_head, ids, num_heads,
@@ -268,7 +268,7 @@ def draft_sample(
     head_dim: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled chain drafting in one call (``Transformer.draft_sample``): ``(K,)`` int64 tokens and
+    """Sampled chain drafting in one call (``Transformer.draft_chain``, sampling): ``(K,)`` int64 tokens and
     the ``(K, N)`` float32 distributions over ``lm_head``'s rows they were drawn from."""
     op = _state["op"]
     return op.draft_sample(  # type: ignore[attr-defined,no-any-return]
