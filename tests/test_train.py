@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import specdec
 from specdec.cli import main
@@ -203,6 +203,36 @@ def test_train_command_end_to_end(tiny_tok: tuple[Path, object], tmp_path: Path)
     smaller = tiny.replace("32", "16").replace("64", "32").replace("heads 2", "heads 1")
     rc = main(f"train draft --teacher {out} --out {tmp_path / 'dr'} {smaller} {steps}".split())
     assert rc == 0 and specdec.load_model(tmp_path / "dr").config.max_position_embeddings == 64
+
+
+def test_train_command_init_starts_from_a_models_weights(
+    tiny_tok: tuple[Path, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = "--hidden-size 32 --num-layers 1 --num-heads 2 --num-kv-heads 1 --intermediate-size 64"
+    steps = "--max-files 2 --seq-len 16 --batch-size 2 --max-steps 2 --eval-interval 2 --eval-batches 1"
+    teacher, start = tmp_path / "teacher", tmp_path / "start"
+    assert main(f"train target --tokenizer {tiny_tok[0]} --out {teacher} {tiny} --max-position-embeddings 64 {steps}".split()) == 0
+    assert main(f"train draft --teacher {teacher} --out {start} {tiny} {steps}".split()) == 0
+    # With a learning rate of 0 the run saves the weights it started from: those of --init (in
+    # its shape, whatever the shape flags say), not a new model's.
+    out = tmp_path / "warm"
+    other_shape = tiny.replace("--intermediate-size 64", "--intermediate-size 48")
+    assert main(f"train draft --teacher {teacher} --init {start} --out {out} {other_shape} {steps} --lr 0".split()) == 0
+    before = LlamaForCausalLM.from_pretrained(start).state_dict()
+    after = LlamaForCausalLM.from_pretrained(out).state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    fresh = tmp_path / "fresh"
+    assert main(f"train draft --teacher {teacher} --out {fresh} {tiny} {steps} --lr 0 --seed 5".split()) == 0
+    assert not torch.equal(LlamaForCausalLM.from_pretrained(fresh).lm_head.weight, after["lm_head.weight"])
+    capsys.readouterr()
+    # Refused: --init together with --resume, and a model of another vocabulary.
+    assert main(f"train draft --teacher {teacher} --init {start} --resume --out {out} {steps}".split()) == 2
+    LlamaForCausalLM(LlamaConfig(vocab_size=77, hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                 intermediate_size=16)).save_pretrained(tmp_path / "alien")  # fmt: skip
+    assert main(f"train draft --teacher {teacher} --init {tmp_path / 'alien'} --out {out} {steps}".split()) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("specdec: error:")]
+    assert len(err) == 2 and "choose one" in err[0] and "vocabulary of 77 tokens" in err[1]
 
 
 def test_train_command_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

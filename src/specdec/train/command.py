@@ -4,6 +4,7 @@
     specdec train target --tokenizer runs/tok --out runs/target --max-minutes 40
     specdec train draft --teacher runs/target --out runs/draft --max-minutes 15
     specdec train draft --teacher runs/target --no-distill --out runs/draft-data
+    specdec train draft --teacher runs/target --init runs/draft --seq-len 1024 --out runs/draft-long
     specdec train heads ...            (see specdec.train.heads)
     specdec train draft-vocab --target runs/target   (token ranking for the head drafters)
 
@@ -174,9 +175,14 @@ def _run_training(args: argparse.Namespace, tokenizer_dir: Path, teacher: object
         raise UserError("--seq-len must be >= 2, --batch-size and --max-steps >= 1")
     train_stream = pack_documents(_train_texts(args.max_files), tok)
     val_stream = pack_documents(read_split("validation"), tok)
+    if args.resume and args.init is not None:
+        raise UserError("--resume continues OUT/checkpoint; --init starts a new run from a model: choose one")
     if args.resume:
         model, state = load_checkpoint(args.out, device)
         print(f"resuming from step {state['step']} ({args.out / 'checkpoint'})")
+    elif args.init is not None:
+        model, state = _init_model(args.init, tok).to(device), None
+        print(f"starting from the weights of {args.init} (its shape; a new optimizer and schedule)")
     else:
         shape = _shape(args)
         if shape.hidden_size % shape.num_heads or shape.num_heads % shape.num_kv_heads:
@@ -204,6 +210,12 @@ def _add_common(p: argparse.ArgumentParser, shape: ModelShape, cfg: TrainConfig)
         "--out", type=Path, required=True, help="output model folder (checkpoints in OUT/checkpoint)"
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this model folder's weights and shape (e.g. to train on longer windows)",
+    )
     for name, help_text in SHAPE_FLAGS.items():
         default = getattr(shape, name)
         if name == "max_position_embeddings" and shape is DRAFT_SHAPE:
@@ -230,6 +242,23 @@ def _add_common(p: argparse.ArgumentParser, shape: ModelShape, cfg: TrainConfig)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     _add_max_files(p)
+
+
+def _init_model(folder: Path, tok) -> torch.nn.Module:  # type: ignore[no-untyped-def]
+    """The model saved in ``folder``, in float32, for a new run; refused unless it shares the
+    tokenizer's vocabulary (its token ids are the ones the run trains on)."""
+    _need_folder(folder / "config.json", "--init")
+    from transformers import LlamaForCausalLM
+
+    try:
+        model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--init {folder}: not a Llama model folder ({str(e).splitlines()[0][:120]})") from None
+    if model.config.vocab_size != tok.get_vocab_size():
+        raise UserError(
+            f"--init {folder}: vocabulary of {model.config.vocab_size} tokens, the tokenizer has {tok.get_vocab_size()}"
+        )
+    return model
 
 
 def _add_max_files(p: argparse.ArgumentParser) -> None:
