@@ -166,6 +166,8 @@ def run_draft(args: argparse.Namespace) -> int:
 
 
 def _run_training(args: argparse.Namespace, tokenizer_dir: Path, teacher: object) -> int:
+    if args.resume and args.init is not None:
+        raise UserError("--resume continues OUT/checkpoint; --init starts a new run from a model: choose one")
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,8 +177,6 @@ def _run_training(args: argparse.Namespace, tokenizer_dir: Path, teacher: object
         raise UserError("--seq-len must be >= 2, --batch-size and --max-steps >= 1")
     train_stream = pack_documents(_train_texts(args.max_files), tok)
     val_stream = pack_documents(read_split("validation"), tok)
-    if args.resume and args.init is not None:
-        raise UserError("--resume continues OUT/checkpoint; --init starts a new run from a model: choose one")
     if args.resume:
         model, state = load_checkpoint(args.out, device)
         print(f"resuming from step {state['step']} ({args.out / 'checkpoint'})")
