@@ -19,6 +19,7 @@ import importlib
 import json
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,10 @@ from specdec.cli import UserError
 from specdec.train.corpus import corpus_files, read_split
 from specdec.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from specdec.train.trainer import ModelShape, TrainConfig, load_checkpoint, new_model, pack_documents, train
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import LlamaForCausalLM
 
 TARGET_SHAPE = ModelShape()
 DRAFT_SHAPE = ModelShape(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=384)
@@ -244,7 +249,7 @@ def _add_common(p: argparse.ArgumentParser, shape: ModelShape, cfg: TrainConfig)
     _add_max_files(p)
 
 
-def _init_model(folder: Path, tok) -> torch.nn.Module:  # type: ignore[no-untyped-def]
+def _init_model(folder: Path, tok: Tokenizer) -> LlamaForCausalLM:
     """The model saved in ``folder``, in float32, for a new run; refused unless it shares the
     tokenizer's vocabulary (its token ids are the ones the run trains on)."""
     _need_folder(folder / "config.json", "--init")
