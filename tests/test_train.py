@@ -34,6 +34,8 @@ TINY = ModelShape(
     intermediate_size=64,
     max_position_embeddings=64,
 )
+TINY_FLAGS = "--hidden-size 32 --num-layers 1 --num-heads 2 --num-kv-heads 1 --intermediate-size 64"
+STEP_FLAGS = "--max-files 2 --seq-len 16 --batch-size 2 --max-steps 3 --eval-interval 3 --eval-batches 1"
 TRICKY = [
     "def f(x):\n\treturn x  \n",
     "a = 1\r\nb = 2\r\n",
@@ -192,8 +194,7 @@ def test_distillation_lowers_kl(
 
 def test_train_command_end_to_end(tiny_tok: tuple[Path, object], tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    tiny = "--hidden-size 32 --num-layers 1 --num-heads 2 --num-kv-heads 1 --intermediate-size 64"
-    steps = "--max-files 2 --seq-len 16 --batch-size 2 --max-steps 3 --eval-interval 3 --eval-batches 1"
+    tiny, steps = TINY_FLAGS, STEP_FLAGS
     args = f"train target --tokenizer {tiny_tok[0]} --out {out} {tiny} --max-position-embeddings 64 {steps}"
     rc = main(args.split())
     assert rc == 0
@@ -208,8 +209,7 @@ def test_train_command_end_to_end(tiny_tok: tuple[Path, object], tmp_path: Path)
 def test_train_command_init_starts_from_a_models_weights(
     tiny_tok: tuple[Path, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tiny = "--hidden-size 32 --num-layers 1 --num-heads 2 --num-kv-heads 1 --intermediate-size 64"
-    steps = "--max-files 2 --seq-len 16 --batch-size 2 --max-steps 2 --eval-interval 2 --eval-batches 1"
+    tiny, steps = TINY_FLAGS, STEP_FLAGS
     teacher, start = tmp_path / "teacher", tmp_path / "start"
     assert main(f"train target --tokenizer {tiny_tok[0]} --out {teacher} {tiny} --max-position-embeddings 64 {steps}".split()) == 0
     assert main(f"train draft --teacher {teacher} --out {start} {tiny} {steps}".split()) == 0

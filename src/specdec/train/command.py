@@ -180,8 +180,6 @@ def _run_training(args: argparse.Namespace, tokenizer_dir: Path, teacher: object
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     if cfg.seq_len < 2 or cfg.batch_size < 1 or cfg.max_steps < 1:
         raise UserError("--seq-len must be >= 2, --batch-size and --max-steps >= 1")
-    train_stream = pack_documents(_train_texts(args.max_files), tok)
-    val_stream = pack_documents(read_split("validation"), tok)
     if args.resume:
         model, state = load_checkpoint(args.out, device)
         print(f"resuming from step {state['step']} ({args.out / 'checkpoint'})")
@@ -193,6 +191,9 @@ def _run_training(args: argparse.Namespace, tokenizer_dir: Path, teacher: object
         if shape.hidden_size % shape.num_heads or shape.num_heads % shape.num_kv_heads:
             raise UserError("--hidden-size must be a multiple of --num-heads, and heads of --num-kv-heads")
         model, state = new_model(shape, tok, cfg.seed).to(device), None
+    # The corpus is read once the model is settled, so a bad --init or shape fails at once.
+    train_stream = pack_documents(_train_texts(args.max_files), tok)
+    val_stream = pack_documents(read_split("validation"), tok)
     if teacher is not None:
         teacher = teacher.to(device)  # type: ignore[attr-defined]
     params = sum(p.numel() for p in model.parameters())
