@@ -54,16 +54,34 @@ def test_bfloat16_weights_are_widened_exactly(rows):
 
 
 @needs_kernel
-def test_each_row_is_independent_of_the_others_bitwise():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_row_is_independent_of_the_others_bitwise(dtype):
     # A K-token verify pass must give the logits K one-token passes give: no batch effects.
+    # 523 = 32 * 16 + 8 + 3 columns: bfloat16 weights go through 16-wide pairs, one 8-wide
+    # chunk and a scalar tail; every row count from 1 to 9 (blocks and chunkings differ).
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(300, 515, generator=gen)
-    x = torch.randn(23, 515, generator=gen)
+    w = torch.randn(300, 523, generator=gen).to(dtype)
+    x = torch.randn(23, 523, generator=gen)
     together = kernels.linear(x, w)
-    for rows in (1, 3, 5, 8):
+    for rows in range(1, 10):
         for start in range(0, 23, rows):
             part = kernels.linear(x[start : start + rows], w)
             assert torch.equal(part, together[start : start + rows])
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 9])
+def test_float32_rows_with_bfloat16_weights_match_float64(rows):
+    # The product the engine runs for bfloat16-exact checkpoints: float32 rows, bfloat16 weights
+    # (16-wide pairs, an 8-wide chunk, a scalar tail): float32 accumulation error only.
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(70, 523, generator=gen).bfloat16()
+    x = torch.randn(rows, 523, generator=gen)
+    y = kernels.linear(x, w)
+    assert y.dtype == torch.float32
+    ref = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T  # (rows, 70): the error bound's scale
+    assert ((y.double() - ref).abs() <= 1e-5 * scale).all()
 
 
 def test_falls_back_to_torch_where_the_kernel_does_not_apply():
