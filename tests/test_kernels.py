@@ -57,8 +57,8 @@ def test_bfloat16_weights_are_widened_exactly(rows):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_row_is_independent_of_the_others_bitwise(dtype):
     # A K-token verify pass must give the logits K one-token passes give: no batch effects.
-    # 523 = 32 * 16 + 8 + 3 columns: bfloat16 weights go through 16-wide pairs, one 8-wide
-    # chunk and a scalar tail; every row count from 1 to 9 (blocks and chunkings differ).
+    # 523 = 65 * 8 + 3 columns: 8-wide chunks and a scalar tail; every row count from 1 to 9
+    # (the blocks of weight rows and the chunks of x differ between them).
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(300, 523, generator=gen).to(dtype)
     x = torch.randn(23, 523, generator=gen)
@@ -73,7 +73,7 @@ def test_each_row_is_independent_of_the_others_bitwise(dtype):
 @pytest.mark.parametrize("rows", [1, 5, 9])
 def test_float32_rows_with_bfloat16_weights_match_float64(rows):
     # The product the engine runs for bfloat16-exact checkpoints: float32 rows, bfloat16 weights
-    # (16-wide pairs, an 8-wide chunk, a scalar tail): float32 accumulation error only.
+    # (widened in registers; 8-wide chunks and a scalar tail): float32 accumulation error only.
     gen = torch.Generator().manual_seed(rows)
     w = torch.randn(70, 523, generator=gen).bfloat16()
     x = torch.randn(rows, 523, generator=gen)
