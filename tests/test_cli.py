@@ -123,6 +123,20 @@ def test_real_process_exit_code_and_no_traceback(pair):
     )
 
 
+def test_generate_starts_without_transformers_or_dynamo(pair):
+    """A ``generate`` call needs neither: importing transformers (~1.5 s, the train command's
+    parser used to) or torch._dynamo (~1 s, ops on the meta device load_model builds on used to)
+    would more than double the CLI's start-up time."""
+    code = (
+        "import sys; from specdec.cli import main; "
+        f"main(['generate', 'hi', '--target', {pair['target']!r}, '--draft', {pair['draft']!r}, '--max-new-tokens', '4']); "
+        "print(sorted(m for m in ('transformers', 'torch._dynamo') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_a_reader_that_goes_away_is_no_error(pair):
     """``specdec generate ... | head``: the pipe closes before the output is written."""
     exe = shutil.which("specdec") or f"{sys.executable} -m specdec.cli"

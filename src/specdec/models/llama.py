@@ -50,9 +50,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse rotary frequencies ``(D/2,)``, with Llama-3 or linear scaling if configured."""
+    """Inverse rotary frequencies ``(D/2,)``, with Llama-3 or linear scaling if configured.
+    Computed on the CPU even inside ``torch.device("meta")`` (where load_model builds the module):
+    ops on meta tensors run Python kernels that import torch._dynamo (about 1 s per process)."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2).float() / dim))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim))
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
@@ -239,7 +241,10 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Weights come from a checkpoint (or the caller draws them): no N(0, 1) draw here, which
+        # on the meta device load_model builds on imports torch._dynamo (see rope_inv_freq).
+        table = torch.zeros(cfg.vocab_size, cfg.hidden_size)  # (V, d)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=table)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -24,15 +24,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec.models.loading import fast_bf16
 from specdec.train.distill import cross_entropy, distill_loss
 from specdec.train.tokenizer import copy_tokenizer_files, eos_id
+
+if TYPE_CHECKING:  # imported where used: transformers takes ~1.5 s, and every CLI call builds this parser
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.pt"
@@ -50,6 +53,8 @@ class ModelShape:
 
     def llama_config(self, vocab_size: int, eos_token_id: int) -> LlamaConfig:
         """A tied-embedding Llama configuration of this shape."""
+        from transformers import LlamaConfig
+
         return LlamaConfig(
             vocab_size=vocab_size,
             hidden_size=self.hidden_size,
@@ -163,6 +168,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def new_model(shape: ModelShape, tok: Tokenizer, seed: int) -> LlamaForCausalLM:
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
     return LlamaForCausalLM(shape.llama_config(tok.get_vocab_size(), eos_id(tok)))
 
@@ -197,6 +204,8 @@ def load_checkpoint(out_dir: Path, device: torch.device) -> tuple[LlamaForCausal
     folder = out_dir / CHECKPOINT
     if not (folder / STATE_FILE).is_file():
         raise FileNotFoundError(f"no checkpoint to resume in {folder}")
+    from transformers import LlamaForCausalLM
+
     model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     return model, state
