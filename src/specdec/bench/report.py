@@ -105,12 +105,13 @@ def plot(result: BenchResult, path: Path) -> None:
         baselines.append(("speedup_vs_hf", f"HF generate ({decoding(result.config)})"))
     fig, axes = plt.subplots(1, len(baselines), figsize=(6 * len(baselines), 3.8), squeeze=False)
     width = 0.8 / max(len(methods), 1)
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors  # one colour per method
     cell = {(r.task, r.method): r for r in rows}
     for ax, (attr, label) in zip(axes[0], baselines, strict=True):
         for j, method in enumerate(methods):
             values = [getattr(cell[(t, method)], attr) or 0.0 if (t, method) in cell else 0.0 for t in tasks]
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(tasks))]
-            ax.bar(xs, values, width, label=method)
+            ax.bar(xs, values, width, label=method, color=palette[j % len(palette)])
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(tasks)), tasks)
         ax.set_ylabel(f"speed-up over {label}")
