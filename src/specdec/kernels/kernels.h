@@ -120,8 +120,13 @@ void rows_any(int64_t M, const float* x, int64_t K, const W* w, int64_t n0, int6
 
 template <typename W>
 void run(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) {
-  // Tiles of weight rows small enough to stay in L2 while every 8-row chunk of x passes over them.
-  const int64_t tile = std::max<int64_t>(8, (192 * 1024) / (K * static_cast<int64_t>(sizeof(W))));
+  // Tiles of weight rows small enough to stay in L2 while every 8-row chunk of x passes over them,
+  // and at least one tile per thread: a matrix smaller than one L2 tile (the demo target's o_proj
+  // and down_proj, 256 rows) would otherwise run on one thread. (Which rows share a tile or a
+  // block does not change any output's bits.)
+  int64_t tile = std::max<int64_t>(8, (192 * 1024) / (K * static_cast<int64_t>(sizeof(W))));
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1) tile = std::min(tile, std::max<int64_t>(8, (N + threads - 1) / threads + 7) / 8 * 8);
   at::parallel_for(0, N, tile, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = begin; t0 < end; t0 += tile) {
       const int64_t t1 = std::min(end, t0 + tile);
