@@ -75,14 +75,35 @@ def first_steps(model: CostModel, *ks: int) -> None:
         model.record_step(k, 100.0)
 
 
-def test_unmeasured_k_borrows_the_nearest_step_time() -> None:
+def test_unmeasured_k_is_priced_optimistically_from_the_measured_ones() -> None:
     model = CostModel(8)
-    first_steps(model, 4, 1)
+    first_steps(model, 4)
     assert model.best_k() is None  # no timings yet
     model.record_step(4, 2.0)
-    model.record_step(1, 1.0)
-    assert model.step_time(0) == 1.0 and model.step_time(7) == 2.0
-    assert model.step_time(2) == 1.0 and model.step_time(3) == 2.0
+    assert model.step_time(7) == 2.0  # above: the largest measured K's time
+    assert model.step_time(1) == pytest.approx(2.0 * (1 + 2 / 5) / 2)  # below: halfway to 2/5 of it
+    assert model.step_time(0) == 2.0  # no draft: the lowest measured K's time
+    first_steps(model, 6)
+    model.record_step(6, 2.4)
+    assert model.step_time(5) == pytest.approx(2.2)  # between: the line through K = 4 and 6
+    assert model.step_time(3) == pytest.approx(1.8)  # below: the line through them is dearer here
+    assert model.step_time(1) == pytest.approx(2.0 * (1 + 2 / 5) / 2)  # ... and cheaper here
+
+
+def test_a_shorter_chain_gets_tried_when_acceptance_is_low() -> None:
+    """The demo pair's ``edit`` task: acceptance about 0.7 at every position, where K = 2 is
+    fastest. Measured at K = 4 only, borrowing K = 4's time for K = 2 kept the policy at K = 4."""
+    true_step = {k: 0.8 + 0.22 * k for k in range(9)}  # verify passes bound by arithmetic
+    model = cost_model(0.7, 0.07, {})
+    first_steps(model, 4)
+    model.record_step(4, true_step[4])
+    chosen = []
+    for _ in range(60):  # the model measures what it chooses, first steps not counted
+        k = model.best_k()
+        assert k is not None
+        chosen.append(k)
+        model.record_step(k, true_step[k])
+    assert chosen[0] < 4 and chosen[-1] == 2
 
 
 def test_step_times_of_other_k_follow_the_machines_drift() -> None:
