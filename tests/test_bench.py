@@ -159,7 +159,7 @@ def test_own_prompts_file_makes_its_tasks(target_path: Path, good_draft_path: Pa
         {"prompt": "def add(a, b):\n    return", "task": "snippets"},
         {"prompt": [5, 9, 11, 3], "task": "snippets"},
         {"prompt": "x = [1, 2, 3]\n" * 4, "task": "lists", "max_new_tokens": 20},
-        "import os\n",
+        "import os\n" * 600,  # longer than the context: cut to its end, and said so
     ]
     prompts.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     out = tmp_path / "out"
@@ -173,6 +173,9 @@ def test_own_prompts_file_makes_its_tasks(target_path: Path, good_draft_path: Pa
     assert rows[("snippets", "draft")]["prompts"] == 2 and rows[("snippets", "draft")]["new_tokens"] == 20
     assert all(r["identical"] for r in data["rows"])
     assert "prompts of mine.jsonl" in (out / "bench.md").read_text()
+    [cut] = data["meta"]["cut_prompts"]
+    assert cut.startswith("mine.jsonl:4 (its last ") and cut.endswith(" of 6000 tokens)")
+    assert f"Prompts cut to fit the context: {cut}." in (out / "bench.md").read_text()
 
 
 @pytest.mark.parametrize(

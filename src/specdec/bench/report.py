@@ -85,6 +85,8 @@ def to_markdown(result: BenchResult) -> str:
     if m.get("draft_vocab"):
         scored = ", ".join(f"{name} {size}" for name, size in m["draft_vocab"].items())
         footer.append(f"Drafts score the most frequent tokens only (draft_vocab.json): {scored}.")
+    if m.get("cut_prompts"):
+        footer.append("Prompts cut to fit the context: " + "; ".join(m["cut_prompts"]) + ".")
     failed = {r.method: r.error for r in result.rows if r.error and r.task == "overall"}
     footer += [f"Not measured: {method} ({error})" for method, error in failed.items()]
     return "\n".join(lines) + "\n\n" + "\n\n".join(footer) + "\n"

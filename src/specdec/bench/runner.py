@@ -20,6 +20,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,6 +267,10 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
         tasks = build_tasks(
             list(config.tasks), config.num_prompts, target.tokenizer, vocab, context, config.max_new_tokens
         )
+    cut = [source for task in tasks for source in task.cut]
+    if cut:
+        print(f"specdec bench: {len(cut)} prompt(s) longer than the context allows were cut to their last tokens "
+              "(listed in bench.md)", file=sys.stderr)
     built: dict[str, Method] = {}
     errors: dict[str, str] = {}
     hf_cache: dict = {}  # type: ignore[type-arg]
@@ -318,6 +323,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     meta["target"] = _model_info(target)
     meta["draft"] = _draft_info(config.draft)
     meta["errors"] = errors
+    meta["cut_prompts"] = cut
     meta["draft_vocab"] = {  # methods whose drafts score a reduced vocabulary: its size
         name: len(vocab)
         for name, method in built.items()

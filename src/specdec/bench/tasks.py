@@ -38,6 +38,7 @@ class Task:
     prompts: tuple[tuple[int, ...], ...]
     max_new_tokens: int
     sources: tuple[str, ...]  # where each prompt comes from (file / function)
+    cut: tuple[str, ...] = ()  # the sources of prompts cut to fit the context, with how much
 
 
 def held_out_files() -> list[tuple[str, str]]:
@@ -223,11 +224,14 @@ def prompt_file_tasks(
         mine = [r for r in records if r.task == name]
         new_tokens = max_new_tokens or mine[0].max_new_tokens or DEFAULT_NEW_TOKENS["code"]
         room = prompt_room(context, new_tokens)
-        prompts = []
+        prompts, cut = [], []
         for r in mine:
             ids = list(r.prompt) if isinstance(r.prompt, tuple) else encode(r.prompt, tokenizer, vocab_size)
             if any(t >= vocab_size for t in ids):
                 raise ValueError(f"{r.source}: token id {max(ids)} is outside the vocabulary of {vocab_size}")
             prompts.append(tuple(ids[-room:]))
-        tasks.append(Task(name, tuple(prompts), new_tokens, tuple(r.source for r in mine)))
+            if len(ids) > room:  # kept: the last tokens, and said so (stderr, bench.md, bench.json)
+                cut.append(f"{r.source} (its last {room} of {len(ids)} tokens)")
+        tasks.append(Task(name, tuple(prompts), new_tokens, tuple(r.source for r in mine), tuple(cut)))
     return tasks
+
