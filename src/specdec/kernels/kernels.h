@@ -27,16 +27,18 @@ namespace specdec {
 
 constexpr int64_t kMaxRows = 32;  // specdec.kernels.MAX_ROWS
 constexpr int64_t kChunkRows = 8;  // rows of x that share one read of the weights
-// Software prefetch, kPrefetchBlocks blocks of weight rows ahead. With several rows of x the
-// core is busy with FMAs long enough that the hardware prefetcher falls behind and the pass
-// stalls on memory; asking for the weight rows ahead keeps the stream going (a 5-8 row pass of
-// the demo target went from ~1.7x to ~1.1x the time of a 1-row pass on the development
-// machine). A 1-row pass over long float32 rows (> 2 KB) streams at full speed without it, and
-// ~10-20 % slower with it (128 MB matrices with 6 KB and 16 KB rows); bfloat16 weights take
-// more work per byte (widening) and gain from it in every case (1-row passes over a 340 MB
-// layer mix of a 700M model: 14.5-16.1 GB/s against 11.3-14.2 GB/s, 5 paired runs).
+// Software prefetch, kPrefetchBlocks blocks of weight rows ahead, into L2 (prefetcht1). With
+// several rows of x the core is busy with FMAs long enough that the hardware prefetcher falls
+// behind and the pass stalls on memory; asking for the weight rows ahead keeps the stream going
+// (a 5-8 row pass of the demo target went from ~1.7x to ~1.1x the time of a 1-row pass on the
+// first development machine, a Zen 3). Into L2, not L1 (prefetcht0, until the twelfth session):
+// blocks ahead of a 700M model's 3-6 KB rows are 100-200 KB, which an L1 cannot hold, and on a
+// Zen 4 with other tenants the L1 hint made every pass slower: in-process A/B, best of 5-60,
+// L2 hint against L1 hint, 1-token passes 41 against 66 ms (700M bfloat16, 2 threads) and 0.72
+// against 1.01 ms (demo target), 5-token passes 123 against 182 ms (700M float32);
+// docs/benchmarks.md section 4. With the L2 hint every pass prefetches: a 1-row pass over long
+// float32 rows, which had skipped it (10-20 % slower with the L1 hint), streamed 5-20 % faster.
 constexpr int64_t kPrefetchBlocks = 4;
-constexpr int64_t kPrefetchShortRow = 2048;
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {
@@ -70,7 +72,7 @@ inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, i
     if (prefetch && (k & 15) == 0) {  // once per 64-byte line: the same line, `ahead` rows further
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + ahead + r) * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + ahead + r) * K + k), _MM_HINT_T1);
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
@@ -96,9 +98,7 @@ inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, i
 template <int M, typename W>
 void rows(const float* x, int64_t K, const W* w, int64_t n_begin, int64_t n_end, float* y, int64_t N) {
   constexpr int R = M == 1 ? 8 : M == 2 ? 4 : sizeof(W) == 4 ? 1 : M == 3 ? 3 : M <= 6 ? 2 : 1;
-  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(W));
-  const bool prefetch = M > 1 || row_bytes <= kPrefetchShortRow || sizeof(W) == 2;
-  const int64_t ahead = prefetch ? kPrefetchBlocks * R : 0;  // rows of W (0: none)
+  const int64_t ahead = kPrefetchBlocks * R;  // rows of W
   int64_t n = n_begin;
   for (; n + R <= n_end; n += R) block<M, R>(x, K, w, n, y, N, ahead);
   for (; n < n_end; ++n) block<M, 1>(x, K, w, n, y, N, ahead);
