@@ -234,4 +234,3 @@ def prompt_file_tasks(
                 cut.append(f"{r.source} (its last {room} of {len(ids)} tokens)")
         tasks.append(Task(name, tuple(prompts), new_tokens, tuple(r.source for r in mine), tuple(cut)))
     return tasks
-
