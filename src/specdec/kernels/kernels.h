@@ -64,7 +64,7 @@ inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, i
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   const int64_t K8 = K - K % 8;
-  const bool prefetch = ahead > 0 && n0 + ahead + R <= N;  // never point past the last weight row
+  const bool prefetch = n0 + ahead + R <= N;  // never point past the last weight row
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 wv[R];
 #pragma GCC unroll 8
