@@ -121,12 +121,17 @@ void rows_any(int64_t M, const float* x, int64_t K, const W* w, int64_t n0, int6
 template <typename W>
 void run(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) {
   // Tiles of weight rows small enough to stay in L2 while every 8-row chunk of x passes over them,
-  // and at least one tile per thread: a matrix smaller than one L2 tile (the demo target's o_proj
-  // and down_proj, 256 rows) would otherwise run on one thread. (Which rows share a tile or a
-  // block does not change any output's bits.)
-  int64_t tile = std::max<int64_t>(8, (192 * 1024) / (K * static_cast<int64_t>(sizeof(W))));
+  // and one tile per thread where that leaves each at least 32 KB of weights: a matrix smaller
+  // than one L2 tile (the demo target's o_proj and down_proj, 256 rows) would otherwise run on
+  // one thread, and on many cores tiny tiles would cost more to hand out than to compute.
+  // (Which rows share a tile or a block does not change any output's bits.)
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(W));
+  int64_t tile = std::max<int64_t>(8, (192 * 1024) / row_bytes);
   const int64_t threads = at::get_num_threads();
-  if (threads > 1) tile = std::min(tile, std::max<int64_t>(8, (N + threads - 1) / threads + 7) / 8 * 8);
+  if (threads > 1) {
+    const int64_t per_thread = ((N + threads - 1) / threads + 7) / 8 * 8;
+    tile = std::min(tile, std::max({int64_t{8}, (32 * 1024) / row_bytes, per_thread}));
+  }
   at::parallel_for(0, N, tile, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = begin; t0 < end; t0 += tile) {
       const int64_t t1 = std::min(end, t0 + tile);
