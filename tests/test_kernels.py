@@ -135,3 +135,63 @@ def test_greedy_chain_drafting_in_one_call_equals_the_python_loop():
     assert fast_cache.lengths == [37]
     assert torch.equal(fast_cache.k[:, :, :, :37], loop_cache.k[:, :, :, :37])
     assert torch.equal(fast_cache.v[:, :, :, :37], loop_cache.v[:, :, :, :37])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_rows_are_row_independent_bitwise(dtype):
+    # Rows of 9000 weights: blocks prefetch further along their own rows (kernels.h,
+    # prefetch_lead) instead of the rows kPrefetchBlocks blocks ahead; bits stay the same.
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 9000, generator=gen).to(dtype)
+    x = torch.randn(9, 9000, generator=gen)
+    together = kernels.linear(x, w)
+    ref = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    assert ((together.double() - ref).abs() <= 1e-5 * scale).all()
+    for rows in range(1, 9):
+        assert torch.equal(kernels.linear(x[:rows], w), together[:rows])
+
+
+_PROBE = """
+import sys, torch, specdec
+from specdec import kernels
+assert kernels.load() is not None, kernels.status()
+gen = torch.Generator().manual_seed(3)
+out = {"status": kernels.status()}
+for dtype in (torch.float32, torch.bfloat16):
+    w = torch.randn(300, 523, generator=gen).to(dtype)
+    x = torch.randn(9, 523, generator=gen)
+    for rows in range(1, 10):
+        out[f"{dtype}-{rows}"] = kernels.linear(x[:rows], w)
+target = specdec.load_model("demo-target", dtype="float32")
+cache = target.new_cache(1, 64)
+with torch.inference_mode():
+    target.step(torch.arange(1, 21)[None], torch.arange(20), cache, kv_len=20)
+    out["verify"] = target.step(torch.arange(30, 35)[None], torch.arange(20, 25), cache, kv_len=25)
+torch.save(out, sys.argv[1])
+"""
+
+
+@needs_kernel
+def test_the_avx2_and_avx512vl_builds_give_the_same_bits(tmp_path):
+    # Where AVX-512VL exists the kernels are built with it (32 vector registers, other blocks of
+    # weight rows); the arithmetic of every output must stay the AVX2 build's, bit for bit. Runs
+    # only on such machines (it compiles the AVX2 build once, ~25 s, into the usual cache).
+    if not kernels._build_variant()[1] or op is None:
+        pytest.skip("this machine builds only the AVX2 kernels")
+    import subprocess
+    import sys
+
+    results = {}
+    for build in ("default", "avx2"):
+        env = {k: v for k, v in os.environ.items() if k != "SPECDEC_CPU_KERNELS"}
+        if build == "avx2":
+            env["SPECDEC_CPU_KERNELS"] = "avx2"
+        path = tmp_path / f"{build}.pt"
+        subprocess.run([sys.executable, "-c", _PROBE, str(path)], env=env, check=True, timeout=600)
+        results[build] = torch.load(path)
+    assert "32 registers" in results["default"].pop("status")
+    assert "16 registers" in results["avx2"].pop("status")
+    for key, value in results["default"].items():
+        assert torch.equal(value, results["avx2"][key]), key

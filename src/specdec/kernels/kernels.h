@@ -39,6 +39,16 @@ constexpr int64_t kChunkRows = 8;  // rows of x that share one read of the weigh
 // docs/benchmarks.md section 4. With the L2 hint every pass prefetches: a 1-row pass over long
 // float32 rows, which had skipped it (10-20 % slower with the L1 hint), streamed 5-20 % faster.
 constexpr int64_t kPrefetchBlocks = 4;
+// How far ahead (in weights) a block prefetches: the same columns kPrefetchBlocks blocks further,
+// the rows that come next. Where those lie more than kPrefetchFar bytes ahead (rows of many
+// thousand weights: the padded 154M target's down_proj, 32768), L2 would evict them before
+// their turn, so the block's own rows kPrefetchNear bytes further on instead.
+constexpr int64_t kPrefetchFar = 256 * 1024, kPrefetchNear = 2048;
+template <typename W>
+inline int64_t prefetch_lead(int64_t rows, int64_t K) {
+  const int64_t far = rows * K, size = static_cast<int64_t>(sizeof(W));
+  return far * size <= kPrefetchFar ? far : kPrefetchNear / size;
+}
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {
@@ -57,22 +67,22 @@ inline float hsum(__m256 v) {
 
 // R weight rows (n0 .. n0+R-1) against M rows of x: R*M independent accumulators.
 template <int M, int R, typename W>
-inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, int64_t N, int64_t ahead) {
+inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, int64_t N, int64_t lead) {
   __m256 acc[M][R];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   const int64_t K8 = K - K % 8;
-  const bool prefetch = n0 + ahead + R <= N;  // never point past the last weight row
+  const bool prefetch = (n0 + R) * K + lead <= N * K;  // never point past the last weight
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 wv[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
-    if (prefetch && (k & 15) == 0) {  // once per 64-byte line: the same line, `ahead` rows further
+    if (prefetch && (k & 15) == 0) {  // every 16 weights: `lead` weights further along each row
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + ahead + r) * K + k), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r) * K + k + lead), _MM_HINT_T1);
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
@@ -90,18 +100,38 @@ inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, i
     }
 }
 
-// Rows [n_begin, n_end) of W against M (<= 8) rows of x, R weight rows at a time. One or two
-// rows of x need several weight rows in flight to hide the FMA latency; from three rows on, one
-// weight row at a time was fastest in measurements of the demo target's passes (fewer memory
-// streams for the prefetcher; M=3..8 row passes at 1.0-1.15x a 1-row pass, against 1.2-1.35x
-// with R = 2-3).
+// Vector registers the compiler may use: 16 with AVX2, 32 where the kernels are built with
+// AVX-512VL (still 256-bit operations, the same bits; load() in __init__.py picks the build).
+#ifndef SPECDEC_VREGS
+#define SPECDEC_VREGS 16
+#endif
+constexpr int kVectorRegisters = SPECDEC_VREGS;
+
+// Weight rows per block for M rows of x (bfloat16 or float32 weights W). M * R accumulators, R
+// weight vectors and one x vector should fit in the registers, and enough independent FMA
+// chains must hide the FMA latency; fewer rows per block means fewer memory streams. Chosen by
+// in-process A/B of whole passes (demo target, 100M / 700M random targets, the padded 154M
+// target; docs/benchmarks.md section 4): on the first machine (Zen 3, 16 registers) one weight
+// row per block was best from M = 3 on, except bfloat16 M = 3-6; on a Zen 4 a 1-row pass over
+// bfloat16 rows of a few hundred weights ran 20-25 % faster with 4 rows per block than with 8
+// (which spill with 16 registers), float32 passes of 4-6 rows ~15 % faster with 2 than 1, and
+// with 32 registers 3-4 rows per block made 5-row passes 5-10 % and 8-row passes 25-50 %
+// faster. (Which rows share a block never changes an output's bits.)
+template <int M, typename W>
+constexpr int block_rows() {
+  constexpr bool bf16 = sizeof(W) == 2;
+  if (kVectorRegisters >= 32) return M == 1 ? 8 : M == 2 ? 6 : M == 3 && !bf16 ? 1 : M <= 4 ? 4 : 3;
+  return M == 1 ? (bf16 ? 4 : 8) : M == 2 ? 4 : M == 3 ? (bf16 ? 3 : 1) : M <= 6 ? 2 : 1;
+}
+
+// Rows [n_begin, n_end) of W against M (<= 8) rows of x, block_rows<M, W>() weight rows at a time.
 template <int M, typename W>
 void rows(const float* x, int64_t K, const W* w, int64_t n_begin, int64_t n_end, float* y, int64_t N) {
-  constexpr int R = M == 1 ? 8 : M == 2 ? 4 : sizeof(W) == 4 ? 1 : M == 3 ? 3 : M <= 6 ? 2 : 1;
-  const int64_t ahead = kPrefetchBlocks * R;  // rows of W
+  constexpr int R = block_rows<M, W>();
+  const int64_t lead = prefetch_lead<W>(kPrefetchBlocks * R, K);
   int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) block<M, R>(x, K, w, n, y, N, ahead);
-  for (; n < n_end; ++n) block<M, 1>(x, K, w, n, y, N, ahead);
+  for (; n + R <= n_end; n += R) block<M, R>(x, K, w, n, y, N, lead);
+  for (; n < n_end; ++n) block<M, 1>(x, K, w, n, y, N, lead);
 }
 
 template <typename W>
