@@ -55,13 +55,15 @@ def test_bfloat16_weights_are_widened_exactly(rows):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_row_is_independent_of_the_others_bitwise(dtype):
+@pytest.mark.parametrize("columns", [523, 256])
+def test_each_row_is_independent_of_the_others_bitwise(dtype, columns):
     # A K-token verify pass must give the logits K one-token passes give: no batch effects.
-    # 523 = 65 * 8 + 3 columns: 8-wide chunks and a scalar tail; every row count from 1 to 9
+    # 523 = 65 * 8 + 3 columns: 8-wide chunks and a scalar tail; 256: no tail, so blocks of 4 or 8
+    # weight rows sum their accumulators together (hsum4 / hsum8); every row count from 1 to 9
     # (the blocks of weight rows and the chunks of x differ between them).
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(300, 523, generator=gen).to(dtype)
-    x = torch.randn(23, 523, generator=gen)
+    w = torch.randn(300, columns, generator=gen).to(dtype)
+    x = torch.randn(23, columns, generator=gen)
     together = kernels.linear(x, w)
     for rows in range(1, 10):
         for start in range(0, 23, rows):

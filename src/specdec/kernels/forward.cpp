@@ -146,9 +146,10 @@ inline float dot(const float* q, const C* k, int64_t D) {
 // per pass and kv head, however many rows and query heads share that kv head.
 constexpr int64_t kSlotBlock = 64;
 
-// p[q][j] = queries[q] . keys[j] for slots j in [j0, j1), four keys at a time: four independent
-// FMA chains hide the FMA latency that a single chain waits on. Each score is still dot(): one
-// chain over 8-wide chunks of D in order, then the same horizontal sum, so it is bit-identical.
+// p[q][j] = queries[q] . keys[j] for slots j in [j0, j1), eight keys at a time: eight independent
+// FMA chains hide the FMA latency that a single chain waits on, and hsum8 sums them together.
+// Each score is still dot(): one chain over 8-wide chunks of D in order, then hsum's sum, so it
+// is bit-identical whichever way a slot is reached.
 template <typename C>
 inline void scores(const float* const* queries, int64_t Q, const C* keys, int64_t j0, int64_t j1, int64_t D,
                    float* p, int64_t ldp) {
@@ -157,20 +158,17 @@ inline void scores(const float* const* queries, int64_t Q, const C* keys, int64_
     float* pq = p + q * ldp;
     int64_t j = j0;
     if (D % 8 == 0) {
-      for (; j + 4 <= j1; j += 4) {
+      for (; j + 8 <= j1; j += 8) {
         const C* k = keys + j * D;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        __m256 acc[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
         for (int64_t i = 0; i < D; i += 8) {
           const __m256 x = _mm256_loadu_ps(qv + i);
-          a0 = _mm256_fmadd_ps(x, load8(k + i), a0);
-          a1 = _mm256_fmadd_ps(x, load8(k + D + i), a1);
-          a2 = _mm256_fmadd_ps(x, load8(k + 2 * D + i), a2);
-          a3 = _mm256_fmadd_ps(x, load8(k + 3 * D + i), a3);
+#pragma GCC unroll 8
+          for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(x, load8(k + r * D + i), acc[r]);
         }
-        pq[j] = hsum(a0);
-        pq[j + 1] = hsum(a1);
-        pq[j + 2] = hsum(a2);
-        pq[j + 3] = hsum(a3);
+        _mm256_storeu_ps(pq + j, hsum8(acc));
       }
     }
     for (; j < j1; ++j) pq[j] = dot(qv, keys + j * D, D);

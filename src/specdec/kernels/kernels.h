@@ -65,6 +65,28 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// hsum of four and of eight vectors at once, bit for bit the same sums as hsum (each lane pair is
+// added in hsum's order: (v0 + v4) + (v2 + v6) then + ((v1 + v5) + (v3 + v7))), in fewer
+// operations: the 128-bit halves of two vectors are added in one instruction, then the pairs of
+// four vectors in one. {hsum(v[0]), ..., hsum(v[3])} and {hsum(v[0]), ..., hsum(v[7])}.
+inline __m256 halves(__m256 a, __m256 b) {  // {lo(a) + hi(a), lo(b) + hi(b)}
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+inline __m256 quarters(__m256 ab, __m256 cd) {  // per 128-bit lane: {s0 + s2, s1 + s3} of a|b, then of c|d
+  return _mm256_add_ps(_mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+inline __m128 hsum4(const __m256* v) {
+  const __m256 t = quarters(halves(v[0], v[1]), halves(v[2], v[3]));  // lanes: {a, c} | {b, d}
+  const __m256 h = _mm256_hadd_ps(t, t);                                // {a, c, a, c} | {b, d, b, d}
+  return _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+inline __m256 hsum8(const __m256* v) {
+  const __m256 lo = quarters(halves(v[0], v[1]), halves(v[2], v[3]));
+  const __m256 hi = quarters(halves(v[4], v[5]), halves(v[6], v[7]));
+  const __m256 h = _mm256_hadd_ps(lo, hi);  // {0, 2, 4, 6} | {1, 3, 5, 7}
+  return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
 // R weight rows (n0 .. n0+R-1) against M rows of x: R*M independent accumulators.
 template <int M, int R, typename W>
 inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, int64_t N, int64_t lead) {
@@ -91,6 +113,14 @@ inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, i
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
     }
+  }
+  if ((R == 4 || R == 8) && K8 == K) {  // no scalar tail: R sums at once, the same bits
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      if constexpr (R == 8) _mm256_storeu_ps(y + m * N + n0, hsum8(acc[m]));
+      if constexpr (R == 4) _mm_storeu_ps(y + m * N + n0, hsum4(acc[m]));
+    }
+    return;
   }
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) {
