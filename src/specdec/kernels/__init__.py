@@ -11,7 +11,7 @@ The C++ source is compiled once per machine with ``torch.utils.cpp_extension`` (
 cached in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); ``make`` builds it at
 install time (``python -m specdec.kernels``). Where the CPU has AVX-512VL the same 256-bit code
 is built with it (32 vector registers instead of 16: more accumulators per block of weight rows,
-the same bits; :func:`_build_variant`). Where it cannot be built or used (no compiler, no
+the same bits; :func:`_builds`). Where it cannot be built or used (no compiler, no
 AVX2, another device) everything falls back to ``F.linear``. ``SPECDEC_CPU_KERNELS=0`` turns
 it off. ``rms_norm`` is the same idea for RMSNorm: one op where torch's CPU ``rms_norm``
 runs about six. ``model_forward`` / ``decoder_layers`` (``forward.cpp``) run a whole pass of a
@@ -57,16 +57,21 @@ def _cpu_supported() -> str | None:
     return None
 
 
-def _build_variant() -> tuple[str, list[str]]:
-    """The extension's name and ISA flags for this CPU. Where AVX-512VL exists the same 256-bit
-    code is built with it, which gives the compiler 32 vector registers instead of 16, so the
-    products keep more accumulators in registers (kernels.h, ``block_rows``): the same bits, faster
-    passes of 3-8 rows. ``SPECDEC_CPU_KERNELS=avx2`` asks for the AVX2 build anyway. Each build has
+AVX512VL_BUILD = ("specdec_kernels_avx512vl", ["-mavx512f", "-mavx512vl", "-mprefer-vector-width=256", "-DSPECDEC_VREGS=32"])
+AVX2_BUILD = ("specdec_kernels", [])
+
+
+def _builds() -> list[tuple[str, list[str]]]:
+    """The builds to try, best first: extension name and ISA flags. Where AVX-512VL exists the
+    same 256-bit code is built with it, which gives the compiler 32 vector registers instead of
+    16, so the products keep more accumulators in registers (kernels.h, ``block_rows``): the
+    same bits, faster passes of 3-8 rows; the AVX2 build is the fallback (a compiler without
+    AVX-512 support). ``SPECDEC_CPU_KERNELS=avx2`` asks for the AVX2 build only. Each build has
     its own name, so a cache shared by two kinds of machine never hands one the other's."""
     flags = _cpu_flags() or ""
     if " avx512f" in flags and " avx512vl" in flags and os.environ.get("SPECDEC_CPU_KERNELS") != "avx2":
-        return "specdec_kernels_avx512vl", ["-mavx512f", "-mavx512vl", "-mprefer-vector-width=256", "-DSPECDEC_VREGS=32"]
-    return "specdec_kernels", []
+        return [AVX512VL_BUILD, AVX2_BUILD]
+    return [AVX2_BUILD]
 
 
 def _headers_hash() -> str:
@@ -83,25 +88,29 @@ def load(verbose: bool = False) -> object | None:
         why = _cpu_supported()
         op = None
         if why is None:
-            try:
-                from torch.utils.cpp_extension import load as build
+            for name, isa in _builds():
+                try:
+                    from torch.utils.cpp_extension import load as build
 
-                if verbose:
-                    print("specdec: compiling the CPU kernels (once per machine, ~25 s)...", file=sys.stderr)
-                name, isa = _build_variant()
-                build(
-                    name=name,
-                    sources=[str(path) for path in _SOURCES],
-                    # torch rebuilds when a source or a flag changes; the headers' hash is a flag
-                    extra_cflags=["-O3", "-mavx2", "-mfma", *isa, "-fopenmp", f"-DSPECDEC_H={_headers_hash()}"],
-                    extra_ldflags=["-fopenmp"],
-                    is_python_module=False,
-                    verbose=False,
-                )
-                op = torch.ops.specdec
-            except Exception as exc:  # no compiler, no headers: fall back, say why once
-                why = f"could not build the CPU kernels ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-                print(f"specdec: {why}; using torch's linear", file=sys.stderr)
+                    if verbose:
+                        print(f"specdec: compiling the CPU kernels ({name}; once per machine, ~25 s)...", file=sys.stderr)
+                    build(
+                        name=name,
+                        sources=[str(path) for path in _SOURCES],
+                        # torch rebuilds when a source or a flag changes; the headers' hash is a flag
+                        extra_cflags=["-O3", "-mavx2", "-mfma", *isa, "-fopenmp", f"-DSPECDEC_H={_headers_hash()}"],
+                        extra_ldflags=["-fopenmp"],
+                        is_python_module=False,
+                        verbose=False,
+                    )
+                    op, why = torch.ops.specdec, None
+                    _state["build"] = name
+                    break
+                except Exception as exc:  # no compiler, no headers: the next build, or torch's ops
+                    why = f"could not build the CPU kernels ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                    print(f"specdec: {why} ({name})", file=sys.stderr)
+            if op is None:
+                print("specdec: using torch's linear", file=sys.stderr)
         _state["op"], _state["why"] = op, why
         return op
 
@@ -116,7 +125,7 @@ def status() -> str:
     op = load()
     if op is None:
         return f"torch ops ({_state['why']})"
-    registers = "32 registers, AVX-512VL build" if _build_variant()[1] else "16 registers"
+    registers = "32 registers, AVX-512VL build" if _state.get("build") == AVX512VL_BUILD[0] else "16 registers"
     return f"specdec AVX2 kernels ({registers}; small_linear, rms_norm, one-call forward)"
 
 
