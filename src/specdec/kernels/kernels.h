@@ -114,13 +114,15 @@ inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, i
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
     }
   }
-  if ((R == 4 || R == 8) && K8 == K) {  // no scalar tail: R sums at once, the same bits
+  if constexpr (R == 4 || R == 8) {
+    if (K8 == K) {  // no scalar tail: the R sums of a row of x at once, the same bits as hsum
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      if constexpr (R == 8) _mm256_storeu_ps(y + m * N + n0, hsum8(acc[m]));
-      if constexpr (R == 4) _mm_storeu_ps(y + m * N + n0, hsum4(acc[m]));
+      for (int m = 0; m < M; ++m) {
+        if constexpr (R == 8) _mm256_storeu_ps(y + m * N + n0, hsum8(acc[m]));
+        else _mm_storeu_ps(y + m * N + n0, hsum4(acc[m]));
+      }
+      return;
     }
-    return;
   }
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) {
