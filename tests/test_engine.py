@@ -160,3 +160,22 @@ def test_bad_inputs(target, tiny_dir):
     other = load_model(save_tiny_llama(tiny_dir / "vocab-120", vocab_size=120), dtype="float32")
     with pytest.raises(ModelLoadError, match="vocabulary mismatch"):
         SpeculativeGenerator(target, DraftModelDrafter(other, 2))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("bf16_rows", ["0", "1"])
+def test_a_model_run_in_bfloat16_matches_its_own_plain_greedy_decoding(k, bf16_rows, monkeypatch):
+    # In bfloat16 the kernels' products may round their rows to bfloat16 (AVX512-BF16 dot
+    # products, SPECDEC_BF16_ROWS=1): the target's function changes a little, but a K-token verify
+    # pass still gives each row what a 1-token pass gives, so greedy output is plain decoding's.
+    monkeypatch.setenv("SPECDEC_BF16_ROWS", bf16_rows)
+    target = load_model("demo-target", dtype="bfloat16")
+    draft = load_model("demo-draft", dtype="bfloat16")
+    assert target.module.runs_bfloat16 and not load_model("demo-draft", dtype="float32").module.runs_bfloat16
+    plain = SpeculativeGenerator(target)
+    spec = SpeculativeGenerator(target, DraftModelDrafter(draft, num_draft_tokens=k))
+    for prompt in ("def fibonacci(n):\n", "import os\nimport sys\n\n\nclass Config:\n"):
+        reference = plain.generate(prompt, max_new_tokens=40)
+        out = spec.generate(prompt, max_new_tokens=40)
+        assert out.token_ids == reference.token_ids
+        assert out.stats.mean_accepted_length > 1.2  # the draft does get accepted

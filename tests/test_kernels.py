@@ -178,9 +178,10 @@ torch.save(out, sys.argv[1])
 @needs_kernel
 def test_the_avx2_and_avx512vl_builds_give_the_same_bits(tmp_path):
     # Where AVX-512VL exists the kernels are built with it (32 vector registers, other blocks of
-    # weight rows); the arithmetic of every output must stay the AVX2 build's, bit for bit. Runs
-    # only on such machines (it compiles the AVX2 build once, ~25 s, into the usual cache).
-    if op is None or kernels._state.get("build") != kernels.AVX512VL_BUILD[0]:
+    # weight rows); the arithmetic of every output with float32 rows must stay the AVX2 build's,
+    # bit for bit. Runs only on such machines (it compiles the AVX2 build once, ~25 s, into the
+    # usual cache).
+    if op is None or kernels._state.get("build") == kernels.AVX2_BUILD[0]:
         pytest.skip("this machine builds only the AVX2 kernels")
     import subprocess
     import sys
@@ -218,3 +219,42 @@ def test_a_build_that_fails_falls_back_to_the_avx2_build():
     assert run.returncode == 0, run.stderr[-2000:]
     assert "16 registers" in run.stdout
     assert "could not build the CPU kernels" in run.stderr and "specdec_kernels_broken" in run.stderr
+
+
+@needs_kernel
+@pytest.mark.parametrize("columns", [256, 523])
+def test_bfloat16_rows_use_dot_products_only_where_asked(columns, monkeypatch):
+    # Models run in bfloat16 (kernels.bf16_rows): rows rounded to bfloat16, dot products of
+    # bfloat16 pairs with float32 accumulation (where the build has AVX512-BF16), every row count
+    # bit for bit independent of the batch; outside the block the float32-row products, unchanged.
+    monkeypatch.setenv("SPECDEC_BF16_ROWS", "1")
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(300, columns, generator=gen).bfloat16()
+    x = torch.randn(23, columns, generator=gen)
+    plain = kernels.linear(x, w)
+    with kernels.bf16_rows(True):
+        together = kernels.linear(x, w)
+        for rows in range(1, 10):
+            for start in range(0, 23, rows):
+                assert torch.equal(kernels.linear(x[start : start + rows], w), together[start : start + rows])
+        with kernels.bf16_rows(False):  # nested: a float32 model inside keeps float32 rows
+            assert torch.equal(kernels.linear(x, w), plain)
+    assert torch.equal(kernels.linear(x, w), plain)  # restored
+    rounded = x.bfloat16().double() @ w.double().T
+    scale = x.bfloat16().double().abs() @ w.double().abs().T
+    assert ((together.double() - rounded).abs() <= 1e-5 * scale).all()
+    if kernels.bf16_dot():  # the rows really were rounded: not the float32-row product
+        assert not torch.equal(together, plain)
+    else:
+        assert torch.equal(together, plain)
+
+
+@needs_kernel
+def test_bfloat16_rows_are_off_unless_asked(monkeypatch):
+    monkeypatch.delenv("SPECDEC_BF16_ROWS", raising=False)
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 256, generator=gen).bfloat16()
+    x = torch.randn(3, 256, generator=gen)
+    plain = kernels.linear(x, w)
+    with kernels.bf16_rows(True):
+        assert torch.equal(kernels.linear(x, w), plain)

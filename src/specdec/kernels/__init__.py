@@ -26,6 +26,8 @@ import hashlib
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,6 +60,7 @@ def _cpu_supported() -> str | None:
 
 
 AVX512VL_BUILD = ("specdec_kernels_avx512vl", ["-mavx512f", "-mavx512vl", "-mprefer-vector-width=256", "-DSPECDEC_VREGS=32"])
+AVX512BF16_BUILD = ("specdec_kernels_avx512bf16", [*AVX512VL_BUILD[1], "-mavx512bf16", "-DSPECDEC_BF16DOT"])
 AVX2_BUILD = ("specdec_kernels", [])
 
 
@@ -65,13 +68,17 @@ def _builds() -> list[tuple[str, list[str]]]:
     """The builds to try, best first: extension name and ISA flags. Where AVX-512VL exists the
     same 256-bit code is built with it, which gives the compiler 32 vector registers instead of
     16, so the products keep more accumulators in registers (kernels.h, ``block_rows``): the
-    same bits, faster passes of 3-8 rows; the AVX2 build is the fallback (a compiler without
-    AVX-512 support). ``SPECDEC_CPU_KERNELS=avx2`` asks for the AVX2 build only. Each build has
-    its own name, so a cache shared by two kinds of machine never hands one the other's."""
+    same bits, faster passes of 3-8 rows; where AVX512-BF16 exists too, also with it, for the
+    products of models run in bfloat16 (:func:`bf16_rows`). Each build falls back to the next (a
+    compiler without AVX-512 support). ``SPECDEC_CPU_KERNELS=avx2`` or ``=avx512vl`` asks for
+    that build at most. Each build has its own name, so a cache shared by two kinds of machine
+    never hands one the other's."""
     flags = _cpu_flags() or ""
-    if " avx512f" in flags and " avx512vl" in flags and os.environ.get("SPECDEC_CPU_KERNELS") != "avx2":
-        return [AVX512VL_BUILD, AVX2_BUILD]
-    return [AVX2_BUILD]
+    if " avx512f" not in flags or " avx512vl" not in flags or os.environ.get("SPECDEC_CPU_KERNELS") == "avx2":
+        return [AVX2_BUILD]
+    if " avx512_bf16" in flags and os.environ.get("SPECDEC_CPU_KERNELS") != "avx512vl":
+        return [AVX512BF16_BUILD, AVX512VL_BUILD, AVX2_BUILD]
+    return [AVX512VL_BUILD, AVX2_BUILD]
 
 
 def _headers_hash() -> str:
@@ -125,8 +132,50 @@ def status() -> str:
     op = load()
     if op is None:
         return f"torch ops ({_state['why']})"
-    registers = "32 registers, AVX-512VL build" if _state.get("build") == AVX512VL_BUILD[0] else "16 registers"
+    registers = {
+        AVX512BF16_BUILD[0]: "32 registers, AVX-512VL build with bfloat16 dot products",
+        AVX512VL_BUILD[0]: "32 registers, AVX-512VL build",
+    }.get(str(_state.get("build")), "16 registers")
     return f"specdec AVX2 kernels ({registers}; small_linear, rms_norm, one-call forward)"
+
+
+def bf16_dot() -> bool:
+    """Whether the loaded kernels multiply bfloat16 rows with AVX512-BF16 dot products."""
+    return load() is not None and _state.get("build") == AVX512BF16_BUILD[0]
+
+
+_thread = threading.local()  # .bf16_rows: this thread's setting in the kernels (False until set)
+
+
+def bf16_rows_wanted() -> bool:
+    """``SPECDEC_BF16_ROWS=1``: models run in bfloat16 round the rows of their products to
+    bfloat16 and multiply them with AVX512-BF16 dot products (where :func:`bf16_dot`). Off by
+    default: on a Zen 4 it made verify passes of 5 and 8 tokens of a 700M bfloat16 target 18-34 %
+    faster but 1- and 2-token passes 7-24 % slower (docs/benchmarks.md section 4), and it changes
+    the model's function slightly (every row count alike, so speculative decoding stays lossless)."""
+    return os.environ.get("SPECDEC_BF16_ROWS") == "1"
+
+
+@contextmanager
+def bf16_rows(on: bool) -> Iterator[None]:
+    """Within the block, on this thread, products of bfloat16 weights round their rows to bfloat16
+    and use AVX512-BF16 dot products (where :func:`bf16_dot`): for models run in bfloat16, whose
+    activations are bfloat16 anyway, when :func:`bf16_rows_wanted`. Never for float32 models,
+    whose bfloat16 weight copies are exact and must give float32 results. Restores the previous
+    setting on exit; costs nothing where the setting does not change."""
+    on = bool(on) and bf16_rows_wanted()
+    previous = getattr(_thread, "bf16_rows", False)
+    op = _op()
+    if op is None or on == previous:
+        yield
+        return
+    op.set_bf16_rows(on)  # type: ignore[attr-defined]
+    _thread.bf16_rows = on
+    try:
+        yield
+    finally:
+        op.set_bf16_rows(previous)  # type: ignore[attr-defined]
+        _thread.bf16_rows = previous
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace specdec {
 
@@ -87,35 +88,14 @@ inline __m256 hsum8(const __m256* v) {
   return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// R weight rows (n0 .. n0+R-1) against M rows of x: R*M independent accumulators.
-template <int M, int R, typename W>
-inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, int64_t N, int64_t lead) {
-  __m256 acc[M][R];
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-  const int64_t K8 = K - K % 8;
-  const bool prefetch = (n0 + R) * K + lead <= N * K;  // never point past the last weight
-  for (int64_t k = 0; k < K8; k += 8) {
-    __m256 wv[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
-    if (prefetch && (k & 15) == 0) {  // every 16 weights: `lead` weights further along each row
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r) * K + k + lead), _MM_HINT_T1);
-    }
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      __m256 xv = _mm256_loadu_ps(x + m * K + k);
-      asm("" : "+x"(xv));  // keep x in a register: GCC would reload it from memory for every r
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
-    }
-  }
+// y[m, n0 + r] = tail(m, r, hsum(acc[m][r])): the sums of a block's accumulators, plus its scalar
+// tail (the columns past the last whole vector). Without a tail, blocks of 4 or 8 weight rows
+// sum a row of x's accumulators at once (hsum4 / hsum8: the same bits as hsum).
+template <int M, int R, typename Tail>
+__attribute__((always_inline)) inline void store_sums(__m256 (&acc)[M][R], bool no_tail, float* y, int64_t N, int64_t n0,
+                                                     Tail tail) {
   if constexpr (R == 4 || R == 8) {
-    if (K8 == K) {  // no scalar tail: the R sums of a row of x at once, the same bits as hsum
+    if (no_tail) {
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
         if constexpr (R == 8) _mm256_storeu_ps(y + m * N + n0, hsum8(acc[m]));
@@ -125,11 +105,56 @@ inline void block(const float* x, int64_t K, const W* w, int64_t n0, float* y, i
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) {
-      float s = hsum(acc[m][r]);
-      for (int64_t k = K8; k < K; ++k) s += x[m * K + k] * load1(w + (n0 + r) * K + k);
-      y[m * N + n0 + r] = s;
+    for (int r = 0; r < R; ++r) y[m * N + n0 + r] = tail(m, r, hsum(acc[m][r]));
+}
+
+// How a block multiplies: float32 rows of x with float32 or bfloat16 weights widened in registers,
+// one FMA per 8 weights (FmaStep), or bfloat16 rows with bfloat16 weights, one vdpbf16ps per 16
+// (DotStep, below). kPrefetchMask: a block prefetches when (k & kPrefetchMask) == 0.
+template <typename W>
+struct FmaStep {
+  using X = float;
+  using V = __m256;
+  static constexpr int kWidth = 8, kPrefetchMask = 15;
+  static V weights(const W* p) { return load8(p); }
+  static V rows(const float* p) { return _mm256_loadu_ps(p); }
+  static __m256 madd(__m256 acc, V x, V w) { return _mm256_fmadd_ps(x, w, acc); }
+  static float tail(const float* x, const W* w) { return *x * load1(w); }
+};
+
+// R weight rows (n0 .. n0+R-1) against M rows of x: R*M independent accumulators, each one
+// chain over the columns in order, whatever M and R are. Not inlined: inlined into product()'s
+// lambdas GCC spilled the accumulators of 7-8 rows (2x slower 8-row products).
+template <typename Step, int M, int R, typename W>
+__attribute__((noinline)) void block(const typename Step::X* x, int64_t K, const W* w, int64_t n0, float* y, int64_t N, int64_t lead) {
+  __m256 acc[M][R];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t Kv = K - K % Step::kWidth;
+  const bool prefetch = (n0 + R) * K + lead <= N * K;  // never point past the last weight
+  for (int64_t k = 0; k < Kv; k += Step::kWidth) {
+    typename Step::V wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = Step::weights(w + (n0 + r) * K + k);
+    if (prefetch && (k & Step::kPrefetchMask) == 0) {  // `lead` weights further along each row
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r) * K + k + lead), _MM_HINT_T1);
     }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      typename Step::V xv = Step::rows(x + m * K + k);
+      asm("" : "+x"(xv));  // keep x in a register: GCC would reload it from memory for every r
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[m][r] = Step::madd(acc[m][r], xv, wv[r]);
+    }
+  }
+  store_sums<M, R>(acc, Kv == K, y, N, n0, [&](int m, int r, float s) {
+    for (int64_t k = Kv; k < K; ++k) s += Step::tail(x + m * K + k, w + (n0 + r) * K + k);
+    return s;
+  });
 }
 
 // Vector registers the compiler may use: 16 with AVX2, 32 where the kernels are built with
@@ -157,31 +182,57 @@ constexpr int block_rows() {
 }
 
 // Rows [n_begin, n_end) of W against M (<= 8) rows of x, block_rows<M, W>() weight rows at a time.
-template <int M, typename W>
-void rows(const float* x, int64_t K, const W* w, int64_t n_begin, int64_t n_end, float* y, int64_t N) {
+template <typename Step, int M, typename W>
+void rows(const typename Step::X* x, int64_t K, const W* w, int64_t n_begin, int64_t n_end, float* y, int64_t N) {
   constexpr int R = block_rows<M, W>();
   const int64_t lead = prefetch_lead<W>(kPrefetchBlocks * R, K);
   int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) block<M, R>(x, K, w, n, y, N, lead);
-  for (; n < n_end; ++n) block<M, 1>(x, K, w, n, y, N, lead);
+  for (; n + R <= n_end; n += R) block<Step, M, R>(x, K, w, n, y, N, lead);
+  for (; n < n_end; ++n) block<Step, M, 1>(x, K, w, n, y, N, lead);
 }
 
-template <typename W>
-void rows_any(int64_t M, const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
+template <typename Step, typename W>
+void rows_any(int64_t M, const typename Step::X* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
   switch (M) {
-    case 1: return rows<1>(x, K, w, n0, n1, y, N);
-    case 2: return rows<2>(x, K, w, n0, n1, y, N);
-    case 3: return rows<3>(x, K, w, n0, n1, y, N);
-    case 4: return rows<4>(x, K, w, n0, n1, y, N);
-    case 5: return rows<5>(x, K, w, n0, n1, y, N);
-    case 6: return rows<6>(x, K, w, n0, n1, y, N);
-    case 7: return rows<7>(x, K, w, n0, n1, y, N);
-    default: return rows<8>(x, K, w, n0, n1, y, N);
+    case 1: return rows<Step, 1>(x, K, w, n0, n1, y, N);
+    case 2: return rows<Step, 2>(x, K, w, n0, n1, y, N);
+    case 3: return rows<Step, 3>(x, K, w, n0, n1, y, N);
+    case 4: return rows<Step, 4>(x, K, w, n0, n1, y, N);
+    case 5: return rows<Step, 5>(x, K, w, n0, n1, y, N);
+    case 6: return rows<Step, 6>(x, K, w, n0, n1, y, N);
+    case 7: return rows<Step, 7>(x, K, w, n0, n1, y, N);
+    default: return rows<Step, 8>(x, K, w, n0, n1, y, N);
   }
 }
 
-template <typename W>
-void run(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) {
+// Models run in bfloat16 (set_bf16_rows, thread-local; off by default): where the kernels are
+// built with AVX512-BF16 (SPECDEC_BF16DOT), a product of bfloat16 weights rounds its rows of x to
+// bfloat16 (round to nearest even, as a bfloat16 model's activations are) and multiplies them
+// with vdpbf16ps: 16 exact products a 256-bit instruction, two of them added into each float32
+// accumulator lane, no widening of the weights; 1.8x the multiply-adds per second of float32
+// FMAs on a Zen 4 (docs/benchmarks.md section 4). Every output is still one chain of the same
+// operations in the same order whatever M is, so rows stay independent of the batch. Exact
+// bfloat16 copies of float32 weights never take this path: their products keep float32 rows.
+inline thread_local bool t_bf16_rows = false;
+
+#ifdef SPECDEC_BF16DOT
+struct DotStep {
+  using X = at::BFloat16;
+  using V = __m256bh;
+  static constexpr int kWidth = 16, kPrefetchMask = 31;
+  static V weights(const at::BFloat16* p) { return (V)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static V rows(const at::BFloat16* p) { return (V)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static __m256 madd(__m256 acc, V x, V w) { return _mm256_dpbf16_ps(acc, x, w); }
+  static float tail(const at::BFloat16* x, const at::BFloat16* w) {
+    return static_cast<float>(*x) * static_cast<float>(*w);
+  }
+};
+
+#endif
+
+// `rows_of(mc, x rows, t0, t1, y rows)` computes rows [t0, t1) of W against a chunk of mc rows of x.
+template <typename W, typename X, typename Rows>
+void run(const X* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, Rows rows_of) {
   // Tiles of weight rows small enough to stay in L2 while every 8-row chunk of x passes over them,
   // and one tile per thread where that leaves each at least 32 KB of weights: a matrix smaller
   // than one L2 tile (the demo target's o_proj and down_proj, 256 rows) would otherwise run on
@@ -200,7 +251,7 @@ void run(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) 
       for (int64_t m0 = 0, left = M; left > 0;) {  // chunks of <= kChunkRows rows, as even as possible
         const int64_t chunks = (left + kChunkRows - 1) / kChunkRows;
         const int64_t mc = (left + chunks - 1) / chunks;
-        rows_any<W>(mc, x + m0 * K, K, w, t0, t1, y + m0 * N, N);
+        rows_of(mc, x + m0 * K, t0, t1, y + m0 * N);
         m0 += mc;
         left -= mc;
       }
@@ -212,10 +263,25 @@ void run(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) 
 // y (M, N) = x (M, K) @ weight (N, K)^T for a contiguous float32 or bfloat16 weight.
 inline void product(const float* x, int64_t M, const at::Tensor& weight, float* y) {
   const int64_t N = weight.size(0), K = weight.size(1);
-  if (weight.scalar_type() == at::kFloat)
-    run<float>(x, M, K, weight.data_ptr<float>(), N, y);
-  else
-    run<at::BFloat16>(x, M, K, weight.data_ptr<at::BFloat16>(), N, y);
+  if (weight.scalar_type() == at::kFloat) {
+    const float* w = weight.data_ptr<float>();
+    return run(x, M, K, w, N, y, [&](int64_t mc, const float* xs, int64_t t0, int64_t t1, float* ys) {
+      rows_any<FmaStep<float>>(mc, xs, K, w, t0, t1, ys, N);
+    });
+  }
+  const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
+#ifdef SPECDEC_BF16DOT
+  if (t_bf16_rows) {
+    thread_local std::vector<at::BFloat16> rounded;
+    rounded.assign(x, x + M * K);  // (M, K): round to nearest even
+    return run(rounded.data(), M, K, w, N, y, [&](int64_t mc, const at::BFloat16* xs, int64_t t0, int64_t t1, float* ys) {
+      rows_any<DotStep>(mc, xs, K, w, t0, t1, ys, N);
+    });
+  }
+#endif
+  run(x, M, K, w, N, y, [&](int64_t mc, const float* xs, int64_t t0, int64_t t1, float* ys) {
+    rows_any<FmaStep<at::BFloat16>>(mc, xs, K, w, t0, t1, ys, N);
+  });
 }
 
 // One RMSNorm row: y = x / sqrt(mean(x^2) + eps) * w (the same for every row and batch).

@@ -43,10 +43,19 @@ at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double ep
   return y;
 }
 
+// Whether this thread's products round their rows to bfloat16 (kernels.h, t_bf16_rows); returns
+// the previous setting. Has an effect only in builds with AVX512-BF16 (SPECDEC_BF16DOT).
+bool set_bf16_rows(bool on) {
+  const bool previous = t_bf16_rows;
+  t_bf16_rows = on;
+  return previous;
+}
+
 }  // namespace
 }  // namespace specdec
 
 TORCH_LIBRARY(specdec, m) {
+  m.def("set_bf16_rows(bool on) -> bool", &specdec::set_bf16_rows);
   m.def("small_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
   m.def(

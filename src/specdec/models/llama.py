@@ -388,11 +388,12 @@ class Transformer(nn.Module):
         if self._layer_weights is not None and layers.step == 1 and kernels.fused_layers_apply(h):
             slots, attn_mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len, True)
             cfg, (weights, _) = self.config, self._kernel_weights(h.shape[1])
-            return kernels.decoder_layers(  # the loop below in one C++ call
-                h, input_pos, self.inv_freq, cache.k, cache.v, slots, attn_mask, kv_len, layers.start,
-                layers.stop, weights, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                cfg.rms_norm_eps,
-            )  # fmt: skip
+            with kernels.bf16_rows(self.runs_bfloat16):
+                return kernels.decoder_layers(  # the loop below in one C++ call
+                    h, input_pos, self.inv_freq, cache.k, cache.v, slots, attn_mask, kv_len, layers.start,
+                    layers.stop, weights, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                    cfg.rms_norm_eps,
+                )  # fmt: skip
         slots, attn_mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len)
         cos, sin = self.rope(input_pos, h.dtype)
         for i in layers:
@@ -422,12 +423,13 @@ class Transformer(nn.Module):
             # The module path below in one C++ call (CPU; float32 activations whatever the weights).
             slots, mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len, True)
             cfg, (weights, (embed, head)) = self.config, self._kernel_weights(tokens.shape[1])
-            logits, h = kernels.model_forward(
-                tokens, input_pos, self.inv_freq, embed, cache.k, cache.v, slots,
-                mask, kv_len, weights, self.model.norm.weight, head,
-                tokens.shape[1] if num_logits is None else num_logits, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                cfg.rms_norm_eps,
-            )  # fmt: skip
+            with kernels.bf16_rows(self.runs_bfloat16):
+                logits, h = kernels.model_forward(
+                    tokens, input_pos, self.inv_freq, embed, cache.k, cache.v, slots,
+                    mask, kv_len, weights, self.model.norm.weight, head,
+                    tokens.shape[1] if num_logits is None else num_logits, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                    cfg.rms_norm_eps,
+                )  # fmt: skip
             dtype = self.lm_head.weight.dtype  # float32 from the kernel; the model's dtype outside
             logits, h = logits.to(dtype), h.to(dtype)
             return (logits, h) if return_hidden else logits
@@ -436,6 +438,12 @@ class Transformer(nn.Module):
         h = self.model.norm(h)
         logits = self.lm_head(h if num_logits is None else h[:, h.shape[1] - num_logits :])
         return (logits, h) if return_hidden else logits
+
+    @property
+    def runs_bfloat16(self) -> bool:
+        """A model run in bfloat16 (its own weights bfloat16, not exact copies of float32 ones):
+        the kernels' products may round its rows to bfloat16 (``kernels.bf16_rows``)."""
+        return self.lm_head.weight.dtype == torch.bfloat16
 
     def reuses_layers(self) -> bool:
         """Whether :meth:`forward_reusing` gives exactly the values of :meth:`forward`: where the
@@ -498,10 +506,12 @@ class Transformer(nn.Module):
         common = (tokens, start, num_tokens, self.inv_freq, embed, cache.k, cache.v, self._layer_weights)
         shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
         norm = self.model.norm.weight
-        if sampling.greedy:
-            drafts, probs = kernels.draft_greedy(*common, norm, head, ids, *shape), None
-        else:
-            drafts, rows = kernels.draft_sample(*common, norm, head, ids, *chain_draws(sampling, num_tokens, generator), *shape)
-            probs = spread_rows(rows, ids, cfg.vocab_size)  # (K, V)
+        with kernels.bf16_rows(self.runs_bfloat16):
+            if sampling.greedy:
+                drafts, probs = kernels.draft_greedy(*common, norm, head, ids, *shape), None
+            else:
+                draws = chain_draws(sampling, num_tokens, generator)
+                drafts, rows = kernels.draft_sample(*common, norm, head, ids, *draws, *shape)
+                probs = spread_rows(rows, ids, cfg.vocab_size)  # (K, V)
         cache.truncate(start + tokens.shape[1] + num_tokens - 1)
         return drafts, probs  # (K,), (K, V) or None
