@@ -230,9 +230,9 @@ struct DotStep {
 
 #endif
 
-// `rows_of(mc, x rows, t0, t1, y rows)` computes rows [t0, t1) of W against a chunk of mc rows of x.
-template <typename W, typename X, typename Rows>
-void run(const X* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, Rows rows_of) {
+// y (M, N) = x (M, K) @ W (N, K)^T, each block multiplying as Step does (FmaStep or DotStep).
+template <typename Step, typename W>
+void run(const typename Step::X* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) {
   // Tiles of weight rows small enough to stay in L2 while every 8-row chunk of x passes over them,
   // and one tile per thread where that leaves each at least 32 KB of weights: a matrix smaller
   // than one L2 tile (the demo target's o_proj and down_proj, 256 rows) would otherwise run on
@@ -251,7 +251,7 @@ void run(const X* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, Rows
       for (int64_t m0 = 0, left = M; left > 0;) {  // chunks of <= kChunkRows rows, as even as possible
         const int64_t chunks = (left + kChunkRows - 1) / kChunkRows;
         const int64_t mc = (left + chunks - 1) / chunks;
-        rows_of(mc, x + m0 * K, t0, t1, y + m0 * N);
+        rows_any<Step>(mc, x + m0 * K, K, w, t0, t1, y + m0 * N, N);
         m0 += mc;
         left -= mc;
       }
@@ -263,25 +263,16 @@ void run(const X* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, Rows
 // y (M, N) = x (M, K) @ weight (N, K)^T for a contiguous float32 or bfloat16 weight.
 inline void product(const float* x, int64_t M, const at::Tensor& weight, float* y) {
   const int64_t N = weight.size(0), K = weight.size(1);
-  if (weight.scalar_type() == at::kFloat) {
-    const float* w = weight.data_ptr<float>();
-    return run(x, M, K, w, N, y, [&](int64_t mc, const float* xs, int64_t t0, int64_t t1, float* ys) {
-      rows_any<FmaStep<float>>(mc, xs, K, w, t0, t1, ys, N);
-    });
-  }
+  if (weight.scalar_type() == at::kFloat) return run<FmaStep<float>>(x, M, K, weight.data_ptr<float>(), N, y);
   const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
 #ifdef SPECDEC_BF16DOT
   if (t_bf16_rows) {
     thread_local std::vector<at::BFloat16> rounded;
     rounded.assign(x, x + M * K);  // (M, K): round to nearest even
-    return run(rounded.data(), M, K, w, N, y, [&](int64_t mc, const at::BFloat16* xs, int64_t t0, int64_t t1, float* ys) {
-      rows_any<DotStep>(mc, xs, K, w, t0, t1, ys, N);
-    });
+    return run<DotStep>(rounded.data(), M, K, w, N, y);
   }
 #endif
-  run(x, M, K, w, N, y, [&](int64_t mc, const float* xs, int64_t t0, int64_t t1, float* ys) {
-    rows_any<FmaStep<at::BFloat16>>(mc, xs, K, w, t0, t1, ys, N);
-  });
+  run<FmaStep<at::BFloat16>>(x, M, K, w, N, y);
 }
 
 // One RMSNorm row: y = x / sqrt(mean(x^2) + eps) * w (the same for every row and batch).
