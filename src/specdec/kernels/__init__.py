@@ -27,7 +27,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -145,30 +145,35 @@ def bf16_dot() -> bool:
 
 
 _thread = threading.local()  # .bf16_rows: this thread's setting in the kernels (False until set)
+_unchanged = nullcontext()  # (reusable: the setting stays as it is)
 
 
 def bf16_rows_wanted() -> bool:
     """``SPECDEC_BF16_ROWS=1``: models run in bfloat16 round the rows of their products to
     bfloat16 and multiply them with AVX512-BF16 dot products (where :func:`bf16_dot`). Off by
-    default: on a Zen 4 it made verify passes of 5 and 8 tokens of a 700M bfloat16 target 18-34 %
-    faster but 1- and 2-token passes 7-24 % slower (docs/benchmarks.md section 4), and it changes
+    default: on a Zen 4 it made verify passes of 5 and 8 tokens of a 700M bfloat16 target 17-34 %
+    faster but 1- and 2-token passes 5-21 % slower (docs/benchmarks.md section 4), and it changes
     the model's function slightly (every row count alike, so speculative decoding stays lossless)."""
     return os.environ.get("SPECDEC_BF16_ROWS") == "1"
 
 
-@contextmanager
-def bf16_rows(on: bool) -> Iterator[None]:
+def bf16_rows(on: bool) -> AbstractContextManager[None]:
     """Within the block, on this thread, products of bfloat16 weights round their rows to bfloat16
     and use AVX512-BF16 dot products (where :func:`bf16_dot`): for models run in bfloat16, whose
     activations are bfloat16 anyway, when :func:`bf16_rows_wanted`. Never for float32 models,
     whose bfloat16 weight copies are exact and must give float32 results. Restores the previous
-    setting on exit; costs nothing where the setting does not change."""
+    setting on exit; where the setting does not change (every float32 model's pass) it is a
+    shared no-op, as it runs around every forward."""
     on = bool(on) and bf16_rows_wanted()
-    previous = getattr(_thread, "bf16_rows", False)
     op = _op()
-    if op is None or on == previous:
-        yield
-        return
+    if op is None or on == getattr(_thread, "bf16_rows", False):
+        return _unchanged
+    return _switched(op, on)
+
+
+@contextmanager
+def _switched(op: object, on: bool) -> Iterator[None]:
+    previous = getattr(_thread, "bf16_rows", False)
     op.set_bf16_rows(on)  # type: ignore[attr-defined]
     _thread.bf16_rows = on
     try:
