@@ -165,8 +165,8 @@ def test_bad_inputs(target, tiny_dir):
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("bf16_rows", ["0", "1"])
 def test_a_model_run_in_bfloat16_matches_its_own_plain_greedy_decoding(k, bf16_rows, monkeypatch):
-    # In bfloat16 the kernels' products may round their rows to bfloat16 (AVX512-BF16 dot
-    # products, SPECDEC_BF16_ROWS=1): the target's function changes a little, but a K-token verify
+    # In bfloat16 the kernels' products round their rows to bfloat16 (AVX512-BF16 dot products,
+    # unless SPECDEC_BF16_ROWS=0): the target's function changes a little, but a K-token verify
     # pass still gives each row what a 1-token pass gives, so greedy output is plain decoding's.
     monkeypatch.setenv("SPECDEC_BF16_ROWS", bf16_rows)
     target = load_model("demo-target", dtype="bfloat16")

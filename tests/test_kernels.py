@@ -250,11 +250,42 @@ def test_bfloat16_rows_use_dot_products_only_where_asked(columns, monkeypatch):
 
 
 @needs_kernel
-def test_bfloat16_rows_are_off_unless_asked(monkeypatch):
-    monkeypatch.delenv("SPECDEC_BF16_ROWS", raising=False)
+def test_bfloat16_rows_flush_denormals_whatever_the_row_count(monkeypatch):
+    # vdpbf16ps treats denormal inputs and results as zero; 1-2-row products compute the same sums
+    # with FMAs (kernels.h, DotFmaStep) and must flush them too, or a row's bits would depend on
+    # how many rows share its pass.
+    monkeypatch.setenv("SPECDEC_BF16_ROWS", "1")
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(40, 64, generator=gen).bfloat16()
+    x = torch.randn(6, 64, generator=gen)
+    x[0] *= 1e-39  # denormal rows: zero products
+    x[1, :32] *= 1e-39  # half denormal
+    x[2, ::2] *= 1e30  # large and small terms in one sum: the order of the roundings shows
+    tiny_w = (w.float() * 1e-19).bfloat16()  # normal weights whose products with x[4:] ...
+    x[4:] *= 1e-20  # ... (normal rows) are below the smallest normal float32
+    with kernels.bf16_rows(True):
+        for weight in (w, tiny_w):
+            together = kernels.linear(x, weight)  # 6 rows: vdpbf16ps where the build has it
+            alone = torch.cat([kernels.linear(x[i : i + 1], weight) for i in range(6)])
+            pairs = torch.cat([kernels.linear(x[i : i + 2], weight) for i in range(0, 6, 2)])
+            assert torch.equal(alone, together) and torch.equal(pairs, together)
+            if kernels.bf16_dot():
+                # Zen 4 (and Intel's documented order): each pair's odd product first, then the even
+                assert kernels.bf16_fma_twin(), "this CPU's vdpbf16ps sums differ: 1-2-row passes use it"
+                assert torch.equal(together[0], torch.zeros(40))
+                assert (together[1] != 0).all()
+                assert torch.equal(together[4:] == 0, torch.full((2, 40), weight is tiny_w))
+
+
+@needs_kernel
+def test_bfloat16_rows_are_on_unless_turned_off(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(64, 256, generator=gen).bfloat16()
     x = torch.randn(3, 256, generator=gen)
     plain = kernels.linear(x, w)
+    monkeypatch.setenv("SPECDEC_BF16_ROWS", "0")
     with kernels.bf16_rows(True):
         assert torch.equal(kernels.linear(x, w), plain)
+    monkeypatch.delenv("SPECDEC_BF16_ROWS")
+    with kernels.bf16_rows(True):
+        assert torch.equal(kernels.linear(x, w), plain) != kernels.bf16_dot()

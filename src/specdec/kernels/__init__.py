@@ -26,9 +26,9 @@ import hashlib
 import os
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -144,17 +144,24 @@ def bf16_dot() -> bool:
     return load() is not None and _state.get("build") == AVX512BF16_BUILD[0]
 
 
+def bf16_fma_twin() -> bool:
+    """Whether products of 1-2 bfloat16 rows compute the dot products' sums with FMAs, bit for bit
+    (they stream weights faster that way; checked on the running CPU, kernels.h ``DotFmaStep``)."""
+    return bf16_dot() and bool(_state["op"].bf16_fma_twin())  # type: ignore[attr-defined]
+
+
 _thread = threading.local()  # .bf16_rows: this thread's setting in the kernels (False until set)
 _unchanged = nullcontext()  # (reusable: the setting stays as it is)
 
 
 def bf16_rows_wanted() -> bool:
-    """``SPECDEC_BF16_ROWS=1``: models run in bfloat16 round the rows of their products to
-    bfloat16 and multiply them with AVX512-BF16 dot products (where :func:`bf16_dot`). Off by
-    default: on a Zen 4 it made verify passes of 5 and 8 tokens of a 700M bfloat16 target 17-34 %
-    faster but 1- and 2-token passes 5-21 % slower (docs/benchmarks.md section 4), and it changes
-    the model's function slightly (every row count alike, so speculative decoding stays lossless)."""
-    return os.environ.get("SPECDEC_BF16_ROWS") == "1"
+    """Whether models run in bfloat16 round the rows of their products to bfloat16 and multiply
+    them with AVX512-BF16 dot products (where :func:`bf16_dot`): yes unless
+    ``SPECDEC_BF16_ROWS=0``. On a Zen 4 it makes verify passes of 5 and 8 tokens of a 700M
+    bfloat16 target 30-35 % faster and 1-3-token passes as fast (docs/benchmarks.md section 4);
+    it changes the model's function slightly, every row count alike, so speculative decoding stays
+    lossless."""
+    return os.environ.get("SPECDEC_BF16_ROWS") != "0"
 
 
 def bf16_rows(on: bool) -> AbstractContextManager[None]:
@@ -168,19 +175,25 @@ def bf16_rows(on: bool) -> AbstractContextManager[None]:
     op = _op()
     if op is None or on == getattr(_thread, "bf16_rows", False):
         return _unchanged
-    return _switched(op, on)
+    return _Switched(op, on)
 
 
-@contextmanager
-def _switched(op: object, on: bool) -> Iterator[None]:
-    previous = getattr(_thread, "bf16_rows", False)
-    op.set_bf16_rows(on)  # type: ignore[attr-defined]
-    _thread.bf16_rows = on
-    try:
-        yield
-    finally:
-        op.set_bf16_rows(previous)  # type: ignore[attr-defined]
-        _thread.bf16_rows = previous
+class _Switched:
+    """bf16_rows's switch (a class rather than a generator: ~1.5 us less around every forward)."""
+
+    __slots__ = ("op", "on", "previous")
+
+    def __init__(self, op: Any, on: bool) -> None:
+        self.op, self.on = op, on
+
+    def __enter__(self) -> None:
+        self.previous = getattr(_thread, "bf16_rows", False)
+        self.op.set_bf16_rows(self.on)
+        _thread.bf16_rows = self.on
+
+    def __exit__(self, *exc: object) -> None:
+        self.op.set_bf16_rows(self.previous)
+        _thread.bf16_rows = self.previous
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

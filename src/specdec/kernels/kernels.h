@@ -21,6 +21,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace specdec {
@@ -119,6 +122,7 @@ struct FmaStep {
   static V weights(const W* p) { return load8(p); }
   static V rows(const float* p) { return _mm256_loadu_ps(p); }
   static __m256 madd(__m256 acc, V x, V w) { return _mm256_fmadd_ps(x, w, acc); }
+  static void keep(V& x) { asm("" : "+x"(x)); }  // in a register: GCC would reload x for every r
   static float tail(const float* x, const W* w) { return *x * load1(w); }
 };
 
@@ -146,7 +150,7 @@ __attribute__((noinline)) void block(const typename Step::X* x, int64_t K, const
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       typename Step::V xv = Step::rows(x + m * K + k);
-      asm("" : "+x"(xv));  // keep x in a register: GCC would reload it from memory for every r
+      Step::keep(xv);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[m][r] = Step::madd(acc[m][r], xv, wv[r]);
     }
@@ -214,21 +218,95 @@ void rows_any(int64_t M, const typename Step::X* x, int64_t K, const W* w, int64
 // operations in the same order whatever M is, so rows stay independent of the batch. Exact
 // bfloat16 copies of float32 weights never take this path: their products keep float32 rows.
 inline thread_local bool t_bf16_rows = false;
+#ifndef SPECDEC_FMA_DOT_ROWS
+#define SPECDEC_FMA_DOT_ROWS 2
+#endif
+constexpr int64_t kFmaDotRows = SPECDEC_FMA_DOT_ROWS;  // products of up to this many rows: DotFmaStep
 
 #ifdef SPECDEC_BF16DOT
+// 16 bfloat16 weights in two 16-byte loads, and a prefetch every 16 weights (kPrefetchMask): on
+// a Zen 4 one-thread 1-3-row passes of a 700M model streamed 10-25 % slower with one 32-byte
+// load and a prefetch every 32 (docs/benchmarks.md section 4).
+inline __m256i load16(const at::BFloat16* p) {
+  return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(p + 8), reinterpret_cast<const __m128i*>(p));
+}
 struct DotStep {
   using X = at::BFloat16;
   using V = __m256bh;
-  static constexpr int kWidth = 16, kPrefetchMask = 31;
-  static V weights(const at::BFloat16* p) { return (V)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static constexpr int kWidth = 16, kPrefetchMask = 15;
+  static V weights(const at::BFloat16* p) { return (V)load16(p); }
   static V rows(const at::BFloat16* p) { return (V)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static __m256 madd(__m256 acc, V x, V w) { return _mm256_dpbf16_ps(acc, x, w); }
+  static void keep(V& x) { asm("" : "+x"(x)); }
   static float tail(const at::BFloat16* x, const at::BFloat16* w) {
     return static_cast<float>(*x) * static_cast<float>(*w);
   }
 };
 
+// DotStep's sums computed with FMAs, bit for bit: vdpbf16ps adds to lane i of the accumulator
+// the product of bfloat16 pair 2i + 1, rounded, then the product of pair 2i, rounded (the
+// products of two bfloat16 are exact in float32, so each step is one FMA), with denormals
+// flushed (which run() asks of the FMAs too). Loaded 16 bfloat16 at a time, a pair's high half
+// is already a float32 and its low half one shift away, so no widening shuffles. 1-4-row
+// passes stream their weights faster this way than with vdpbf16ps on a Zen 4 (docs/benchmarks.md
+// section 4); dot_matches_fma() checks the equality on the running CPU before it is used.
+struct DotFmaStep {
+  using X = at::BFloat16;
+  struct V {
+    __m256 even, odd;  // bfloat16 2i and 2i + 1 of 16, as float32
+  };
+  static constexpr int kWidth = 16, kPrefetchMask = 15;
+  static V split(const at::BFloat16* p) {
+    const __m256i pairs = load16(p);
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+  }
+  static V weights(const at::BFloat16* p) { return split(p); }
+  static V rows(const at::BFloat16* p) { return split(p); }
+  static __m256 madd(__m256 acc, V x, V w) { return _mm256_fmadd_ps(x.even, w.even, _mm256_fmadd_ps(x.odd, w.odd, acc)); }
+  static void keep(V& x) { asm("" : "+x"(x.even), "+x"(x.odd)); }
+  static float tail(const at::BFloat16* x, const at::BFloat16* w) { return DotStep::tail(x, w); }
+};
+
+// Whether DotFmaStep gives vdpbf16ps's bits on this CPU: random sums of 8000 pairs, normal and
+// denormal, compared once (on a Zen 4 they agree on every one of 16 million).
+inline bool dot_matches_fma() {
+  static const bool matches = [] {
+    const unsigned saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040u);  // FTZ | DAZ, as run() sets for bfloat16 rows
+    uint64_t state = 0x9E3779B97F4A7C15ull;
+    auto next = [&state] { state = state * 6364136223846793005ull + 1442695040888963407ull; return static_cast<uint32_t>(state >> 32); };
+    auto bf16 = [&](int spread) {  // sign, an exponent around 1 (or 0: a denormal), a mantissa
+      const uint32_t r = next();
+      const uint32_t exponent = spread ? 127 - spread / 2 + r % spread : 0;
+      return static_cast<uint16_t>(((r >> 16) & 0x8000u) | (exponent << 7) | ((r >> 8) & 0x7Fu));
+    };
+    bool same = true;
+    for (int i = 0; i < 500 && same; ++i) {
+      alignas(32) uint16_t a[16], b[16];
+      alignas(32) float acc[8], dot[8], fma[8];
+      for (int j = 0; j < 16; ++j) a[j] = bf16(i % 10 == 9 ? 0 : 24), b[j] = bf16(24);
+      for (int j = 0; j < 8; ++j) acc[j] = static_cast<float>(static_cast<int32_t>(next())) * 1e-9f;
+      const auto* pa = reinterpret_cast<const at::BFloat16*>(a);
+      const auto* pb = reinterpret_cast<const at::BFloat16*>(b);
+      _mm256_store_ps(dot, DotStep::madd(_mm256_load_ps(acc), DotStep::rows(pa), DotStep::weights(pb)));
+      _mm256_store_ps(fma, DotFmaStep::madd(_mm256_load_ps(acc), DotFmaStep::rows(pa), DotFmaStep::weights(pb)));
+      same = std::memcmp(dot, fma, sizeof(dot)) == 0;
+    }
+    _mm_setcsr(saved);
+    return same;
+  }();
+  return matches;
+}
 #endif
+
+// Denormals flushed to zero in this thread's float32 arithmetic (MXCSR FTZ and DAZ) while it
+// lives, as vdpbf16ps always does: around products of bfloat16 rows, whichever step runs them.
+struct FlushDenormals {
+  const unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+};
 
 // y (M, N) = x (M, K) @ W (N, K)^T, each block multiplying as Step does (FmaStep or DotStep).
 template <typename Step, typename W>
@@ -246,6 +324,8 @@ void run(const typename Step::X* x, int64_t M, int64_t K, const W* w, int64_t N,
     tile = std::min(tile, std::max({int64_t{8}, (32 * 1024) / row_bytes, per_thread}));
   }
   at::parallel_for(0, N, tile, [&](int64_t begin, int64_t end) {
+    std::optional<FlushDenormals> flush;
+    if constexpr (std::is_same_v<typename Step::X, at::BFloat16>) flush.emplace();
     for (int64_t t0 = begin; t0 < end; t0 += tile) {
       const int64_t t1 = std::min(end, t0 + tile);
       for (int64_t m0 = 0, left = M; left > 0;) {  // chunks of <= kChunkRows rows, as even as possible
@@ -269,6 +349,7 @@ inline void product(const float* x, int64_t M, const at::Tensor& weight, float* 
   if (t_bf16_rows) {
     thread_local std::vector<at::BFloat16> rounded;
     rounded.assign(x, x + M * K);  // (M, K): round to nearest even
+    if (M <= kFmaDotRows && dot_matches_fma()) return run<DotFmaStep>(rounded.data(), M, K, w, N, y);
     return run<DotStep>(rounded.data(), M, K, w, N, y);
   }
 #endif

@@ -51,11 +51,22 @@ bool set_bf16_rows(bool on) {
   return previous;
 }
 
+// Whether 1-2-row products of bfloat16 rows run on FMAs that give the dot products' bits
+// (kernels.h, DotFmaStep): false where the build has no AVX512-BF16 or the CPU's sums differ.
+bool bf16_fma_twin() {
+#ifdef SPECDEC_BF16DOT
+  return dot_matches_fma();
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 }  // namespace specdec
 
 TORCH_LIBRARY(specdec, m) {
   m.def("set_bf16_rows(bool on) -> bool", &specdec::set_bf16_rows);
+  m.def("bf16_fma_twin() -> bool", &specdec::bf16_fma_twin);
   m.def("small_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
   m.def(
