@@ -113,13 +113,20 @@ __attribute__((always_inline)) inline void store_sums(__m256 (&acc)[M][R], bool 
 
 // How a block multiplies: float32 rows of x with float32 or bfloat16 weights widened in registers,
 // one FMA per 8 weights (FmaStep), or bfloat16 rows with bfloat16 weights, one vdpbf16ps per 16
-// (DotStep, below). kPrefetchMask: a block prefetches when (k & kPrefetchMask) == 0.
+// (DotStep, below). kPrefetchMask: a block prefetches when (k & kPrefetchMask) == 0. Weights
+// stream in 16-byte loads with a prefetch every 32 bytes (8 float32 or 16 bfloat16 weights): on a
+// Zen 4 one 32-byte load and a prefetch per 64 bytes made float32-weight passes of a 700M model
+// 6-13 % slower at 1-2 rows and 20-33 % at 5 (docs/benchmarks.md section 4); the widening load of
+// bfloat16 weights was always 16 bytes.
 template <typename W>
 struct FmaStep {
   using X = float;
   using V = __m256;
-  static constexpr int kWidth = 8, kPrefetchMask = 15;
-  static V weights(const W* p) { return load8(p); }
+  static constexpr int kWidth = 8, kPrefetchMask = sizeof(W) == 4 ? 7 : 15;
+  static V weights(const W* p) {
+    if constexpr (sizeof(W) == 4) return _mm256_loadu2_m128(p + 4, p);  // the same 8 floats
+    else return load8(p);
+  }
   static V rows(const float* p) { return _mm256_loadu_ps(p); }
   static __m256 madd(__m256 acc, V x, V w) { return _mm256_fmadd_ps(x, w, acc); }
   static void keep(V& x) { asm("" : "+x"(x)); }  // in a register: GCC would reload x for every r
@@ -229,9 +236,9 @@ inline thread_local bool t_bf16_rows = false;
 constexpr int64_t kFmaDotRows = SPECDEC_FMA_DOT_ROWS;  // products of up to this many rows: DotFmaStep
 
 #ifdef SPECDEC_BF16DOT
-// 16 bfloat16 weights in two 16-byte loads, and a prefetch every 16 weights (kPrefetchMask): on
-// a Zen 4 one-thread 1-3-row passes of a 700M model streamed 10-25 % slower with one 32-byte
-// load and a prefetch every 32 (docs/benchmarks.md section 4).
+// 16 bfloat16 weights in two 16-byte loads, and a prefetch every 16 weights (kPrefetchMask), as
+// FmaStep streams: one-thread 1-3-row passes of a 700M model streamed 10-25 % slower with one
+// 32-byte load and a prefetch every 32.
 inline __m256i load16(const at::BFloat16* p) {
   return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(p + 8), reinterpret_cast<const __m128i*>(p));
 }
