@@ -188,14 +188,18 @@ def test_tree_and_chain_rows_in_one_batch_equal_plain_greedy(pair) -> None:  # t
     assert sum(h.looked_up for h in hybrids) > 0 and sum(h.drafted for h in hybrids) > 0
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))  # (no skip)
-def test_demo_pair_in_a_batch_equals_plain_greedy(device: str) -> None:
-    """The shipped pair (float32): 8 rows with the batched draft model equal plain decoding,
-    on the CPU and, where there is one, a GPU (scripts/gpu_check.sh runs it there)."""
+@pytest.mark.parametrize(
+    "device, dtype",
+    [("cpu", "float32"), ("cpu", "bfloat16")] + ([("cuda", "float32")] if torch.cuda.is_available() else []),
+)  # (no skip)
+def test_demo_pair_in_a_batch_equals_plain_greedy(device: str, dtype: str) -> None:
+    """The shipped pair: 8 rows with the batched draft model equal plain decoding, on the CPU
+    (float32, and bfloat16: rows rounded to bfloat16, dot products from 3 rows, their FMA twin
+    for 1-2) and, where there is one, a GPU (scripts/gpu_check.sh runs it there)."""
     from specdec.serving.loadtest import PROMPTS
 
-    target = specdec.load_model("demo-target", dtype="float32", device=device)
-    draft = specdec.load_model("demo-draft", dtype="float32", device=device)
+    target = specdec.load_model("demo-target", dtype=dtype, device=device)
+    draft = specdec.load_model("demo-draft", dtype=dtype, device=device)
     prompts = [target.tokenizer.encode(p) for p in PROMPTS[:8]]
     outputs: dict[int, list[int]] = {}
     requests = []
