@@ -230,10 +230,9 @@ void rows_any(int64_t M, const typename Step::X* x, int64_t K, const W* w, int64
 // operations in the same order whatever M is, so rows stay independent of the batch. Exact
 // bfloat16 copies of float32 weights never take this path: their products keep float32 rows.
 inline thread_local bool t_bf16_rows = false;
-#ifndef SPECDEC_FMA_DOT_ROWS
-#define SPECDEC_FMA_DOT_ROWS 2
-#endif
-constexpr int64_t kFmaDotRows = SPECDEC_FMA_DOT_ROWS;  // products of up to this many rows: DotFmaStep
+// Products of bfloat16 rows with up to kFmaDotRows rows run on DotFmaStep, the others on DotStep
+// (700M target from memory, 2 rows: 0.98-1.01x float32 rows against 1.09x with vdpbf16ps).
+constexpr int64_t kFmaDotRows = 2;
 
 #ifdef SPECDEC_BF16DOT
 // 16 bfloat16 weights in two 16-byte loads, and a prefetch every 16 weights (kPrefetchMask), as
@@ -259,9 +258,9 @@ struct DotStep {
 // the product of bfloat16 pair 2i + 1, rounded, then the product of pair 2i, rounded (the
 // products of two bfloat16 are exact in float32, so each step is one FMA), with denormals
 // flushed (which run() asks of the FMAs too). Loaded 16 bfloat16 at a time, a pair's high half
-// is already a float32 and its low half one shift away, so no widening shuffles. 1-4-row
-// passes stream their weights faster this way than with vdpbf16ps on a Zen 4 (docs/benchmarks.md
-// section 4); dot_matches_fma() checks the equality on the running CPU before it is used.
+// is already a float32 and its low half one shift away, so no widening shuffles. Products of up
+// to kFmaDotRows rows stream their weights faster this way than with vdpbf16ps on a Zen 4
+// (docs/benchmarks.md section 4); dot_matches_fma() checks the equality on the running CPU first.
 struct DotFmaStep {
   using X = at::BFloat16;
   struct V {
@@ -320,7 +319,8 @@ struct FlushDenormals {
   ~FlushDenormals() { _mm_setcsr(saved); }
 };
 
-// y (M, N) = x (M, K) @ W (N, K)^T, each block multiplying as Step does (FmaStep or DotStep).
+// y (M, N) = x (M, K) @ W (N, K)^T, each block multiplying as Step does (FmaStep, DotStep or
+// DotFmaStep).
 template <typename Step, typename W>
 void run(const typename Step::X* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) {
   // Tiles of weight rows small enough to stay in L2 while every 8-row chunk of x passes over them,
