@@ -158,7 +158,7 @@ def bf16_rows_wanted() -> bool:
     """Whether models run in bfloat16 round the rows of their products to bfloat16 and multiply
     them with AVX512-BF16 dot products (where :func:`bf16_dot`): yes unless
     ``SPECDEC_BF16_ROWS=0``. On a Zen 4 it makes verify passes of 5 and 8 tokens of a 700M
-    bfloat16 target 30-35 % faster and 1-3-token passes as fast (docs/benchmarks.md section 4);
+    bfloat16 target 30-36 % faster and 1-3-token passes as fast (docs/benchmarks.md section 4);
     it changes the model's function slightly, every row count alike, so speculative decoding stays
     lossless."""
     return os.environ.get("SPECDEC_BF16_ROWS") != "0"
