@@ -323,6 +323,33 @@ def test_long_prefill_in_one_call_reads_the_float32_originals_and_matches_transf
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
 
 
+def test_long_prefill_of_a_model_run_in_bfloat16_takes_bfloat16_products(tmp_path, monkeypatch):
+    # A model run in bfloat16 with bfloat16 rows (the default; kernels.bf16_rows) prefills with
+    # torch's bfloat16 GEMM on rows rounded to bfloat16, the MLP in chunks (2100 features: three):
+    # not the float32-row prefill's bits, and as close to the float32 reference as that one.
+    from specdec import kernels
+
+    needs_kernels()
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**{**SMALL, "intermediate_size": 2100})).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.bfloat16().float())
+    hf.save_pretrained(tmp_path)
+    module = load_model(tmp_path, dtype="bfloat16").module
+    T = kernels.MAX_ROWS + 16
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, T), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        rows = module(tokens, torch.arange(T), module.new_cache(2, 64)).float()  # (2, T, V)
+        monkeypatch.setenv("SPECDEC_BF16_ROWS", "0")
+        float_rows = module(tokens, torch.arange(T), module.new_cache(2, 64)).float()
+    with torch.no_grad():
+        reference = hf(tokens).logits  # float32, the same weights
+    assert torch.equal(rows, float_rows) != kernels.bf16_dot()
+    for logits in (rows, float_rows):  # logits in bfloat16 (steps of 0.002 here), scale 0.56
+        torch.testing.assert_close(logits, reference, atol=0.01, rtol=0)
+
+
 def test_prefill_from_slot_zero_takes_the_causal_attention_and_agrees_with_the_masked_one(hf_pair):
     # A prefill from slot 0 with the default mask hands the kernels no mask: torch's causal
     # attention, which skips the masked half of the scores. A pass that starts later (or brings

@@ -352,6 +352,17 @@ void run(const typename Step::X* x, int64_t M, int64_t K, const W* w, int64_t N,
 }
 
 
+// Whether a prefill product with `weight` rounds its rows to bfloat16 and takes torch's bfloat16
+// GEMM (forward.cpp, linear): a model run in bfloat16 with bfloat16 rows, where the build has
+// AVX512-BF16.
+inline bool bf16_prefill(const at::Tensor& weight) {
+#ifdef SPECDEC_BF16DOT
+  return t_bf16_rows && weight.scalar_type() == at::kBFloat16;
+#else
+  return false;
+#endif
+}
+
 // y (M, N) = x (M, K) @ weight (N, K)^T for a contiguous float32 or bfloat16 weight.
 inline void product(const float* x, int64_t M, const at::Tensor& weight, float* y) {
   const int64_t N = weight.size(0), K = weight.size(1);
