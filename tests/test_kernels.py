@@ -270,7 +270,7 @@ def test_bfloat16_rows_flush_denormals_whatever_the_row_count(monkeypatch):
             pairs = torch.cat([kernels.linear(x[i : i + 2], weight) for i in range(0, 6, 2)])
             assert torch.equal(alone, together) and torch.equal(pairs, together)
             if kernels.bf16_dot():
-                # Zen 4 (and Intel's documented order): each pair's odd product first, then the even
+                # on a Zen 4 each pair's odd product is added first, then the even one (checked at load)
                 assert kernels.bf16_fma_twin(), "this CPU's vdpbf16ps sums differ: 1-2-row passes use it"
                 assert torch.equal(together[0], torch.zeros(40))
                 assert (together[1] != 0).all()
