@@ -15,7 +15,7 @@ starts out pending and the prefill reads only ``prompt[:-1]``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -112,8 +112,10 @@ class SpeculativeGenerator:
         seed: int | None = None,
         stop: str | list[str] | None = None,
         ignore_eos: bool = False,
+        stop_token_ids: Iterable[int] = (),
     ) -> GenerationStream:
-        """Stream a completion as :class:`StreamChunk`s (several tokens per chunk)."""
+        """Stream a completion as :class:`StreamChunk`s (several tokens per chunk).
+        ``stop_token_ids`` end the output as the EOS token does (a chat's end-of-turn token)."""
         params = self._validate_sampling(temperature, top_k, top_p)
         prompt_ids = self.encode(prompt)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -124,9 +126,29 @@ class SpeculativeGenerator:
         generator = torch.Generator(device=self.target.device)
         generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
         state: dict = {"stats": SpecStats(prompt_tokens=len(prompt_ids))}  # type: ignore[type-arg]
+        state["eos"] = self.eos_token_ids | frozenset(int(t) for t in stop_token_ids)
         state["assembler"] = TextAssembler(self.target.tokenizer, stops)
         chunks = self._chunks(prompt_ids, params, max_new_tokens, generator, ignore_eos, state)
         return GenerationStream(chunks, state)
+
+    def chat(self, messages: Sequence[Mapping[str, str]], **kwargs) -> GenerationOutput:  # type: ignore[no-untyped-def]
+        """Answer ``messages`` (``[{"role", "content"}]``) through the model's chat template;
+        keyword arguments as in :meth:`stream`."""
+        stream = self.chat_stream(messages, **kwargs)
+        for _ in stream:
+            pass
+        return stream.output
+
+    def chat_stream(self, messages: Sequence[Mapping[str, str]], **kwargs) -> GenerationStream:  # type: ignore[no-untyped-def]
+        """Stream the reply to ``messages``; it ends at EOS or the template's end-of-turn token."""
+        from specdec.engine.chat import chat_prompt  # jinja2 only for chat
+
+        prompt = chat_prompt(messages, self.target.tokenizer)
+        user_stop = kwargs.pop("stop", None)
+        stop = [user_stop] if isinstance(user_stop, str) else list(user_stop or [])
+        return self.stream(
+            prompt.token_ids, stop=[*stop, *prompt.stop] or None, stop_token_ids=prompt.stop_token_ids, **kwargs
+        )
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -169,7 +191,7 @@ class SpeculativeGenerator:
         try:
             for new, kinds in self._steps(prompt_ids, params, max_new_tokens, generator, stats):
                 if not ignore_eos:
-                    eos_at = next((i for i, t in enumerate(new) if t in self.eos_token_ids), None)
+                    eos_at = next((i for i, t in enumerate(new) if t in state["eos"]), None)
                     if eos_at is not None:
                         new, kinds = new[:eos_at], kinds[:eos_at]
                         state["finish_reason"] = "eos"

@@ -31,7 +31,7 @@ from specdec.models.loading import LoadedModel
 from specdec.sampling import SamplingParams
 from specdec.serving.batch_draft import BatchDraftModel
 from specdec.serving.batch_engine import BatchEngine, EngineEvent, EngineRequest
-from specdec.serving.chat import render_chat
+from specdec.serving.chat import chat_prompt_for_request
 from specdec.serving.metrics import ServerMetrics
 from specdec.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from specdec.serving.scheduler import QueueFullError, Scheduler, ShuttingDownError
@@ -289,9 +289,10 @@ def create_app(
         check_model(body)
         if tokenizer is None:
             raise APIError(400, "chat needs a model with a tokenizer", param="messages")
-        prompt = render_chat([{"role": m.role, "content": m.text()} for m in body.messages], tokenizer)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt_ids = chat_prompt_for_request(messages, tokenizer).token_ids
         max_tokens = body.max_completion_tokens or body.max_tokens
-        prepared = prepare(body, encode(prompt), max_tokens)
+        prepared = prepare(body, encode(prompt_ids), max_tokens)
         submit(prepared)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
