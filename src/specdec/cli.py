@@ -16,6 +16,7 @@ import sys
 COMMANDS = {
     "demo": ("specdec.demo", "complete held-out code prompts with and without speculation"),
     "generate": ("specdec.commands.generate", "generate text, streamed to stdout"),
+    "chat": ("specdec.commands.chat", "chat with a model in the terminal, replies coloured by token kind"),
     "check": ("specdec.commands.check", "check that speculation is lossless for a model pair"),
     "bench": ("specdec.bench.command", "benchmark drafters against plain and Hugging Face decoding"),
     "serve": ("specdec.serving.command", "OpenAI-compatible HTTP server"),
