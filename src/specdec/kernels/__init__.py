@@ -8,8 +8,9 @@ the memory bandwidth and a 4-16 row product at 3-7x the 1-row time (docs/benchma
 is exactly the regime where speculative decoding lives.
 
 The C++ source is compiled once per machine with ``torch.utils.cpp_extension`` (about 25 s,
-cached in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); ``make`` builds it at
-install time (``python -m specdec.kernels``). Where the CPU has AVX-512VL the same 256-bit code
+cached in ``$TORCH_EXTENSIONS_DIR/specdec`` or ``~/.cache/torch_extensions/specdec`` under a name
+that hashes sources, flags and versions, so later processes load it without setuptools); ``make``
+builds it at install time (``python -m specdec.kernels``). Where the CPU has AVX-512VL the same 256-bit code
 is built with it (32 vector registers instead of 16: more accumulators per block of weight rows,
 the same bits; :func:`_builds`). Where it cannot be built or used (no compiler, no
 AVX2, another device) everything falls back to ``F.linear``. ``SPECDEC_CPU_KERNELS=0`` turns
@@ -81,8 +82,53 @@ def _builds() -> list[tuple[str, list[str]]]:
     return [AVX512VL_BUILD, AVX2_BUILD]
 
 
-def _headers_hash() -> str:
-    return hashlib.sha256(b"".join(path.read_bytes() for path in _HEADERS)).hexdigest()[:16]
+def _extensions_dir() -> Path:
+    """Where built kernels live: ``$TORCH_EXTENSIONS_DIR/specdec`` or ``~/.cache/torch_extensions/specdec``."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root) / "specdec"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "torch_extensions" / "specdec"
+
+
+def _cflags(isa: list[str]) -> list[str]:
+    return ["-O3", "-mavx2", "-mfma", *isa, "-fopenmp"]
+
+
+def _build_id(name: str, isa: list[str]) -> str:
+    """``name`` plus a hash of everything the library depends on (sources, headers, flags, torch and
+    Python versions): a built library whose id matches is current and loads without a compiler."""
+    digest = hashlib.sha256()
+    for path in (*_SOURCES, *_HEADERS):
+        digest.update(path.read_bytes())
+    digest.update(" ".join([*_cflags(isa), torch.__version__, sys.version.split()[0]]).encode())
+    return f"{name}_{digest.hexdigest()[:12]}"
+
+
+def _load_build(name: str, isa: list[str], verbose: bool) -> None:
+    """Load the library of one build, compiling it first if this machine has no current copy.
+    Loading a built library needs neither setuptools nor a compiler (a process that imported
+    distutils first, as ``import pip`` does, cannot import ``torch.utils.cpp_extension``)."""
+    build_id = _build_id(name, isa)
+    folder = _extensions_dir() / build_id
+    library = folder / f"{build_id}.so"
+    if not library.is_file():
+        from torch.utils.cpp_extension import load as build
+
+        if verbose:
+            print(f"specdec: compiling the CPU kernels ({name}; once per machine, ~25 s)...", file=sys.stderr)
+        folder.mkdir(parents=True, exist_ok=True)
+        build(
+            name=build_id,
+            sources=[str(path) for path in _SOURCES],
+            extra_cflags=_cflags(isa),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
+    else:
+        torch.ops.load_library(str(library))
 
 
 def load(verbose: bool = False) -> object | None:
@@ -97,19 +143,7 @@ def load(verbose: bool = False) -> object | None:
         if why is None:
             for name, isa in _builds():
                 try:
-                    from torch.utils.cpp_extension import load as build
-
-                    if verbose:
-                        print(f"specdec: compiling the CPU kernels ({name}; once per machine, ~25 s)...", file=sys.stderr)
-                    build(
-                        name=name,
-                        sources=[str(path) for path in _SOURCES],
-                        # torch rebuilds when a source or a flag changes; the headers' hash is a flag
-                        extra_cflags=["-O3", "-mavx2", "-mfma", *isa, "-fopenmp", f"-DSPECDEC_H={_headers_hash()}"],
-                        extra_ldflags=["-fopenmp"],
-                        is_python_module=False,
-                        verbose=False,
-                    )
+                    _load_build(name, isa, verbose)
                     op, why = torch.ops.specdec, None
                     _state["build"] = name
                     break
