@@ -1,22 +1,50 @@
-"""Server-wide counters, rendered in the Prometheus text exposition format (version 0.0.4).
+"""Server-wide metrics for Prometheus, through ``prometheus_client``, one registry per app.
 
-The engine thread writes, HTTP handlers read; one lock guards both. Names follow Prometheus
-conventions: ``_total`` counters, ``_seconds`` units, labels for finish status, phase and
-draft position.
+The engine thread writes, HTTP handlers read; one lock guards the counters. They are kept as
+plain numbers (the engine's :class:`SpecStats` among them) and turned into metric families at
+scrape time, because several gauges are ratios of them (acceptance rate, mean accepted length,
+acceptance per draft position, mean batch size). Request latency and rows per verify pass are
+``prometheus_client`` histograms. Names follow Prometheus conventions: ``_total`` counters,
+``_seconds`` units, labels for finish status, phase and draft position.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from specdec.engine.stats import SpecStats
 
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
 
 class ServerMetrics:
+    """The server's counters and gauges; :meth:`render` gives the Prometheus text format."""
+
+    content_type = CONTENT_TYPE_LATEST
+
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
         self._lock = threading.Lock()
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+        self.request_seconds = Histogram(
+            "specdec_request_duration_seconds",
+            "Time from admission to the last token of finished requests.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_rows = Histogram(
+            "specdec_batch_size",
+            "Rows (sequences) per batched verify pass.",
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
         self.requests: Counter[str] = Counter()  # finish status -> count
         self.rejected: Counter[str] = Counter()  # reason -> count (queue full, shutting down)
         self.prompt_tokens = 0
@@ -43,6 +71,7 @@ class ServerMetrics:
             self.batch_size_sum += batch_size
             self.last_num_draft_tokens = num_draft_tokens
             self.passes_by_k[num_draft_tokens] += 1
+        self.batch_rows.observe(batch_size)
 
     def add_phase(self, phase: str, seconds: float) -> None:
         with self._lock:
@@ -53,6 +82,10 @@ class ServerMetrics:
             self.requests[status] += 1
             self.prompt_tokens += prompt_tokens
             self.generation_tokens += generation_tokens
+
+    def observe_request(self, seconds: float) -> None:
+        """A finished request's time from admission to its last event."""
+        self.request_seconds.observe(seconds)
 
     def reject(self, reason: str) -> None:
         with self._lock:
@@ -91,99 +124,84 @@ class ServerMetrics:
         return self.steps.mean_accepted_length
 
     def render(self) -> str:
-        """The Prometheus text format."""
+        """The Prometheus text format of this server's registry."""
+        return generate_latest(self.registry).decode()
+
+    def collect(self) -> Iterator[Metric]:
+        """The counters and gauges as metric families (``prometheus_client``'s collector protocol)."""
         with self._lock:
-            out: list[str] = []
-
-            def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-                out.append(f"# HELP specdec_{name} {help_text}")
-                out.append(f"# TYPE specdec_{name} {kind}")
-                for labels, value in samples:
-                    out.append(
-                        f"specdec_{name}{labels} {value:g}"
-                        if isinstance(value, float)
-                        else f"specdec_{name}{labels} {value}"
-                    )
-
-            model = f'model="{self.model_name}"'
             statuses = sorted(set(self.requests) | {"stop", "length", "cancelled", "error"})
-            metric(
-                "requests_total",
-                "counter",
-                "Finished requests by finish status.",
-                [(f'{{{model},status="{s}"}}', self.requests[s]) for s in statuses],
+            requests = CounterMetricFamily(
+                "specdec_requests_total", "Finished requests by finish status.", labels=["model", "status"]
             )
-            reasons = sorted(set(self.rejected) | {"queue_full", "shutting_down"})
-            metric(
-                "rejected_requests_total",
-                "counter",
-                "Requests refused before admission.",
-                [(f'{{reason="{r}"}}', self.rejected[r]) for r in reasons],
+            for status in statuses:
+                requests.add_metric([self.model_name, status], self.requests[status])
+            yield requests
+            rejected = CounterMetricFamily(
+                "specdec_rejected_requests_total", "Requests refused before admission.", labels=["reason"]
             )
-            metric(
-                "prompt_tokens_total",
-                "counter",
-                "Prompt tokens of finished requests.",
-                [("", self.prompt_tokens)],
+            for reason in sorted(set(self.rejected) | {"queue_full", "shutting_down"}):
+                rejected.add_metric([reason], self.rejected[reason])
+            yield rejected
+            yield CounterMetricFamily(
+                "specdec_prompt_tokens_total", "Prompt tokens of finished requests.", value=self.prompt_tokens
             )
-            metric(
-                "generation_tokens_total",
-                "counter",
-                "Tokens returned to clients.",
-                [("", self.generation_tokens)],
+            yield CounterMetricFamily(
+                "specdec_generation_tokens_total", "Tokens returned to clients.", value=self.generation_tokens
             )
-            metric(
-                "verify_passes_total", "counter", "Batched target verify passes.", [("", self.verify_passes)]
+            yield CounterMetricFamily(
+                "specdec_verify_passes_total", "Batched target verify passes.", value=self.verify_passes
             )
-            metric(
-                "passes_by_draft_tokens_total",
-                "counter",
+            by_k = CounterMetricFamily(
+                "specdec_passes_by_draft_tokens_total",
                 "Batched passes by the draft tokens per row chosen for them (0: plain decoding).",
-                [(f'{{k="{k}"}}', self.passes_by_k[k]) for k in sorted(self.passes_by_k)],
+                labels=["k"],
             )
-            metric("sequence_steps_total", "counter", "Per-sequence verify steps.", [("", self.row_steps)])
-            metric("draft_tokens_total", "counter", "Draft tokens proposed.", [("", self.draft_tokens)])
-            metric("accepted_tokens_total", "counter", "Draft tokens accepted.", [("", self.accepted_tokens)])
-            metric(
-                "acceptance_rate",
-                "gauge",
-                "Accepted / proposed draft tokens.",
-                [("", float(self.acceptance_rate))],
+            for k in sorted(self.passes_by_k):
+                by_k.add_metric([str(k)], self.passes_by_k[k])
+            yield by_k
+            yield CounterMetricFamily(
+                "specdec_sequence_steps_total", "Per-sequence verify steps.", value=self.row_steps
             )
-            metric(
-                "mean_accepted_length",
-                "gauge",
+            yield CounterMetricFamily(
+                "specdec_draft_tokens_total", "Draft tokens proposed.", value=self.draft_tokens
+            )
+            yield CounterMetricFamily(
+                "specdec_accepted_tokens_total", "Draft tokens accepted.", value=self.accepted_tokens
+            )
+            yield GaugeMetricFamily(
+                "specdec_acceptance_rate", "Accepted / proposed draft tokens.", value=self.acceptance_rate
+            )
+            yield GaugeMetricFamily(
+                "specdec_mean_accepted_length",
                 "Tokens committed per sequence step, counting the recovered/bonus token.",
-                [("", float(self.mean_accepted_length))],
+                value=self.mean_accepted_length,
             )
-            metric(
-                "position_acceptance_rate",
-                "gauge",
+            positions = GaugeMetricFamily(
+                "specdec_position_acceptance_rate",
                 "Acceptance rate of the i-th draft token.",
-                [
-                    (f'{{position="{i}"}}', float(a / d if d else 0.0))
-                    for i, (a, d) in enumerate(
-                        zip(self.accepted_per_position, self.drafted_per_position, strict=True)
-                    )
-                ],
+                labels=["position"],
             )
-            metric(
-                "phase_seconds_total",
-                "counter",
-                "Engine wall time by phase.",
-                [
-                    (f'{{phase="{p}"}}', float(self.phase_seconds[p]))
-                    for p in ("prefill", "draft", "verify", "commit")
-                ],
+            pairs = zip(self.accepted_per_position, self.drafted_per_position, strict=True)
+            for i, (accepted, drafted) in enumerate(pairs):
+                positions.add_metric([str(i)], accepted / drafted if drafted else 0.0)
+            yield positions
+            phases = CounterMetricFamily(
+                "specdec_phase_seconds_total", "Engine wall time by phase.", labels=["phase"]
             )
-            metric("queue_depth", "gauge", "Requests waiting for a batch row.", [("", self.queue_depth)])
-            metric("active_requests", "gauge", "Requests holding a batch row.", [("", self.active)])
+            for phase in ("prefill", "draft", "verify", "commit"):
+                phases.add_metric([phase], self.phase_seconds[phase])
+            yield phases
+            yield GaugeMetricFamily(
+                "specdec_queue_depth", "Requests waiting for a batch row.", value=self.queue_depth
+            )
+            yield GaugeMetricFamily(
+                "specdec_active_requests", "Requests holding a batch row.", value=self.active
+            )
             mean_batch = self.batch_size_sum / self.verify_passes if self.verify_passes else 0.0
-            metric("mean_batch_size", "gauge", "Mean rows per verify pass.", [("", float(mean_batch))])
-            metric(
-                "num_draft_tokens",
-                "gauge",
+            yield GaugeMetricFamily("specdec_mean_batch_size", "Mean rows per verify pass.", value=mean_batch)
+            yield GaugeMetricFamily(
+                "specdec_num_draft_tokens",
                 "Draft tokens per row chosen for the last pass.",
-                [("", self.last_num_draft_tokens)],
+                value=self.last_num_draft_tokens,
             )
-            return "\n".join(out) + "\n"
