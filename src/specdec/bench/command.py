@@ -1,6 +1,8 @@
 """``specdec bench``: time decoding methods side by side; ``--cost-curve`` times the target.
 
-    specdec bench                                  # demo pair, every method, three tasks
+    specdec bench                                  # demo pair, every method, three code tasks
+    specdec bench --target smollm2 --tasks all     # the real-task suite (conversation, ..., rewrite)
+    specdec bench --target m.gguf --llama-cpp ~/.cache/specdec/llama.cpp   # llama.cpp in the same run
     specdec bench --methods hf,draft,adaptive --tasks code --num-prompts 2 --runs 1
     specdec bench --quick --target T --draft D     # a few seconds (CI)
     specdec bench --prompts my_prompts.jsonl       # your own prompts: {"prompt": ..., "task": ...}
@@ -35,7 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma list of hf, hf-assisted, plain and drafter names (NAME@K sets K, NAME@KxW a tree); "
         "all = every one known (plain is always run: it is the baseline)",
     )
-    p.add_argument("--tasks", default="code,edit,long", help="comma list of code, edit, long")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma list of code, edit, long (completion on the demo pair) and conversation, translation, "
+        "summarisation, qa, math, rag, coding, rewrite (chat prompts); all = the chat tasks "
+        "(default: code,edit,long on the demo pair, all on a model with a chat template)",
+    )
     p.add_argument(
         "--prompts",
         type=Path,
@@ -43,8 +51,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help='your own prompts instead of the tasks: JSON lines {"prompt": text or token ids, '
         '"task": name, "max_new_tokens": n} (task, max_new_tokens optional)',
     )
-    p.add_argument("--num-prompts", type=int, default=4, help="prompts per task")
+    p.add_argument("--num-prompts", type=int, default=None, help="prompts per task (default: 4, chat tasks: all 8)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 (long: 512)")
+    p.add_argument(
+        "--llama-cpp",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a llama.cpp build (scripts/build_llama_cpp.sh): adds llama.cpp, llama.cpp-lookup and "
+        "llama.cpp-spec on the target's GGUF file",
+    )
     p.add_argument("--runs", type=int, default=3, help="timed runs per prompt (median is kept)")
     p.add_argument("--num-draft-tokens", "-k", type=int, default=4, help="K of the fixed-K drafters")
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="every drafter but ngram: score drafts over the N most frequent tokens of the target's draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)")
@@ -108,9 +124,10 @@ def run_cost_curve(args: argparse.Namespace) -> int:
 
 
 def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from specdec.bench.llama_cpp import LLAMA_CPP_METHODS, LlamaCppError, check_bin_dir
     from specdec.bench.methods import available_methods, parse_method
     from specdec.bench.runner import BenchConfig
-    from specdec.bench.tasks import TASKS, read_prompt_file
+    from specdec.bench.tasks import ALL_TASKS, REAL_TASKS, read_prompt_file
     from specdec.models.loading import resolve_device
     from specdec.sampling import SamplingParams
 
@@ -118,7 +135,7 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         args.num_prompts, args.runs = QUICK["num_prompts"], QUICK["runs"]
         args.max_new_tokens = args.max_new_tokens or QUICK["max_new_tokens"]
     for flag in ("num_prompts", "runs", "num_draft_tokens"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -129,16 +146,25 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         device = str(resolve_device(args.device))  # (auto: recorded as the device it chose)
     except ValueError as e:  # (ModelLoadError is one)
         raise UserError(str(e)) from None
-    methods = available_methods() if args.methods == "all" else _csv(args.methods)
-    tasks = _csv(args.tasks)
+    llama_cpp = args.llama_cpp.expanduser() if args.llama_cpp is not None else None
+    if llama_cpp is not None:
+        try:
+            check_bin_dir(llama_cpp)
+        except LlamaCppError as e:
+            raise UserError(str(e)) from None
+    methods = available_methods(llama_cpp is not None) if args.methods == "all" else _csv(args.methods)
     try:
         for m in methods:
             parse_method(m, args.num_draft_tokens)
     except ValueError as e:
         raise UserError(str(e)) from None
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise UserError(f"unknown task {unknown[0] if unknown else ''!r}; choose from {', '.join(TASKS)}")
+    wants_llama = [m for m in methods if m.partition("@")[0] in LLAMA_CPP_METHODS]
+    if wants_llama and llama_cpp is None:
+        raise UserError(f"{wants_llama[0]} needs a llama.cpp build: --llama-cpp DIR (scripts/build_llama_cpp.sh)")
+    tasks = [] if args.tasks is None else list(REAL_TASKS) if args.tasks == "all" else _csv(args.tasks)
+    unknown = [t for t in tasks if t not in ALL_TASKS]
+    if unknown or (args.tasks is not None and not tasks):
+        raise UserError(f"unknown task {unknown[0] if unknown else ''!r}; choose from all, {', '.join(ALL_TASKS)}")
     if args.prompts is not None:
         try:
             records = read_prompt_file(args.prompts)  # checked now, before the models load
@@ -159,6 +185,7 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         device=device,
         prompts_file=None if args.prompts is None else str(args.prompts),
         sampling=sampling,
+        llama_cpp=None if llama_cpp is None else str(llama_cpp),
     )
 
 

@@ -78,13 +78,26 @@ def to_markdown(result: BenchResult) -> str:
         f"target {Path(target.get('path', c.target)).name} ({target.get('parameters', 0) / 1e6:.1f}M), "
         f"draft {Path(draft.get('path', c.draft)).name} ({draft.get('parameters', 0) / 1e6:.1f}M), "
         f"{m['dtype']}, {decoding(c)}, batch 1, "
-        + (f"prompts of {Path(c.prompts_file).name}" if c.prompts_file else f"{c.num_prompts} prompts/task")
+        + (f"prompts of {Path(c.prompts_file).name}" if c.prompts_file else f"{_prompts_per_task(result)} prompts/task")
         + f", median of {c.runs} runs, "
         f"K = {c.num_draft_tokens} unless NAME@K (NAME@KxW: tree of width W).",
     ]
     if m.get("draft_vocab"):
         scored = ", ".join(f"{name} {size}" for name, size in m["draft_vocab"].items())
         footer.append(f"Drafts score the most frequent tokens only (draft_vocab.json): {scored}.")
+    llama = m.get("llama_cpp")
+    if llama:
+        footer.append(
+            f"llama.cpp ({llama['bin_dir']}): "
+            + (
+                f"llama-bench plain generation {llama['tg_tokens_per_s']:.1f} tok/s "
+                f"({llama['tg_tokens']} tokens, no prompt, {llama['threads']} threads, {llama['model_type']}); "
+                "its rows run llama.cpp's own kernels on the GGUF file, so their tokens are not compared"
+                if "tg_tokens_per_s" in llama
+                else f"not measured ({llama.get('error')})"
+            )
+            + "."
+        )
     if m.get("cut_prompts"):
         footer.append("Prompts cut to fit the context: " + "; ".join(m["cut_prompts"]) + ".")
     failed = {r.method: r.error for r in result.rows if r.error and r.task == "overall"}
@@ -92,8 +105,14 @@ def to_markdown(result: BenchResult) -> str:
     return "\n".join(lines) + "\n\n" + "\n\n".join(footer) + "\n"
 
 
+def _prompts_per_task(result: BenchResult) -> str:
+    counts = sorted({len(sources) for sources in result.sources.values()})
+    return "/".join(str(n) for n in counts) or "0"
+
+
 def plot(result: BenchResult, path: Path) -> None:
-    """Grouped bars: speed-up per task and method, over plain and (if run) over HF generate."""
+    """Grouped bars per task and method: new tokens/s, the speed-up over plain and (if run)
+    over HF generate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,8 +120,8 @@ def plot(result: BenchResult, path: Path) -> None:
 
     rows = [r for r in result.rows if not r.error]
     tasks = list(dict.fromkeys(r.task for r in rows))
-    methods = [m for m in dict.fromkeys(r.method for r in rows) if m != "plain"]
-    baselines = [("speedup_vs_plain", "plain decoding")]
+    methods = list(dict.fromkeys(r.method for r in rows))
+    baselines = [("tokens_per_s", ""), ("speedup_vs_plain", "plain decoding")]
     if any(r.speedup_vs_hf for r in rows):
         baselines.append(("speedup_vs_hf", f"HF generate ({decoding(result.config)})"))
     fig, axes = plt.subplots(1, len(baselines), figsize=(6 * len(baselines), 3.8), squeeze=False)
@@ -110,12 +129,17 @@ def plot(result: BenchResult, path: Path) -> None:
     palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors  # one colour per method
     cell = {(r.task, r.method): r for r in rows}
     for ax, (attr, label) in zip(axes[0], baselines, strict=True):
+        if attr == "tokens_per_s":
+            ax.set_ylabel("new tokens/s")
+            ax.set_title("throughput (batch 1)")
         for j, method in enumerate(methods):
             values = [getattr(cell[(t, method)], attr) or 0.0 if (t, method) in cell else 0.0 for t in tasks]
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(tasks))]
             ax.bar(xs, values, width, label=method, color=palette[j % len(palette)])
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30 if len(tasks) > 4 else 0, fontsize="small")
+        if attr == "tokens_per_s":
+            continue
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xticks(range(len(tasks)), tasks)
         ax.set_ylabel(f"speed-up over {label}")
         ax.set_title(f"new tokens/s ÷ {label}")
     handles, labels = axes[0][0].get_legend_handles_labels()

@@ -12,6 +12,7 @@ CPU time does not, so every figure is also given on CPU time (``cpu_*`` fields).
 ``plain`` is always run: it is the speed-up baseline and its first run's tokens are the
 reference of the identical-output check (greedy only: sampled outputs follow the target's
 distribution, which the losslessness tests check, but are not equal token for token).
+Peers that do not return token ids (llama.cpp) are timed but not checked.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import platform
 import statistics
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from specdec import kernels
 from specdec.bench.methods import Method, Run, build_method
-from specdec.bench.tasks import Task, build_tasks, prompt_file_tasks, read_prompt_file
+from specdec.bench.tasks import Task, build_tasks, default_tasks, prompt_file_tasks, read_prompt_file
 from specdec.engine import SpecStats
 from specdec.models import ModelConfig, ModelLoadError, load_model
 from specdec.models.loading import LoadedModel, resolve_path
@@ -43,8 +45,8 @@ class BenchConfig:
     target: str = "demo-target"
     draft: str = "demo-draft"
     methods: tuple[str, ...] = ("hf", "hf-assisted", "plain", "draft", "adaptive")
-    tasks: tuple[str, ...] = ("code", "edit", "long")
-    num_prompts: int = 4
+    tasks: tuple[str, ...] = ()  # (): the code tasks on the demo pair, the real-task suite otherwise
+    num_prompts: int | None = None  # None: 4 per code task, every prompt of a real task
     max_new_tokens: int | None = None  # None: the task's default
     runs: int = 3
     num_draft_tokens: int = 4
@@ -53,6 +55,7 @@ class BenchConfig:
     device: str = "cpu"
     prompts_file: str | None = None  # your own prompts instead of ``tasks`` (tasks.read_prompt_file)
     sampling: SamplingParams = SamplingParams()  # greedy (Spec-Bench's setting) unless asked
+    llama_cpp: str | None = None  # a llama.cpp build folder: its methods join the run
 
     @property
     def greedy(self) -> bool:
@@ -160,13 +163,17 @@ def _summarise(task: Task, method: str, cell: _Cell, reference: dict[int, list[i
     distributed as the target's, not equal token for token)."""
     if cell.error is not None or not cell.runs:
         return Row(task.name, method, error=cell.error or "no runs")
-    new_tokens = sum(len(runs[0].token_ids) for runs in cell.runs.values())
+    new_tokens = sum(runs[0].num_tokens for runs in cell.runs.values())
     wall = sum(statistics.median(r.wall_s for r in runs) for runs in cell.runs.values())
     cpu = sum(statistics.median(r.cpu_s for r in runs) for runs in cell.runs.values())
-    same = [cell.runs[i][0].token_ids == reference[i] for i in cell.runs] if reference is not None else []
+    checked = reference is not None and all(runs[0].token_ids is not None for runs in cell.runs.values())
+    same = [cell.runs[i][0].token_ids == reference[i] for i in cell.runs] if checked and reference else []
     stats = [r.stats for runs in cell.runs.values() for r in runs if r.stats is not None]
     tau = acceptance = draft_len = None
     split: dict[str, float] = {}
+    drafted = sum(r.drafted or 0 for runs in cell.runs.values() for r in runs)
+    if drafted:  # peers that print their counts only (llama.cpp)
+        acceptance = sum(r.accepted or 0 for runs in cell.runs.values() for r in runs) / drafted
     if stats:
         total = SpecStats()
         for s in stats:
@@ -253,6 +260,24 @@ def _overall(task_rows: list[Row], methods: list[str]) -> list[Row]:
     return rows
 
 
+def _llama_cpp_info(bin_dir: Path, model: Path) -> dict[str, Any]:
+    """The build used and llama-bench's plain generation speed on the target (128 tokens, no prompt)."""
+    from specdec.bench.llama_cpp import LlamaCppError, plain_tg_speed
+
+    info: dict[str, Any] = {"bin_dir": str(bin_dir)}
+    if model.suffix != ".gguf":
+        info["error"] = f"the target {model.name} is not a GGUF file"
+        return info
+    try:
+        timing = plain_tg_speed(bin_dir, model)
+    except LlamaCppError as e:
+        info["error"] = str(e)
+        return info
+    info.update(tg_tokens=timing.n_gen, tg_tokens_per_s=timing.avg_tokens_per_s, threads=timing.n_threads)
+    info["model_type"] = timing.model_type
+    return info
+
+
 def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     """Load the models, build the tasks and methods, time everything."""
     from tqdm import tqdm
@@ -264,20 +289,20 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
         records = read_prompt_file(config.prompts_file)
         tasks = prompt_file_tasks(records, target.tokenizer, vocab, context, config.max_new_tokens)
     else:
-        tasks = build_tasks(
-            list(config.tasks), config.num_prompts, target.tokenizer, vocab, context, config.max_new_tokens
-        )
+        names = list(config.tasks or default_tasks(Path(target.path), target.tokenizer))
+        tasks = build_tasks(names, config.num_prompts, target.tokenizer, vocab, context, config.max_new_tokens)
     cut = [source for task in tasks for source in task.cut]
     if cut:
         print(f"specdec bench: {len(cut)} prompt(s) longer than the context allows were cut to their last tokens "
               "(listed in bench.md)", file=sys.stderr)
+    llama_cpp = Path(config.llama_cpp) if config.llama_cpp else None
     built: dict[str, Method] = {}
     errors: dict[str, str] = {}
     hf_cache: dict = {}  # type: ignore[type-arg]
     for name in methods:
         try:
             built[name] = build_method(
-                name, target, config.draft, config.num_draft_tokens, hf_cache, config.draft_vocab
+                name, target, config.draft, config.num_draft_tokens, hf_cache, config.draft_vocab, llama_cpp
             )
         except Exception as e:  # a drafter that cannot be built is reported, not fatal
             errors[name] = f"{type(e).__name__}: {e}"
@@ -287,7 +312,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     first = list(tasks[0].prompts[0])
     for name, method in list(built.items()):
         try:
-            method.generate(first, WARMUP_TOKENS, config.sampling)
+            method.generate(first, WARMUP_TOKENS, config.sampling, text=tasks[0].text(0))
         except Exception as e:
             errors[name] = f"{type(e).__name__}: {e}"
             del built[name]
@@ -308,12 +333,15 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
                         continue
                     bar.set_postfix_str(f"{task.name}/{name}")
                     try:
-                        run = method.generate(list(prompt), task.max_new_tokens, config.sampling, seed)
+                        run = method.generate(
+                            list(prompt), task.max_new_tokens, config.sampling, seed, text=task.text(i)
+                        )
                     except Exception as e:
                         cell.error = f"{type(e).__name__}: {e}"
                         continue
                     cell.runs.setdefault(i, []).append(run)
-                    reference.setdefault(i, run.token_ids)  # plain runs first
+                    if run.token_ids is not None:
+                        reference.setdefault(i, run.token_ids)  # plain runs first
         reference_or_none = reference if config.greedy else None
         rows += [_summarise(task, name, cells[name], reference_or_none) for name in methods]
     bar.close()
@@ -324,6 +352,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     meta["draft"] = _draft_info(config.draft)
     meta["errors"] = errors
     meta["cut_prompts"] = cut
+    meta["tasks"] = [t.name for t in tasks]
+    if llama_cpp is not None:
+        meta["llama_cpp"] = _llama_cpp_info(llama_cpp, Path(target.path))
     meta["draft_vocab"] = {  # methods whose drafts score a reduced vocabulary: its size
         name: len(vocab)
         for name, method in built.items()

@@ -8,6 +8,8 @@ Three tasks, chosen like Spec-Bench's categories (Xia et al. 2024) for what they
   (what retrieval / n-gram drafting exploits, cf. Saxena 2023 "prompt lookup decoding");
 * ``long`` — long generation: a short prompt and many new tokens (512 by default).
 
+They are the default on the demo pair. The real-model suite (conversation, translation,
+summarisation, ...; :mod:`specdec.bench.real_tasks`) is built by the same :func:`build_tasks`.
 ``--prompts FILE`` replaces them with prompts of your own (see :func:`read_prompt_file`).
 
 Prompts are token ids. With a tokenizer they are the encoded text; without one (tiny random
@@ -24,7 +26,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from specdec.bench.real_tasks import REAL_NEW_TOKENS, REAL_TASKS, load_records, render
+
 TASKS = ("code", "edit", "long")
+ALL_TASKS = (*TASKS, *REAL_TASKS)
+DEFAULT_NUM_PROMPTS = 4  # code tasks; the real tasks take all their prompts unless told
 DEFAULT_NEW_TOKENS = {"code": 128, "edit": 128, "long": 512}
 CODE_PROMPT_CHARS = 1500
 LONG_PROMPT_CHARS = 400
@@ -39,6 +45,11 @@ class Task:
     max_new_tokens: int
     sources: tuple[str, ...]  # where each prompt comes from (file / function)
     cut: tuple[str, ...] = ()  # the sources of prompts cut to fit the context, with how much
+    texts: tuple[str | None, ...] = ()  # each prompt as text where known (peers that tokenize themselves)
+
+    def text(self, i: int) -> str | None:
+        """Prompt ``i`` as text, or None where only its token ids are known."""
+        return self.texts[i] if i < len(self.texts) else None
 
 
 def held_out_files() -> list[tuple[str, str]]:
@@ -133,24 +144,30 @@ def prompt_room(context: int, new_tokens: int) -> int:
 
 def build_tasks(
     names: list[str],
-    num_prompts: int,
+    num_prompts: int | None,
     tokenizer,  # type: ignore[no-untyped-def]
     vocab_size: int,
     context: int,
     max_new_tokens: int | None = None,
     files: list[tuple[str, str]] | None = None,
 ) -> list[Task]:
-    """The named tasks with ``num_prompts`` prompts each, fitted into ``context`` tokens."""
-    unknown = [n for n in names if n not in PROMPT_BUILDERS]
+    """The named tasks with ``num_prompts`` prompts each (None: 4 code prompts, every real-task
+    prompt), fitted into ``context`` tokens."""
+    unknown = [n for n in names if n not in PROMPT_BUILDERS and n not in REAL_TASKS]
     if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
-    files = files if files is not None else held_out_files()
+        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(ALL_TASKS)}")
+    if files is None and any(n in PROMPT_BUILDERS for n in names):
+        files = held_out_files()
     tasks = []
     for name in names:
+        if name in REAL_TASKS:
+            tasks.append(real_task(name, num_prompts, tokenizer, vocab_size, context, max_new_tokens))
+            continue
+        assert files is not None
         new_tokens = max_new_tokens if max_new_tokens is not None else DEFAULT_NEW_TOKENS[name]
         room = prompt_room(context, new_tokens)
         sources, prompts = [], []
-        for source, text in PROMPT_BUILDERS[name](files, num_prompts):
+        for source, text in PROMPT_BUILDERS[name](files, num_prompts or DEFAULT_NUM_PROMPTS):
             ids = encode(text, tokenizer, vocab_size)
             prompts.append(tuple(ids[-room:]))
             sources.append(source)
@@ -158,6 +175,37 @@ def build_tasks(
             raise ValueError(f"the held-out files give no prompt for task {name!r}")
         tasks.append(Task(name, tuple(prompts), new_tokens, tuple(sources)))
     return tasks
+
+
+def real_task(
+    name: str,
+    num_prompts: int | None,
+    tokenizer,  # type: ignore[no-untyped-def]
+    vocab_size: int,
+    context: int,
+    max_new_tokens: int | None = None,
+) -> Task:
+    """A task of the real-model suite: its first ``num_prompts`` chat prompts, rendered."""
+    records = load_records(name)[:num_prompts]
+    new_tokens = max_new_tokens if max_new_tokens is not None else REAL_NEW_TOKENS
+    room = prompt_room(context, new_tokens)
+    prompts, texts, cut = [], [], []
+    for record in records:
+        text, ids = render(record.messages, tokenizer, vocab_size)
+        prompts.append(tuple(ids[-room:]))
+        texts.append(text if len(ids) <= room else None)  # a cut prompt has no exact text
+        if len(ids) > room:
+            cut.append(f"{record.id} (its last {room} of {len(ids)} tokens)")
+    return Task(name, tuple(prompts), new_tokens, tuple(r.id for r in records), tuple(cut), tuple(texts))
+
+
+def default_tasks(target_path: Path, tokenizer) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
+    """The code tasks for the demo pair and for models without a chat template, else the real suite."""
+    from specdec.models.loading import ASSETS
+
+    demo = target_path.resolve().is_relative_to(ASSETS.resolve())
+    has_template = tokenizer is not None and getattr(tokenizer, "chat_template", None)
+    return TASKS if demo or not has_template else REAL_TASKS
 
 
 @dataclass(frozen=True)
