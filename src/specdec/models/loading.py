@@ -1,7 +1,10 @@
-"""Load Hugging Face model folders (config.json + safetensors, sharded or not) into specdec.
+"""Load models into specdec: Hugging Face folders (config.json + safetensors, sharded or not),
+GGUF files (:mod:`specdec.models.gguf`) and named models.
 
-``load_model("demo-target")`` resolves the pair shipped inside the package; any other name
-is a folder path. Unsupported architectures, missing folders and broken checkpoints raise
+``load_model("demo-target")`` resolves the pair shipped inside the package, ``"smollm2"`` the
+SmolLM2-135M-Instruct GGUF file (:mod:`specdec.models.sources`), ``"org/name"`` a Hugging Face
+Hub repo where it is not a local path; anything else is a folder or ``.gguf`` path.
+Unsupported architectures, missing paths and broken checkpoints raise
 :class:`ModelLoadError` with a one-line message.
 """
 
@@ -16,13 +19,14 @@ from typing import Any
 import torch
 
 from specdec.cache import KVCache
-from specdec.models import cuda_graphs
+from specdec.models import cuda_graphs, sources
 from specdec.models.config import ModelConfig, ModelLoadError
 from specdec.models.llama import Transformer, rope_inv_freq
 from specdec.models.tokenizer import Tokenizer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED = ("demo-target", "demo-draft")
+NAMED = ("smollm2",)  # GGUF files fetched by name (specdec.models.sources)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,17 +73,28 @@ class LoadedModel:
 
 
 def resolve_path(name_or_path: str | Path) -> Path:
-    if str(name_or_path) in EMBEDDED:
-        path = ASSETS / str(name_or_path)
+    """The folder or GGUF file a model name stands for: an embedded pair, ``smollm2`` (found or
+    fetched), a local folder or ``.gguf`` file, or a Hub repo id ``org/name`` (fetched)."""
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        path = ASSETS / name
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"the embedded model {name_or_path!r} is missing from {ASSETS}")
+            raise ModelLoadError(f"the embedded model {name!r} is missing from {ASSETS}")
         return path
+    if name == "smollm2":
+        return sources.smollm2_path()
     path = Path(name_or_path).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"no such model folder: {path}")
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} is not a folder (expected a Hugging Face model folder)")
-    return path.resolve()
+    if path.is_dir():
+        return path.resolve()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+        return path.resolve()
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+    if not isinstance(name_or_path, Path) and sources.looks_like_hub_id(name):
+        return sources.hub_snapshot(name)
+    raise ModelLoadError(f"no such model folder or GGUF file: {path}")
 
 
 @lru_cache(maxsize=1)
@@ -155,13 +170,42 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def load_model(
     name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu"
 ) -> LoadedModel:
-    """Load a Llama-family model from a Hugging Face folder or an embedded name onto ``device``
-    (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: a GPU where there is one)."""
-    folder = resolve_path(name_or_path)
-    cfg = ModelConfig.from_folder(folder)
+    """Load a Llama-family model onto ``device`` (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: a
+    GPU where there is one) from a Hugging Face folder, a GGUF file (weights dequantized to
+    ``dtype``), an embedded name (``demo-target``, ``demo-draft``, ``smollm2``) or a Hub id."""
+    path = resolve_path(name_or_path)
     device = str(resolve_device(device))
+    if path.is_file():
+        return _load_gguf(path, dtype, device)
+    cfg = ModelConfig.from_folder(path)
     torch_dtype = resolve_dtype(dtype, cfg, device)
-    state = read_state_dict(folder)
+    module = build_module(cfg, read_state_dict(path), torch_dtype, device, str(path))
+    return LoadedModel(module, cfg, Tokenizer.from_folder(path), path)
+
+
+def _load_gguf(path: Path, dtype: str | torch.dtype, device: str) -> LoadedModel:
+    from specdec.models.gguf import load_gguf
+
+    if isinstance(dtype, torch.dtype):
+        torch_dtype = dtype
+    elif dtype == "auto":  # quantized blocks have no float dtype; the CPU kernels run float32 best
+        torch_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    contents = load_gguf(path, torch_dtype)
+    module = build_module(contents.config, contents.state, torch_dtype, device, str(path))
+    if contents.rope_factors is not None:
+        module.inv_freq = (module.inv_freq.cpu() / contents.rope_factors).to(module.inv_freq.device)
+    return LoadedModel(module, contents.config, contents.tokenizer, path)
+
+
+def build_module(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], torch_dtype: torch.dtype, device: str, source: str
+) -> Transformer:
+    """A fused, inference-ready :class:`Transformer` holding ``state`` (Hugging Face names) in
+    ``torch_dtype`` on ``device``; the module is built on the meta device, so no weight is drawn."""
     with torch.device("meta"):
         module = Transformer(cfg)
     if cfg.tie_word_embeddings:
@@ -171,7 +215,12 @@ def load_model(
     expected = set(module.state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     missing = sorted(expected - set(state))
     if missing:
-        raise ModelLoadError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
+        raise ModelLoadError(f"{source}: checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    for key in sorted(expected):
+        if tuple(state[key].shape) != shapes[key]:
+            got = tuple(state[key].shape)
+            raise ModelLoadError(f"{source}: {key} has shape {got}, the configuration gives {shapes[key]}")
     state = {k: v.to(torch_dtype) for k, v in state.items() if k in expected}
     module.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
@@ -179,7 +228,7 @@ def load_model(
     module.inv_freq = rope_inv_freq(cfg)  # buffers are not in the checkpoint: rebuild off meta
     module = module.to(device).eval().requires_grad_(False)
     module.fuse()
-    return LoadedModel(module, cfg, Tokenizer.from_folder(folder), folder)
+    return module
 
 
 def check_compatible(target: LoadedModel, draft: LoadedModel) -> None:

@@ -1,0 +1,203 @@
+"""Read GGUF files (llama.cpp's format) into specdec: configuration, weights and tokenizer.
+
+The container is read by :mod:`specdec.models.gguf_file` (memory-mapped, with the ``gguf``
+library's constants). Its metadata
+(``general.architecture``, ``{arch}.block_count``, ``{arch}.embedding_length``, ...) becomes a
+:class:`ModelConfig`, its tensors (``token_embd.weight``, ``blk.N.attn_q.weight``, ...) a state dict
+with Hugging Face names, dequantized at load (:mod:`specdec.models.gguf_quants`), and its
+``tokenizer.ggml.*`` fields a tokenizer (:mod:`specdec.models.gguf_tokenizer`).
+
+llama.cpp's converter reorders the rows of ``attn_q`` / ``attn_k`` for the ``llama`` architecture
+(it pairs rotary dimension i with i + 1, Hugging Face pairs i with i + D/2); :func:`unpermute_rows`
+puts them back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from specdec.models.config import ModelConfig, ModelLoadError
+from specdec.models.gguf_file import TensorInfo, read_gguf
+from specdec.models.gguf_quants import DEQUANTIZERS, dequantize
+from specdec.models.gguf_tokenizer import tokenizer_from_metadata
+from specdec.models.tokenizer import Tokenizer
+
+# general.architecture -> (Hugging Face architecture, q/k rows permuted by the converter).
+# Mistral and SmolLM files say "llama".
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", True),
+    "qwen2": ("Qwen2ForCausalLM", False),
+}
+
+# GGUF tensor name inside blk.N -> Hugging Face name inside model.layers.N
+LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+TOP_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 frequency factors: inv_freq is divided by them
+
+
+@dataclass
+class GGUFModel:
+    """What a GGUF file holds, ready for :func:`specdec.models.loading.load_model`."""
+
+    config: ModelConfig
+    state: dict[str, torch.Tensor]  # Hugging Face names -> tensors in the requested dtype
+    tokenizer: Tokenizer | None
+    rope_factors: torch.Tensor | None  # (D/2,) float32, or None
+
+
+def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], path: Path) -> ModelConfig:
+    """The :class:`ModelConfig` the metadata describes; refuses architectures, RoPE variants and
+    layouts specdec does not run."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise ModelLoadError(f"{path}: unsupported GGUF architecture {arch!r}; specdec loads {supported}")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
+
+    hidden, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+    n_kv = get("attention.head_count_kv", n_heads)
+    if isinstance(n_kv, list):
+        raise ModelLoadError(f"{path}: per-layer key/value head counts are not supported")
+    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // n_heads))
+    rot_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    if rot_dim != head_dim:
+        raise ModelLoadError(
+            f"{path}: partial rotary embeddings ({rot_dim} of {head_dim} dims) are not supported"
+        )
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    vocab = int(meta.get(f"{arch}.vocab_size", len(tokens)) or 0)
+    if vocab <= 0:
+        raise ModelLoadError(f"{path}: GGUF metadata gives no vocabulary size")
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    hf_arch, _ = ARCHITECTURES[arch]
+    cfg: dict[str, Any] = {
+        "architectures": [hf_arch],
+        "model_type": arch,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(n_kv),
+        "head_dim": head_dim,
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(meta, arch, path),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "eos_token_id": list(dict.fromkeys(int(e) for e in eos)),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "gguf_file_type": meta.get("general.file_type"),
+    }
+    return ModelConfig.from_dict(cfg)
+
+
+def _rope_scaling(meta: dict[str, Any], arch: str, path: Path) -> dict[str, Any] | None:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear"))
+    if kind == "none" and factor not in (None, 1.0):
+        kind = "linear"  # older files: rope.scale_linear alone
+    if kind == "none":
+        return None
+    if kind != "linear":
+        raise ModelLoadError(
+            f"{path}: unsupported RoPE scaling {kind!r} (specdec runs linear and Llama 3 factors)"
+        )
+    return {"rope_type": "linear", "factor": float(factor or 1.0)}
+
+
+def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order: within each head its converter interleaves the two rotary
+    halves (rows 0, D/2, 1, D/2 + 1, ...); Hugging Face keeps the halves apart. ``weight`` is
+    ``(H * D, d)`` (or a bias ``(H * D,)``)."""
+    rows = weight.shape[0]
+    half = rows // num_heads // 2
+    return weight.reshape(num_heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """Hugging Face state-dict name of a GGUF tensor, or None for a name specdec does not use."""
+    stem, _, kind = gguf_name.rpartition(".")
+    if kind not in ("weight", "bias"):
+        return None
+    if stem in TOP_TENSORS:
+        return f"{TOP_TENSORS[stem]}.{kind}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{LAYER_TENSORS[parts[2]]}.{kind}"
+    return None
+
+
+def read_tensor(tensor: TensorInfo, path: Path) -> torch.Tensor:
+    """One GGUF tensor dequantized to float32, in torch's shape."""
+    type_name = tensor.type_name
+    if type_name not in DEQUANTIZERS:
+        supported = ", ".join(DEQUANTIZERS)
+        raise ModelLoadError(
+            f"{path}: tensor {tensor.name} has type {type_name}, which specdec cannot load (it reads {supported})"
+        )
+    shape = tensor.shape
+    try:
+        flat = dequantize(tensor.data, type_name, int(np.prod(shape)))
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: tensor {tensor.name}: {e}") from None
+    return flat.reshape(shape)
+
+
+def load_gguf(path: Path, dtype: torch.dtype) -> GGUFModel:
+    """Configuration, weights (dequantized to ``dtype``) and tokenizer of the GGUF file ``path``."""
+    contents = read_gguf(path)
+    meta = contents.metadata
+    names = {t.name for t in contents.tensors}
+    cfg = config_from_metadata(meta, names, path)
+    _, permuted = ARCHITECTURES[cfg.model_type]
+    state: dict[str, torch.Tensor] = {}
+    rope_factors = None
+    for tensor in contents.tensors:
+        if tensor.name == ROPE_FREQS:
+            rope_factors = read_tensor(tensor, path)
+            continue
+        name = hf_name(tensor.name)
+        if name is None:
+            raise ModelLoadError(f"{path}: unexpected tensor {tensor.name!r} for a {cfg.model_type} model")
+        value = read_tensor(tensor, path)
+        if permuted and ".q_proj." in name:
+            value = unpermute_rows(value, cfg.num_attention_heads)
+        elif permuted and ".k_proj." in name:
+            value = unpermute_rows(value, cfg.num_key_value_heads)
+        state[name] = value.to(dtype)
+    tokenizer = tokenizer_from_metadata(meta) if "tokenizer.ggml.model" in meta else None
+    return GGUFModel(cfg, state, tokenizer, rope_factors)
+
+
+def gguf_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer stored in the GGUF file ``path`` (without reading its weights)."""
+    path = Path(path)
+    meta = read_gguf(path).metadata
+    if "tokenizer.ggml.model" not in meta:
+        raise ModelLoadError(f"{path}: the GGUF file holds no tokenizer")
+    return tokenizer_from_metadata(meta)
