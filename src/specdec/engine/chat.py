@@ -63,7 +63,11 @@ def _raise_exception(message: str) -> None:
 
 
 def _tojson(
-    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
 ) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -168,9 +172,8 @@ def end_of_turn_ids(tokenizer: Tokenizer) -> frozenset[int]:
     if not after:
         return frozenset()
     first = after[0]
-    special = tokenizer.decode([first], skip_special_tokens=True) == "" != tokenizer.decode(
-        [first], skip_special_tokens=False
-    )
+    dropped = tokenizer.decode([first], skip_special_tokens=True) == ""
+    special = dropped and tokenizer.decode([first], skip_special_tokens=False) != ""
     return frozenset([first]) if special else frozenset()
 
 
