@@ -13,6 +13,16 @@ from specdec import load_model
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def set_options():  # type: ignore[no-untyped-def]
+    """``set_options(bf16_rows=False, ...)``: change specdec's options for one test, restored after."""
+    from specdec import options
+
+    saved = options.get_options()
+    yield options.set_options
+    options.set_options(**{f: getattr(saved, f) for f in saved.__dataclass_fields__})
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tiny")

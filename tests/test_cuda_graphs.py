@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from helpers import random_head
-from specdec import DraftModelDrafter, EagleDrafter, EarlyExitDrafter, SpeculativeGenerator, load_model
+from specdec import (
+    DraftModelDrafter,
+    EagleDrafter,
+    EarlyExitDrafter,
+    SpeculativeGenerator,
+    load_model,
+    options,
+)
 from specdec.drafters.heads import EagleHead
 from specdec.models import cuda_graphs
 from specdec.models.cuda_graphs import GraphedPasses, GraphTable, cuda_capture, eager_capture
@@ -32,7 +39,7 @@ def graphed(model, device: str):  # type: ignore[no-untyped-def]
 
 
 def loaded(path, device: str, graphs: bool, monkeypatch):  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("SPECDEC_CUDA_GRAPHS", "1" if graphs else "0")
+    monkeypatch.setattr(options, "_current", options.Options(cuda_graphs=graphs))
     model = load_model(path, dtype="float32", device=device)
     return graphed(model, device) if graphs else model
 
@@ -143,8 +150,8 @@ def test_which_passes_are_graphed():
 
 
 def test_graphs_only_on_cuda_and_can_be_turned_off(monkeypatch):
-    monkeypatch.delenv("SPECDEC_CUDA_GRAPHS", raising=False)
+    monkeypatch.setattr(options, "_current", options.Options())
     assert not cuda_graphs.enabled(torch.device("cpu"))
     assert cuda_graphs.enabled(torch.device("cuda"))
-    monkeypatch.setenv("SPECDEC_CUDA_GRAPHS", "0")
+    monkeypatch.setattr(options, "_current", options.Options(cuda_graphs=False))
     assert not cuda_graphs.enabled(torch.device("cuda"))

@@ -163,12 +163,12 @@ def test_bad_inputs(target, tiny_dir):
 
 
 @pytest.mark.parametrize("k", [1, 4])
-@pytest.mark.parametrize("bf16_rows", ["0", "1"])
-def test_a_model_run_in_bfloat16_matches_its_own_plain_greedy_decoding(k, bf16_rows, monkeypatch):
+@pytest.mark.parametrize("bf16_rows", [False, True])
+def test_a_model_run_in_bfloat16_matches_its_own_plain_greedy_decoding(k, bf16_rows, set_options):
     # In bfloat16 the kernels' products round their rows to bfloat16 (AVX512-BF16 dot products,
-    # unless SPECDEC_BF16_ROWS=0): the target's function changes a little, but a K-token verify
+    # unless the option bf16_rows is off): the target's function changes a little, but a K-token verify
     # pass still gives each row what a 1-token pass gives, so greedy output is plain decoding's.
-    monkeypatch.setenv("SPECDEC_BF16_ROWS", bf16_rows)
+    set_options(bf16_rows=bf16_rows)
     target = load_model("demo-target", dtype="bfloat16")
     draft = load_model("demo-draft", dtype="bfloat16")
     assert target.module.runs_bfloat16 and not load_model("demo-draft", dtype="float32").module.runs_bfloat16

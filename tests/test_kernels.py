@@ -223,11 +223,11 @@ def test_a_build_that_fails_falls_back_to_the_avx2_build():
 
 @needs_kernel
 @pytest.mark.parametrize("columns", [256, 523])
-def test_bfloat16_rows_use_dot_products_only_where_asked(columns, monkeypatch):
+def test_bfloat16_rows_use_dot_products_only_where_asked(columns, set_options):
     # Models run in bfloat16 (kernels.bf16_rows): rows rounded to bfloat16, dot products of
     # bfloat16 pairs with float32 accumulation (where the build has AVX512-BF16), every row count
     # bit for bit independent of the batch; outside the block the float32-row products, unchanged.
-    monkeypatch.setenv("SPECDEC_BF16_ROWS", "1")
+    set_options(bf16_rows=True)
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(300, columns, generator=gen).bfloat16()
     x = torch.randn(23, columns, generator=gen)
@@ -250,11 +250,11 @@ def test_bfloat16_rows_use_dot_products_only_where_asked(columns, monkeypatch):
 
 
 @needs_kernel
-def test_bfloat16_rows_flush_denormals_whatever_the_row_count(monkeypatch):
+def test_bfloat16_rows_flush_denormals_whatever_the_row_count(set_options):
     # vdpbf16ps treats denormal inputs and results as zero; 1-2-row products compute the same sums
     # with FMAs (kernels.h, DotFmaStep) and must flush them too, or a row's bits would depend on
     # how many rows share its pass.
-    monkeypatch.setenv("SPECDEC_BF16_ROWS", "1")
+    set_options(bf16_rows=True)
     gen = torch.Generator().manual_seed(6)
     w = torch.randn(40, 64, generator=gen).bfloat16()
     x = torch.randn(6, 64, generator=gen)
@@ -278,15 +278,15 @@ def test_bfloat16_rows_flush_denormals_whatever_the_row_count(monkeypatch):
 
 
 @needs_kernel
-def test_bfloat16_rows_are_on_unless_turned_off(monkeypatch):
+def test_bfloat16_rows_are_on_unless_turned_off(set_options):
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(64, 256, generator=gen).bfloat16()
     x = torch.randn(3, 256, generator=gen)
     plain = kernels.linear(x, w)
-    monkeypatch.setenv("SPECDEC_BF16_ROWS", "0")
+    set_options(bf16_rows=False)
     with kernels.bf16_rows(True):
         assert torch.equal(kernels.linear(x, w), plain)
-    monkeypatch.delenv("SPECDEC_BF16_ROWS")
+    set_options(bf16_rows=True)
     with kernels.bf16_rows(True):
         assert torch.equal(kernels.linear(x, w), plain) != kernels.bf16_dot()
 

@@ -323,7 +323,7 @@ def test_long_prefill_in_one_call_reads_the_float32_originals_and_matches_transf
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
 
 
-def test_long_prefill_of_a_model_run_in_bfloat16_takes_bfloat16_products(tmp_path, monkeypatch):
+def test_long_prefill_of_a_model_run_in_bfloat16_takes_bfloat16_products(tmp_path, set_options):
     # A model run in bfloat16 with bfloat16 rows (the default; kernels.bf16_rows) prefills with
     # torch's bfloat16 GEMM on rows rounded to bfloat16, the MLP in chunks (2100 features: three):
     # not the float32-row prefill's bits, and as close to the float32 reference as that one.
@@ -341,7 +341,7 @@ def test_long_prefill_of_a_model_run_in_bfloat16_takes_bfloat16_products(tmp_pat
     tokens = torch.randint(0, SMALL["vocab_size"], (2, T), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         rows = module(tokens, torch.arange(T), module.new_cache(2, 64)).float()  # (2, T, V)
-        monkeypatch.setenv("SPECDEC_BF16_ROWS", "0")
+        set_options(bf16_rows=False)
         float_rows = module(tokens, torch.arange(T), module.new_cache(2, 64)).float()
     with torch.no_grad():
         reference = hf(tokens).logits  # float32, the same weights

@@ -13,8 +13,8 @@ that hashes sources, flags and versions, so later processes load it without setu
 builds it at install time (``python -m specdec.kernels``). Where the CPU has AVX-512VL the same 256-bit code
 is built with it (32 vector registers instead of 16: more accumulators per block of weight rows,
 the same bits; :func:`_builds`). Where it cannot be built or used (no compiler, no
-AVX2, another device) everything falls back to ``F.linear``. ``SPECDEC_CPU_KERNELS=0`` turns
-it off. ``rms_norm`` is the same idea for RMSNorm: one op where torch's CPU ``rms_norm``
+AVX2, another device) everything falls back to ``F.linear``. The option ``cpu_kernels="off"``
+(:mod:`specdec.options`; ``SPECDEC_CPU_KERNELS=0``) turns it off. ``rms_norm`` is the same idea for RMSNorm: one op where torch's CPU ``rms_norm``
 runs about six. ``model_forward`` / ``decoder_layers`` (``forward.cpp``) run a whole pass of a
 Llama-family model on raw float32 rows, with float32 or bfloat16 weights; :func:`exact_bfloat16`
 gives the bfloat16 copy of a float32 weight that loses nothing (a checkpoint stored in bfloat16),
@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from specdec.options import get_options
+
 MAX_ROWS = 32  # above this (prefill, training) the BLAS library is the better tool
 _SOURCES = [Path(__file__).with_name(name) for name in ("ops.cpp", "forward.cpp")]
 _HEADERS = [Path(__file__).with_name(name) for name in ("kernels.h", "forward.h")]
@@ -50,8 +52,8 @@ def _cpu_flags() -> str | None:
 
 def _cpu_supported() -> str | None:
     """None if this CPU can run the kernel, else the reason it cannot."""
-    if os.environ.get("SPECDEC_CPU_KERNELS", "1") == "0":
-        return "turned off by SPECDEC_CPU_KERNELS=0"
+    if get_options().cpu_kernels == "off":
+        return "turned off by the option cpu_kernels (SPECDEC_CPU_KERNELS=0)"
     flags = _cpu_flags()
     if flags is None:
         return "cannot read /proc/cpuinfo (not Linux x86)"
@@ -71,13 +73,14 @@ def _builds() -> list[tuple[str, list[str]]]:
     16, so the products keep more accumulators in registers (kernels.h, ``block_rows``): the
     same bits, faster passes of 3-8 rows; where AVX512-BF16 exists too, also with it, for the
     products of models run in bfloat16 (:func:`bf16_rows`). Each build falls back to the next (a
-    compiler without AVX-512 support). ``SPECDEC_CPU_KERNELS=avx2`` or ``=avx512vl`` asks for
-    that build at most. Each build has its own name, so a cache shared by two kinds of machine
+    compiler without AVX-512 support). The option ``cpu_kernels="avx2"`` or ``"avx512vl"``
+    (:mod:`specdec.options`, ``SPECDEC_CPU_KERNELS``) asks for that build at most. Each build has its own name, so a cache shared by two kinds of machine
     never hands one the other's."""
     flags = _cpu_flags() or ""
-    if " avx512f" not in flags or " avx512vl" not in flags or os.environ.get("SPECDEC_CPU_KERNELS") == "avx2":
+    wanted = get_options().cpu_kernels
+    if " avx512f" not in flags or " avx512vl" not in flags or wanted == "avx2":
         return [AVX2_BUILD]
-    if " avx512_bf16" in flags and os.environ.get("SPECDEC_CPU_KERNELS") != "avx512vl":
+    if " avx512_bf16" in flags and wanted != "avx512vl":
         return [AVX512BF16_BUILD, AVX512VL_BUILD, AVX2_BUILD]
     return [AVX512VL_BUILD, AVX2_BUILD]
 
@@ -190,12 +193,12 @@ _unchanged = nullcontext()  # (reusable: the setting stays as it is)
 
 def bf16_rows_wanted() -> bool:
     """Whether models run in bfloat16 round the rows of their products to bfloat16 and multiply
-    them with AVX512-BF16 dot products (where :func:`bf16_dot`): yes unless
-    ``SPECDEC_BF16_ROWS=0``. On a Zen 4 it makes verify passes of 5 and 8 tokens of a 700M
+    them with AVX512-BF16 dot products (where :func:`bf16_dot`): yes unless the option
+    ``bf16_rows`` is off (:mod:`specdec.options`; ``SPECDEC_BF16_ROWS=0``). On a Zen 4 it makes verify passes of 5 and 8 tokens of a 700M
     bfloat16 target 30-36 % faster and 1-3-token passes as fast (docs/benchmarks.md section 4);
     it changes the model's function slightly, every row count alike, so speculative decoding stays
     lossless."""
-    return os.environ.get("SPECDEC_BF16_ROWS") != "0"
+    return get_options().bf16_rows
 
 
 def bf16_rows(on: bool) -> AbstractContextManager[None]:

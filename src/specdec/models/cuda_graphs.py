@@ -18,13 +18,12 @@ Graphs are kept per cache, per number of tokens, slot bucket and output kind; a 
 dropped takes its graphs with it (:class:`GraphTable`). Graphed: a model's single-sequence
 chain passes over at most :data:`MAX_TOKENS` tokens (:class:`GraphedPasses`, the target's and
 a draft model's steps) and the drafting passes of the EAGLE head and of early exit
-(:func:`chain_pass`); prefill, tree passes and batches run eagerly. ``SPECDEC_CUDA_GRAPHS=0`` turns graphs off.
+(:func:`chain_pass`); prefill, tree passes and batches run eagerly. The option ``cuda_graphs`` (``SPECDEC_CUDA_GRAPHS=0``) turns graphs off.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from specdec.cache import KVCache
+from specdec.options import get_options
 
 MAX_TOKENS = 32  # passes over more tokens per sequence run eagerly (prefill)
 SLOT_BUCKET = 256  # attention reads the pass's slots rounded up to a multiple of this
@@ -45,8 +45,9 @@ Capture = Callable[[Callable[[], Outputs]], tuple[Outputs, Callable[[], None]]]
 
 
 def enabled(device: torch.device) -> bool:
-    """Whether passes on ``device`` are graphed: CUDA, unless ``SPECDEC_CUDA_GRAPHS=0``."""
-    return device.type == "cuda" and os.environ.get("SPECDEC_CUDA_GRAPHS", "1") != "0"
+    """Whether passes on ``device`` are graphed: CUDA, unless the option ``cuda_graphs`` is off
+    (:mod:`specdec.options`; ``SPECDEC_CUDA_GRAPHS=0``)."""
+    return device.type == "cuda" and get_options().cuda_graphs
 
 
 def cuda_capture(run: Callable[[], Outputs]) -> tuple[Outputs, Callable[[], None]]:
