@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from specdec.options import get_options
 
 MAX_ROWS = 32  # above this (prefill, training) the BLAS library is the better tool
-_SOURCES = [Path(__file__).with_name(name) for name in ("ops.cpp", "forward.cpp")]
-_HEADERS = [Path(__file__).with_name(name) for name in ("kernels.h", "forward.h")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("ops.cpp", "forward.cpp", "quant.cpp")]
+_HEADERS = [Path(__file__).with_name(name) for name in ("kernels.h", "forward.h", "quant.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "op": the loaded op or None, "why": the reason it is off
 

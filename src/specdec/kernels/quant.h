@@ -1,0 +1,324 @@
+// Few-row products with weights kept in GGUF's quantized block formats (llama.cpp's ggml-common.h
+// layouts), dequantized in registers.
+//
+// y (M, N) = x (M, K) @ W (N, K)^T, W stored as N rows of K / kBlock blocks each (row r's blocks
+// at w + r * row_bytes). x and y are float32: the rows are never quantized, so a product is the
+// product with the dequantized float32 weights up to the order of the float32 sums.
+//
+// Each format's decode() turns one block into float32 vectors of 8 weights, in column order, with
+// exactly the operations of the `gguf` library's dequantize (same float32 roundings; no FMA
+// contraction, see exact_mul), so the weights multiplied are bit for bit the dequantized file.
+// Every output y[m, n] is then one FMA chain over those vectors in column order and one hsum, as
+// in kernels.h: the result of a row does not depend on how many rows share the pass (batch
+// invariance) nor on the thread count.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+// fp16 scales are converted with F16C (every AVX2 CPU has it; the build flags only name AVX2/FMA).
+#pragma GCC push_options
+#pragma GCC target("f16c")
+
+namespace specdec {
+namespace quant {
+
+// GGML type ids (gguf.GGMLQuantizationType).
+enum Type : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+
+inline float half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+inline __m256i bytes8(const uint8_t* p) {  // 8 bytes zero-extended to 8 int32
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+// a * b rounded to float32, kept apart from the add that follows (the compiler may otherwise fuse
+// them into one FMA, which rounds once and would no longer give gguf's weights).
+inline __m256 exact_mul(__m256 a, __m256 b) {
+  __m256 p = _mm256_mul_ps(a, b);
+  asm("" : "+v"(p));
+  return p;
+}
+inline __m256 to_float(__m256i q) { return _mm256_cvtepi32_ps(q); }
+inline __m256i low4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi32(0x0F)); }
+
+// Q8_0: 32 weights in 34 bytes: fp16 d, int8 q[32]. w[i] = q[i] * d.
+struct Q8_0 {
+  static constexpr int64_t kBlock = 32, kBytes = 34;
+  template <typename Emit>
+  __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
+    const __m256 d = _mm256_set1_ps(half(b));
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * j)));
+      emit(j, exact_mul(to_float(q), d));
+    }
+  }
+};
+
+// Q4_0: 32 weights in 18 bytes: fp16 d, uint8 qs[16]; weight i < 16 is the low nibble of qs[i],
+// weight 16 + i its high nibble. w = d * (q - 8).
+struct Q4_0 {
+  static constexpr int64_t kBlock = 32, kBytes = 18;
+  template <typename Emit>
+  __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
+    const __m256 d = _mm256_set1_ps(half(b));
+    const __m256i eight = _mm256_set1_epi32(8);
+    const __m256i v0 = bytes8(b + 2), v1 = bytes8(b + 10);  // qs[0..7], qs[8..15]
+    emit(0, exact_mul(d, to_float(_mm256_sub_epi32(low4(v0), eight))));
+    emit(1, exact_mul(d, to_float(_mm256_sub_epi32(low4(v1), eight))));
+    emit(2, exact_mul(d, to_float(_mm256_sub_epi32(_mm256_srli_epi32(v0, 4), eight))));
+    emit(3, exact_mul(d, to_float(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), eight))));
+  }
+};
+
+// Q4_1: 32 weights in 20 bytes: fp16 d, fp16 m, uint8 qs[16] (nibbles as Q4_0). w = d * q + m.
+struct Q4_1 {
+  static constexpr int64_t kBlock = 32, kBytes = 20;
+  template <typename Emit>
+  __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
+    const __m256 d = _mm256_set1_ps(half(b)), m = _mm256_set1_ps(half(b + 2));
+    const __m256i v0 = bytes8(b + 4), v1 = bytes8(b + 12);  // qs[0..7], qs[8..15]
+    emit(0, _mm256_add_ps(exact_mul(d, to_float(low4(v0))), m));
+    emit(1, _mm256_add_ps(exact_mul(d, to_float(low4(v1))), m));
+    emit(2, _mm256_add_ps(exact_mul(d, to_float(_mm256_srli_epi32(v0, 4))), m));
+    emit(3, _mm256_add_ps(exact_mul(d, to_float(_mm256_srli_epi32(v1, 4))), m));
+  }
+};
+
+// The 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K super-block, packed in 12 bytes:
+// bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; scales and mins 4-7 take
+// their low 4 bits from the nibbles of bytes 8-11 and their top 2 bits from the top bits of
+// bytes 0-3 (scales) and 4-7 (mins).
+inline void scale_min(const uint8_t* s, int j, int& scale, int& min) {
+  if (j < 4) {
+    scale = s[j] & 63;
+    min = s[j + 4] & 63;
+  } else {
+    scale = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// Q4_K: 256 weights in 144 bytes: fp16 d, fp16 dmin, scales[12] (scale_min), uint8 qs[128].
+// Sub-block j (32 weights) is the low (j even) or high (j odd) nibbles of qs[32 * (j / 2) ..+32].
+// w = (d * scale_j) * q - (dmin * min_j).
+struct Q4_K {
+  static constexpr int64_t kBlock = 256, kBytes = 144;
+  template <typename Emit>
+  __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
+    const float d = half(b), dmin = half(b + 2);
+    const uint8_t* qs = b + 16;
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      int scale, min;
+      scale_min(b + 4, j, scale, min);
+      const __m256 ds = _mm256_set1_ps(d * static_cast<float>(scale));
+      const __m256 dm = _mm256_set1_ps(dmin * static_cast<float>(min));
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m256i v = bytes8(qs + 32 * (j / 2) + 8 * g);
+        const __m256i q = j % 2 ? _mm256_srli_epi32(v, 4) : low4(v);
+        emit(4 * j + g, _mm256_sub_ps(exact_mul(ds, to_float(q)), dm));
+      }
+    }
+  }
+};
+
+// Q5_K: 256 weights in 176 bytes: fp16 d, fp16 dmin, scales[12] (scale_min), qh[32], qs[128].
+// Weight l of sub-block j: its low 4 bits as Q4_K, its fifth bit bit j of qh[l].
+// w = (d * scale_j) * q - (dmin * min_j).
+struct Q5_K {
+  static constexpr int64_t kBlock = 256, kBytes = 176;
+  template <typename Emit>
+  __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
+    const float d = half(b), dmin = half(b + 2);
+    const uint8_t *qh = b + 16, *qs = b + 48;
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      int scale, min;
+      scale_min(b + 4, j, scale, min);
+      const __m256 ds = _mm256_set1_ps(d * static_cast<float>(scale));
+      const __m256 dm = _mm256_set1_ps(dmin * static_cast<float>(min));
+      const __m128i shift = _mm_cvtsi32_si128(j);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m256i v = bytes8(qs + 32 * (j / 2) + 8 * g);
+        const __m256i high = _mm256_and_si256(_mm256_srl_epi32(bytes8(qh + 8 * g), shift), _mm256_set1_epi32(1));
+        const __m256i q = _mm256_or_si256(j % 2 ? _mm256_srli_epi32(v, 4) : low4(v), _mm256_slli_epi32(high, 4));
+        emit(4 * j + g, _mm256_sub_ps(exact_mul(ds, to_float(q)), dm));
+      }
+    }
+  }
+};
+
+// Q6_K: 256 weights in 210 bytes: uint8 ql[128], qh[64], int8 scales[16], fp16 d (at the end).
+// Two halves of 128 weights (ql + 64h, qh + 32h); group g (0..3) of a half is 32 weights, weight
+// l of it has its low 4 bits in the low (g < 2) or high (g >= 2) nibble of ql[32 * (g % 2) + l]
+// and its top 2 bits at bits 2g..2g+1 of qh[l]. Sub-blocks of 16 weights share a scale.
+// w = (d * scale) * (q - 32).
+struct Q6_K {
+  static constexpr int64_t kBlock = 256, kBytes = 210;
+  template <typename Emit>
+  __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
+    const float d = half(b + 208);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    const __m256i thirty_two = _mm256_set1_epi32(32), three = _mm256_set1_epi32(3);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m128i shift = _mm_cvtsi32_si128(2 * g);
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) {  // 8 weights: l = 8v .. 8v + 7
+          const int sub = 8 * h + 2 * g + v / 2;
+          const __m256 ds = _mm256_set1_ps(d * static_cast<float>(scales[sub]));
+          const __m256i low = bytes8(ql + 32 * (g % 2) + 8 * v);
+          const __m256i top = _mm256_and_si256(_mm256_srl_epi32(bytes8(qh + 8 * v), shift), three);
+          const __m256i q = _mm256_or_si256(g < 2 ? low4(low) : _mm256_srli_epi32(low, 4), _mm256_slli_epi32(top, 4));
+          emit(16 * h + 4 * g + v, exact_mul(ds, to_float(_mm256_sub_epi32(q, thirty_two))));
+        }
+      }
+    }
+  }
+};
+
+// R weight rows (n0 .. n0+R-1) against M rows of x: R*M accumulators, each one FMA chain over the
+// row's blocks in column order, whatever M and R are (so the bits of y[m, n] never depend on them).
+template <typename F, int M, int R>
+__attribute__((noinline)) void block(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n0,
+                                     float* y, int64_t N) {
+  __m256 acc[M][R];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t blocks = K / F::kBlock;
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const float* xb = x + kb * F::kBlock;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wb = w + (n0 + r) * row_bytes + kb * F::kBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchNear), _MM_HINT_T1);
+      F::decode(wb, [&](int j, __m256 wv) {
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + m * K + 8 * j), wv, acc[m][r]);
+      });
+    }
+  }
+  store_sums<M, R>(acc, true, y, N, n0, [](int, int, float s) { return s; });
+}
+
+// Weight rows per block for M rows of x: M * R accumulators should fit in the registers next to
+// the decoded weights, and a 1-row pass needs several independent FMA chains.
+template <int M>
+constexpr int quant_block_rows() {
+  if (kVectorRegisters >= 32) return M == 1 ? 8 : M == 2 ? 6 : M <= 4 ? 4 : M <= 6 ? 3 : 2;
+  return M <= 2 ? 4 : M <= 4 ? 2 : 1;
+}
+
+template <typename F, int M>
+void rows(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n_begin, int64_t n_end, float* y,
+          int64_t N) {
+  constexpr int R = quant_block_rows<M>();
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) block<F, M, R>(x, K, w, row_bytes, n, y, N);
+  for (; n < n_end; ++n) block<F, M, 1>(x, K, w, row_bytes, n, y, N);
+}
+
+template <typename F>
+void rows_any(int64_t M, const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+              float* y, int64_t N) {
+  switch (M) {
+    case 1: return rows<F, 1>(x, K, w, row_bytes, n0, n1, y, N);
+    case 2: return rows<F, 2>(x, K, w, row_bytes, n0, n1, y, N);
+    case 3: return rows<F, 3>(x, K, w, row_bytes, n0, n1, y, N);
+    case 4: return rows<F, 4>(x, K, w, row_bytes, n0, n1, y, N);
+    case 5: return rows<F, 5>(x, K, w, row_bytes, n0, n1, y, N);
+    case 6: return rows<F, 6>(x, K, w, row_bytes, n0, n1, y, N);
+    case 7: return rows<F, 7>(x, K, w, row_bytes, n0, n1, y, N);
+    default: return rows<F, 8>(x, K, w, row_bytes, n0, n1, y, N);
+  }
+}
+
+// y (M, N) = x (M, K) @ W (N, K)^T for W in format F: tiles of weight rows per thread as
+// kernels.h's run(), chunks of <= kChunkRows rows of x sharing each read of a tile.
+template <typename F>
+void run(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
+  const int64_t row_bytes = K / F::kBlock * F::kBytes;
+  int64_t tile = std::max<int64_t>(8, (192 * 1024) / row_bytes);
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1) {
+    const int64_t per_thread = ((N + threads - 1) / threads + 7) / 8 * 8;
+    tile = std::min(tile, std::max({int64_t{8}, (32 * 1024) / row_bytes, per_thread}));
+  }
+  at::parallel_for(0, N, tile, [&](int64_t begin, int64_t end) {
+    for (int64_t t0 = begin; t0 < end; t0 += tile) {
+      const int64_t t1 = std::min(end, t0 + tile);
+      for (int64_t m0 = 0, left = M; left > 0;) {
+        const int64_t chunks = (left + kChunkRows - 1) / kChunkRows;
+        const int64_t mc = (left + chunks - 1) / chunks;
+        rows_any<F>(mc, x + m0 * K, K, w, row_bytes, t0, t1, y + m0 * N, N);
+        m0 += mc;
+        left -= mc;
+      }
+    }
+  });
+}
+
+// out (N, K) float32 = the weights as decode() gives them (what the products multiply).
+template <typename F>
+void dequantize(const uint8_t* w, int64_t N, int64_t K, float* out) {
+  const int64_t blocks = K / F::kBlock;
+  at::parallel_for(0, N * blocks, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* o = out + i * F::kBlock;  // block i of the (N * blocks) row-major blocks
+      F::decode(w + i * F::kBytes, [&](int j, __m256 wv) { _mm256_storeu_ps(o + 8 * j, wv); });
+    }
+  });
+}
+
+// Bytes of one row of K weights of format `type`, or -1 for a format without kernels.
+inline int64_t row_bytes(int64_t type, int64_t K) {
+  switch (type) {
+    case kQ8_0: return K / Q8_0::kBlock * Q8_0::kBytes;
+    case kQ4_0: return K / Q4_0::kBlock * Q4_0::kBytes;
+    case kQ4_1: return K / Q4_1::kBlock * Q4_1::kBytes;
+    case kQ4_K: return K / Q4_K::kBlock * Q4_K::kBytes;
+    case kQ5_K: return K / Q5_K::kBlock * Q5_K::kBytes;
+    case kQ6_K: return K / Q6_K::kBlock * Q6_K::kBytes;
+    default: return -1;
+  }
+}
+
+inline int64_t block_size(int64_t type) {
+  return type == kQ4_K || type == kQ5_K || type == kQ6_K ? 256 : 32;
+}
+
+// Calls f(Format{}) for the format of `type` (a known one: see row_bytes).
+template <typename Fn>
+void dispatch(int64_t type, Fn&& f) {
+  switch (type) {
+    case kQ8_0: return f(Q8_0{});
+    case kQ4_0: return f(Q4_0{});
+    case kQ4_1: return f(Q4_1{});
+    case kQ4_K: return f(Q4_K{});
+    case kQ5_K: return f(Q5_K{});
+    case kQ6_K: return f(Q6_K{});
+    default: TORCH_CHECK(false, "specdec quant: GGML type ", type, " has no kernel");
+  }
+}
+
+}  // namespace quant
+}  // namespace specdec
+
+#pragma GCC pop_options

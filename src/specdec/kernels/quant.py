@@ -1,0 +1,164 @@
+"""Weights kept in GGUF's quantized block formats and multiplied as they are (quant.h).
+
+A :class:`QuantWeight` holds the raw blocks of an ``(N, K)`` weight as a GGUF file stores them
+(Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; layouts of llama.cpp's ``ggml-common.h``): 4.5-8.5 bits a
+weight instead of 32. :func:`quant_linear` multiplies 1..:data:`~specdec.kernels.MAX_ROWS` float32
+rows by it in the CPU kernels, reading every block once for all rows and dequantizing it in
+registers with float32 accumulation; the rows are never quantized. The weights multiplied are
+bit for bit those of the ``gguf`` library's ``dequantize``, each output is one chain of float32
+FMAs in column order, so a K-row pass gives the bits of K one-row passes (batch invariance) and
+differs from the dequantized float32 product only by the order of its float32 sums. More rows
+(prefill) dequantize a chunk of weight rows at a time and take ``F.linear``.
+:class:`QuantLinear` is the ``nn.Linear`` stand-in a model plugs in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from specdec import kernels
+
+# GGML type id (gguf.GGMLQuantizationType) -> (name, weights per block, bytes per block)
+FORMATS: dict[int, tuple[str, int, int]] = {
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+}
+_SUPPORTED = ", ".join(name for name, _, _ in FORMATS.values())
+_DEQUANTIZE_CHUNK = 1 << 22  # weights dequantized at a time above MAX_ROWS rows (16 MB of float32)
+
+
+def qtype_id(qtype: int | str) -> int:
+    """The GGML type id of a format given as an id, a ``GGMLQuantizationType`` or a name (``"Q4_1"``)."""
+    if isinstance(qtype, str):
+        for type_id, (name, _, _) in FORMATS.items():
+            if name == qtype.upper():
+                return type_id
+        raise ValueError(f"no kernel for GGUF format {qtype!r}; supported: {_SUPPORTED}")
+    type_id = int(qtype)
+    if type_id not in FORMATS:
+        raise ValueError(f"no kernel for GGML type {type_id}; supported: {_SUPPORTED}")
+    return type_id
+
+
+@dataclass(frozen=True, eq=False)
+class QuantWeight:
+    """An ``(N, K)`` weight (``nn.Linear`` layout: out_features, in_features) in a GGUF block format."""
+
+    blocks: torch.Tensor  # (N, K // block * block_bytes) uint8, contiguous: row n's blocks in blocks[n]
+    qtype: int  # GGML type id
+    shape: tuple[int, int]  # (N, K)
+
+    def __post_init__(self) -> None:
+        name, block, block_bytes = FORMATS[qtype_id(self.qtype)]
+        N, K = self.shape
+        if K % block:
+            raise ValueError(f"{name}: {K} columns are not whole blocks of {block}")
+        expected = (N, K // block * block_bytes)
+        if (
+            self.blocks.dtype != torch.uint8
+            or tuple(self.blocks.shape) != expected
+            or not self.blocks.is_contiguous()
+        ):
+            raise ValueError(
+                f"{name} blocks of an ({N}, {K}) weight must be a contiguous uint8 {expected} tensor, "
+                f"got {self.blocks.dtype} {tuple(self.blocks.shape)}"
+            )
+
+    @property
+    def name(self) -> str:
+        """The format's name, e.g. ``"Q4_1"``."""
+        return FORMATS[self.qtype][0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks: what a pass over the weight reads."""
+        return self.blocks.numel()
+
+    @classmethod
+    def from_gguf(cls, tensor: Any) -> QuantWeight:
+        """The weight of a ``gguf.ReaderTensor`` (its ``shape`` in GGUF order: columns first),
+        sharing the reader's memory map (no copy)."""
+        K = int(tensor.shape[0])
+        N = int(np.prod([int(n) for n in tensor.shape[1:]]))
+        data = np.asarray(tensor.data).reshape(N, -1)
+        return cls(torch.from_numpy(data), int(tensor.tensor_type), (N, K))
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, qtype: int | str) -> QuantWeight:
+        """``weight`` (N, K) quantized with the ``gguf`` library (Q8_0, Q4_0, Q4_1: the formats
+        it can write)."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import quantize
+
+        type_id = qtype_id(qtype)
+        array = weight.detach().float().cpu().numpy()  # (N, K)
+        data = quantize(array, GGMLQuantizationType(type_id))  # (N, row_bytes)
+        return cls(torch.from_numpy(np.ascontiguousarray(data)), type_id, (weight.shape[0], weight.shape[1]))
+
+
+def dequantize(qweight: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``(N, K)`` weights in ``dtype``: exactly the ``gguf`` library's ``dequantize`` in float32."""
+    N, K = qweight.shape
+    op = kernels._op()
+    if op is not None:
+        weight = op.quant_dequantize(qweight.blocks, qweight.qtype, N, K)  # type: ignore[attr-defined]
+    else:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+
+        array = gguf_dequantize(qweight.blocks.numpy(), GGMLQuantizationType(qweight.qtype))
+        weight = torch.from_numpy(np.ascontiguousarray(array)).reshape(N, K)
+    return weight.to(dtype)
+
+
+def quant_linear(x: torch.Tensor, qweight: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, dequantize(qweight), bias)`` in ``x``'s dtype: the kernel of quant.h for
+    1..MAX_ROWS rows on a CPU with the kernels, else chunks of dequantized weight rows."""
+    N, K = qweight.shape
+    rows = x.numel() // K if K else 0
+    if (
+        0 < rows <= kernels.MAX_ROWS
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        op = kernels._op()
+        if op is not None:
+            return op.quant_linear(x, qweight.blocks, qweight.qtype, N, K, bias)  # type: ignore[attr-defined,no-any-return]
+    chunk = max(1, _DEQUANTIZE_CHUNK // max(K, 1))  # weight rows dequantized at a time
+    if N <= chunk:
+        return F.linear(x, dequantize(qweight, x.dtype).to(x.device), bias)
+    parts = []
+    for n0 in range(0, N, chunk):
+        part = QuantWeight(qweight.blocks[n0 : n0 + chunk], qweight.qtype, (min(chunk, N - n0), K))
+        parts.append(F.linear(x, dequantize(part, x.dtype).to(x.device)))  # (..., chunk)
+    y = torch.cat(parts, dim=-1)  # (..., N)
+    return y if bias is None else y + bias
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` with its weight in a GGUF block format (:func:`quant_linear`); no training."""
+
+    def __init__(self, qweight: QuantWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.qweight = qweight
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("blocks", qweight.blocks)  # counted in the module's memory and state_dict
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        """The product with the quantized weight."""
+        return quant_linear(x, self.qweight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.qweight.name}"
