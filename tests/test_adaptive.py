@@ -7,6 +7,7 @@ import torch
 
 from specdec import DraftModelDrafter, SpeculativeGenerator, load_model
 from specdec.drafters.adaptive import AdaptiveDrafter, CostModel
+from specdec.drafters.base import Drafter
 from specdec.drafters.registry import DrafterSpec, make_drafter
 
 
@@ -157,7 +158,7 @@ def test_a_fixed_draft_cost_does_not_pin_k_at_one() -> None:
     assert fitted.best_k() >= 3
 
 
-class ScriptedDrafter:
+class ScriptedDrafter(Drafter):
     """A chain drafter that proposes token 0 K times (for the wrapper's K bookkeeping)."""
 
     def __init__(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specdec import DraftModelDrafter, GenerationError, SpeculativeGenerator, load_model
-from specdec.drafters.base import DraftProposal
+from specdec.drafters.base import Drafter, DraftProposal
 from specdec.models import ModelLoadError
 
 PROMPTS = [[5], [1, 2, 3], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
@@ -22,7 +22,7 @@ def plain(target):
     return SpeculativeGenerator(target)
 
 
-class WrongDrafter:
+class WrongDrafter(Drafter):
     """Adversarial: always proposes a token the target's greedy choice is not."""
 
     def __init__(self, reference: dict[tuple[int, ...], list[int]], vocab: int, k: int) -> None:

@@ -12,7 +12,7 @@ import torch
 from helpers import needs_kernels, random_head, save_tiny_llama
 from specdec import SpeculativeGenerator, load_model
 from specdec.drafters import DraftContext, EagleDrafter, MedusaDrafter, TargetOutput
-from specdec.drafters.base import empty_proposal
+from specdec.drafters.base import Drafter, empty_proposal
 from specdec.drafters.heads import load_head, new_head, save_head
 from specdec.drafters.medusa import best_first_tree
 from specdec.losslessness import exact_two_token_joint, goodness_of_fit, sample_two_tokens
@@ -153,13 +153,13 @@ def test_eagle_tree_sampling_records_the_distributions_it_drew_from(target, trai
         assert want[tokens[i]] > 0
 
 
-class SkipEveryThird:
+class SkipEveryThird(Drafter):
     """Wraps a drafter and proposes nothing every third step (as an adaptive K = 0 would): the
     engine then calls no on_verified, and the inner drafter misses those hidden states."""
 
     def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
         self.inner, self.steps = inner, 0
-        self.num_draft_tokens, self.needs_hidden = inner.num_draft_tokens, True
+        self.num_draft_tokens, self.capabilities = inner.num_draft_tokens, inner.capabilities
 
     def prefill(self, prompt_ids, target_out):  # type: ignore[no-untyped-def]
         self.inner.prefill(prompt_ids, target_out)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specdec import DraftModelDrafter, HybridDrafter, SpeculativeGenerator
-from specdec.drafters.base import DraftContext, DraftProposal
+from specdec.drafters.base import DraftContext, Drafter, DraftProposal
 from specdec.drafters.hybrid import GREEDY_RULE, LookupRule
 from specdec.drafters.registry import DrafterSpec, make_drafter
 from specdec.sampling import SamplingParams
@@ -31,7 +31,7 @@ def vocab8(tmp_path_factory):  # type: ignore[no-untyped-def]
     return make_vocab8(tmp_path_factory.mktemp("hybrid-vocab8"))
 
 
-class Scripted:
+class Scripted(Drafter):
     """A chain drafter that proposes ``K`` copies of token 0 and counts its calls."""
 
     def __init__(self) -> None:

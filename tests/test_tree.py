@@ -10,7 +10,7 @@ import torch
 from scipy.stats import chisquare
 
 from specdec import DraftModelDrafter, SpeculativeGenerator, load_model
-from specdec.drafters.base import DraftProposal, DraftTree
+from specdec.drafters.base import Drafter, DraftProposal, DraftTree
 from specdec.verify.chain import verify_greedy, verify_rejection
 from specdec.verify.tree import (
     children_of,
@@ -204,7 +204,7 @@ def test_compact_then_decode_equals_fresh_decode(target):
     torch.testing.assert_close(nxt, fresh, rtol=1e-5, atol=1e-5)
 
 
-class RandomTreeDrafter:
+class RandomTreeDrafter(Drafter):
     """Random trees in which the target's greedy continuation (known in advance) hides at a
     random sibling slot with probability ``hit``: exercises deep accepted paths and rejections."""
 
@@ -274,11 +274,11 @@ def test_tree_step_truncates_trees_that_do_not_fit_the_cache(target):
     assert out.token_ids == ref
 
 
-class ChainAsTree:
+class ChainAsTree(Drafter):
     """Wraps a chain drafter and proposes its chain as a one-branch DraftTree."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.num_draft_tokens, self.model = inner, inner.num_draft_tokens, inner.model
+        self.inner, self.num_draft_tokens, self.capabilities = inner, inner.num_draft_tokens, inner.capabilities
 
     def prefill(self, prompt_ids, target_out):
         self.inner.prefill(prompt_ids, target_out)

@@ -13,6 +13,8 @@ from specdec.drafters import (
     StagedDrafter,
 )
 from specdec.drafters.adaptive import AdaptiveDrafter
+from specdec.drafters.base import DrafterCapabilities
+from specdec.drafters.registry import make_drafter
 from specdec.engine import (
     GenerationError,
     GenerationOutput,
@@ -21,6 +23,7 @@ from specdec.engine import (
     StreamChunk,
 )
 from specdec.models import LoadedModel, ModelLoadError, load_model
+from specdec.options import Options, get_options, set_options
 from specdec.sampling import SamplingParams
 
 __version__ = "0.1.0"
@@ -31,6 +34,7 @@ __all__ = [
     "DraftProposal",
     "DraftTree",
     "Drafter",
+    "DrafterCapabilities",
     "EagleDrafter",
     "EarlyExitDrafter",
     "HybridDrafter",
@@ -41,9 +45,13 @@ __all__ = [
     "GenerationOutput",
     "LoadedModel",
     "ModelLoadError",
+    "Options",
     "SamplingParams",
     "SpecStats",
     "SpeculativeGenerator",
     "StreamChunk",
+    "get_options",
     "load_model",
+    "make_drafter",
+    "set_options",
 ]

@@ -1,6 +1,14 @@
 """Drafters: one file each, all behind the :class:`~specdec.drafters.base.Drafter` protocol."""
 
-from specdec.drafters.base import DraftContext, Drafter, DraftProposal, DraftTree, ReusedLayers, TargetOutput
+from specdec.drafters.base import (
+    DraftContext,
+    Drafter,
+    DrafterCapabilities,
+    DraftProposal,
+    DraftTree,
+    ReusedLayers,
+    TargetOutput,
+)
 from specdec.drafters.draft_model import DraftModelDrafter
 from specdec.drafters.eagle import EagleDrafter
 from specdec.drafters.early_exit import EarlyExitDrafter
@@ -15,6 +23,7 @@ __all__ = [
     "DraftProposal",
     "DraftTree",
     "Drafter",
+    "DrafterCapabilities",
     "EagleDrafter",
     "EarlyExitDrafter",
     "HybridDrafter",

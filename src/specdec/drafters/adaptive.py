@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from specdec.drafters.base import DraftContext, Drafter, DraftProposal, TargetOutput, empty_proposal
 from specdec.linefit import LineFit
@@ -218,9 +218,9 @@ class AdaptiveDrafter:
         self.initial_draft_tokens = max(1, min(start, max_draft_tokens))
         self.probe_interval = probe_interval
         self.clock = clock  # seconds; scripts/adaptive_replay.py replays recorded steps on a fake one
-        self.model = getattr(inner, "model", None)  # lets the engine check vocab compatibility
-        self.needs_hidden = getattr(inner, "needs_hidden", False)
-        self.draft_vocab = getattr(inner, "draft_vocab", None)  # (reported by the bench)
+        # The inner drafter's needs, with room for K_max drafts; never batched (K varies per row).
+        room = max(inner.capabilities.max_tree_nodes, max_draft_tokens)
+        self.capabilities = replace(inner.capabilities, max_tree_nodes=room, batchable=False)
         self.chosen: list[int] = []  # K chosen per step (for reports and tests)
         self._plain_streak = 0
         self._last_k: int | None = None

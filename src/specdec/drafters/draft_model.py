@@ -44,6 +44,7 @@ import torch
 
 from specdec.drafters.base import (
     DraftContext,
+    DrafterCapabilities,
     DraftProposal,
     DraftTree,
     TargetOutput,
@@ -70,6 +71,12 @@ class DraftModelDrafter:
         self.draft_vocab = draft_vocab
         self.num_draft_tokens = num_draft_tokens
         self.tree_width = tree_width
+        self.capabilities = DrafterCapabilities(
+            max_tree_nodes=self.max_tree_nodes,
+            draft_model=model,
+            draft_vocab=draft_vocab,
+            batchable=tree_width == 1,
+        )
         self.cache = model.new_cache(1)
         self._n = 0  # committed length at the last propose
         self._proposed = 0

@@ -41,7 +41,14 @@ from pathlib import Path
 
 import torch
 
-from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, check_draft_shape
+from specdec.drafters.base import (
+    DraftContext,
+    DrafterCapabilities,
+    DraftProposal,
+    DraftTree,
+    TargetOutput,
+    check_draft_shape,
+)
 from specdec.drafters.heads import EagleHead, pick_tokens, resolve_head
 from specdec.drafters.vocab import DraftVocab, head_rows, projector, resolve_draft_vocab
 from specdec.models import cuda_graphs
@@ -58,8 +65,6 @@ class EagleDrafter:
     ``draft_vocab``: tokens the head scores (see :mod:`specdec.drafters.vocab`): a size, a
     :class:`DraftVocab`, 0 for the full vocabulary, None for the default.
     """
-
-    needs_hidden = True  # the engine passes the verify pass's hidden states to on_verified
 
     def __init__(
         self,
@@ -81,6 +86,9 @@ class EagleDrafter:
         embed = module._kernel_io[0] if module._kernel_io is not None else module.model.embed_tokens.weight
         self._chain_io = (embed, head_rows(target, self.draft_vocab))  # what EagleHead.draft_chain reads
         self.num_draft_tokens = num_draft_tokens
+        self.capabilities = DrafterCapabilities(
+            needs_hidden=True, max_tree_nodes=self.max_tree_nodes, draft_vocab=self.draft_vocab
+        )
         capacity = target.max_seq_len + self.max_tree_nodes
         self.cache = self.head.new_cache(1, capacity)
         self.features = torch.zeros(

@@ -36,6 +36,7 @@ import torch
 from specdec import kernels
 from specdec.drafters.base import (
     DraftContext,
+    DrafterCapabilities,
     DraftProposal,
     ReusedLayers,
     TargetOutput,
@@ -74,6 +75,9 @@ class EarlyExitDrafter:
         self._project = projector(target, self.draft_vocab)
         self.num_draft_tokens = num_draft_tokens
         self.exit_layer = self.head.exit_layer
+        self.capabilities = DrafterCapabilities(
+            max_tree_nodes=num_draft_tokens, draft_vocab=self.draft_vocab, reuses_target_cache=True
+        )
         self._own_cache = target.module.new_cache(1, num_layers=self.exit_layer)
         self.cache = self._own_cache  # or the target's, see prefill
         self._shared = False

@@ -28,7 +28,7 @@ prefix it had, and its next proposal first feeds the tokens it missed (one multi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -63,8 +63,7 @@ class HybridDrafter:
     ) -> None:
         self.draft = draft
         self.num_draft_tokens = draft.num_draft_tokens
-        self.model = getattr(draft, "model", None)  # lets the engine check vocab compatibility
-        self.draft_vocab = getattr(draft, "draft_vocab", None)  # (reported by the bench)
+        self.capabilities = replace(draft.capabilities, batchable=False)  # (lookup steps are per row)
         self.index = NgramIndex(1, max_ngram)
         self.rules = {True: greedy_rule, False: sampled_rule}  # by ctx.sampling.greedy
         self.looked_up = 0  # steps proposed by lookup (tests and reports read them)

@@ -32,7 +32,14 @@ from pathlib import Path
 
 import torch
 
-from specdec.drafters.base import DraftContext, DraftProposal, DraftTree, TargetOutput, check_draft_shape
+from specdec.drafters.base import (
+    DraftContext,
+    DrafterCapabilities,
+    DraftProposal,
+    DraftTree,
+    TargetOutput,
+    check_draft_shape,
+)
 from specdec.drafters.heads import MedusaHeads, pick_tokens, resolve_head
 from specdec.drafters.vocab import DraftVocab, projector, resolve_draft_vocab
 from specdec.models.loading import LoadedModel
@@ -47,8 +54,6 @@ class MedusaDrafter:
     ``draft_vocab``: tokens the head scores (see :mod:`specdec.drafters.vocab`): a size, a
     :class:`DraftVocab`, 0 for the full vocabulary, None for the default.
     """
-
-    needs_hidden = True  # the engine passes the verify pass's hidden states to on_verified
 
     def __init__(
         self,
@@ -72,6 +77,9 @@ class MedusaDrafter:
         self.num_draft_tokens = K
         self.max_tree_nodes = check_draft_shape(K, tree_width, max_tree_nodes)
         self.tree_width = tree_width
+        self.capabilities = DrafterCapabilities(
+            needs_hidden=True, max_tree_nodes=self.max_tree_nodes, draft_vocab=self.draft_vocab
+        )
         self._hidden: torch.Tensor | None = None  # (d,) target hidden state at position _hidden_pos
         self._hidden_pos = -1
         self._n = 0  # committed length at the last propose

@@ -18,6 +18,7 @@ import torch
 
 from specdec.drafters.base import (
     DraftContext,
+    DrafterCapabilities,
     DraftProposal,
     DraftTree,
     TargetOutput,
@@ -121,6 +122,7 @@ class NgramDrafter:
         self.max_tree_nodes = check_draft_shape(num_draft_tokens, num_branches, max_tree_nodes)
         self.num_draft_tokens = num_draft_tokens
         self.num_branches = num_branches
+        self.capabilities = DrafterCapabilities(max_tree_nodes=self.max_tree_nodes)
         self.index = NgramIndex(min_ngram, max_ngram)
 
     def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:

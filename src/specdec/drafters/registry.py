@@ -1,12 +1,24 @@
-"""Build a drafter from its CLI / config name. One entry per drafter file."""
+"""Build a drafter from its CLI / config name. One entry per drafter file.
+
+``make_drafter(name, target, draft=..., num_draft_tokens=4, ...)`` is the one way the library,
+the CLI, the benchmark and the server build drafters. ``auto`` picks the best drafter available
+for the target, in this order:
+
+1. trained heads beside the target (``<target folder>/eagle``, then ``early-exit``, then
+   ``medusa``): they draft from the target's own features and need no second model;
+2. a draft model with the target's vocabulary: ``draft`` (default: the shipped ``demo-draft``);
+3. prompt lookup (``ngram``), which needs nothing and never refuses a target.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from specdec.drafters.base import Drafter
+from specdec.models.config import ModelLoadError
 from specdec.models.loading import LoadedModel, check_compatible, load_model
 
 if TYPE_CHECKING:
@@ -90,7 +102,26 @@ def _eagle(spec: DrafterSpec) -> Drafter:
     )
 
 
+HEAD_METHODS = ("eagle", "early-exit", "medusa")  # auto's order of preference for trained heads
+
+
+def _auto(spec: DrafterSpec) -> Drafter:
+    """The best drafter available for ``spec.target`` (the module docstring's rule)."""
+    for method in HEAD_METHODS:
+        folder = spec.heads if spec.heads is not None else spec.target.path / method
+        if (Path(folder) / "config.json").is_file():
+            try:
+                return DRAFTERS[method](replace(spec, heads=str(folder)))
+            except ModelLoadError:  # heads for another method or another target: look further
+                continue
+    try:
+        return _draft_model(spec)
+    except (ModelLoadError, OSError):  # no such draft, or not the target's vocabulary
+        return _ngram(spec)
+
+
 DRAFTERS: dict[str, Callable[[DrafterSpec], Drafter]] = {
+    "auto": _auto,
     "draft": _draft_model,
     "adaptive": _adaptive,
     "hybrid": _hybrid,
@@ -102,10 +133,40 @@ DRAFTERS: dict[str, Callable[[DrafterSpec], Drafter]] = {
 }
 
 
-def make_drafter(name: str, spec: DrafterSpec) -> Drafter | None:
-    """``none`` gives None (plain decoding); unknown names raise ValueError."""
+def make_drafter(
+    name: str,
+    target: LoadedModel | DrafterSpec,
+    *,
+    draft: str | None = None,
+    num_draft_tokens: int = 4,
+    dtype: str = "auto",
+    heads: str | None = None,
+    tree_width: int = 1,
+    max_tree_nodes: int | None = None,
+    draft_vocab: int | None = None,
+) -> Drafter | None:
+    """The drafter ``name`` (``auto``, ``draft``, ``ngram``, ... : :data:`DRAFTERS`) for ``target``.
+
+    ``draft``: the draft model (a name, GGUF file or folder; default ``demo-draft``) of the
+    drafters that run one; the other keywords as in :class:`DrafterSpec`, which may also be
+    passed whole instead of ``target``. ``none`` gives None (plain decoding); unknown names
+    and bad shapes raise ValueError, a draft that cannot be loaded ModelLoadError.
+    """
     if name == "none":
         return None
     if name not in DRAFTERS:
         raise ValueError(f"unknown drafter {name!r}; choose none, {', '.join(DRAFTERS)}")
+    if isinstance(target, DrafterSpec):
+        spec = target
+    else:
+        spec = DrafterSpec(
+            target,
+            draft if draft is not None else DrafterSpec.draft,
+            num_draft_tokens,
+            dtype,
+            heads,
+            tree_width,
+            max_tree_nodes,
+            draft_vocab,
+        )
     return DRAFTERS[name](spec)

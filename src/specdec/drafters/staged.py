@@ -38,6 +38,7 @@ import torch
 
 from specdec.drafters.base import (
     DraftContext,
+    DrafterCapabilities,
     DraftProposal,
     DraftTree,
     TargetOutput,
@@ -70,6 +71,11 @@ class StagedDrafter:
         self.num_draft_tokens = num_draft_tokens
         self.tree_width = tree_width
         self.branch_depth = branch_depth
+        self.capabilities = DrafterCapabilities(
+            max_tree_nodes=num_draft_tokens + min(branch_depth, num_draft_tokens) * (tree_width - 1),
+            draft_model=model,
+            draft_vocab=draft_vocab,
+        )
         self.index = NgramIndex(min_ngram, max_ngram)
         self.cache = model.new_cache(1)
         self.draft_forwards = 0  # draft-model passes during propose (stage-2 speedup: < tokens)

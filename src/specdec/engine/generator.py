@@ -15,24 +15,32 @@ starts out pending and the prefill reads only ``prompt[:-1]``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from specdec.cache import KVCache
-from specdec.drafters.base import DraftContext, Drafter, TargetOutput, empty_proposal
+from specdec.drafters.base import DraftContext, Drafter, DraftProposal, TargetOutput, empty_proposal
+from specdec.engine.chain_step import chain_step
+from specdec.engine.request import (
+    GenerationError,
+    check_prompt,
+    check_request,
+    cut_at_eos,
+    eos_token_ids,
+    request_generator,
+    validate_sampling,
+)
 from specdec.engine.stats import SpecStats
 from specdec.engine.textstream import StreamChunk, TextAssembler
 from specdec.engine.tree_step import tree_step
 from specdec.models.loading import LoadedModel, check_compatible
-from specdec.sampling import SamplingParams, logits_to_probs
-from specdec.verify.chain import verify_greedy, verify_rejection
+from specdec.sampling import SamplingParams
+from specdec.verify.chain import VerifyResult
 from specdec.verify.tree import tree_depth
 
-
-class GenerationError(ValueError):
-    """A request the engine cannot serve (a user-facing error)."""
+__all__ = ["GenerationError", "GenerationOutput", "GenerationStream", "SpeculativeGenerator"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +56,21 @@ class GenerationOutput:
     kinds: list[str]
 
 
+@dataclass
+class _StreamState:
+    """What a stream fills in as it runs; read by :class:`GenerationStream`."""
+
+    stats: SpecStats
+    assembler: TextAssembler
+    eos: frozenset[int]
+    finish_reason: str | None = None
+
+
 class GenerationStream:
     """Iterator of :class:`StreamChunk`; ``stats``, ``finish_reason`` and ``output`` are set
     once it is exhausted."""
 
-    def __init__(self, chunks: Iterator[StreamChunk], state: dict) -> None:  # type: ignore[type-arg]
+    def __init__(self, chunks: Generator[StreamChunk, None, None], state: _StreamState) -> None:
         self._chunks = chunks
         self._state = state
 
@@ -64,19 +82,31 @@ class GenerationStream:
 
     @property
     def stats(self) -> SpecStats:
-        return self._state["stats"]  # type: ignore[no-any-return]
+        return self._state.stats
 
     @property
     def finish_reason(self) -> str | None:
-        return self._state.get("finish_reason")
+        return self._state.finish_reason
 
     @property
     def output(self) -> GenerationOutput:
-        a: TextAssembler = self._state["assembler"]
+        a = self._state.assembler
         return GenerationOutput(a.ids, a.text, self.stats, self.finish_reason or "length", a.kinds)
 
     def close(self) -> None:
-        self._chunks.close()  # type: ignore[attr-defined]
+        self._chunks.close()
+
+
+@dataclass
+class _Decoding:
+    """One request's decoding state between steps (see the module docstring)."""
+
+    token_ids: list[int]  # committed: prompt + generated; the last one is pending
+    cache: KVCache
+    params: SamplingParams
+    generator: torch.Generator
+    stats: SpecStats
+    produced: int = 0
 
 
 class SpeculativeGenerator:
@@ -85,14 +115,11 @@ class SpeculativeGenerator:
     def __init__(self, target: LoadedModel, drafter: Drafter | None = None) -> None:
         self.target = target
         self.drafter = drafter
-        draft_model = getattr(drafter, "model", None)
-        if isinstance(draft_model, LoadedModel):
+        draft_model = drafter.capabilities.draft_model if drafter is not None else None
+        if draft_model is not None:
             check_compatible(target, draft_model)
         self._cache: KVCache | None = None
-        eos = set(target.config.eos_token_ids)
-        if target.tokenizer is not None and target.tokenizer.eos_token_id is not None:
-            eos.add(target.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
+        self.eos_token_ids = eos_token_ids(target)
 
     # ----------------------------------------------------------------- public API
     def generate(self, prompt: str | list[int], **kwargs) -> GenerationOutput:  # type: ignore[no-untyped-def]
@@ -116,18 +143,18 @@ class SpeculativeGenerator:
     ) -> GenerationStream:
         """Stream a completion as :class:`StreamChunk`s (several tokens per chunk).
         ``stop_token_ids`` end the output as the EOS token does (a chat's end-of-turn token)."""
-        params = self._validate_sampling(temperature, top_k, top_p)
+        params = validate_sampling(temperature, top_k, top_p)
         prompt_ids = self.encode(prompt)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+        check_request(prompt_ids, max_new_tokens, self.target.config.vocab_size, self.target.max_seq_len)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if stops and self.target.tokenizer is None:
             raise GenerationError("stop strings need a model folder with a tokenizer")
-        generator = torch.Generator(device=self.target.device)
-        generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
-        state: dict = {"stats": SpecStats(prompt_tokens=len(prompt_ids))}  # type: ignore[type-arg]
-        state["eos"] = self.eos_token_ids | frozenset(int(t) for t in stop_token_ids)
-        state["assembler"] = TextAssembler(self.target.tokenizer, stops)
+        generator = request_generator(self.target.device, seed)
+        state = _StreamState(
+            SpecStats(prompt_tokens=len(prompt_ids)),
+            TextAssembler(self.target.tokenizer, stops),
+            self.eos_token_ids | frozenset(int(t) for t in stop_token_ids),
+        )
         chunks = self._chunks(prompt_ids, params, max_new_tokens, generator, ignore_eos, state)
         return GenerationStream(chunks, state)
 
@@ -151,30 +178,16 @@ class SpeculativeGenerator:
         )
 
     def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of ``prompt`` (a string needs the model's tokenizer), checked against the
+        vocabulary and the context (:class:`GenerationError`)."""
         if isinstance(prompt, str):
             if self.target.tokenizer is None:
                 raise GenerationError("a text prompt needs a model folder with a tokenizer")
-            ids = self.target.tokenizer.encode(prompt)
+            ids = list(self.target.tokenizer.encode(prompt))
         else:
             ids = [int(t) for t in prompt]
-        if not ids:
-            raise GenerationError("the prompt is empty")
-        vocab = self.target.config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise GenerationError(f"prompt token ids must lie in [0, {vocab})")
-        if len(ids) >= self.target.max_seq_len:
-            raise GenerationError(
-                f"the prompt has {len(ids)} tokens; the model's context is "
-                f"{self.target.max_seq_len} tokens"
-            )
+        check_prompt(ids, self.target.config.vocab_size, self.target.max_seq_len)
         return ids
-
-    @staticmethod
-    def _validate_sampling(temperature, top_k, top_p) -> SamplingParams:  # type: ignore[no-untyped-def]
-        try:
-            return SamplingParams(float(temperature), top_k, top_p)
-        except (TypeError, ValueError) as e:
-            raise GenerationError(str(e)) from None
 
     # ----------------------------------------------------------------- the loop
     def _target_cache(self, capacity: int) -> KVCache:
@@ -184,106 +197,102 @@ class SpeculativeGenerator:
         return self._cache
 
     @torch.inference_mode()
-    def _chunks(self, prompt_ids, params, max_new_tokens, generator, ignore_eos, state):  # type: ignore[no-untyped-def]
-        stats: SpecStats = state["stats"]
-        text: TextAssembler = state["assembler"]
+    def _chunks(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        generator: torch.Generator,
+        ignore_eos: bool,
+        state: _StreamState,
+    ) -> Generator[StreamChunk, None, None]:
+        stats, text = state.stats, state.assembler
         start = time.perf_counter()
         try:
             for new, kinds in self._steps(prompt_ids, params, max_new_tokens, generator, stats):
                 if not ignore_eos:
-                    eos_at = next((i for i, t in enumerate(new) if t in state["eos"]), None)
-                    if eos_at is not None:
-                        new, kinds = new[:eos_at], kinds[:eos_at]
-                        state["finish_reason"] = "eos"
+                    new, kinds, eos = cut_at_eos(new, kinds, state.eos)
+                    if eos:
+                        state.finish_reason = "eos"
                 stats.new_tokens += len(new)
                 yield from text.add(new, kinds)
                 if text.stopped:
-                    state["finish_reason"] = "stop"
-                if "finish_reason" in state:
+                    state.finish_reason = "stop"
+                if state.finish_reason is not None:
                     break
-            state.setdefault("finish_reason", "length")
+            state.finish_reason = state.finish_reason or "length"
             stats.new_tokens = len(text.ids)
             yield from text.flush()
         finally:
             stats.total_s = time.perf_counter() - start
 
-    def _steps(self, prompt_ids, params, max_new_tokens, generator, stats):  # type: ignore[no-untyped-def]
-        """Yield ``(tokens, kinds)`` per verify step until ``max_new_tokens`` or the context end."""
-        target, drafter = self.target, self.drafter
-        device = target.device
-        ctx_len = target.max_seq_len
-        n = len(prompt_ids)
-        # Room for the largest proposal: a chain of K or a tree of max_tree_nodes nodes.
-        max_k = max(getattr(drafter, "num_draft_tokens", 0), getattr(drafter, "max_tree_nodes", 0) or 0)
-        cache = self._target_cache(min(ctx_len, n + max_new_tokens + max_k + 1))
-        ctx_len = cache.max_seq_len
-
+    def _prefill(self, prompt_ids: list[int], cache: KVCache, stats: SpecStats) -> None:
+        """Read ``prompt[:-1]`` into the target cache and hand the drafter what it declared it needs."""
         t = time.perf_counter()
+        target, drafter, n = self.target, self.drafter, len(prompt_ids)
         hidden = None
         if n > 1:
-            tokens = torch.tensor([prompt_ids[:-1]], device=device)  # (1, n-1)
-            _, hidden = target(tokens, torch.arange(n - 1, device=device), cache, num_logits=0, return_hidden=True)
+            tokens = torch.tensor([prompt_ids[:-1]], device=target.device)  # (1, n-1)
+            _, hidden = target(tokens, torch.arange(n - 1, device=target.device), cache, num_logits=0, return_hidden=True)
             stats.target_forwards += 1
         cache.truncate(n - 1)
         if drafter is not None:
-            drafter.prefill(prompt_ids, TargetOutput(hidden[0] if hidden is not None else None, cache))
+            caps = drafter.capabilities
+            drafter.prefill(
+                prompt_ids,
+                TargetOutput(
+                    hidden[0] if hidden is not None else None,  # (n-1, d)
+                    cache if caps.reuses_target_cache else None,
+                ),
+            )
         stats.prefill_s = time.perf_counter() - t
 
-        tokens_so_far = list(prompt_ids)
-        produced = 0
-        while produced < max_new_tokens and len(tokens_so_far) < ctx_len:
-            budget = max_new_tokens - produced
-            room = ctx_len - len(tokens_so_far)
-            limit = min(budget - 1, room - 1)
+    def _propose(self, state: _Decoding, limit: int) -> DraftProposal:
+        if self.drafter is None or limit <= 0:
+            return empty_proposal(self.target.device)
+        return self.drafter.propose(DraftContext(state.token_ids, state.params, limit, state.generator))
 
+    def _verify(self, state: _Decoding, proposal: DraftProposal) -> VerifyResult:
+        """One target pass over the pending token and the proposal; commits in the cache."""
+        needs_hidden = self.drafter is not None and self.drafter.capabilities.needs_hidden
+        target, cache, ids, params, generator = (
+            self.target, state.cache, state.token_ids, state.params, state.generator
+        )
+        if proposal.tree is not None:
+            return tree_step(target, cache, ids, proposal.tree, params, generator, needs_hidden)
+        return chain_step(target, cache, ids, proposal, params, generator, needs_hidden)
+
+    def _steps(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        generator: torch.Generator,
+        stats: SpecStats,
+    ) -> Iterator[tuple[list[int], list[str]]]:
+        """Yield ``(tokens, kinds)`` per verify step until ``max_new_tokens`` or the context end:
+        propose -> verify (score + accept + commit in the target cache) -> drafter.on_verified."""
+        drafter = self.drafter
+        caps = drafter.capabilities if drafter is not None else None
+        room = max(drafter.num_draft_tokens, caps.max_tree_nodes) if drafter and caps else 0
+        n = len(prompt_ids)
+        cache = self._target_cache(min(self.target.max_seq_len, n + max_new_tokens + room + 1))
+        state = _Decoding(list(prompt_ids), cache, params, generator, stats)
+        self._prefill(prompt_ids, cache, stats)
+        while state.produced < max_new_tokens and len(state.token_ids) < cache.max_seq_len:
+            budget = max_new_tokens - state.produced
             t = time.perf_counter()
-            if drafter is not None and limit > 0:
-                ctx = DraftContext(tokens_so_far, params, limit, generator)
-                proposal = drafter.propose(ctx)
-            else:
-                proposal = empty_proposal(device)
+            proposal = self._propose(state, min(budget, cache.max_seq_len - len(state.token_ids)) - 1)
             t_draft = time.perf_counter()
             stats.draft_s += t_draft - t
-
-            nodes = None
-            if proposal.tree is not None:  # tree step: one pass, compacts the cache itself
-                K, nodes = tree_depth(proposal.tree), proposal.tree.num_nodes
-                needs_hidden = getattr(drafter, "needs_hidden", False)
-                result = tree_step(target, cache, tokens_so_far, proposal.tree, params, generator, needs_hidden)
-            else:
-                K = proposal.num_tokens
-                pending = torch.tensor([tokens_so_far[-1]], device=device)
-                inp = torch.cat([pending, proposal.tokens.to(device)])[None]  # (1, K+1)
-                pos = torch.arange(len(tokens_so_far) - 1, len(tokens_so_far) + K, device=device)
-                kv_len = len(tokens_so_far) + K  # no device sync to find it
-                needs_hidden = getattr(drafter, "needs_hidden", False)  # EAGLE / Medusa read the target's features
-                if proposal.reused is not None:  # self-speculation: the first layers ran while drafting
-                    reused = proposal.reused
-                    logits, hidden = target.module.forward_reusing(
-                        inp, pos[None], cache, reused.num_layers, reused.hidden[None], kv_len
-                    )
-                    hidden = hidden if needs_hidden else None
-                elif needs_hidden:
-                    logits, hidden = target.step(inp, pos, cache, return_hidden=True, kv_len=kv_len)
-                else:
-                    logits, hidden = target.step(inp, pos, cache, kv_len=kv_len), None
-                logits = logits[0]  # (K+1, V)
-                if params.greedy:
-                    result = verify_greedy(proposal.tokens, logits)
-                else:
-                    target_probs = logits_to_probs(logits, params)  # (K+1, V)
-                    result = verify_rejection(proposal.tokens, proposal.draft_probs, target_probs, generator)
-                if hidden is not None:  # rows of the pending token and the accepted drafts
-                    rows = [0, *(1 + i for i in result.accepted_path)]
-                    result = replace(result, target_hidden=hidden[0, rows])  # (num_accepted + 1, d)
-            cache.truncate(len(tokens_so_far) + result.num_accepted)
+            result = self._verify(state, proposal)
+            K = tree_depth(proposal.tree) if proposal.tree is not None else proposal.num_tokens
             if drafter is not None and K > 0:
                 drafter.on_verified(result)
             stats.verify_s += time.perf_counter() - t_draft
-            stats.record(K, result.num_accepted, nodes)
-
+            stats.record(K, result.num_accepted, proposal.tree.num_nodes if proposal.tree else None)
             new = result.tokens[:budget]
             kinds = result.kinds[: len(new)] if drafter is not None else ["target"] * len(new)
-            tokens_so_far += new
-            produced += len(new)
+            state.token_ids += new
+            state.produced += len(new)
             yield new, kinds

@@ -9,12 +9,11 @@ pending token and the N nodes are written to slots ``P .. P+N`` under a tree att
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from specdec.cache import KVCache
 from specdec.drafters.base import DraftTree
+from specdec.engine.request import with_accepted_hidden
 from specdec.models.loading import LoadedModel
 from specdec.sampling import SamplingParams, logits_to_probs
 from specdec.verify.chain import VerifyResult
@@ -39,7 +38,8 @@ def tree_step(
     """Verify ``tree`` below the pending token ``token_ids[-1]`` and commit the accepted path.
 
     The target cache must hold ``len(token_ids) - 1`` committed slots; afterwards it holds
-    ``len(token_ids) + num_accepted``. Nodes that do not fit in the cache are dropped (a prefix
+    ``len(token_ids) + num_accepted``. With ``needs_hidden`` the result carries the target's
+    hidden states of the pending token and the accepted path (``target_hidden``). Nodes that do not fit in the cache are dropped (a prefix
     of a topologically sorted tree is a tree, and node indices stay the same).
     """
     device = target.device
@@ -58,8 +58,5 @@ def tree_step(
         result = verify_tree_greedy(tree, logits)
     else:
         result = verify_tree_rejection(tree, logits_to_probs(logits, params), generator)
-    if hidden is not None:  # rows of the pending token and the accepted path
-        rows = [0, *(1 + i for i in result.accepted_path)]
-        result = replace(result, target_hidden=hidden[0, rows])  # (num_accepted + 1, d)
     cache.compact(P + 1, list(result.accepted_path))
-    return result
+    return with_accepted_hidden(result, None if hidden is None else hidden[0])  # (N+1, d) rows

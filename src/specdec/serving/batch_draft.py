@@ -1,7 +1,10 @@
 """A draft model that drafts for every batch row in the same forward passes.
 
 Per-row drafters run K sequential one-token passes *per row*; this runs K passes for the
-whole batch (Leviathan et al. 2023's draft model, batched as in Su et al. 2023). Its KV cache
+whole batch (Leviathan et al. 2023's draft model, batched as in Su et al. 2023). It is how the
+server runs a drafter built by :func:`~specdec.drafters.registry.make_drafter` whose
+capabilities say ``batchable`` (:meth:`BatchDraftModel.from_drafter`): the same drafts as one
+such drafter per row, in shared passes. Its KV cache
 has one row per batch row, kept with the same invariant as the target's: slots below
 ``lengths[row]`` hold the row's committed tokens, slots at or above it are scratch that every
 pass overwrites, contiguously from ``lengths[row]``, before any real token can attend to them.
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.drafters.base import DraftProposal, TargetOutput
+from specdec.drafters.base import Drafter, DraftProposal, TargetOutput
 from specdec.drafters.vocab import DraftVocab, projector
 from specdec.models.loading import LoadedModel
 from specdec.sampling import SamplingParams, logits_to_probs, sample
@@ -43,6 +46,8 @@ class DraftRow:
 
 
 class BatchDraftModel:
+    """Drafts of ``model`` for many batch rows at once; one KV cache row per batch row."""
+
     def __init__(self, model: LoadedModel, num_draft_tokens: int = 4, draft_vocab: DraftVocab | None = None) -> None:
         if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
@@ -52,6 +57,15 @@ class BatchDraftModel:
         self.num_draft_tokens = num_draft_tokens
         self.cache = model.new_cache(1, 1)
         self._fed: dict[int, int] = {}  # row -> K of its last proposal
+
+    @classmethod
+    def from_drafter(cls, drafter: Drafter) -> BatchDraftModel:
+        """The batched form of ``drafter``, which must declare ``batchable`` (a plain chain of its
+        ``draft_model``): same model, K and draft vocabulary."""
+        caps = drafter.capabilities
+        if not caps.batchable or caps.draft_model is None:
+            raise ValueError(f"{type(drafter).__name__} does not declare batched drafting")
+        return cls(caps.draft_model, drafter.num_draft_tokens, caps.draft_vocab)
 
     def allocate(self, batch_size: int, capacity: int) -> None:
         self.cache = self.model.new_cache(batch_size, capacity)

@@ -22,12 +22,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from specdec.cache import KVCache
 from specdec.drafters.base import DraftContext, Drafter, DraftProposal, TargetOutput, empty_proposal
+from specdec.engine.request import (
+    check_request,
+    cut_at_eos,
+    eos_token_ids,
+    request_generator,
+    with_accepted_hidden,
+)
 from specdec.engine.stats import SpecStats
 from specdec.engine.textstream import StreamChunk, TextAssembler
 from specdec.models.loading import LoadedModel
@@ -112,10 +119,12 @@ class BatchEngine:
             (lambda: None) if isinstance(drafting, BatchDraftModel) else drafting
         )
         self.drafters = [self.drafter_factory() for _ in range(max_batch_size)]
-        per_row = [getattr(d, "num_draft_tokens", 0) for d in self.drafters if d]
+        per_row = [d.num_draft_tokens for d in self.drafters if d]
         self.max_draft_tokens = (
             self.batch_drafter.num_draft_tokens if self.batch_drafter else max(per_row, default=0)
         )
+        # Hidden states of the verify pass only where some drafter reads them (EAGLE, Medusa).
+        self.needs_hidden = any(d.capabilities.needs_hidden for d in self.drafters if d)
         self.context_len = min(max_seq_len or target.max_seq_len, target.max_seq_len)
         capacity = self.context_len + self.max_draft_tokens + 2  # + the pending token, + scratch
         self.cache = target.new_cache(max_batch_size, capacity)
@@ -125,10 +134,7 @@ class BatchEngine:
         self.policy = SpeculationPolicy(self.max_draft_tokens, adaptive=adaptive_draft_tokens)
         self._pending_step: tuple[int, int, int, float, float, bool] | None = None  # see _report_step
         self._previous_k = 0  # K of the latest step
-        eos = set(target.config.eos_token_ids)
-        if target.tokenizer is not None and target.tokenizer.eos_token_id is not None:
-            eos.add(target.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
+        self.eos_token_ids = eos_token_ids(target)
 
     # ----------------------------------------------------------------- rows
     @property
@@ -143,10 +149,7 @@ class BatchEngine:
     def add(self, request: EngineRequest) -> None:
         """Prefill ``request`` into the lowest free row (the caller checked there is one)."""
         row = self.rows.index(None)
-        generator = torch.Generator(device=self.target.device)
-        generator.manual_seed(
-            request.seed if request.seed is not None else int(torch.randint(2**62, ()).item())
-        )
+        generator = request_generator(self.target.device, request.seed)
         ids = request.prompt_ids
         seq = _Sequence(
             request,
@@ -159,7 +162,8 @@ class BatchEngine:
         )
         self.rows[row] = seq
         t = time.perf_counter()
-        try:
+        try:  # (the HTTP layer has checked the request already; this engine trusts no caller)
+            check_request(ids, request.max_new_tokens, self.target.config.vocab_size, self.context_len)
             hidden = None
             if len(ids) > 1:
                 tokens = torch.tensor([ids[:-1]], device=self.target.device)  # (1, n-1)
@@ -275,7 +279,7 @@ class BatchEngine:
     def _propose(self, seq: _Sequence, k_max: int) -> DraftProposal:
         drafter = self.drafters[seq.row]
         # Drafters that read the target's hidden states (EAGLE, Medusa) need them every step.
-        k_row = max(k_max, 1) if getattr(drafter, "needs_hidden", False) else k_max
+        k_row = max(k_max, 1) if drafter is not None and drafter.capabilities.needs_hidden else k_max
         limit = self._limit(seq, k_row)
         if drafter is None or limit <= 0:
             return empty_proposal(self.target.device)
@@ -290,7 +294,7 @@ class BatchEngine:
         hi = max(seq.row for seq in active) + 1
         inputs = build_inputs(rows, hi, self.cache.max_seq_len, self.target.device)
         view = rows_view(self.cache, slice(0, hi))
-        needs_hidden = any(getattr(self.drafters[seq.row], "needs_hidden", False) for seq in active)
+        needs_hidden = self.needs_hidden
         out = self.target(
             inputs.tokens,
             inputs.positions,
@@ -314,9 +318,8 @@ class BatchEngine:
         n = len(seq.tokens)
         self.cache.compact(n, list(result.accepted_path), row=seq.row)  # a tree keeps its path
         drafter = self.drafters[seq.row]
-        if row_hidden is not None and getattr(drafter, "needs_hidden", False):
-            rows = [0, *(1 + i for i in result.accepted_path)]  # the pending token + accepted drafts
-            result = replace(result, target_hidden=row_hidden[rows])  # (num_accepted + 1, d)
+        if drafter is not None and drafter.capabilities.needs_hidden:
+            result = with_accepted_hidden(result, row_hidden)  # the pending token + accepted drafts
         if self.batch_drafter is not None:
             self.batch_drafter.on_verified(seq.row, n, result.num_accepted)
         if drafter is not None and k > 0:
@@ -336,9 +339,8 @@ class BatchEngine:
         seq.produced += len(new)
         finish = None
         if not request.ignore_eos:
-            eos_at = next((i for i, t in enumerate(new) if t in self.eos_token_ids), None)
-            if eos_at is not None:
-                new, kinds, finish = new[:eos_at], kinds[:eos_at], "eos"
+            new, kinds, eos = cut_at_eos(new, kinds, self.eos_token_ids)
+            finish = "eos" if eos else None
         seq.stats.new_tokens += len(new)
         chunks = list(seq.assembler.add(new, kinds))
         if seq.assembler.stopped:

@@ -36,16 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def make_drafting(
     args: argparse.Namespace, target: LoadedModel
 ) -> BatchDraftModel | Callable[[], Drafter | None]:
-    """``--drafter draft``: one draft model drafting for all rows at once; any other drafter:
-    a factory of per-row instances (see :class:`~specdec.serving.batch_engine.BatchEngine`)."""
-    if args.drafter == "draft":
-        from specdec.drafters.vocab import resolve_draft_vocab
-        from specdec.models.loading import check_compatible
-
-        draft = load_model(args.draft, dtype=args.dtype, device=args.device)
-        check_compatible(target, draft)
-        vocab = resolve_draft_vocab(target, args.draft_vocab, scorer=draft)
-        return BatchDraftModel(draft, args.num_draft_tokens, vocab)
+    """The drafter ``--drafter`` names, built by :func:`make_drafter`: one draft model drafting
+    for all rows at once where its capabilities say ``batchable`` (``draft``), else a factory of
+    per-row instances (see :class:`~specdec.serving.batch_engine.BatchEngine`)."""
     spec = DrafterSpec(
         target, args.draft, args.num_draft_tokens, args.dtype, heads=args.heads, draft_vocab=args.draft_vocab
     )
@@ -53,6 +46,8 @@ def make_drafting(
         built = [make_drafter(args.drafter, spec)]  # built once up front: bad names fail here
     except ValueError as e:
         raise UserError(str(e)) from None
+    if built[0] is not None and built[0].capabilities.batchable:
+        return BatchDraftModel.from_drafter(built[0])
     return lambda: built.pop() if built else make_drafter(args.drafter, spec)
 
 
