@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from specdec import kernels
-from specdec.bench.methods import Method, Run, build_method
+from specdec.bench.methods import Method, Run, SpecdecMethod, build_method
 from specdec.bench.tasks import Task, build_tasks, default_tasks, prompt_file_tasks, read_prompt_file
 from specdec.engine import SpecStats
 from specdec.models import ModelConfig, ModelLoadError, load_model
@@ -358,6 +358,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     meta["draft_vocab"] = {  # methods whose drafts score a reduced vocabulary: its size
         name: len(vocab)
         for name, method in built.items()
-        if (vocab := getattr(getattr(getattr(method, "generator", None), "drafter", None), "draft_vocab", None))
+        if isinstance(method, SpecdecMethod)
+        and method.generator.drafter is not None
+        and (vocab := method.generator.drafter.capabilities.draft_vocab) is not None
     }
     return BenchResult(config, meta, rows, {t.name: list(t.sources) for t in tasks})
