@@ -45,6 +45,8 @@ COLOR_SYSTEMS = {
 }
 EXIT_COMMANDS = ("/exit", "/quit")
 PROMPT = ">>> "
+# The prompt in bold; \001 / \002 tell readline the escape codes take no room on the line.
+BOLD_PROMPT = "\001\x1b[1m\002>>> \001\x1b[0m\002"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,11 +129,11 @@ def turn_summary(stats: SpecStats, speculative: bool) -> str:
     return line
 
 
-def read_message(interactive: bool, stdin: TextIO) -> str | None:
+def read_message(interactive: bool, stdin: TextIO, prompt: str = PROMPT) -> str | None:
     """The next user line (None at end of input)."""
     if interactive:
         try:
-            return input(PROMPT)
+            return input(prompt)
         except EOFError:
             print(file=sys.stderr)
             return None
@@ -141,15 +143,19 @@ def read_message(interactive: bool, stdin: TextIO) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     check_sampling_arguments(args)
-    gen = build_generator(args)
+    out = Console(file=sys.stdout, no_color=args.no_color, highlight=False)
+    err = Console(file=sys.stderr, no_color=args.no_color, highlight=False)
+    with err.status(f"loading {args.target}", spinner="dots"):
+        gen = build_generator(args)
     if gen.target.tokenizer is None:
         raise GenerationError(f"chat needs a model with a tokenizer; {args.target} has none")
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
-    out = Console(file=sys.stdout, no_color=args.no_color, highlight=False)
-    err = Console(file=sys.stderr, no_color=args.no_color, highlight=False)
     drafter = "none" if gen.drafter is None else args.drafter
+    if gen.drafter is not None and args.drafter == "auto":
+        k = getattr(gen.drafter, "num_draft_tokens", None)
+        drafter += f" ({type(gen.drafter).__name__}" + (f", K={k})" if k else ")")
     say(err, f"specdec chat · target {args.target} · drafter {drafter}", "bold")
     if gen.drafter is not None:
         err.print(legend())
@@ -166,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     )
     while True:
         try:
-            message = read_message(interactive, sys.stdin)
+            message = read_message(interactive, sys.stdin, BOLD_PROMPT if color_system_of(out) else PROMPT)
         except KeyboardInterrupt:
             print(file=sys.stderr)
             return 0
@@ -210,5 +216,5 @@ def answer(
         interrupted = True
     out.file.write("\n")
     note = " (stopped)" if interrupted else ("" if stream.finish_reason != "length" else " (length limit)")
-    say(err, turn_summary(stream.stats, gen.drafter is not None) + note, "dim")
+    say(err, turn_summary(stream.stats, gen.drafter is not None) + note + "\n", "dim")
     return printer.text
