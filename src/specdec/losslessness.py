@@ -79,8 +79,6 @@ def goodness_of_fit(pairs: list[tuple[int, int]], first_tokens: np.ndarray, join
     Under the null each empirical frequency deviates from ``p`` by ``sqrt(2 p (1-p) / (pi N))`` on
     average, which gives the expected total variation ``null_total_variation``.
     """
-    from scipy.stats import chisquare
-
     n = len(pairs)
     row = {int(t): i for i, t in enumerate(first_tokens)}
     counts = np.zeros_like(joint)
@@ -99,7 +97,7 @@ def goodness_of_fit(pairs: list[tuple[int, int]], first_tokens: np.ndarray, join
     f_exp = np.append(p[big], rest_p) * n
     keep = f_exp > 0
     f_exp = f_exp[keep] * (f_obs[keep].sum() / f_exp[keep].sum())  # absorb float rounding
-    pvalue = float(chisquare(f_obs[keep], f_exp).pvalue) if keep.sum() > 1 else 1.0
+    pvalue = _chisquare_pvalue(f_obs[keep], f_exp) if keep.sum() > 1 else 1.0
     # Total variation over the same bins as the chi-square test (cells too rare to estimate
     # from n samples are pooled, so the distance measures what the samples can resolve).
     q = f_exp / n
@@ -115,3 +113,11 @@ def greedy_mismatch(gen: SpeculativeGenerator, plain: SpeculativeGenerator, prom
     if a == b:
         return None
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _chisquare_pvalue(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Pearson's chi-square test (``scipy.stats.chisquare``'s p-value): the chi-square
+    distribution's survival function, ``Q(dof / 2, statistic / 2)``, with ``dof = bins - 1``."""
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    dof = torch.tensor((len(observed) - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof, torch.tensor(statistic / 2, dtype=torch.float64)))
