@@ -167,3 +167,13 @@ def test_chisquare_pvalue_equals_scipy() -> None:
         assert _chisquare_pvalue(observed, expected) == pytest.approx(
             chisquare(observed, expected).pvalue, rel=1e-9, abs=1e-300
         )
+
+
+def test_a_tokenizer_that_needs_transformers_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from specdec.models import ModelLoadError
+    from specdec.models.tokenizer import Tokenizer
+
+    (tmp_path / "tokenizer_config.json").write_text("{}")  # no tokenizer.json: AutoTokenizer's job
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ModelLoadError, match=r"needs transformers \(pip install transformers"):
+        Tokenizer.from_folder(tmp_path)

@@ -28,8 +28,15 @@ class Tokenizer:
 
             return cls(FastTokenizer.from_file(str(folder / "tokenizer.json")), config, True)
         if (folder / "tokenizer.model").is_file() or cfg_path.is_file():
-            from transformers import AutoTokenizer
+            try:
+                from transformers import AutoTokenizer
+            except ImportError:
+                from specdec.models.config import ModelLoadError
 
+                raise ModelLoadError(
+                    f"{folder} has no tokenizer.json; reading its tokenizer needs transformers "
+                    "(pip install transformers sentencepiece)"
+                ) from None
             return cls(AutoTokenizer.from_pretrained(str(folder)), config, False)
         return None
 
