@@ -7,6 +7,7 @@
     specdec train draft --teacher runs/target --init runs/draft --seq-len 1024 --out runs/draft-long
     specdec train heads ...            (see specdec.train.heads)
     specdec train draft-vocab --target runs/target   (token ranking for the head drafters)
+    specdec train data --target smollm2 --out runs/smol-data   (self-distillation data)
 
 Models train on the Python standard library corpus (:mod:`specdec.train.corpus`) and are
 saved as Hugging Face folders (``LlamaForCausalLM``) with the tokenizer files copied in.
@@ -85,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="folder for draft_vocab.json (default: the target's)"
     )
     vocab.set_defaults(_train_run=run_draft_vocab)
+
+    from specdec.train import data as data_module
+
+    data = sub.add_parser("data", help="self-distillation data: the target's own answers to chat prompts")
+    data_module.add_arguments(data)
+    data.set_defaults(_train_run=data_module.run)
 
     heads = sub.add_parser("heads", help="train Medusa / EAGLE-style drafter heads on a target")
     try:
