@@ -1,9 +1,12 @@
-"""``specdec demo``: plain vs speculative decoding on held-out code, side by side.
+"""``specdec demo``: plain vs speculative decoding on a real model, side by side.
 
-Completes a few prompts from the held-out (test) split of the demo corpus with plain decoding
-and with speculative decoding on the shipped pair, streams the speculative text with accepted
-draft tokens marked (green on a terminal, ``[...]`` elsewhere), and prints a table: tokens/s,
-speed-up, acceptance rate, mean accepted length and whether the outputs are identical.
+By default SmolLM2-135M-Instruct (``--target smollm2``) answers a short conversation, writes a
+summary and rewrites an email, once with plain decoding and once with speculative decoding and
+the best drafter it has (``--drafter auto``). The speculative reply streams with each token
+coloured by where it came from (accepted draft / recovered / bonus / target); a table then shows
+tokens/s, speed-up, acceptance, mean accepted length and whether the two texts are identical.
+A target without a chat template (``--target demo-target``, the small code pair) completes
+held-out code instead.
 """
 
 from __future__ import annotations
@@ -13,20 +16,63 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from rich.console import Console
 
+from specdec.commands.chat import ReplyPrinter, color_system_of, legend
 from specdec.commands.common import add_model_arguments
 from specdec.engine import SpecStats, SpeculativeGenerator
-from specdec.models.tokenizer import Tokenizer
 
-GREEN, BOLD, DIM, RESET = "\033[32m", "\033[1m", "\033[2m", "\033[0m"
+Messages = list[dict[str, str]]
+
+# Written for this demo. The rewrite and the summary quote their input, where drafting from the
+# context (n-gram lookup) pays most; the conversation is a second turn.
+CHAT_PROMPTS: list[tuple[str, Messages]] = [
+    (
+        "conversation",
+        [
+            {"role": "user", "content": "I want to start running. How often should I go in the first month?"},
+            {
+                "role": "assistant",
+                "content": "Three short runs a week is a good start, with a rest day between them.",
+            },
+            {"role": "user", "content": "And how long should each run be?"},
+        ],
+    ),
+    (
+        "summary",
+        [
+            {
+                "role": "user",
+                "content": "Summarize this paragraph in two sentences.\n\n"
+                "The town library reopened on Monday after a year of repairs. The old roof leaked every "
+                "winter, so the council replaced it and added solar panels that now power the reading "
+                "rooms. The children's section doubled in size, and a new cafe sits by the entrance. "
+                "Opening hours are longer too: the library now stays open until eight in the evening "
+                "on weekdays.",
+            }
+        ],
+    ),
+    (
+        "rewrite",
+        [
+            {
+                "role": "user",
+                "content": "Rewrite this email so that it sounds polite and professional.\n\n"
+                "hey, the report you sent is late again and half the numbers are wrong. fix it by "
+                "friday or i will tell the manager. also stop sending me files without a subject line.",
+            }
+        ],
+    ),
+]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    p.set_defaults(target="smollm2", drafter="auto", draft=None)
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--prompt", action="append", default=None, help="your own prompt (repeatable)")
-    p.add_argument("--no-color", action="store_true", help="mark accepted drafts with [...] instead")
+    p.add_argument("--no-color", action="store_true", help="plain text, no colours")
 
 
 @dataclass
@@ -51,94 +97,98 @@ class Totals:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def demo_prompts(n: int) -> list[tuple[str, str]]:
-    from specdec.bench.tasks import code_prompts, held_out_files
+def code_prompts(n: int) -> list[tuple[str, str]]:
+    """The last lines of held-out code files: prompts for the demo pair, which has no chat template."""
+    from specdec.bench.tasks import code_prompts as openings
+    from specdec.bench.tasks import held_out_files
 
-    prompts = []
-    for name, text in code_prompts(held_out_files(), n):
-        lines = text.splitlines(keepends=True)
-        prompts.append((name, "".join(lines[-12:])))  # the last lines of the opening: short prompts
-    return prompts
-
-
-class Marker:
-    """Writes streamed tokens, marking those that were accepted drafts."""
-
-    def __init__(self, tokenizer: Tokenizer, color: bool) -> None:
-        self.tokenizer, self.color = tokenizer, color
-        self.ids: list[int] = []
-        self.shown = ""
-
-    def write(self, token_ids: list[int], kinds: list[str]) -> None:
-        for token, kind in zip(token_ids, kinds, strict=True):
-            self.ids.append(token)
-            text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
-            piece, self.shown = text[len(self.shown) :], text
-            if kind == "accepted" and piece:
-                piece = f"{GREEN}{piece}{RESET}" if self.color else f"[{piece}]"
-            sys.stdout.write(piece)
-        sys.stdout.flush()
+    return [
+        (name, "".join(text.splitlines(keepends=True)[-12:])) for name, text in openings(held_out_files(), n)
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
+    from specdec.cli import UserError
     from specdec.commands.common import build_generator
 
+    if args.drafter == "auto" and args.draft is None and args.target == "demo-target":
+        args.draft = "demo-draft"  # the code pair: its own draft model
     spec = build_generator(args)
     if spec.drafter is None:
-        from specdec.cli import UserError
-
         raise UserError("the demo compares against speculative decoding: pick a drafter other than none")
-    if spec.target.tokenizer is None:
-        from specdec.cli import UserError
-
-        raise UserError("the demo needs a target folder with a tokenizer")
+    tokenizer = spec.target.tokenizer
+    if tokenizer is None:
+        raise UserError("the demo needs a target with a tokenizer")
+    chat = tokenizer.chat_template is not None
     plain = SpeculativeGenerator(spec.target)
-    color = sys.stdout.isatty() and not args.no_color
-    prompts = [("your prompt", p) for p in args.prompt] if args.prompt else demo_prompts(args.num_prompts)
-    b, r = (BOLD, RESET) if color else ("", "")
+    console = Console(file=sys.stdout, no_color=args.no_color or None, highlight=False)
+    colors = color_system_of(console)
+    bold = "bold" if colors else ""
+    if args.prompt:
+        prompts: list[tuple[str, Messages | str]] = [
+            ("your prompt", [{"role": "user", "content": p}] if chat else p) for p in args.prompt
+        ]
+    elif chat:
+        prompts = list(CHAT_PROMPTS[: args.num_prompts])
+    else:
+        prompts = list(code_prompts(args.num_prompts))
 
-    room = spec.target.max_seq_len - args.max_new_tokens - args.num_draft_tokens - 1
-    if room < 1:
-        from specdec.cli import UserError
+    def answer(gen: SpeculativeGenerator, prompt: Messages | str, max_new_tokens: int):  # type: ignore[no-untyped-def]
+        if isinstance(prompt, list):
+            return gen.chat_stream(prompt, max_new_tokens=max_new_tokens)
+        return gen.stream(prompt, max_new_tokens=max_new_tokens)
 
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} does not fit the context of {spec.target.max_seq_len}")
-    prompts = [(name, spec.target.tokenizer.encode(text)[-room:]) for name, text in prompts]  # what fits
     for gen in (plain, spec):  # warm-up: first calls pay one-off allocation costs
-        gen.generate(prompts[0][1], max_new_tokens=8)
+        for _ in answer(gen, prompts[0][1], 8):
+            pass
 
     totals = {"plain": Totals(), "speculative": Totals()}
     identical = 0
-    print(f"{b}specdec demo{r}: target {spec.target.path.name} ({spec.target.config.num_parameters / 1e6:.1f}M "
-          f"params, {str(spec.target.dtype).replace('torch.', '')}), drafter {args.drafter}, "
-          f"K = {args.num_draft_tokens}")
-    legend = f"{GREEN}green{RESET}" if color else "[bracketed]"
-    print(f"accepted draft tokens are {legend}; the rest come from the target itself\n")
+    console.print(
+        f"specdec demo: {spec.target.path.name} ({spec.target.config.num_parameters / 1e6:.0f}M parameters, "
+        f"{str(spec.target.dtype).replace('torch.', '')}, {torch.get_num_threads()} thread(s)), "
+        f"drafter {type(spec.drafter).__name__}, greedy",
+        style=bold, markup=False, highlight=False,
+    )  # fmt: skip
+    if colors:
+        console.print(legend())
     for name, prompt in prompts:
-        print(f"{b}--- {name} ---{r}")
-        text = spec.target.tokenizer.decode(prompt)
-        print(f"{DIM if color else ''}{text}{RESET if color else ''}", end="")
-        reference = plain.generate(prompt, max_new_tokens=args.max_new_tokens)
+        console.print(f"\n--- {name} ---", style=bold, markup=False)
+        if isinstance(prompt, list):
+            for message in prompt:
+                console.print(f"{message['role']}: {message['content']}", style="dim", markup=False)
+            console.print("assistant: ", style="dim", end="", markup=False)
+        else:
+            console.print(prompt, style="dim", end="", markup=False)
+        reference = answer(plain, prompt, args.max_new_tokens)
+        for _ in reference:
+            pass
         totals["plain"].add(reference.stats)
-        marker = Marker(spec.target.tokenizer, color)
-        stream = spec.stream(prompt, max_new_tokens=args.max_new_tokens)
+        printer = ReplyPrinter(sys.stdout, tokenizer, colors)
+        stream = answer(spec, prompt, args.max_new_tokens)
         for chunk in stream:
-            marker.write(chunk.token_ids, chunk.kinds)
+            printer.add(chunk)
         totals["speculative"].add(stream.stats)
-        same = stream.output.token_ids == reference.token_ids
+        same = stream.output.token_ids == reference.output.token_ids
         identical += same
         s = stream.stats
-        print(f"\n{DIM if color else ''}[plain {reference.stats.tokens_per_s:.0f} tok/s | speculative "
-              f"{s.tokens_per_s:.0f} tok/s | mean accepted length {s.mean_accepted_length:.2f} | "
-              f"identical: {'yes' if same else 'no'}]{RESET if color else ''}\n")
+        console.print(
+            f"\n[plain {reference.stats.tokens_per_s:.0f} tok/s | speculative {s.tokens_per_s:.0f} tok/s | "
+            f"mean accepted length {s.mean_accepted_length:.2f} | identical text: {'yes' if same else 'NO'}]",
+            style="dim", markup=False,
+        )  # fmt: skip
 
     base = totals["plain"].tokens_per_s
-    print(f"{b}{'method':<13} {'tokens/s':>9} {'speed-up':>9} {'acceptance':>11} {'mean acc. len':>14} {'identical':>10}{r}")
+    console.print(
+        f"\n{'method':<13} {'tokens/s':>9} {'speed-up':>9} {'acceptance':>11} {'mean acc. len':>14} {'identical':>10}",
+        style=bold, markup=False,
+    )  # fmt: skip
     for label, t in totals.items():
         acceptance = f"{t.accepted / t.drafted:.1%}" if t.drafted else "-"
         tau = f"{t.committed / t.steps:.2f}" if t.steps else "-"
-        same = "-" if label == "plain" else f"{identical}/{len(prompts)}"
-        print(f"{label:<13} {t.tokens_per_s:>9.1f} {t.tokens_per_s / base:>8.2f}x {acceptance:>11} {tau:>14} {same:>10}")
-    if spec.target.dtype != torch.float32:
-        print("(bf16/fp16 verify passes may round differently from one-token steps; use --dtype float32 "
-              "for bit-exact comparisons)")
-    return 0
+        same_text = "-" if label == "plain" else f"{identical}/{len(prompts)}"
+        console.print(
+            f"{label:<13} {t.tokens_per_s:>9.1f} {t.tokens_per_s / base:>8.2f}x {acceptance:>11} {tau:>14} {same_text:>10}",
+            markup=False,
+        )  # fmt: skip
+    return 0 if identical == len(prompts) or spec.target.dtype != torch.float32 else 1
