@@ -6,8 +6,8 @@ This script decodes held-out text (files of the corpus's test split with at leas
 characters per token of the longest length, each cut to its first ``length`` tokens) for
 every prompt length given, with one drafter at K = 4, and prints the acceptance rate and tau
 (tokens committed per verify pass). Several ``--draft`` / ``--heads`` folders give rows side
-by side (the eleventh session compared drafts and EAGLE heads trained on 256- and 1024-token
-windows with it; docs/training.md).
+by side (drafts and EAGLE heads trained on 256- and 1024-token windows compared with it are in
+docs/training.md).
 
     .venv/bin/python scripts/acceptance_by_length.py --drafter draft --draft demo-draft,runs/draft-long
     .venv/bin/python scripts/acceptance_by_length.py --drafter eagle --heads default,runs/eagle-long

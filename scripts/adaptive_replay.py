@@ -12,8 +12,7 @@ as much as the policies do. This script separates the two things a policy's spee
 
 then replays every trace through fixed K = 1..K_max and through the real ``AdaptiveDrafter``
 (on a fake clock that advances by the measured costs), and prints tokens per second relative to
-plain decoding (K = 0). Used in the tenth session to choose ``acceptance_ema``
-(docs/benchmarks.md section 3).
+plain decoding (K = 0). It is how ``acceptance_ema`` was chosen (docs/drafters.md).
 
     .venv/bin/python scripts/adaptive_replay.py [--temperature 0.7] [--acceptance-ema 0.3,0.15]
 """

@@ -30,7 +30,7 @@ skip baseline || "$SPECDEC" train draft --teacher "$RUN/target" --no-distill --o
 
 # The distilled draft, trained on for 40 more minutes on 1024-token windows: the target and the
 # first draft saw windows of 256 only, and past position 256 the draft agreed with the target
-# far less often (docs/training.md). This one ships as demo-draft (eleventh session).
+# far less often (docs/training.md). This one ships as demo-draft.
 skip draft-long || "$SPECDEC" train draft --teacher "$RUN/target" --init "$RUN/draft" --out "$RUN/draft-long" \
   --lr 1e-3 --warmup-steps 20 --max-minutes 40 "${COMMON[@]}" --seq-len 1024 --batch-size 2
 

@@ -35,7 +35,7 @@ constexpr int64_t kChunkRows = 8;  // rows of x that share one read of the weigh
 // several rows of x the core is busy with FMAs long enough that the hardware prefetcher falls
 // behind and the pass stalls on memory; asking for the weight rows ahead keeps the stream going
 // (a 5-8 row pass of the demo target went from ~1.7x to ~1.1x the time of a 1-row pass on the
-// first development machine, a Zen 3). Into L2, not L1 (prefetcht0, until the twelfth session):
+// first development machine, a Zen 3). Into L2, not L1 (prefetcht0):
 // blocks ahead of a 700M model's 3-6 KB rows are 100-200 KB, which an L1 cannot hold, and on a
 // Zen 4 with other tenants the L1 hint made every pass slower: in-process A/B, best of 5-60,
 // L2 hint against L1 hint, 1-token passes 41 against 66 ms (700M bfloat16, 2 threads) and 0.72
