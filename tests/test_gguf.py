@@ -253,3 +253,57 @@ def test_cli_refuses_a_bad_gguf_in_one_line(tmp_path: Path, capsys: pytest.Captu
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("specdec: error: ") and "not a GGUF file" in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+SPM_PIECES = [
+    "▁",
+    "e",
+    "t",
+    "h",
+    "a",
+    "▁t",
+    "he",
+    "▁the",
+    "at",
+    "▁c",
+    "c",
+    "▁cat",
+    "s",
+    "▁a",
+    "n",
+    "d",
+    "an",
+    "▁and",
+]
+
+
+def write_spm_file(path: Path) -> Path:
+    """A SentencePiece vocabulary (``tokenizer.ggml.model`` llama): unk, BOS, EOS, 256 byte
+    tokens, then scored pieces."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    writer = new_writer(path, "llama", TINY_CFG)
+    writer.add_string("tokenizer.ggml.model", "llama")
+    writer.add_array("tokenizer.ggml.tokens", tokens)
+    writer.add_array("tokenizer.ggml.scores", [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))])
+    writer.add_array("tokenizer.ggml.token_type", [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES))
+    for key, idx in (("unknown", 0), ("bos", 1), ("eos", 2)):
+        writer.add_uint32(f"tokenizer.ggml.{key}_token_id", idx)
+    finish(writer)
+    return path
+
+
+def test_sentencepiece_tokenizer_equals_transformers_gguf_tokenizer(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from specdec.models.gguf import gguf_tokenizer
+
+    path = write_spm_file(tmp_path / "spm.gguf")
+    ours, ref = gguf_tokenizer(path), AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in ["the cat and the hat", "Zebra! the  cat\nand ü"]:  # ü: byte fallback
+        assert ours.encode(text) == ref.encode(text)
+        assert ours.decode(ours.encode(text)) == text
+    # Where transformers and llama.cpp differ, llama.cpp's rule: a space is prepended to the text
+    # after a special token too, so "</s>cat" gives "▁cat", and a leading space is kept.
+    ids = ours.encode("the</s>cat")
+    assert ids[-2:] == [2, ours.token_to_id("▁cat")] and ids[0] == 1  # BOS added by default
+    assert ours.decode(ours.encode(" leading")) == " leading"
