@@ -5,10 +5,12 @@ template, many conversations per forward pass (rows of one KV cache, each at its
 greedily or sampled (a fixed share, chosen by a hash of the prompt). A conversation with a
 follow-up turn is answered twice: the second prompt holds the target's first reply.
 
-What is stored is token ids only, one JSON line per conversation in ``shard-NNNNN.jsonl``
-files (one per batch, written whole and renamed, so an interrupted run loses at most the batch
-it was in): the hidden states or logits a trainer needs are one batched target forward away,
-which costs less than storing them. A rerun skips the conversations already written
+Token ids are stored as one JSON line per conversation in ``shard-NNNNN.jsonl`` files (one
+per batch, written whole and renamed, so an interrupted run loses at most the batch it was in),
+and beside them, in ``shard-NNNNN.safetensors``, the target's final normed hidden states of
+those tokens (bfloat16, keyed by the record's key): the target computed them while answering,
+and recomputing them for training would cost a prefill-speed pass over every token
+(``--no-hidden`` leaves them out; trainers then recompute them). A rerun skips the conversations already written
 (resumable), and ``data.json`` records the target and settings so shards of different targets
 never mix. Each record::
 
@@ -47,6 +49,7 @@ class DataConfig:
     temperature: float = 0.7
     top_p: float = 0.95
     seed: int = 0
+    save_hidden: bool = True  # the target's final hidden states, computed on the way (bfloat16)
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,11 @@ def answer_batch(
     sampled: list[bool],
     sampling: SamplingParams,
     generator: torch.Generator,
-) -> list[list[int]]:
+) -> tuple[list[list[int]], list[torch.Tensor]]:
     """The target's replies to ``prompts`` (token ids), one cache row each: greedy or sampled
     per row; a reply ends after its first token in ``stop_ids`` (kept) or ``max_new_tokens``.
+    Also each row's final normed hidden states ``(len(prompt) + len(reply) - 1, d)``: the
+    target computed them on the way, for every token it read (all but the reply's last).
 
     Rows are right-padded for the prefill; the padding's keys and values sit in slots past the
     row's prompt, each overwritten by the row's own next token before its position reaches it
@@ -86,6 +91,7 @@ def answer_batch(
     cache = target.new_cache(B, T + max_new_tokens)
     _, hidden = target(tokens, torch.arange(T, device=device), cache, num_logits=0, return_hidden=True)
     last = hidden[torch.arange(B), lengths - 1]  # (B, d) each row's last prompt token
+    steps: list[torch.Tensor] = []  # (B, d) per decoding step
     logits = target.module.lm_head(last)  # (B, V)
     sampled_rows = torch.tensor(sampled, device=device)  # (B,)
     replies: list[list[int]] = [[] for _ in range(B)]
@@ -102,9 +108,13 @@ def answer_batch(
                 done[b] = int(nxt[b]) in stop_ids
         if all(done):
             break
-        logits = target(nxt[:, None], pos[:, None], cache)[:, -1]  # (B, V)
+        logits, h = target(nxt[:, None], pos[:, None], cache, return_hidden=True)
+        logits = logits[:, -1]  # (B, V)
+        steps.append(h[:, -1])
         pos += 1
-    return replies
+    fed = torch.stack(steps, 1) if steps else hidden[:, :0]  # (B, steps, d)
+    rows = [torch.cat([hidden[b, : len(p)], fed[b, : len(replies[b]) - 1]]) for b, p in enumerate(prompts)]
+    return replies, rows
 
 
 def _record(
@@ -115,14 +125,16 @@ def _record(
 
 def answer_prompts(
     target: LoadedModel, prompts: list[Prompt], cfg: DataConfig, generator: torch.Generator
-) -> list[Record]:
-    """One batch: every prompt's conversation answered turn by turn (rows of one pass per turn)."""
+) -> tuple[list[Record], dict[str, torch.Tensor]]:
+    """One batch: every prompt's conversation answered turn by turn (rows of one pass per turn);
+    the records, and the final hidden states of each record's tokens but the last (bfloat16)."""
     tok = target.tokenizer
     assert tok is not None
     mode = {p.key: "sampled" if int(p.key, 16) % 100 < cfg.sampled_percent else "greedy" for p in prompts}
     sampling = SamplingParams(cfg.temperature, top_p=cfg.top_p)
     convs: dict[str, list[dict[str, str]]] = {p.key: [] for p in prompts}
     last: dict[str, tuple[list[int], list[int]]] = {}
+    hidden: dict[str, torch.Tensor] = {}
     live = list(prompts)
     for turn in range(max(len(p.turns) for p in prompts)):
         live = [p for p in live if turn < len(p.turns)]
@@ -135,16 +147,21 @@ def answer_prompts(
         if not live:
             break
         stops = frozenset().union(*(r.stop_token_ids for r in rendered)) | set(target.config.eos_token_ids)
-        replies = answer_batch(
+        replies, states = answer_batch(
             target, [r.token_ids for r in rendered], stops, cfg.max_new_tokens,
             [mode[p.key] == "sampled" for p in live], sampling, generator,
         )  # fmt: skip
-        for p, r, reply in zip(live, rendered, replies, strict=True):
+        for p, r, reply, h in zip(live, rendered, replies, states, strict=True):
+            hidden[p.key] = h.to(torch.bfloat16)
             text = tok.decode([t for t in reply if t not in stops], skip_special_tokens=True)
             convs[p.key].append({"role": "assistant", "content": text})
             last[p.key] = (r.token_ids, reply)
-    return [_record(p, mode[p.key], convs[p.key], *last[p.key]) for p in prompts if p.key in last and
-            len(convs[p.key]) == 2 * len(p.turns)]  # fmt: skip
+    records = [
+        _record(p, mode[p.key], convs[p.key], *last[p.key])
+        for p in prompts
+        if p.key in last and len(convs[p.key]) == 2 * len(p.turns)
+    ]
+    return records, {r.key: hidden[r.key] for r in records}
 
 
 def done_keys(folder: Path) -> set[str]:
@@ -169,6 +186,16 @@ def read_records(folder: str | Path, split: str | None = None) -> list[Record]:
                 rec = Record(**json.loads(line))
                 if split is None or rec.split == split:
                     out.append(rec)
+    return out
+
+
+def read_hidden(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The stored hidden states of ``folder``'s shards by record key (``(len(token_ids) - 1, d)``)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(folder).glob("shard-*.safetensors")):
+        out.update(load_file(str(path)))
     return out
 
 
@@ -200,6 +227,7 @@ def check_manifest(folder: Path, target: LoadedModel) -> None:
 def build_data(target: LoadedModel, out: Path, cfg: DataConfig, progress: bool = True) -> Iterator[int]:
     """Answer ``cfg.num_prompts`` prompts into ``out`` (skipping those done); yields the number of
     conversations written after each shard."""
+    from safetensors.torch import save_file
     from tqdm import tqdm
 
     if target.tokenizer is None:
@@ -219,8 +247,10 @@ def build_data(target: LoadedModel, out: Path, cfg: DataConfig, progress: bool =
         batch = todo[i : i + cfg.batch_size]
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(batch[0].key, 16) % 1_000_003)
         start = time.perf_counter()
-        records = answer_prompts(target, batch, cfg, generator)
+        records, hidden = answer_prompts(target, batch, cfg, generator)
         path = out / f"shard-{shard:05d}.jsonl"
+        if cfg.save_hidden and hidden:
+            save_file({k: v.contiguous() for k, v in hidden.items()}, str(path.with_suffix(".safetensors")))
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records), encoding="utf-8")
         tmp.rename(path)
@@ -253,6 +283,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature, help="of the sampled replies")
     p.add_argument("--top-p", type=float, default=d.top_p, help="of the sampled replies")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--no-hidden", action="store_true", help="store token ids only (trainers then recompute the features)"
+    )
     p.add_argument("--dtype", default="float32", help="the target's dtype (float32, bfloat16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -275,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     cfg = DataConfig(
         args.num_prompts, args.max_new_tokens, args.max_prompt_tokens, args.batch_size,
-        args.sampled_percent, args.temperature, args.top_p, args.seed,
+        args.sampled_percent, args.temperature, args.top_p, args.seed, not args.no_hidden,
     )  # fmt: skip
     try:
         for _ in build_data(target, args.out, cfg):
