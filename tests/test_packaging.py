@@ -121,8 +121,10 @@ def test_missing_extra_is_named_in_one_line(
     assert out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"specdec: error: 'specdec {argv[0]}' needs '{package}'")
-    assert lines[0].endswith(f"pip install 'specdec[{extra}]'")
+    assert lines[0] == (
+        f"specdec: error: 'specdec {argv[0]}' needs the Python package '{package}', which is not installed "
+        f"(pip install 'specdec[{extra}]')"
+    )
 
 
 def test_other_subcommands_work_without_an_extra(
@@ -147,9 +149,9 @@ def test_a_missing_module_found_on_import_is_named_too(
     monkeypatch.setattr(importlib, "import_module", import_module)
     assert cli.main(["serve", "--port", "8000"]) == 2
     err = capsys.readouterr().err.strip()
-    assert (
-        err
-        == "specdec: error: 'specdec serve' needs 'some_missing_package', which is not installed: pip install 'specdec[serve]'"
+    assert err == (
+        "specdec: error: 'specdec serve' needs the Python package 'some_missing_package', which is not "
+        "installed (pip install 'specdec[serve]')"
     )
 
 

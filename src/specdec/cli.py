@@ -83,8 +83,9 @@ def _missing_requirement(name: str, module_name: str) -> str | None:
                 return f"'specdec {name}' is not available in this installation"
             absent = [missing.partition(".")[0]]
     needs = ", ".join(repr(package) for package in absent)
+    packages_are = "package {}, which is" if len(absent) == 1 else "packages {}, which are"
     install = f"pip install 'specdec[{extra}]'" if extra else f"pip install {' '.join(absent)}"
-    return f"'specdec {name}' needs {needs}, which is not installed: {install}"
+    return f"'specdec {name}' needs the Python {packages_are.format(needs)} not installed ({install})"
 
 
 def main(argv: list[str] | None = None) -> int:
