@@ -29,6 +29,7 @@ test-avx2: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy src/specdec
 
 bench: $(STAMP)
 	$(VENV)/bin/specdec bench

@@ -197,7 +197,15 @@ class DraftModelDrafter:
         )
         return DraftProposal(tree.tokens, tree.draft_probs, tree=tree)
 
-    def _feed(self, nodes, tokens, parents, fed_slot, ancestors, position):  # type: ignore[no-untyped-def]
+    def _feed(
+        self,
+        nodes: list[int],
+        tokens: list[int],
+        parents: list[int],
+        fed_slot: list[int],
+        ancestors: dict[int, list[int]],
+        position: int,
+    ) -> torch.Tensor:
         """One draft forward over ``nodes`` (all at RoPE ``position``) with tree attention;
         records their cache slots and returns their logits ``(F, V)``."""
         n, device = self._n, self.model.device

@@ -78,8 +78,9 @@ class EagleDrafter:
         self.max_tree_nodes = check_draft_shape(num_draft_tokens, tree_width, max_tree_nodes)
         self.tree_width = tree_width
         self.target = target
-        self.head = resolve_head(head, target.path, target.config, "eagle", target.dtype, target.device)
-        assert isinstance(self.head, EagleHead)
+        resolved = resolve_head(head, target.path, target.config, "eagle", target.dtype, target.device)
+        assert isinstance(resolved, EagleHead)
+        self.head: EagleHead = resolved
         self.draft_vocab = resolve_draft_vocab(target, draft_vocab)
         self._project = projector(target, self.draft_vocab)
         module = target.module
@@ -224,7 +225,16 @@ class EagleDrafter:
         tree = DraftTree(token_t, torch.tensor(parents, device=device), draft_probs)
         return DraftProposal(token_t, draft_probs, tree)
 
-    def _expand(self, expand, frontier, tokens, parents, fed, ancestors, position):  # type: ignore[no-untyped-def]
+    def _expand(
+        self,
+        expand: list[tuple[int, int]],
+        frontier: list[tuple[int, torch.Tensor]],
+        tokens: list[int],
+        parents: list[int],
+        fed: list[int],
+        ancestors: dict[int, list[int]],
+        position: int,
+    ) -> list[tuple[int, torch.Tensor]]:
         """Feed the nodes ``expand`` (``(node, parent's frontier entry)``) to the head in one pass
         at RoPE ``position``; the new frontier ``[(node, feature after it)]``."""
         n_fed, E, device = len(fed), len(expand), self.target.device

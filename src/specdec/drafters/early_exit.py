@@ -69,8 +69,9 @@ class EarlyExitDrafter:
     ) -> None:
         check_draft_shape(num_draft_tokens)
         self.target = target
-        self.head = resolve_head(head, target.path, target.config, "early-exit", target.dtype, target.device)
-        assert isinstance(self.head, ExitHead)
+        resolved = resolve_head(head, target.path, target.config, "early-exit", target.dtype, target.device)
+        assert isinstance(resolved, ExitHead)
+        self.head: ExitHead = resolved
         self.draft_vocab = resolve_draft_vocab(target, draft_vocab)
         self._project = projector(target, self.draft_vocab)
         self.num_draft_tokens = num_draft_tokens
@@ -86,9 +87,10 @@ class EarlyExitDrafter:
         self.graphs = cuda_graphs.GraphTable() if cuda_graphs.enabled(target.device) else None
 
     def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:
-        self._shared = target_out.cache is not None and self.target.module.reuses_layers()
-        if self._shared:  # the target's prefill has filled layers 0..L-1 for the prompt
-            self.cache = target_out.cache  # type: ignore[assignment]
+        shared = target_out.cache
+        self._shared = shared is not None and self.target.module.reuses_layers()
+        if shared is not None and self._shared:  # the target's prefill filled layers 0..L-1 for the prompt
+            self.cache = shared
             return
         self.cache = self._own_cache
         self.cache.truncate(0)
@@ -138,19 +140,21 @@ class EarlyExitDrafter:
             reused = ReusedLayers(self.exit_layer, states) if self._shared else None  # (K, d)
             return DraftProposal(drafts, probs, reused=reused)  # (K,), (K, V) or None
         logits, state = self._forward(ctx.token_ids[start:], start)  # (V,), (d,)
-        tokens, probs, states = [], [], [state]
+        chain: list[torch.Tensor] = []
+        chain_probs: list[torch.Tensor] = []
+        chain_states = [state]
         for i in range(K):
             token, draft_probs = pick_tokens(logits[None], ctx.sampling, ctx.generator)
-            tokens.append(token[0])
+            chain.append(token[0])
             if draft_probs is not None:
-                probs.append(draft_probs[0])
+                chain_probs.append(draft_probs[0])
             if i < K - 1:
                 logits, state = self._forward(token, n + i)
-                states.append(state)
-        reused = ReusedLayers(self.exit_layer, torch.stack(states)) if self._shared else None  # (K, d)
+                chain_states.append(state)
+        reused = ReusedLayers(self.exit_layer, torch.stack(chain_states)) if self._shared else None  # (K, d)
         return DraftProposal(
-            torch.stack(tokens),  # (K,)
-            torch.stack(probs) if probs else None,  # (K, V)
+            torch.stack(chain),  # (K,)
+            torch.stack(chain_probs) if chain_probs else None,  # (K, V)
             reused=reused,
         )
 
@@ -164,11 +168,12 @@ class EarlyExitDrafter:
         """``(K,)`` drafts, the ``(K, d)`` layer-L states of the tokens fed at each step and, when
         sampling, the ``(K, V)`` distributions the drafts were drawn from (None when greedy)."""
         module, cfg, head = self.target.module, self.target.config, self.head
-        embed = module._kernel_io[0]  # type: ignore[index]
+        assert module._kernel_io is not None and module._layer_weights is not None  # (_one_call)
+        embed = module._kernel_io[0]
         ids, rows = head_rows(self.target, self.draft_vocab)
         token_ids = ctx.token_ids[start:]
         tokens = torch.as_tensor(token_ids, device=self.target.device)  # (T,)
-        common = (tokens, start, K, module.inv_freq, embed, self.cache.k, self.cache.v, module._layer_weights,
+        common = (tokens, start, K, module.get_buffer("inv_freq"), embed, self.cache.k, self.cache.v, module._layer_weights,
                   self.exit_layer, head.norm.weight, head.proj.weight, rows, ids)  # fmt: skip
         shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
         probs = None

@@ -69,8 +69,9 @@ class ExitHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Layer-L hidden states ``(..., d)`` -> features for the target's ``lm_head`` ``(..., d)``."""
-        x = self.norm(h)
-        return x + self.proj(x)
+        x: torch.Tensor = self.norm(h)
+        adapter: torch.Tensor = self.proj(x)
+        return x + adapter
 
     def settings(self) -> dict[str, Any]:
         return {"exit_layer": self.exit_layer}
@@ -86,10 +87,11 @@ class MedusaHeads(nn.Module):
         if num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {num_heads}")
         self.num_heads = num_heads
-        self.blocks = nn.ModuleList(Linear(cfg.hidden_size, cfg.hidden_size) for _ in range(num_heads))
-        for block in self.blocks:
+        blocks = [Linear(cfg.hidden_size, cfg.hidden_size) for _ in range(num_heads)]
+        for block in blocks:
             nn.init.zeros_(block.weight)
             nn.init.zeros_(block.bias)
+        self.blocks = nn.ModuleList(blocks)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states ``(..., d)`` -> one feature per head ``(..., num_heads, d)``."""
@@ -103,6 +105,7 @@ class EagleHead(nn.Module):
     """One feature-level autoregressive decoder layer with its own KV cache."""
 
     method = "eagle"
+    inv_freq: torch.Tensor  # (D/2,) a buffer: RoPE frequencies
 
     def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None) -> None:
         """``cfg``: the target's configuration; the layer's MLP width defaults to the target's."""
@@ -199,7 +202,9 @@ class EagleHead(nn.Module):
             compact, (fc,) = copies if copies is not None else (weights, [self.fc.weight])
             self._kernel_weights = (key, (self.fc.weight, weights), (fc, compact))
         rows = inputs.numel() // inputs.shape[-1]
-        return self._kernel_weights[2] if rows <= kernels.MAX_ROWS else self._kernel_weights[1]
+        chosen: tuple[torch.Tensor, list[torch.Tensor | None]]
+        chosen = self._kernel_weights[2] if rows <= kernels.MAX_ROWS else self._kernel_weights[1]
+        return chosen
 
     def settings(self) -> dict[str, Any]:
         return {"intermediate_size": self.config.intermediate_size}
@@ -269,8 +274,8 @@ def resolve_head(
     target_path: Path,
     cfg: ModelConfig,
     method: str,
-    dtype,
-    device,  # type: ignore[no-untyped-def]
+    dtype: torch.dtype,
+    device: torch.device | str,
 ) -> Head:
     """A head object as given (a copy in the target's dtype and device if it is in others), else
     loaded from ``head`` (a folder) or ``<target>/<method>/``."""
@@ -278,7 +283,8 @@ def resolve_head(
         p = next(head.parameters())
         if p.dtype == dtype and p.device == torch.device(device):
             return head
-        return copy.deepcopy(head).to(device=device, dtype=dtype)  # type: ignore[no-any-return]
+        moved: Head = copy.deepcopy(head).to(device=device, dtype=dtype)
+        return moved
     return load_head(head if head is not None else target_path / method, cfg, method, dtype, device)
 
 

@@ -65,8 +65,9 @@ class MedusaDrafter:
         draft_vocab: int | DraftVocab | None = None,
     ) -> None:
         self.target = target
-        self.heads = resolve_head(heads, target.path, target.config, "medusa", target.dtype, target.device)
-        assert isinstance(self.heads, MedusaHeads)
+        resolved = resolve_head(heads, target.path, target.config, "medusa", target.dtype, target.device)
+        assert isinstance(resolved, MedusaHeads)
+        self.heads: MedusaHeads = resolved
         self.draft_vocab = resolve_draft_vocab(target, draft_vocab)
         self._project = projector(target, self.draft_vocab)
         K = num_draft_tokens if num_draft_tokens is not None else self.heads.num_heads

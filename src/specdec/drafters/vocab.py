@@ -136,7 +136,8 @@ def draft_pass(
     """One pass of a draft model over ``tokens``; logits ``(num_logits, V)`` of the last tokens,
     over ``vocab`` if given (``-inf`` outside it; the full ``lm_head`` product is skipped)."""
     if vocab is None or num_logits == 0:
-        return model.step(tokens, pos, cache, num_logits=num_logits, **kwargs)[0]
+        logits: torch.Tensor = model.step(tokens, pos, cache, num_logits=num_logits, **kwargs)[0]  # (num_logits, V)
+        return logits
     _, hidden = model.step(tokens, pos, cache, num_logits=0, return_hidden=True, **kwargs)  # (1, T, d)
     return vocab.project(hidden[0, hidden.shape[1] - num_logits :])
 

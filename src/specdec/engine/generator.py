@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -122,7 +123,7 @@ class SpeculativeGenerator:
         self.eos_token_ids = eos_token_ids(target)
 
     # ----------------------------------------------------------------- public API
-    def generate(self, prompt: str | list[int], **kwargs) -> GenerationOutput:  # type: ignore[no-untyped-def]
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> GenerationOutput:
         """Generate a completion; keyword arguments as in :meth:`stream`."""
         stream = self.stream(prompt, **kwargs)
         for _ in stream:
@@ -158,7 +159,7 @@ class SpeculativeGenerator:
         chunks = self._chunks(prompt_ids, params, max_new_tokens, generator, ignore_eos, state)
         return GenerationStream(chunks, state)
 
-    def chat(self, messages: Sequence[Mapping[str, str]], **kwargs) -> GenerationOutput:  # type: ignore[no-untyped-def]
+    def chat(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> GenerationOutput:
         """Answer ``messages`` (``[{"role", "content"}]``) through the model's chat template;
         keyword arguments as in :meth:`stream`."""
         stream = self.chat_stream(messages, **kwargs)
@@ -166,7 +167,7 @@ class SpeculativeGenerator:
             pass
         return stream.output
 
-    def chat_stream(self, messages: Sequence[Mapping[str, str]], **kwargs) -> GenerationStream:  # type: ignore[no-untyped-def]
+    def chat_stream(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> GenerationStream:
         """Stream the reply to ``messages``; it ends at EOS or the template's end-of-turn token."""
         from specdec.engine.chat import chat_prompt  # jinja2 only for chat
 

@@ -304,7 +304,7 @@ class BatchEngine:
             return_hidden=needs_hidden,
             kv_len=inputs.kv_len,
         )  # (B', T, V) [, (B', T, d)]
-        return out if needs_hidden else (out, None)  # type: ignore[return-value]
+        return out if needs_hidden else (out, None)
 
     def _commit(
         self,

@@ -91,7 +91,7 @@ class Scheduler:
                     self._wake.wait()
                 if not self._running:
                     return
-                admitted = []
+                admitted: list[EngineRequest] = []
                 while self._waiting and self.engine.num_free > len(admitted):
                     request = self._waiting[0]
                     if request.cancelled.is_set():
