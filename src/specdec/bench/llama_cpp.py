@@ -42,7 +42,8 @@ TIMEOUT_S = 600
 _FLOAT = r"([0-9]+(?:\.[0-9]*)?)"
 _ENCODED = re.compile(rf"encoded\s+(\d+) tokens in\s+{_FLOAT} seconds")
 _DECODED = re.compile(rf"decoded\s+(\d+) tokens in\s+{_FLOAT} seconds")
-_COUNT = re.compile(r"^\s*(n_draft|n_predict|n_drafted|n_accept)\s*=\s*(\d+)", re.MULTILINE)
+# Log lines may carry a time stamp and level ("0.03.071.758 I n_drafted    = 20").
+_COUNT = re.compile(r"\b(n_draft|n_predict|n_drafted|n_accept)\s*=\s*(\d+)")
 
 
 class LlamaCppError(RuntimeError):
@@ -97,9 +98,13 @@ def parse_spec_output(text: str) -> SpecTimings:
 
 def parse_bench_json(text: str) -> list[BenchTiming]:
     """Parse ``llama-bench -o json`` (a JSON list of tests; ``-o jsonl``'s lines are read too)."""
-    start = text.find("[")
+    lines = text.splitlines(keepends=True)
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
     try:
-        tests = json.loads(text[start:]) if start >= 0 else [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+        if first is not None and lines[first].lstrip().startswith("["):  # the list, maybe logs after it
+            tests, _ = json.JSONDecoder().raw_decode("".join(lines[first:]).lstrip())
+        else:
+            tests = [json.loads(line) for line in lines if line.lstrip().startswith("{")]
     except json.JSONDecodeError as e:
         raise LlamaCppError(f"llama-bench printed no JSON: {e}") from None
     if not tests:

@@ -272,13 +272,15 @@ def prompt_file_tasks(
         mine = [r for r in records if r.task == name]
         new_tokens = max_new_tokens or mine[0].max_new_tokens or DEFAULT_NEW_TOKENS["code"]
         room = prompt_room(context, new_tokens)
-        prompts, cut = [], []
+        prompts, cut, texts = [], [], []
         for r in mine:
             ids = list(r.prompt) if isinstance(r.prompt, tuple) else encode(r.prompt, tokenizer, vocab_size)
             if any(t >= vocab_size for t in ids):
                 raise ValueError(f"{r.source}: token id {max(ids)} is outside the vocabulary of {vocab_size}")
             prompts.append(tuple(ids[-room:]))
+            texts.append(r.prompt if isinstance(r.prompt, str) and len(ids) <= room else None)
             if len(ids) > room:  # kept: the last tokens, and said so (stderr, bench.md, bench.json)
                 cut.append(f"{r.source} (its last {room} of {len(ids)} tokens)")
-        tasks.append(Task(name, tuple(prompts), new_tokens, tuple(r.source for r in mine), tuple(cut)))
+        sources = tuple(r.source for r in mine)
+        tasks.append(Task(name, tuple(prompts), new_tokens, sources, tuple(cut), tuple(texts)))
     return tasks
