@@ -8,6 +8,7 @@
     specdec train heads ...            (see specdec.train.heads)
     specdec train draft-vocab --target runs/target   (token ranking for the head drafters)
     specdec train data --target smollm2 --out runs/smol-data   (self-distillation data)
+    specdec train eagle --target smollm2 --data runs/smol-data  (an EAGLE head on that data)
 
 Models train on the Python standard library corpus (:mod:`specdec.train.corpus`) and are
 saved as Hugging Face folders (``LlamaForCausalLM``) with the tokenizer files copied in.
@@ -92,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = sub.add_parser("data", help="self-distillation data: the target's own answers to chat prompts")
     data_module.add_arguments(data)
     data.set_defaults(_train_run=data_module.run)
+
+    from specdec.train import eagle as eagle_module
+
+    eagle = sub.add_parser("eagle", help="train an EAGLE head on self-distillation data (training-time test)")
+    eagle_module.add_arguments(eagle)
+    eagle.set_defaults(_train_run=eagle_module.run)
 
     heads = sub.add_parser("heads", help="train Medusa / EAGLE-style drafter heads on a target")
     try:

@@ -287,15 +287,20 @@ def build_prompts(count: int, seed: int = 0, man_pages: int = 400) -> list[Promp
         pass
     for pool in (passages, summaries, codes):
         rng.shuffle(pool)
+    # Each task draws its templates from its own generator, so how far one task has gone never
+    # changes another's prompts (a longer run extends a shorter one). The passage tasks share
+    # the passages: each starts at its own offset so they differ.
+    step = max(1, len(passages) // 16)
     makers: list[tuple[str, Iterator[tuple[str, str]]]] = [
-        (task, _fill(rng, templates, passages)) for task, templates in TEMPLATES.items()
+        (task, _fill(random.Random(f"{seed}-{task}"), templates, passages[i * step :] + passages[: i * step]))
+        for i, (task, templates) in enumerate(TEMPLATES.items())
     ]
-    makers.append(("code", _fill(rng, CODE_TEMPLATES, codes)))
-    makers.append(("code", _fill(rng, WRITE_TEMPLATES, summaries)))
-    makers.append(("answer", _fill(rng, TOPIC_TEMPLATES, [("pydoc", t) for t in topics])))
-    makers.append(("math", _fill(rng, ("{text}",), [("math", q) for q in math_problems(count, seed)])))
-    # Passages are shared by the task generators: each takes its own offset so tasks differ.
-    makers = [(task, _skip(gen, i * max(1, len(passages) // 16))) for i, (task, gen) in enumerate(makers)]
+    makers.append(("code", _fill(random.Random(f"{seed}-code"), CODE_TEMPLATES, codes)))
+    makers.append(("code", _fill(random.Random(f"{seed}-write"), WRITE_TEMPLATES, summaries)))
+    pydoc = [("pydoc", t) for t in topics]
+    makers.append(("answer", _fill(random.Random(f"{seed}-topic"), TOPIC_TEMPLATES, pydoc)))
+    maths = [("math", q) for q in math_problems(max(count, 1000), seed)]
+    makers.append(("math", _fill(random.Random(f"{seed}-math"), ("{text}",), maths)))
     out: list[Prompt] = []
     seen: set[str] = set()
     while len(out) < count and makers:
@@ -327,14 +332,3 @@ def _fill(
             yield "stdlib", template.format(name=source, doc=text)
         else:
             yield source, template.format(text=text, code=text, topic=text)
-
-
-def _skip(gen: Iterator[tuple[str, str]], n: int) -> Iterator[tuple[str, str]]:
-    """``gen`` from its ``n``-th item, then wrapping around to the ones skipped."""
-    skipped = []
-    for i, item in enumerate(gen):
-        if i < n:
-            skipped.append(item)
-        else:
-            yield item
-    yield from skipped
