@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from typing import NoReturn
 
 # subcommand -> (module, help)
 COMMANDS = {
@@ -45,7 +46,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage too)
         self.exit(2, f"specdec: error: {message}\n")
 
 

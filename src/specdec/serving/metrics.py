@@ -11,7 +11,7 @@ acceptance per draft position, mean batch size). Request latency and rows per ve
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -52,7 +52,7 @@ class ServerMetrics:
         self.verify_passes = 0  # batched target passes
         # Per-sequence verify steps (a pass of B rows counts B), counted like a request's stats.
         self.steps = SpecStats()
-        self.phase_seconds: Counter[str] = Counter()
+        self.phase_seconds: defaultdict[str, float] = defaultdict(float)
         self.queue_depth = 0
         self.active = 0
         self.batch_size_sum = 0
