@@ -7,10 +7,12 @@
 //
 // Each format's decode() turns one block into float32 vectors of 8 weights, in column order, with
 // exactly the operations of the `gguf` library's dequantize (same float32 roundings; no FMA
-// contraction, see exact_mul), so the weights multiplied are bit for bit the dequantized file.
-// Every output y[m, n] is then one FMA chain over those vectors in column order and one hsum, as
-// in kernels.h: the result of a row does not depend on how many rows share the pass (batch
-// invariance) nor on the thread count.
+// contraction, see exact_mul): the dequantizer gives the file's weights bit for bit. The K-quant
+// products multiply those weights; the 32-weight formats (Q8_0, Q4_0, Q4_1) sum d * (x . q)
+// (+ m * sum x) per block instead (block()'s comment), the same function up to float32
+// rounding. Every output y[m, n] is one chain of the same float32 operations in column order and
+// one hsum, as in kernels.h: the result of a row does not depend on how many rows share the pass
+// (batch invariance) nor on the thread count.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
 
@@ -50,17 +53,21 @@ inline __m256 exact_mul(__m256 a, __m256 b) {
 inline __m256 to_float(__m256i q) { return _mm256_cvtepi32_ps(q); }
 inline __m256i low4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi32(0x0F)); }
 
+// The formats with one scale (and min) per block of 32 weights give their quants as float32
+// vectors q[0..3] (exact small integers), d and m: w = d * q (+ m). Their products sum
+// d * (x . q) (+ m * sum(x)) per block (block()): the quants are widened once for all rows
+// and no weight is formed, a third fewer operations a weight than decode() then an FMA.
+
 // Q8_0: 32 weights in 34 bytes: fp16 d, int8 q[32]. w[i] = q[i] * d.
 struct Q8_0 {
   static constexpr int64_t kBlock = 32, kBytes = 34;
-  template <typename Emit>
-  __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
-    const __m256 d = _mm256_set1_ps(half(b));
+  static constexpr bool kMin = false;
+  static __m256 scale(const uint8_t* b) { return _mm256_set1_ps(half(b)); }
+  static __m256 min(const uint8_t*) { return _mm256_setzero_ps(); }
+  __attribute__((always_inline)) static void quants(const uint8_t* b, __m256 (&q)[4]) {
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * j)));
-      emit(j, exact_mul(to_float(q), d));
-    }
+    for (int j = 0; j < 4; ++j)
+      q[j] = to_float(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * j))));
   }
 };
 
@@ -68,31 +75,51 @@ struct Q8_0 {
 // weight 16 + i its high nibble. w = d * (q - 8).
 struct Q4_0 {
   static constexpr int64_t kBlock = 32, kBytes = 18;
-  template <typename Emit>
-  __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
-    const __m256 d = _mm256_set1_ps(half(b));
+  static constexpr bool kMin = false;
+  static __m256 scale(const uint8_t* b) { return _mm256_set1_ps(half(b)); }
+  static __m256 min(const uint8_t*) { return _mm256_setzero_ps(); }
+  __attribute__((always_inline)) static void quants(const uint8_t* b, __m256 (&q)[4]) {
     const __m256i eight = _mm256_set1_epi32(8);
     const __m256i v0 = bytes8(b + 2), v1 = bytes8(b + 10);  // qs[0..7], qs[8..15]
-    emit(0, exact_mul(d, to_float(_mm256_sub_epi32(low4(v0), eight))));
-    emit(1, exact_mul(d, to_float(_mm256_sub_epi32(low4(v1), eight))));
-    emit(2, exact_mul(d, to_float(_mm256_sub_epi32(_mm256_srli_epi32(v0, 4), eight))));
-    emit(3, exact_mul(d, to_float(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), eight))));
+    q[0] = to_float(_mm256_sub_epi32(low4(v0), eight));
+    q[1] = to_float(_mm256_sub_epi32(low4(v1), eight));
+    q[2] = to_float(_mm256_sub_epi32(_mm256_srli_epi32(v0, 4), eight));
+    q[3] = to_float(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), eight));
   }
 };
 
 // Q4_1: 32 weights in 20 bytes: fp16 d, fp16 m, uint8 qs[16] (nibbles as Q4_0). w = d * q + m.
 struct Q4_1 {
   static constexpr int64_t kBlock = 32, kBytes = 20;
-  template <typename Emit>
-  __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
-    const __m256 d = _mm256_set1_ps(half(b)), m = _mm256_set1_ps(half(b + 2));
+  static constexpr bool kMin = true;
+  static __m256 scale(const uint8_t* b) { return _mm256_set1_ps(half(b)); }
+  static __m256 min(const uint8_t* b) { return _mm256_set1_ps(half(b + 2)); }
+  __attribute__((always_inline)) static void quants(const uint8_t* b, __m256 (&q)[4]) {
     const __m256i v0 = bytes8(b + 4), v1 = bytes8(b + 12);  // qs[0..7], qs[8..15]
-    emit(0, _mm256_add_ps(exact_mul(d, to_float(low4(v0))), m));
-    emit(1, _mm256_add_ps(exact_mul(d, to_float(low4(v1))), m));
-    emit(2, _mm256_add_ps(exact_mul(d, to_float(_mm256_srli_epi32(v0, 4))), m));
-    emit(3, _mm256_add_ps(exact_mul(d, to_float(_mm256_srli_epi32(v1, 4))), m));
+    q[0] = to_float(low4(v0));
+    q[1] = to_float(low4(v1));
+    q[2] = to_float(_mm256_srli_epi32(v0, 4));
+    q[3] = to_float(_mm256_srli_epi32(v1, 4));
   }
 };
+
+template <typename F>
+constexpr bool kFactored = F::kBlock == 32;
+template <typename F>
+constexpr bool factored_with_min() {
+  if constexpr (kFactored<F>) return F::kMin;
+  return false;
+}
+
+// decode() of the 32-weight formats: gguf's float32 operations, d * q then + m.
+template <typename F, typename Emit>
+__attribute__((always_inline)) inline void decode_factored(const uint8_t* b, Emit&& emit) {
+  __m256 q[4];
+  F::quants(b, q);
+  const __m256 d = F::scale(b), m = F::min(b);
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) emit(j, F::kMin ? _mm256_add_ps(exact_mul(d, q[j]), m) : exact_mul(d, q[j]));
+}
 
 // The 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K super-block, packed in 12 bytes:
 // bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; scales and mins 4-7 take
@@ -192,11 +219,20 @@ struct Q6_K {
   }
 };
 
+// The block's weights as 8-float vectors in column order: emit(j, weights j*8 .. j*8+7).
+template <typename F, typename Emit>
+__attribute__((always_inline)) inline void decode(const uint8_t* b, Emit&& emit) {
+  if constexpr (kFactored<F>) decode_factored<F>(b, emit);
+  else F::decode(b, emit);
+}
+
 // R weight rows (n0 .. n0+R-1) against M rows of x: R*M accumulators, each one FMA chain over the
 // row's blocks in column order, whatever M and R are (so the bits of y[m, n] never depend on them).
+// The 32-weight formats add, per block, d * (x . q) to the chain (and m * xs, xs the block's
+// lane-wise sums of x, (M, K / 32, 8)); the others the products with decode()'s weights.
 template <typename F, int M, int R>
-__attribute__((noinline)) void block(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n0,
-                                     float* y, int64_t N) {
+__attribute__((noinline)) void block(const float* x, const float* xs, int64_t K, const uint8_t* w, int64_t row_bytes,
+                                     int64_t n0, float* y, int64_t N, int64_t lead) {
   __m256 acc[M][R];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
@@ -208,11 +244,28 @@ __attribute__((noinline)) void block(const float* x, int64_t K, const uint8_t* w
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + (n0 + r) * row_bytes + kb * F::kBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchNear), _MM_HINT_T1);
-      F::decode(wb, [&](int j, __m256 wv) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + lead), _MM_HINT_T1);  // (never faults)
+      if constexpr (kFactored<F>) {
+        __m256 q[4];
+        F::quants(wb, q);
+        const __m256 d = F::scale(wb);
+        [[maybe_unused]] const __m256 mins = F::min(wb);
 #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + m * K + 8 * j), wv, acc[m][r]);
-      });
+        for (int m = 0; m < M; ++m) {
+          const float* xm = xb + m * K;
+          __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(xm), q[0]);
+          dot = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), q[1], dot);
+          dot = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 16), q[2], dot);
+          dot = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 24), q[3], dot);
+          acc[m][r] = _mm256_fmadd_ps(d, dot, acc[m][r]);
+          if constexpr (F::kMin) acc[m][r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xs + (m * blocks + kb) * 8), acc[m][r]);
+        }
+      } else {
+        F::decode(wb, [&](int j, __m256 wv) {
+#pragma GCC unroll 8
+          for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + m * K + 8 * j), wv, acc[m][r]);
+        });
+      }
     }
   }
   store_sums<M, R>(acc, true, y, N, n0, [](int, int, float s) { return s; });
@@ -227,26 +280,29 @@ constexpr int quant_block_rows() {
 }
 
 template <typename F, int M>
-void rows(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n_begin, int64_t n_end, float* y,
-          int64_t N) {
+void rows(const float* x, const float* xs, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n_begin,
+          int64_t n_end, float* y, int64_t N) {
   constexpr int R = quant_block_rows<M>();
+  // Prefetch as kernels.h: the same columns kPrefetchBlocks blocks of rows further on, or, where
+  // that is too far for L2 to keep, kPrefetchNear bytes further along.
+  const int64_t far = kPrefetchBlocks * R * row_bytes, lead = far <= kPrefetchFar ? far : kPrefetchNear;
   int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) block<F, M, R>(x, K, w, row_bytes, n, y, N);
-  for (; n < n_end; ++n) block<F, M, 1>(x, K, w, row_bytes, n, y, N);
+  for (; n + R <= n_end; n += R) block<F, M, R>(x, xs, K, w, row_bytes, n, y, N, lead);
+  for (; n < n_end; ++n) block<F, M, 1>(x, xs, K, w, row_bytes, n, y, N, lead);
 }
 
 template <typename F>
-void rows_any(int64_t M, const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-              float* y, int64_t N) {
+void rows_any(int64_t M, const float* x, const float* xs, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n0,
+              int64_t n1, float* y, int64_t N) {
   switch (M) {
-    case 1: return rows<F, 1>(x, K, w, row_bytes, n0, n1, y, N);
-    case 2: return rows<F, 2>(x, K, w, row_bytes, n0, n1, y, N);
-    case 3: return rows<F, 3>(x, K, w, row_bytes, n0, n1, y, N);
-    case 4: return rows<F, 4>(x, K, w, row_bytes, n0, n1, y, N);
-    case 5: return rows<F, 5>(x, K, w, row_bytes, n0, n1, y, N);
-    case 6: return rows<F, 6>(x, K, w, row_bytes, n0, n1, y, N);
-    case 7: return rows<F, 7>(x, K, w, row_bytes, n0, n1, y, N);
-    default: return rows<F, 8>(x, K, w, row_bytes, n0, n1, y, N);
+    case 1: return rows<F, 1>(x, xs, K, w, row_bytes, n0, n1, y, N);
+    case 2: return rows<F, 2>(x, xs, K, w, row_bytes, n0, n1, y, N);
+    case 3: return rows<F, 3>(x, xs, K, w, row_bytes, n0, n1, y, N);
+    case 4: return rows<F, 4>(x, xs, K, w, row_bytes, n0, n1, y, N);
+    case 5: return rows<F, 5>(x, xs, K, w, row_bytes, n0, n1, y, N);
+    case 6: return rows<F, 6>(x, xs, K, w, row_bytes, n0, n1, y, N);
+    case 7: return rows<F, 7>(x, xs, K, w, row_bytes, n0, n1, y, N);
+    default: return rows<F, 8>(x, xs, K, w, row_bytes, n0, n1, y, N);
   }
 }
 
@@ -254,7 +310,17 @@ void rows_any(int64_t M, const float* x, int64_t K, const uint8_t* w, int64_t ro
 // kernels.h's run(), chunks of <= kChunkRows rows of x sharing each read of a tile.
 template <typename F>
 void run(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
-  const int64_t row_bytes = K / F::kBlock * F::kBytes;
+  const int64_t row_bytes = K / F::kBlock * F::kBytes, blocks = K / F::kBlock;
+  std::vector<float> xs;  // (M, blocks, 8): per block of x, the sum of its four 8-float vectors
+  if constexpr (factored_with_min<F>()) {
+    xs.resize(M * blocks * 8);
+    for (int64_t i = 0; i < M * blocks; ++i) {
+      const float* xb = x + i * F::kBlock;
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                                       _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
+      _mm256_storeu_ps(xs.data() + i * 8, sum);
+    }
+  }
   int64_t tile = std::max<int64_t>(8, (192 * 1024) / row_bytes);
   const int64_t threads = at::get_num_threads();
   if (threads > 1) {
@@ -267,7 +333,7 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, floa
       for (int64_t m0 = 0, left = M; left > 0;) {
         const int64_t chunks = (left + kChunkRows - 1) / kChunkRows;
         const int64_t mc = (left + chunks - 1) / chunks;
-        rows_any<F>(mc, x + m0 * K, K, w, row_bytes, t0, t1, y + m0 * N, N);
+        rows_any<F>(mc, x + m0 * K, xs.empty() ? nullptr : xs.data() + m0 * blocks * 8, K, w, row_bytes, t0, t1, y + m0 * N, N);
         m0 += mc;
         left -= mc;
       }
@@ -275,14 +341,14 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, floa
   });
 }
 
-// out (N, K) float32 = the weights as decode() gives them (what the products multiply).
+// out (N, K) float32 = the weights as decode() gives them: gguf's dequantization, bit for bit.
 template <typename F>
 void dequantize(const uint8_t* w, int64_t N, int64_t K, float* out) {
   const int64_t blocks = K / F::kBlock;
   at::parallel_for(0, N * blocks, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float* o = out + i * F::kBlock;  // block i of the (N * blocks) row-major blocks
-      F::decode(w + i * F::kBytes, [&](int j, __m256 wv) { _mm256_storeu_ps(o + 8 * j, wv); });
+      decode<F>(w + i * F::kBytes, [&](int j, __m256 wv) { _mm256_storeu_ps(o + 8 * j, wv); });
     }
   });
 }

@@ -4,10 +4,11 @@ A :class:`QuantWeight` holds the raw blocks of an ``(N, K)`` weight as a GGUF fi
 (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; layouts of llama.cpp's ``ggml-common.h``): 4.5-8.5 bits a
 weight instead of 32. :func:`quant_linear` multiplies 1..:data:`~specdec.kernels.MAX_ROWS` float32
 rows by it in the CPU kernels, reading every block once for all rows and dequantizing it in
-registers with float32 accumulation; the rows are never quantized. The weights multiplied are
-bit for bit those of the ``gguf`` library's ``dequantize``, each output is one chain of float32
-FMAs in column order, so a K-row pass gives the bits of K one-row passes (batch invariance) and
-differs from the dequantized float32 product only by the order of its float32 sums. More rows
+registers with float32 accumulation; the rows are never quantized. :func:`dequantize` gives the
+``gguf`` library's weights bit for bit; a product differs from the product with them only by
+float32 rounding (Q8_0, Q4_0, Q4_1 sum ``d * (x . q) + m * sum(x)`` per block of 32). Each output
+is one chain of float32 operations in column order, so a K-row pass gives the bits of K one-row
+passes (batch invariance), with any thread count and in the AVX2 and AVX-512 builds alike. More rows
 (prefill) dequantize a chunk of weight rows at a time and take ``F.linear``.
 :class:`QuantLinear` is the ``nn.Linear`` stand-in a model plugs in.
 """
