@@ -307,3 +307,21 @@ def test_sentencepiece_tokenizer_equals_transformers_gguf_tokenizer(tmp_path: Pa
     ids = ours.encode("the</s>cat")
     assert ids[-2:] == [2, ours.token_to_id("▁cat")] and ids[0] == 1  # BOS added by default
     assert ours.decode(ours.encode(" leading")) == " leading"
+
+
+def test_llama3_rope_frequency_factors_divide_the_frequencies(tmp_path: Path) -> None:
+    from specdec.models.llama import rope_inv_freq
+
+    folder = save_tiny_llama(tmp_path / "hf", seed=8)
+    path = write_gguf_from_folder(folder, tmp_path / "plain.gguf")
+    factors = np.linspace(1.0, 8.0, 8, dtype=np.float32)  # head_dim 16: 8 frequencies
+    scaled = tmp_path / "scaled.gguf"
+    writer = new_writer(
+        scaled, "llama", json.loads((folder / "config.json").read_text()) | {"rope_theta": 10000.0}
+    )
+    for tensor in read_gguf(path).tensors:
+        writer.add_tensor(tensor.name, np.asarray(tensor.data).view(np.float32).reshape(tensor.shape))
+    writer.add_tensor("rope_freqs.weight", factors)
+    finish(writer)
+    model = load_model(scaled, dtype="float32")
+    assert torch.allclose(model.module.inv_freq, rope_inv_freq(model.config) / torch.from_numpy(factors))
