@@ -70,7 +70,7 @@ def test_drafts_are_accepted_only_sometimes(small_vocab, draft, low, high):
 
 def test_negative_control_detects_a_lossy_sampler(small_vocab, monkeypatch):
     """A sampler that accepts every draft emits the draft's distribution: the test must fail it."""
-    monkeypatch.setattr("specdec.engine.generator.verify_rejection", accept_every_draft)
+    monkeypatch.setattr("specdec.engine.chain_step.verify_rejection", accept_every_draft)
     target = small_vocab["target"]
     first, joint = exact_two_token_joint(target, PROMPT, SamplingParams(1.0))
     gen = SpeculativeGenerator(target, DraftModelDrafter(small_vocab["far"], 2))
