@@ -144,8 +144,15 @@ def _model_info(model: LoadedModel) -> dict[str, Any]:
 
 def _draft_info(draft: str) -> dict[str, Any]:
     try:
-        folder = resolve_path(draft)
-        return {"path": str(folder), "parameters": ModelConfig.from_folder(folder).num_parameters}
+        path = resolve_path(draft)
+        if path.suffix == ".gguf":  # the configuration from the file's metadata, no weights read
+            from specdec.models.gguf import config_from_metadata
+            from specdec.models.gguf_file import read_gguf
+
+            gguf = read_gguf(path)
+            config = config_from_metadata(gguf.metadata, {t.name for t in gguf.tensors}, path)
+            return {"path": str(path), "parameters": config.num_parameters}
+        return {"path": str(path), "parameters": ModelConfig.from_folder(path).num_parameters}
     except ModelLoadError as e:
         return {"path": draft, "error": str(e)}
 
