@@ -80,14 +80,23 @@ def _hybrid(spec: DrafterSpec) -> Drafter:
     return HybridDrafter(_draft_model(spec))
 
 
+def _heads(spec: DrafterSpec, method: str) -> str:
+    """The heads folder: ``spec.heads``, else beside the target or shipped for it (:mod:`.locate`)."""
+    from specdec.drafters.locate import heads_folder
+
+    return spec.heads if spec.heads is not None else str(heads_folder(spec.target, method))
+
+
 def _early_exit(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.early_exit import EarlyExitDrafter
 
-    return EarlyExitDrafter(spec.target, spec.heads, spec.num_draft_tokens, spec.draft_vocab)
+    return EarlyExitDrafter(spec.target, _heads(spec, "early-exit"), spec.num_draft_tokens, spec.draft_vocab)
 
 
 def _medusa(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.medusa import MedusaDrafter
+
+    spec = replace(spec, heads=_heads(spec, "medusa"))
 
     return MedusaDrafter(
         spec.target, spec.heads, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes, spec.draft_vocab
@@ -96,6 +105,8 @@ def _medusa(spec: DrafterSpec) -> Drafter:
 
 def _eagle(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.eagle import EagleDrafter
+
+    spec = replace(spec, heads=_heads(spec, "eagle"))
 
     return EagleDrafter(
         spec.target, spec.heads, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes, spec.draft_vocab
@@ -108,7 +119,7 @@ HEAD_METHODS = ("eagle", "early-exit", "medusa")  # auto's order of preference f
 def _auto(spec: DrafterSpec) -> Drafter:
     """The best drafter available for ``spec.target`` (the module docstring's rule)."""
     for method in HEAD_METHODS:
-        folder = spec.heads if spec.heads is not None else spec.target.path / method
+        folder = _heads(spec, method)
         if (Path(folder) / "config.json").is_file():
             try:
                 return DRAFTERS[method](replace(spec, heads=str(folder)))
