@@ -125,22 +125,24 @@ def test_training_learns_and_the_head_drafts_losslessly(chat_target: LoadedModel
     assert out.stats.accepted_tokens > 0
 
 
-def test_cli_trains_and_saves_beside_the_target(
-    chat_target: LoadedModel, data_dir: Path, tmp_path: Path
-) -> None:
+def test_cli_trains_and_saves_beside_the_target(chat_target: LoadedModel, data_dir: Path) -> None:
+    """Without --out the head goes into the target's folder, where make_drafter finds it."""
+    from specdec import make_drafter
     from specdec.cli import main
 
-    out = tmp_path / "head"
     rc = main(
-        ["train", "eagle", "--target", str(chat_target.path), "--data", str(data_dir), "--out", str(out),
+        ["train", "eagle", "--target", str(chat_target.path), "--data", str(data_dir),
          "--steps", "3", "--batch-size", "2", "--window", "12", "--eval-interval", "2"]
     )  # fmt: skip
     assert rc == 0
+    out = chat_target.path / "eagle"
     meta = json.loads((out / "config.json").read_text())
     assert meta["method"] == "eagle" and meta["hidden_size"] == chat_target.config.hidden_size
     report = json.loads((out / "training.json").read_text())
     assert len(report["log"]["train_loss"]) == 3
-    assert EagleDrafter(chat_target, out).head.fc.weight.dtype == torch.float32
+    for name in ("eagle", "auto"):
+        drafter = make_drafter(name, chat_target)
+        assert isinstance(drafter, EagleDrafter) and drafter.head.fc.weight.dtype == torch.float32
 
 
 def test_cli_user_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
