@@ -64,7 +64,7 @@ class SpecTimings:
 
     @property
     def acceptance_rate(self) -> float | None:
-        return self.n_accept / self.n_drafted if self.n_drafted else None
+        return (self.n_accept or 0) / self.n_drafted if self.n_drafted else None
 
 
 @dataclass(frozen=True)

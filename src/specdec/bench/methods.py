@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -142,6 +142,7 @@ def load_hf(path: str, dtype: torch.dtype, device: torch.device):  # type: ignor
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     file = Path(path)
+    model: Any
     if file.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
     else:
