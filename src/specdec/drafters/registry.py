@@ -39,20 +39,35 @@ class DrafterSpec:
     draft_vocab: int | None = None  # all but ngram: tokens scored (None: default, 0: all)
 
 
-def _load_draft(spec: DrafterSpec) -> tuple[LoadedModel, DraftVocab | None]:
-    """The draft model and the draft vocabulary it scores (the target's ranking, its own rows)."""
+def _load_draft(spec: DrafterSpec, draft: LoadedModel | None = None) -> tuple[LoadedModel, DraftVocab | None]:
+    """The draft model (``draft`` if already loaded) and the draft vocabulary it scores (the
+    target's ranking, its own rows)."""
     from specdec.drafters.vocab import resolve_draft_vocab
 
-    draft = load_model(spec.draft, dtype=spec.dtype, device=str(spec.target.device))
+    if draft is None:
+        draft = load_model(spec.draft, dtype=spec.dtype, device=str(spec.target.device))
     check_compatible(spec.target, draft)  # (the draft vocabulary's ids are the target's)
     return draft, resolve_draft_vocab(spec.target, spec.draft_vocab, scorer=draft)
 
 
-def _draft_model(spec: DrafterSpec) -> Drafter:
+def _draft_model(spec: DrafterSpec, draft: LoadedModel | None = None) -> Drafter:
     from specdec.drafters.draft_model import DraftModelDrafter
 
-    draft, vocab = _load_draft(spec)
+    draft, vocab = _load_draft(spec, draft)
     return DraftModelDrafter(draft, spec.num_draft_tokens, spec.tree_width, spec.max_tree_nodes, vocab)
+
+
+def _draft_any_vocab(spec: DrafterSpec) -> Drafter:
+    """``draft``: a draft model; one with another tokenizer than the target's drafts through
+    text (:mod:`specdec.drafters.cross_vocab`; the other drafters need the target's vocabulary)."""
+    from specdec.drafters.cross_vocab import cross_vocab_drafter
+
+    draft = load_model(spec.draft, dtype=spec.dtype, device=str(spec.target.device))
+    try:
+        check_compatible(spec.target, draft)
+    except ModelLoadError:
+        return cross_vocab_drafter(spec.target, draft, spec.num_draft_tokens, spec.tree_width, spec.draft_vocab)
+    return _draft_model(spec, draft)
 
 
 def _ngram(spec: DrafterSpec) -> Drafter:
@@ -133,7 +148,7 @@ def _auto(spec: DrafterSpec) -> Drafter:
 
 DRAFTERS: dict[str, Callable[[DrafterSpec], Drafter]] = {
     "auto": _auto,
-    "draft": _draft_model,
+    "draft": _draft_any_vocab,
     "adaptive": _adaptive,
     "hybrid": _hybrid,
     "early-exit": _early_exit,
