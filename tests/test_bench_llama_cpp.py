@@ -308,3 +308,34 @@ def test_peer_rows_are_timed_but_not_compared() -> None:
     assert row.identical is None and row.identical_fraction is None and row.acceptance_rate == 0.25
 
 
+
+
+def test_bench_on_a_gguf_target_runs_hf_from_the_file_and_the_llama_cpp_peers(
+    target_path: Path, tmp_path: Path
+) -> None:
+    """The whole command on a tiny GGUF file: HF loads the same file (``gguf_file=``) and agrees
+    with plain greedy decoding; the llama.cpp rows (stand-in programs) are timed, not compared."""
+    from gguf_support import write_gguf_from_folder
+    from specdec.cli import main
+
+    gguf = write_gguf_from_folder(target_path, tmp_path / "tiny.gguf")
+    bin_dir = fake_build(tmp_path / "llama" / "build" / "bin")
+    out = tmp_path / "out"
+    argv = ["bench", "--target", str(gguf), "--tasks", "translation", "--num-prompts", "1", "--max-new-tokens", "8"]
+    argv += ["--runs", "1", "--threads", "1", "--no-progress", "--out", str(out), "--llama-cpp", str(tmp_path / "llama")]
+    argv += ["--methods", "plain,ngram,hf,hf-lookup,llama.cpp,llama.cpp-lookup,llama.cpp-spec"]
+    assert main(argv) == 0
+    data = json.loads((out / "bench.json").read_text())
+    rows = {r["method"]: r for r in data["rows"] if r["task"] == "translation"}
+    for method in ("plain", "ngram", "hf", "hf-lookup"):
+        assert rows[method]["error"] is None and rows[method]["identical"] is True, method
+    assert rows["llama.cpp-lookup"]["new_tokens"] == LOOKUP["new"] and rows["llama.cpp-lookup"]["identical"] is None
+    assert rows["llama.cpp-lookup"]["acceptance_rate"] == pytest.approx(LOOKUP["accepted"] / LOOKUP["drafted"])
+    assert rows["llama.cpp"]["new_tokens"] == BENCH["n_gen"]
+    assert "GGUF draft" in rows["llama.cpp-spec"]["error"]  # the draft is the demo folder, not a GGUF file
+    assert data["meta"]["llama_cpp"]["tg_tokens"] == BENCH["n_gen"]
+    lookup_argv = [json.loads(line) for line in (bin_dir / "argv.log").read_text().splitlines()]
+    prompts = [a[a.index("-p") + 1] for a in lookup_argv if Path(a[0]).name == "llama-lookup"]
+    assert prompts and prompts[-1] == '<|user|>\nTranslate into French: "The library opens at nine in the morning and closes at six in the evening. On Sundays it is closed."\n<|assistant|>\n'
+    markdown = (out / "bench.md").read_text()
+    assert "| translation | llama.cpp-lookup |" in markdown and "llama-bench plain generation" in markdown
