@@ -198,8 +198,7 @@ def _load_gguf(path: Path, dtype: str | torch.dtype, device: str) -> LoadedModel
     cfg, tokenizer = contents.config, contents.tokenizer
     module = build_module(cfg, contents.state, torch_dtype, device, str(path))
     if contents.rope_factors is not None:
-        inv_freq: torch.Tensor = module.inv_freq  # (D/2,)
-        module.inv_freq = (inv_freq.cpu() / contents.rope_factors).to(inv_freq.device)
+        module.inv_freq = (rope_inv_freq(cfg) / contents.rope_factors).to(device)  # (D/2,)
     del contents  # the unfused q/k/v and gate/up tensors go with it
     _release_freed_memory()
     return LoadedModel(module, cfg, tokenizer, path)
