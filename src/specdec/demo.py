@@ -68,7 +68,7 @@ CHAT_PROMPTS: list[tuple[str, Messages]] = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.set_defaults(target="smollm2", drafter="auto", draft=None)
+    p.set_defaults(target="smollm2", drafter="auto")
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--prompt", action="append", default=None, help="your own prompt (repeatable)")
@@ -111,8 +111,6 @@ def run(args: argparse.Namespace) -> int:
     from specdec.cli import UserError
     from specdec.commands.common import build_generator
 
-    if args.drafter == "auto" and args.draft is None and args.target == "demo-target":
-        args.draft = "demo-draft"  # the code pair: its own draft model
     spec = build_generator(args)
     if spec.drafter is None:
         raise UserError("the demo compares against speculative decoding: pick a drafter other than none")
