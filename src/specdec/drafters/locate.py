@@ -31,3 +31,18 @@ def heads_folder(target: LoadedModel, method: str, for_writing: bool = False) ->
     if shipped is not None and (ASSETS / shipped / method / "config.json").is_file():
         return ASSETS / shipped / method
     return own
+
+
+def draft_vocab_folder(target: LoadedModel) -> Path:
+    """The folder of ``target``'s ``draft_vocab.json`` (:mod:`specdec.drafters.vocab`): the target
+    folder itself; beside a GGUF file ``<dir>/<file stem>.draft-vocab/`` if it is there, else the
+    shipped one if specdec has one for this model."""
+    path = Path(target.path)
+    if path.is_dir():
+        return path
+    own = path.parent / f"{path.stem}.draft-vocab"
+    shipped = SHIPPED.get(path.name.split(".")[0])
+    if not (own / "draft_vocab.json").is_file() and shipped is not None:
+        if (ASSETS / shipped / "draft_vocab.json").is_file():
+            return ASSETS / shipped
+    return own

@@ -17,8 +17,10 @@ tau of EAGLE and early exit unchanged on the bench's code and long tasks (edit: 
 The draft model shares the target's vocabulary (the loader checks it), so it reads the same
 ranking, from the target's folder.
 
-The ranking lives beside the target as ``draft_vocab.json`` (token ids, most frequent first),
-written by ``specdec train draft-vocab`` from the training corpus or your own text files.
+The ranking lives beside the target as ``draft_vocab.json`` (token ids, most frequent first;
+beside a GGUF file in ``<file stem>.draft-vocab/``, or shipped, see :mod:`specdec.drafters.locate`),
+written by ``specdec train draft-vocab`` from the training corpus, your own text files or the
+target's replies in self-distillation data.
 """
 
 from __future__ import annotations
@@ -151,13 +153,15 @@ def resolve_draft_vocab(
     at least the vocabulary size: the full vocabulary."""
     if isinstance(size, DraftVocab):
         return size
-    vocab_size = target.config.vocab_size
+    from specdec.drafters.locate import draft_vocab_folder
+
+    vocab_size, folder = target.config.vocab_size, draft_vocab_folder(target)
     if size is None:
-        if not (target.path / DRAFT_VOCAB_FILE).is_file():
+        if not (folder / DRAFT_VOCAB_FILE).is_file():
             return None
         size = max(1, vocab_size // 4)
     if size < 0:
         raise ValueError(f"--draft-vocab must be >= 0, got {size}")
     if size == 0 or size >= vocab_size:
         return None
-    return DraftVocab(scorer or target, read_draft_vocab(target.path, vocab_size)[:size])
+    return DraftVocab(scorer or target, read_draft_vocab(folder, vocab_size)[:size])

@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="text files to count (default: the corpus train split)",
     )
     vocab.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="count the target's replies in this 'specdec train data' folder",
+    )
+    vocab.add_argument(
         "--out", type=Path, default=None, help="folder for draft_vocab.json (default: the target's)"
     )
     vocab.set_defaults(_train_run=run_draft_vocab)
@@ -124,6 +130,8 @@ def run_draft_vocab(args: argparse.Namespace) -> int:
     from specdec.models.loading import resolve_path
     from specdec.models.tokenizer import Tokenizer
 
+    if args.data is not None:
+        return _draft_vocab_from_data(args)
     folder = resolve_path(args.target)
     cfg, tokenizer = ModelConfig.from_folder(folder), Tokenizer.from_folder(folder)
     if tokenizer is None:
@@ -151,6 +159,36 @@ def run_draft_vocab(args: argparse.Namespace) -> int:
         f"ranked {cfg.vocab_size} tokens by {len(ids)} counted in {len(texts)} texts; covered by the top {cover}"
     )
     print(f"wrote {path}")
+    return 0
+
+
+def _draft_vocab_from_data(args: argparse.Namespace) -> int:
+    """``draft-vocab --data D``: rank the tokens of the target's own replies (what it drafts)."""
+    from collections import Counter
+
+    from specdec.drafters.locate import draft_vocab_folder
+    from specdec.drafters.vocab import rank_tokens, write_draft_vocab
+    from specdec.models.config import ModelLoadError
+    from specdec.models.loading import load_model
+    from specdec.train.data import check_manifest, read_records
+
+    try:
+        target = load_model(args.target, dtype="float32")
+        check_manifest(args.data, target)
+    except (ModelLoadError, ValueError) as e:
+        raise UserError(str(e)) from None
+    records = read_records(args.data, "train")
+    counts = Counter(t for r in records for t in r.token_ids[r.reply_start :])
+    if not counts:
+        raise UserError(f"{args.data} holds no replies to count")
+    ranking = rank_tokens(counts, target.config.vocab_size)
+    total = sum(counts.values())
+    path = write_draft_vocab(
+        args.out or draft_vocab_folder(target), ranking, total, f"{len(records)} replies"
+    )
+    quarter = target.config.vocab_size // 4
+    cover = sum(counts.get(t, 0) for t in ranking[:quarter]) / total
+    print(f"ranked by {total} reply tokens; the top {quarter} cover {cover:.1%}; wrote {path}")
     return 0
 
 
@@ -273,7 +311,9 @@ def _init_model(folder: Path, tok: Tokenizer) -> LlamaForCausalLM:
     try:
         model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise UserError(f"--init {folder}: not a Llama model folder ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(
+            f"--init {folder}: not a Llama model folder ({str(e).splitlines()[0][:120]})"
+        ) from None
     if model.config.vocab_size != tok.get_vocab_size():
         raise UserError(
             f"--init {folder}: vocabulary of {model.config.vocab_size} tokens, the tokenizer has {tok.get_vocab_size()}"
