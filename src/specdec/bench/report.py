@@ -126,7 +126,8 @@ def plot(result: BenchResult, path: Path) -> None:
         baselines.append(("speedup_vs_hf", f"HF generate ({decoding(result.config)})"))
     fig, axes = plt.subplots(1, len(baselines), figsize=(6 * len(baselines), 3.8), squeeze=False)
     width = 0.8 / max(len(methods), 1)
-    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors  # one colour per method
+    colormap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    palette = [colormap(i) for i in range(colormap.N)]  # one colour per method
     cell = {(r.task, r.method): r for r in rows}
     for ax, (attr, label) in zip(axes[0], baselines, strict=True):
         if attr == "tokens_per_s":

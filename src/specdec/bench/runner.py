@@ -223,7 +223,7 @@ def _with_speedups(rows: list[Row]) -> list[Row]:
     cell = {(r.task, r.method): r for r in rows}
     out = []
     for r in rows:
-        ups = {}
+        ups: dict[str, Any] = {}
         for base in BASELINES:
             b = cell.get((r.task, base))
             if b is None or b.error or r.error:
@@ -363,10 +363,10 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     if llama_cpp is not None:
         meta["llama_cpp"] = _llama_cpp_info(llama_cpp, Path(target.path))
     meta["draft_vocab"] = {  # methods whose drafts score a reduced vocabulary: its size
-        name: len(vocab)
+        name: len(draft_vocab)
         for name, method in built.items()
         if isinstance(method, SpecdecMethod)
         and method.generator.drafter is not None
-        and (vocab := method.generator.drafter.capabilities.draft_vocab) is not None
+        and (draft_vocab := method.generator.drafter.capabilities.draft_vocab) is not None
     }
     return BenchResult(config, meta, rows, {t.name: list(t.sources) for t in tasks})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TextIO
+from typing import IO, TextIO
 
 from rich.color import ColorSystem
 from rich.console import Console
@@ -64,7 +64,7 @@ class ReplyPrinter:
     reply's tokens up to it (an incomplete UTF-8 character is held back, as the stream does).
     The text is written, not rendered by rich, so that tabs and brackets pass through unchanged."""
 
-    def __init__(self, file: TextIO, tokenizer: Tokenizer, color_system: ColorSystem | None) -> None:
+    def __init__(self, file: IO[str], tokenizer: Tokenizer, color_system: ColorSystem | None) -> None:
         self.file = file
         self.tokenizer = tokenizer
         self.color_system = color_system

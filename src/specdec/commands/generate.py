@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from specdec.cli import UserError
 from specdec.commands.common import (
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_arguments(args)
     messages = chat_messages(args)
     gen = build_generator(args)
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         out = gen.chat(messages, **kwargs) if messages else gen.generate(args.prompt, **kwargs)
-        record = {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
+        record: dict[str, Any] = {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
         record["stats"] = out.stats.to_dict()
         print(json.dumps(record))
         return 0

@@ -64,7 +64,7 @@ def _cpu_supported() -> str | None:
 
 AVX512VL_BUILD = ("specdec_kernels_avx512vl", ["-mavx512f", "-mavx512vl", "-mprefer-vector-width=256", "-DSPECDEC_VREGS=32"])
 AVX512BF16_BUILD = ("specdec_kernels_avx512bf16", [*AVX512VL_BUILD[1], "-mavx512bf16", "-DSPECDEC_BF16DOT"])
-AVX2_BUILD = ("specdec_kernels", [])
+AVX2_BUILD: tuple[str, list[str]] = ("specdec_kernels", [])
 
 
 def _builds() -> list[tuple[str, list[str]]]:

@@ -116,12 +116,12 @@ class GraphTable:
         graphs = self._graphs.setdefault(cache, {})
         graph = graphs.get(key)
         if graph is None:
-            static = tuple(x.clone() for x in inputs)
+            statics = tuple(x.clone() for x in inputs)
             # The warm-up and the recorded pass write this pass's keys and values: the same
             # values into the same slots, so recording on the caller's inputs is harmless.
-            outputs, replay = self.capture(lambda: fn(*static))
+            outputs, replay = self.capture(lambda: fn(*statics))
             self.captures += 1
-            graph = graphs[key] = _Graph(static, outputs, replay)
+            graph = graphs[key] = _Graph(statics, outputs, replay)
         else:
             for static, value in zip(graph.inputs, inputs, strict=True):
                 static.copy_(value)
@@ -198,4 +198,4 @@ class GraphedPasses:
 
         key = (T, slots, num_logits, return_hidden)
         outputs = self.table.run(cache, key, (tokens, input_pos.reshape(1, T)), run)
-        return outputs if return_hidden else outputs[0]
+        return (outputs[0], outputs[1]) if return_hidden else outputs[0]

@@ -47,7 +47,7 @@ def build_application(args: argparse.Namespace) -> Application:
         ray_actor_options={"num_cpus": args.cpus_per_replica},
         max_ongoing_requests=args.max_batch_size + args.max_queue,
     )
-    return deployment.bind(vars(args))
+    return deployment.bind(vars(args))  # type: ignore[attr-defined]  # serve.deployment(cls) is a Deployment
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
