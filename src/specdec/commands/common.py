@@ -38,7 +38,9 @@ def set_threads(args: argparse.Namespace, target: LoadedModel) -> None:
         torch.set_num_threads(1)
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, parallel: bool = True) -> None:
+    """The target / drafter options; ``parallel``: with ``--parallel`` (subcommands that decode
+    through :func:`build_generator`)."""
     p.add_argument("--target", default="demo-target", help="target folder or demo-target")
     p.add_argument("--draft", default="demo-draft", help="draft model folder or demo-draft")
     p.add_argument(
@@ -65,6 +67,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help=f"CPU threads (default: torch's; 1 for targets under {SMALL_MODEL_PARAMS // 10**6}M parameters "
         "when the CPU kernels are unavailable)",
     )
+    if parallel:
+        p.add_argument(
+            "--parallel",
+            action="store_true",
+            help="draft the next window in a thread of its own while the target verifies (drafter draft, "
+            "tree width 1; the draft thread runs one torch thread)",
+        )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,6 +116,6 @@ def build_generator(args: argparse.Namespace) -> SpeculativeGenerator:
     )
     try:
         drafter = make_drafter(args.drafter, spec)
+        return SpeculativeGenerator(target, drafter, parallel=args.parallel)
     except ValueError as e:
         raise UserError(str(e)) from None
-    return SpeculativeGenerator(target, drafter)

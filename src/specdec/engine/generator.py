@@ -24,6 +24,7 @@ import torch
 from specdec.cache import KVCache
 from specdec.drafters.base import DraftContext, Drafter, DraftProposal, TargetOutput, empty_proposal
 from specdec.engine.chain_step import chain_step
+from specdec.engine.parallel import ParallelSpeculation
 from specdec.engine.request import (
     GenerationError,
     check_prompt,
@@ -111,14 +112,21 @@ class _Decoding:
 
 
 class SpeculativeGenerator:
-    """Generate with ``target``, sped up by ``drafter`` (None: plain decoding)."""
+    """Generate with ``target``, sped up by ``drafter`` (None: plain decoding). ``parallel``:
+    the draft model drafts the next window while the target verifies this one
+    (:mod:`specdec.engine.parallel`; a plain chain drafter of a draft model)."""
 
-    def __init__(self, target: LoadedModel, drafter: Drafter | None = None) -> None:
+    def __init__(self, target: LoadedModel, drafter: Drafter | None = None, parallel: bool = False) -> None:
         self.target = target
         self.drafter = drafter
         draft_model = drafter.capabilities.draft_model if drafter is not None else None
         if draft_model is not None:
             check_compatible(target, draft_model)
+        self.parallel: ParallelSpeculation | None = None
+        if parallel:
+            if drafter is None:
+                raise ValueError("parallel drafting needs a drafter")
+            self.parallel = ParallelSpeculation(drafter)
         self._cache: KVCache | None = None
         self.eos_token_ids = eos_token_ids(target)
 
@@ -227,8 +235,9 @@ class SpeculativeGenerator:
         finally:
             stats.total_s = time.perf_counter() - start
 
-    def _prefill(self, prompt_ids: list[int], cache: KVCache, stats: SpecStats) -> None:
-        """Read ``prompt[:-1]`` into the target cache and hand the drafter what it declared it needs."""
+    def _prefill(self, prompt_ids: list[int], cache: KVCache, stats: SpecStats, with_drafter: bool = True) -> None:
+        """Read ``prompt[:-1]`` into the target cache and hand the drafter what it declared it needs
+        (not ``with_drafter``: the parallel loop drafts with a chain of its own)."""
         t = time.perf_counter()
         target, drafter, n = self.target, self.drafter, len(prompt_ids)
         hidden = None
@@ -237,7 +246,7 @@ class SpeculativeGenerator:
             _, hidden = target(tokens, torch.arange(n - 1, device=target.device), cache, num_logits=0, return_hidden=True)
             stats.target_forwards += 1
         cache.truncate(n - 1)
-        if drafter is not None:
+        if drafter is not None and with_drafter:
             caps = drafter.capabilities
             drafter.prefill(
                 prompt_ids,
@@ -279,7 +288,10 @@ class SpeculativeGenerator:
         n = len(prompt_ids)
         cache = self._target_cache(min(self.target.max_seq_len, n + max_new_tokens + room + 1))
         state = _Decoding(list(prompt_ids), cache, params, generator, stats)
-        self._prefill(prompt_ids, cache, stats)
+        self._prefill(prompt_ids, cache, stats, with_drafter=self.parallel is None)
+        if self.parallel is not None:
+            yield from self.parallel.steps(self.target, cache, prompt_ids, params, generator, max_new_tokens, stats)
+            return
         while state.produced < max_new_tokens and len(state.token_ids) < cache.max_seq_len:
             budget = max_new_tokens - state.produced
             t = time.perf_counter()
