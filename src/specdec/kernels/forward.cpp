@@ -5,8 +5,11 @@
 // Activations are float32 whatever the weights are: float32 weights, or bfloat16 weights widened
 // in registers (exactly: a bfloat16 is the top half of a float32). So a float32 model whose
 // weights all fit in bfloat16 (a checkpoint stored in bfloat16) gives bit-identical results from
-// bfloat16 copies of its weights while reading half the bytes. The KV cache is float32 or
-// bfloat16 (the model's dtype).
+// bfloat16 copies of its weights while reading half the bytes. A weight may also be kept in a GGUF
+// block format (quant.h), given as uint8 (N, K / block, block_bytes): decoding and verification
+// multiply the blocks as they are, prefill dequantizes chunks of rows for torch's BLAS, and an
+// embedding in blocks dequantizes the rows looked up. The KV cache is float32 or bfloat16 (the
+// model's dtype).
 //
 // Batch invariance, which greedy equality with plain decoding rests on: every row (one token of
 // one sequence) goes through the same operations in the same order whatever the batch size B,
@@ -23,11 +26,70 @@
 #include <vector>
 
 #include "kernels.h"
+#include "quant.h"
 
 namespace specdec {
 namespace {
 
 using Weights = c10::List<c10::optional<at::Tensor>>;
+
+// A weight in a GGUF block format: uint8 (N, K / block, block_bytes) (QuantWeight.kernel_view).
+inline bool quantized(const at::Tensor& w) { return w.scalar_type() == at::kByte; }
+
+inline int64_t quant_type(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 3 && w.is_contiguous(), "specdec forward: quantized weights must be contiguous (N, blocks, bytes)");
+  const int64_t type = quant::type_of_block(w.size(2));
+  TORCH_CHECK(type >= 0, "specdec forward: no GGUF format has blocks of ", w.size(2), " bytes");
+  return type;
+}
+
+// K of an (N, K) weight, float or quantized.
+inline int64_t in_features(const at::Tensor& w) {
+  return quantized(w) ? w.size(1) * quant::block_size(quant_type(w)) : w.size(1);
+}
+
+// out (n, K) float32 = the weights of n quantized rows stored at `blocks` (row after row).
+void dequantize_rows(const at::Tensor& w, const uint8_t* blocks, int64_t n, float* out) {
+  const int64_t K = in_features(w);
+  quant::dispatch(quant_type(w), [&](auto format) { quant::dequantize<decltype(format)>(blocks, n, K, out); });
+}
+
+// Rows [start, start + n) of a weight as float32 (n, K): widened, or dequantized.
+at::Tensor dense_rows(const at::Tensor& w, int64_t start, int64_t n) {
+  if (!quantized(w)) return w.narrow(0, start, n).to(at::kFloat);
+  at::Tensor out = at::empty({n, in_features(w)}, at::TensorOptions().dtype(at::kFloat));
+  dequantize_rows(w, w.data_ptr<uint8_t>() + start * w.stride(0), n, out.data_ptr<float>());
+  return out;
+}
+
+// Columns [start, start + n) of a weight as float32 (N, n); for blocks, whole blocks of columns.
+at::Tensor dense_cols(const at::Tensor& w, int64_t start, int64_t n) {
+  if (!quantized(w)) return w.narrow(1, start, n).to(at::kFloat);
+  const int64_t block = quant::block_size(quant_type(w));
+  TORCH_CHECK(start % block == 0 && n % block == 0, "specdec forward: column chunks must be whole blocks");
+  const at::Tensor part = w.narrow(1, start / block, n / block).contiguous();  // (N, n / block, bytes)
+  at::Tensor out = at::empty({w.size(0), n}, at::TensorOptions().dtype(at::kFloat));
+  quant::dispatch(quant_type(w), [&](auto format) {
+    quant::dequantize<decltype(format)>(part.data_ptr<uint8_t>(), w.size(0), n, out.data_ptr<float>());
+  });
+  return out;
+}
+
+// The rows of `ids` (any shape) of an embedding table (V, d), float32 (..., d): a float table's
+// rows widened, a quantized one's dequantized (only those rows).
+at::Tensor embed_rows(const at::Tensor& table, const at::Tensor& ids) {
+  if (!quantized(table)) return at::embedding(table, ids).to(at::kFloat).contiguous();
+  const at::Tensor flat = ids.reshape({-1}).to(at::kLong).contiguous();
+  const at::Tensor blocks = table.index_select(0, flat).contiguous();  // (n, blocks, bytes)
+  const int64_t d = in_features(table);
+  at::Tensor out = at::empty({flat.size(0), d}, at::TensorOptions().dtype(at::kFloat));
+  dequantize_rows(table, blocks.data_ptr<uint8_t>(), flat.size(0), out.data_ptr<float>());
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(d);
+  return out.view(shape);
+}
+
+constexpr int64_t kDequantizeChunk = int64_t{1} << 22;  // weights dequantized at a time in prefill (quant.py's)
 
 struct Dims {
   int64_t B, T, H, Hkv, D, kv_len;
@@ -42,11 +104,26 @@ struct Dims {
 // builds), whose prefill takes torch's bfloat16 GEMM on rows rounded to bfloat16, as their
 // decoding rounds them: 2-3x float32's speed on a Zen 4, outputs rounded to bfloat16 as a
 // bfloat16 module's are.
+//
+// Quantized weights: quant.h's product for decoding, verification and any pass of at most kMaxRows
+// rows; more (prefill) take chunks of weight rows dequantized, then torch's BLAS.
 void linear(const float* x, int64_t M, const at::Tensor& w, const c10::optional<at::Tensor>& b, float* y, bool few) {
   TORCH_CHECK(w.is_contiguous(), "specdec forward: weights must be contiguous");
-  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t N = w.size(0), K = in_features(w);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  if (few) {
+  if (quantized(w) && (few || M <= kMaxRows)) {
+    quant::dispatch(quant_type(w), [&](auto format) {
+      quant::run<decltype(format)>(x, M, K, w.data_ptr<uint8_t>(), N, y);
+    });
+  } else if (quantized(w)) {
+    const at::Tensor xs = at::from_blob(const_cast<float*>(x), {M, K}, f32);
+    const at::Tensor out = at::from_blob(y, {M, N}, f32);
+    const int64_t chunk = std::max<int64_t>(1, kDequantizeChunk / K);
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+      const int64_t n = std::min(chunk, N - n0);
+      out.narrow(1, n0, n).copy_(at::mm(xs, dense_rows(w, n0, n).t()));
+    }
+  } else if (few) {
     product(x, M, w, y);
   } else if (bf16_prefill(w)) {
     const at::Tensor rows = at::from_blob(const_cast<float*>(x), {M, K}, f32).to(at::kBFloat16);
@@ -229,7 +306,7 @@ constexpr int64_t kMlpChunk = 1024;
 void mlp_prefill(const float* x, int64_t R, const at::Tensor& gate_up, const at::Tensor& down, float* y) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const int64_t F = gate_up.size(0) / 2;
-  const at::Tensor xs = at::from_blob(const_cast<float*>(x), {R, gate_up.size(1)}, f32);  // (R, d)
+  const at::Tensor xs = at::from_blob(const_cast<float*>(x), {R, in_features(gate_up)}, f32);  // (R, d)
   at::Tensor out = at::from_blob(y, {R, down.size(0)}, f32);                               // (R, d)
   out.zero_();
   if (bf16_prefill(gate_up)) {
@@ -248,12 +325,12 @@ void mlp_prefill(const float* x, int64_t R, const at::Tensor& gate_up, const at:
   }
   for (int64_t c = 0; c < F; c += kMlpChunk) {
     const int64_t n = std::min(kMlpChunk, F - c);
-    const at::Tensor gate = at::mm(xs, gate_up.narrow(0, c, n).to(at::kFloat).t());  // (R, n)
-    const at::Tensor up = at::mm(xs, gate_up.narrow(0, F + c, n).to(at::kFloat).t());  // (R, n)
+    const at::Tensor gate = at::mm(xs, dense_rows(gate_up, c, n).t());  // (R, n)
+    const at::Tensor up = at::mm(xs, dense_rows(gate_up, F + c, n).t());  // (R, n)
     at::Tensor act = at::empty({R, n}, f32);                                           // (R, n)
     for (int64_t r = 0; r < R; ++r)
       silu_mul(gate.data_ptr<float>() + r * n, up.data_ptr<float>() + r * n, act.data_ptr<float>() + r * n, n);
-    out.addmm_(act, down.narrow(1, c, n).to(at::kFloat).t());
+    out.addmm_(act, dense_cols(down, c, n).t());
   }
 }
 
@@ -460,9 +537,9 @@ std::tuple<at::Tensor, at::Tensor> model_forward(
     const c10::optional<at::Tensor>& mask, int64_t kv_len, const Weights& weights, const at::Tensor& norm,
     const at::Tensor& lm_head, int64_t num_logits, int64_t H, int64_t Hkv, int64_t D, double eps) {
   const Dims s{tokens.size(0), tokens.size(1), H, Hkv, D, kv_len};
-  const int64_t d = embed.size(1), R = s.rows();
+  const int64_t d = in_features(embed), R = s.rows();
   TORCH_CHECK(num_logits >= 0 && num_logits <= s.T, "specdec forward: num_logits must be in 0..T");
-  at::Tensor h = at::embedding(embed, tokens).to(at::kFloat).contiguous();  // (B, T, d), exact widening
+  at::Tensor h = embed_rows(embed, tokens);  // (B, T, d), exact widening or the file's weights
   run_layers(h.data_ptr<float>(), s, d, pos, inv_freq, k_cache, v_cache, slots, mask, 0,
              static_cast<int64_t>(weights.size()) / 7, weights, eps);
   at::Tensor hn = at::empty_like(h);  // (B, T, d)
@@ -658,7 +735,7 @@ at::Tensor eagle_chain(const at::Tensor& tokens, const at::Tensor& features, int
                        const at::Tensor& k_cache, const at::Tensor& v_cache, const Weights& weights,
                        const at::Tensor& lm_head, const RowIds& row_ids, int64_t H, int64_t Hkv, int64_t D,
                        double eps, const char* who, Pick pick) {
-  const int64_t d = embed.size(1);
+  const int64_t d = in_features(embed);
   TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) >= 1 && K >= 1, who, ": at least one token, K >= 1");
   TORCH_CHECK(features.dim() == 2 && features.size(0) == tokens.size(0) && features.size(1) == d, who,
               ": one feature (d,) per token");
@@ -674,7 +751,7 @@ at::Tensor eagle_chain(const at::Tensor& tokens, const at::Tensor& features, int
   for (int64_t i = 0; i < K; ++i) {
     const int64_t T = feed.size(0);
     const bool few = T <= kMaxRows;
-    const at::Tensor x = at::cat({at::embedding(embed, feed).to(at::kFloat), feat}, 1).contiguous();  // (T, 2d)
+    const at::Tensor x = at::cat({embed_rows(embed, feed), feat}, 1).contiguous();  // (T, 2d)
     at::Tensor h = at::empty({T, d}, f32);
     linear(x.data_ptr<float>(), T, fc, c10::nullopt, h.data_ptr<float>(), few);
     h = stored_as(h, dtype);
@@ -745,7 +822,7 @@ std::tuple<at::Tensor, at::Tensor> exit_chain(const at::Tensor& tokens, int64_t 
                                               const at::Tensor& exit_proj, const at::Tensor& lm_head,
                                               const RowIds& row_ids, int64_t H, int64_t Hkv, int64_t D, double eps,
                                               const char* who, Pick pick) {
-  const int64_t d = embed.size(1);
+  const int64_t d = in_features(embed);
   TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) >= 1 && K >= 1, who, ": at least one token, K >= 1");
   TORCH_CHECK(num_layers >= 1 && 7 * num_layers <= static_cast<int64_t>(weights.size()), who,
               ": num_layers must be in 1..the model's layers");
@@ -758,7 +835,7 @@ std::tuple<at::Tensor, at::Tensor> exit_chain(const at::Tensor& tokens, int64_t 
   int64_t pos = start;
   for (int64_t i = 0; i < K; ++i) {
     const int64_t T = feed.size(0);
-    at::Tensor h = at::embedding(embed, feed).to(at::kFloat).contiguous();  // (T, d)
+    at::Tensor h = embed_rows(embed, feed);  // (T, d)
     const at::Tensor positions = at::arange(pos, pos + T, i64).view({1, T});  // also the cache slots
     const c10::optional<at::Tensor> mask = chain_mask(positions, pos, T);
     const Dims s{1, T, H, Hkv, D, pos + T};

@@ -370,6 +370,20 @@ inline int64_t block_size(int64_t type) {
   return type == kQ4_K || type == kQ5_K || type == kQ6_K ? 256 : 32;
 }
 
+// The format whose blocks take `bytes` bytes (each has its own size: 18, 20, 34, 144, 176, 210),
+// or -1: how the one-call forward knows a weight given as uint8 (N, K / block, block_bytes).
+inline int64_t type_of_block(int64_t bytes) {
+  switch (bytes) {
+    case Q8_0::kBytes: return kQ8_0;
+    case Q4_0::kBytes: return kQ4_0;
+    case Q4_1::kBytes: return kQ4_1;
+    case Q4_K::kBytes: return kQ4_K;
+    case Q5_K::kBytes: return kQ5_K;
+    case Q6_K::kBytes: return kQ6_K;
+    default: return -1;
+  }
+}
+
 // Calls f(Format{}) for the format of `type` (a known one: see row_bytes).
 template <typename Fn>
 void dispatch(int64_t type, Fn&& f) {

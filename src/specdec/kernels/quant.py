@@ -10,7 +10,10 @@ float32 rounding (Q8_0, Q4_0, Q4_1 sum ``d * (x . q) + m * sum(x)`` per block of
 is one chain of float32 operations in column order, so a K-row pass gives the bits of K one-row
 passes (batch invariance), with any thread count and in the AVX2 and AVX-512 builds alike. More rows
 (prefill) dequantize a chunk of weight rows at a time and take ``F.linear``.
-:class:`QuantLinear` is the ``nn.Linear`` stand-in a model plugs in.
+:class:`QuantLinear` is the ``nn.Linear`` stand-in a model plugs in, :class:`QuantEmbedding` the
+``nn.Embedding`` one (the looked-up rows dequantized). The one-call forward (forward.cpp) takes a
+weight as :meth:`QuantWeight.kernel_view`: uint8 ``(N, K / block, block_bytes)``, whose last size
+names the format.
 """
 
 from __future__ import annotations
@@ -85,6 +88,31 @@ class QuantWeight:
         """Bytes of the blocks: what a pass over the weight reads."""
         return self.blocks.numel()
 
+    @property
+    def block(self) -> int:
+        """Weights per block (32 or 256)."""
+        return FORMATS[self.qtype][1]
+
+    def kernel_view(self) -> torch.Tensor:
+        """The blocks as the one-call forward reads them: uint8 ``(N, K / block, block_bytes)``
+        (a view; each format has its own block size in bytes, so the shape names the format)."""
+        _, block, block_bytes = FORMATS[self.qtype]
+        N, K = self.shape
+        return self.blocks.view(N, K // block, block_bytes)
+
+    def rows(self, start: int, count: int) -> QuantWeight:
+        """Weight rows ``start .. start + count - 1`` (a view: blocks are row-wise)."""
+        return QuantWeight(self.blocks[start : start + count], self.qtype, (count, self.shape[1]))
+
+    @classmethod
+    def cat(cls, weights: list[QuantWeight]) -> QuantWeight:
+        """The weights stacked row-wise (one product for several layers); one format and width."""
+        first = weights[0]
+        if any(w.qtype != first.qtype or w.shape[1] != first.shape[1] for w in weights):
+            raise ValueError("QuantWeight.cat: the weights must share one format and column count")
+        blocks = torch.cat([w.blocks for w in weights])  # (sum N_i, row_bytes)
+        return cls(blocks, first.qtype, (blocks.shape[0], first.shape[1]))
+
     @classmethod
     def from_gguf(cls, tensor: Any) -> QuantWeight:
         """The weight of a ``gguf.ReaderTensor`` (its ``shape`` in GGUF order: columns first),
@@ -147,6 +175,13 @@ def quant_linear(x: torch.Tensor, qweight: QuantWeight, bias: torch.Tensor | Non
     return y if bias is None else y + bias
 
 
+def embedding(ids: torch.Tensor, qweight: QuantWeight) -> torch.Tensor:
+    """``F.embedding(ids, dequantize(qweight))`` ``(..., K)`` float32, dequantizing only the rows looked up."""
+    flat = ids.reshape(-1).to(torch.long)  # (n,)
+    rows = QuantWeight(qweight.blocks.index_select(0, flat), qweight.qtype, (flat.numel(), qweight.shape[1]))
+    return dequantize(rows).view(*ids.shape, qweight.shape[1])
+
+
 class QuantLinear(nn.Module):
     """``nn.Linear`` with its weight in a GGUF block format (:func:`quant_linear`); no training."""
 
@@ -157,9 +192,45 @@ class QuantLinear(nn.Module):
         self.register_buffer("blocks", qweight.blocks)  # counted in the module's memory and state_dict
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized ``(N, K)`` float32 weight, a new tensor each time: for code that reads
+        an ``nn.Linear``'s weight once (e.g. rows of an ``lm_head``), not for products."""
+        return dequantize(self.qweight)
+
+    def set_qweight(self, qweight: QuantWeight) -> None:
+        """Swap in another weight of the same shape (e.g. a view of a fused matrix)."""
+        if qweight.shape != self.qweight.shape:
+            raise ValueError(f"QuantLinear.set_qweight: shape {qweight.shape}, expected {self.qweight.shape}")
+        self.qweight = qweight
+        self.blocks = qweight.blocks
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         """The product with the quantized weight."""
         return quant_linear(x, self.qweight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.qweight.name}"
+
+
+class QuantEmbedding(nn.Module):
+    """``nn.Embedding`` with its table in a GGUF block format: the rows looked up are dequantized
+    (float32). Its ``qweight`` may also serve a tied ``lm_head`` (:class:`QuantLinear`)."""
+
+    def __init__(self, qweight: QuantWeight) -> None:
+        super().__init__()
+        self.qweight = qweight
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("blocks", qweight.blocks)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized ``(V, K)`` float32 table, a new tensor each time (see :attr:`QuantLinear.weight`)."""
+        return dequantize(self.qweight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., K)
+        """The rows of ``ids``, dequantized to float32."""
+        return embedding(ids, self.qweight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.qweight.name}"

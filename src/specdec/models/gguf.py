@@ -4,7 +4,9 @@ The container is read by :mod:`specdec.models.gguf_file` (memory-mapped, with th
 library's constants). Its metadata
 (``general.architecture``, ``{arch}.block_count``, ``{arch}.embedding_length``, ...) becomes a
 :class:`ModelConfig`, its tensors (``token_embd.weight``, ``blk.N.attn_q.weight``, ...) a state dict
-with Hugging Face names, dequantized at load (:mod:`specdec.models.gguf_quants`), and its
+with Hugging Face names, dequantized at load (:mod:`specdec.models.gguf_quants`) or, for a
+quantized model on the CPU, its matrices kept in their block formats
+(:class:`~specdec.kernels.quant.QuantWeight`, run by the kernels of :mod:`specdec.kernels.quant`), and its
 ``tokenizer.ggml.*`` fields a tokenizer (:mod:`specdec.models.gguf_tokenizer`).
 
 llama.cpp's converter reorders the rows of ``attn_q`` / ``attn_k`` for the ``llama`` architecture
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from specdec.kernels.quant import FORMATS, QuantWeight
 from specdec.models.config import ModelConfig, ModelLoadError
 from specdec.models.gguf_file import TensorInfo, read_gguf
 from specdec.models.gguf_quants import DEQUANTIZERS, dequantize
@@ -59,7 +62,8 @@ class GGUFModel:
     """What a GGUF file holds, ready for :func:`specdec.models.loading.load_model`."""
 
     config: ModelConfig
-    state: dict[str, torch.Tensor]  # Hugging Face names -> tensors in the requested dtype
+    state: dict[str, torch.Tensor | QuantWeight]  # Hugging Face names -> tensors in the requested dtype
+    # (or, loaded quantized, the matrices in a kernel format as their blocks)
     tokenizer: Tokenizer | None
     rope_factors: torch.Tensor | None  # (D/2,) float32, or None
 
@@ -168,14 +172,41 @@ def read_tensor(tensor: TensorInfo, path: Path) -> torch.Tensor:
     return flat.reshape(shape)
 
 
-def load_gguf(path: Path, dtype: torch.dtype) -> GGUFModel:
-    """Configuration, weights (dequantized to ``dtype``) and tokenizer of the GGUF file ``path``."""
+KERNEL_FORMATS = {name for name, _, _ in FORMATS.values()}
+
+
+def quantized_matrices(tensors: list[TensorInfo]) -> bool:
+    """Whether a GGUF file's large matrices (its decoder layers' products) are stored in block
+    formats the kernels run (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K): then it loads quantized by default."""
+    matrices = [t for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return bool(matrices) and all(t.type_name in KERNEL_FORMATS for t in matrices)
+
+
+def read_blocks(tensor: TensorInfo) -> QuantWeight:
+    """A 2-D GGUF tensor in a kernel format as its blocks ``(N, row_bytes)``, copied out of the file."""
+    N, K = tensor.shape
+    blocks = torch.from_numpy(np.array(tensor.data).reshape(N, -1))  # (N, row_bytes) uint8
+    return QuantWeight(blocks, quant_type(tensor.type_name), (N, K))
+
+
+def quant_type(type_name: str) -> int:
+    """The GGML type id of a kernel format's name."""
+    return next(type_id for type_id, (name, _, _) in FORMATS.items() if name == type_name)
+
+
+def load_gguf(path: Path, dtype: torch.dtype, quantized: bool | None = False) -> GGUFModel:
+    """Configuration, weights and tokenizer of the GGUF file ``path``: weights dequantized to
+    ``dtype``, or with ``quantized`` every 2-D matrix stored in a kernel format kept as its blocks
+    (a :class:`QuantWeight`; norms and other tensors in float32). ``quantized=None``: quantized
+    where the file's layer matrices all are (:func:`quantized_matrices`)."""
     contents = read_gguf(path)
+    if quantized is None:
+        quantized = quantized_matrices(contents.tensors)
     meta = contents.metadata
     names = {t.name for t in contents.tensors}
     cfg = config_from_metadata(meta, names, path)
     _, permuted = ARCHITECTURES[cfg.model_type]
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor | QuantWeight] = {}
     rope_factors = None
     for tensor in contents.tensors:
         if tensor.name == ROPE_FREQS:
@@ -184,12 +215,17 @@ def load_gguf(path: Path, dtype: torch.dtype) -> GGUFModel:
         name = hf_name(tensor.name)
         if name is None:
             raise ModelLoadError(f"{path}: unexpected tensor {tensor.name!r} for a {cfg.model_type} model")
-        value = read_tensor(tensor, path)
+        keep = quantized and len(tensor.shape) == 2 and tensor.type_name in KERNEL_FORMATS
+        value = read_blocks(tensor).blocks if keep else read_tensor(tensor, path)  # blocks: (N, row_bytes)
         if permuted and ".q_proj." in name:
-            value = unpermute_rows(value, cfg.num_attention_heads)
+            value = unpermute_rows(value, cfg.num_attention_heads)  # blocks are row-wise: rows move whole
         elif permuted and ".k_proj." in name:
             value = unpermute_rows(value, cfg.num_key_value_heads)
-        state[name] = value.to(dtype)
+        if keep:
+            N, K = tensor.shape
+            state[name] = QuantWeight(value.contiguous(), quant_type(tensor.type_name), (N, K))
+        else:
+            state[name] = value.to(torch.float32 if quantized else dtype)
     tokenizer = tokenizer_from_metadata(meta) if "tokenizer.ggml.model" in meta else None
     return GGUFModel(cfg, state, tokenizer, rope_factors)
 

@@ -9,11 +9,17 @@ Every forward pass reads and writes a preallocated :class:`~specdec.cache.KVCach
 ``forward(tokens, input_pos, cache, attn_mask=None)``. ``input_pos`` are the RoPE positions;
 ``cache_slots`` (defaults to ``input_pos``) are where the new keys/values go; a tree of draft
 tokens passes distinct slots and positions plus its own attention mask.
+
+A model loaded quantized from a GGUF file (:meth:`Transformer.use_quantized`) holds its matrices
+in their block formats: :class:`~specdec.kernels.quant.QuantLinear` for the products (the
+tied ``lm_head`` on the embedding's blocks), :class:`~specdec.kernels.quant.QuantEmbedding`
+for the lookup, norms in float32, activations in float32.
 """
 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +27,7 @@ from torch import nn
 
 from specdec import kernels
 from specdec.cache import KVCache
+from specdec.kernels.quant import QuantEmbedding, QuantLinear, QuantWeight, quant_linear
 from specdec.models.config import ModelConfig
 from specdec.sampling import SamplingParams, chain_draws, spread_rows
 
@@ -73,6 +80,52 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     elif kind not in (None, "default"):
         raise ValueError(f"unsupported rope_scaling type {kind!r}")
     return inv_freq.float()
+
+
+Weight = torch.Tensor | QuantWeight  # a float matrix, or one kept in a GGUF block format
+
+
+def matmul(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a float or a quantized ``weight`` ``(N, K)``: (..., K) -> (..., N)."""
+    if isinstance(weight, QuantWeight):
+        return quant_linear(x, weight, bias)
+    return kernels.linear(x, weight, bias)
+
+
+def kernel_tensor(weight: Weight) -> torch.Tensor:
+    """``weight`` as the one-call forward reads it (a quantized one as its block view)."""
+    return weight.kernel_view() if isinstance(weight, QuantWeight) else weight
+
+
+def fuse_quantized(*linears: QuantLinear) -> tuple[QuantWeight, torch.Tensor | None] | None:
+    """:func:`fuse_linears` for quantized layers: their blocks stacked row-wise (blocks are
+    row-wise, so each layer's weight becomes a view of the fused one), or None where their
+    formats differ (the layers then stay apart)."""
+    if len({lin.qweight.qtype for lin in linears}) != 1:
+        return None
+    fused = QuantWeight.cat([lin.qweight for lin in linears])
+    has_bias = [lin.bias is not None for lin in linears]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("fuse_quantized: either all layers have a bias or none")
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None  # type: ignore[union-attr]
+    start = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.set_qweight(fused.rows(start, n))
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+        start += n
+    return fused, bias
+
+
+def fuse_any(*linears: nn.Module) -> tuple[Weight, torch.Tensor | None] | None:
+    """The fused weight of float layers (:func:`fuse_linears`) or of quantized ones
+    (:func:`fuse_quantized`); None for a mix, or quantized layers of different formats."""
+    if all(isinstance(lin, QuantLinear) for lin in linears):
+        return fuse_quantized(*linears)  # type: ignore[arg-type]
+    if all(isinstance(lin, nn.Linear) for lin in linears):
+        return fuse_linears(*linears)  # type: ignore[arg-type]
+    return None
 
 
 def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -143,12 +196,13 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=False)
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused, see fuse()
+        self.qkv: tuple[Weight, torch.Tensor | None] | None = None  # fused, see fuse()
 
     def fuse(self) -> None:
         """Store q/k/v weights in one matrix (the three parameters become views of it) so a
-        pass makes one product instead of three; state-dict names and values are unchanged."""
-        self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        pass makes one product instead of three; state-dict names and values are unchanged.
+        Quantized layers of different formats stay apart (``qkv`` None)."""
+        self.qkv = fuse_any(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
@@ -163,7 +217,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         if self.qkv is not None:
-            qkv = kernels.linear(x, *self.qkv).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, T, D)
+            qkv = matmul(x, *self.qkv).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, T, D)
             qk, v = qkv.split([H + Hkv, Hkv], dim=1)
             qk = qk * cos + rotate_half(qk) * sin  # RoPE on queries and keys in one go
             q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
@@ -189,16 +243,22 @@ class MLP(nn.Module):
         self.gate_proj = Linear(d, f, bias=False)
         self.up_proj = Linear(d, f, bias=False)
         self.down_proj = Linear(f, d, bias=False)
-        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused, see fuse()
+        self.gate_up: tuple[Weight, torch.Tensor | None] | None = None  # fused, see fuse()
 
     def fuse(self) -> None:
-        self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
+        self.gate_up = fuse_any(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = kernels.linear(x, *self.gate_up).chunk(2, dim=-1)
+            gate, up = matmul(x, *self.gate_up).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight of a :class:`Linear` or :class:`~specdec.kernels.quant.QuantLinear` as the
+    one-call forward reads it."""
+    return layer.qweight.kernel_view() if isinstance(layer, QuantLinear) else layer.weight  # type: ignore[return-value]
 
 
 class DecoderLayer(nn.Module):
@@ -213,23 +273,32 @@ class DecoderLayer(nn.Module):
         """The 7 weights ``kernels.decoder_layers`` reads per layer, in its order: input norm, q/k/v
         weight, q/k/v bias (or None), o_proj, post-attention norm, gate/up weight, down_proj. The
         matrices :meth:`Attention.fuse` / :meth:`MLP.fuse` made where they exist, else concatenated
-        copies (which leave the parameters as they are, trainable)."""
+        copies (which leave the parameters as they are, trainable). Quantized matrices come as
+        their block views (:func:`kernel_tensor`); quantized q/k/v or gate/up must be fused."""
         attn, mlp = self.self_attn, self.mlp
         if attn.qkv is not None:
-            qkv_weight, qkv_bias = attn.qkv
+            qkv_weight, qkv_bias = kernel_tensor(attn.qkv[0]), attn.qkv[1]
         else:
             projections = (attn.q_proj, attn.k_proj, attn.v_proj)
             qkv_weight = torch.cat([lin.weight.detach() for lin in projections])
             has_bias = attn.q_proj.bias is not None
             qkv_bias = torch.cat([lin.bias.detach() for lin in projections]) if has_bias else None  # type: ignore[union-attr]
         if mlp.gate_up is not None:
-            gate_up = mlp.gate_up[0]
+            gate_up = kernel_tensor(mlp.gate_up[0])
         else:
             gate_up = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
         return [
-            self.input_layernorm.weight, qkv_weight, qkv_bias, attn.o_proj.weight,
-            self.post_attention_layernorm.weight, gate_up, mlp.down_proj.weight,
+            self.input_layernorm.weight, qkv_weight, qkv_bias, linear_weight(attn.o_proj),
+            self.post_attention_layernorm.weight, gate_up, linear_weight(mlp.down_proj),
         ]  # fmt: skip
+
+    def fusable(self) -> bool:
+        """Whether the one-call forward can run this layer: after :meth:`Attention.fuse` and
+        :meth:`MLP.fuse`, q/k/v and gate/up each one matrix, or all float."""
+        attn, mlp = self.self_attn, self.mlp
+        float_qkv = all(isinstance(lin, nn.Linear) for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
+        float_mlp = all(isinstance(lin, nn.Linear) for lin in (mlp.gate_proj, mlp.up_proj))
+        return (attn.qkv is not None or float_qkv) and (mlp.gate_up is not None or float_mlp)
 
     def forward(self, x, cos, sin, cache, slots, mask, kv_len=None):  # type: ignore[no-untyped-def]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, mask, kv_len)
@@ -256,11 +325,13 @@ def causal_mask(input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
+    inv_freq: torch.Tensor  # (D/2,) buffer
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head: Linear | QuantLinear = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -280,14 +351,69 @@ class Transformer(nn.Module):
         float32 matrix that holds only bfloat16 values (a bfloat16 checkpoint loaded in float32)
         as its exact bfloat16 copy, which gives bit-identical results from half the bytes."""
         weights: list[torch.Tensor | None] = []
-        for layer in self.model.layers:
+        for layer in self.decoder_layers():
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        if not all(layer.fusable() for layer in self.decoder_layers()):  # quantized formats mixed in q/k/v
+            self._layer_weights = self._prefill_weights = self._kernel_io = self._prefill_io = None
+            return  # (or gate/up): the module path runs the model
+        for layer in self.decoder_layers():
             weights += layer.kernel_weights()
         self._layer_weights = weights  # 7 per layer, the order kernels.decoder_layers reads
-        self._kernel_io = (self.model.embed_tokens.weight, self.lm_head.weight)
+        embed = self.model.embed_tokens
+        embed_weight = embed.qweight.kernel_view() if isinstance(embed, QuantEmbedding) else embed.weight
+        head = self.lm_head
+        tied = (
+            isinstance(head, QuantLinear)
+            and isinstance(embed, QuantEmbedding)
+            and head.qweight is embed.qweight
+        )
+        self._kernel_io = (embed_weight, embed_weight if tied else linear_weight(head))
         self._prefill_weights, self._prefill_io = weights, self._kernel_io
         self._compact_weights()
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The decoder layers, typed."""
+        return [cast(DecoderLayer, layer) for layer in self.model.layers]
+
+    def use_quantized(self, weights: dict[str, QuantWeight]) -> None:
+        """Swap the layers whose weights are given (Hugging Face names, ``model.layers.0.self_attn.
+        q_proj.weight``, ``model.embed_tokens.weight``, ``lm_head.weight``) for their stand-ins on
+        GGUF blocks (:class:`QuantLinear`, :class:`QuantEmbedding`), keeping biases; a tied
+        ``lm_head`` then runs on the embedding's blocks. Call before :meth:`fuse`."""
+        for name, qweight in weights.items():
+            parent_name, _, attr = name.removesuffix(".weight").rpartition(".")
+            parent = self.get_submodule(parent_name)
+            old = getattr(parent, attr)
+            if isinstance(old, nn.Embedding):
+                setattr(parent, attr, QuantEmbedding(qweight))
+            elif isinstance(old, nn.Linear):
+                setattr(parent, attr, QuantLinear(qweight, old.bias))
+            else:
+                raise ValueError(f"use_quantized: {name} is not the weight of a linear layer or an embedding")
+        embed = self.model.embed_tokens
+        if self.config.tie_word_embeddings and isinstance(embed, QuantEmbedding):
+            self.lm_head = QuantLinear(embed.qweight)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether some matrix is kept in a GGUF block format (:meth:`use_quantized`)."""
+        return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in self.modules())
+
+    def _reference_weight(self) -> torch.Tensor:
+        """A weight whose dtype is the model's (activations, cache) and device its device: the
+        lm_head's, or the final norm's where the lm_head is quantized (float32 then)."""
+        head = self.lm_head
+        return head.weight if isinstance(head, nn.Linear) else self.model.norm.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the activations and the cache (float32 for a quantized model)."""
+        return self._reference_weight().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._reference_weight().device
 
     def _kernel_weights(self, num_tokens: int) -> tuple[list[torch.Tensor | None], tuple[torch.Tensor, ...]]:
         """The weights the kernels read for a pass over ``num_tokens`` tokens per sequence, and
@@ -300,7 +426,7 @@ class Transformer(nn.Module):
     def _compact_weights(self) -> None:
         """Swap every product's weight the kernels read for its exact bfloat16 copy, if all have one."""
         weights = self._layer_weights
-        if weights is None or self.lm_head.weight.device.type != "cpu" or kernels.load() is None:
+        if weights is None or self.device.type != "cpu" or kernels.load() is None:
             return  # (the kernels are CPU-only: no need to build them for a model on another device)
         embed, head = self._kernel_io  # type: ignore[misc]
         compact = compact_copies(weights, [embed] + ([] if head is embed else [head]))
@@ -325,7 +451,7 @@ class Transformer(nn.Module):
         cfg = self.config
         if max_seq_len is None:
             max_seq_len = min(cfg.max_position_embeddings, DEFAULT_CACHE_SLOTS)
-        p = self.lm_head.weight
+        p = self._reference_weight()
         return KVCache(
             num_layers if num_layers is not None else cfg.num_hidden_layers,
             batch_size,
@@ -419,7 +545,7 @@ class Transformer(nn.Module):
         """
         if input_pos.dim() == 1:
             input_pos = input_pos[None].expand(tokens.shape[0], -1)
-        if self._layer_weights is not None and kernels.fused_layers_apply(self.lm_head.weight):
+        if self._layer_weights is not None and kernels.fused_layers_apply(self._reference_weight()):
             # The module path below in one C++ call (CPU; float32 activations whatever the weights).
             slots, mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len, True)
             cfg, (weights, (embed, head)) = self.config, self._kernel_weights(tokens.shape[1])
@@ -430,7 +556,7 @@ class Transformer(nn.Module):
                     tokens.shape[1] if num_logits is None else num_logits, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                     cfg.rms_norm_eps,
                 )  # fmt: skip
-            dtype = self.lm_head.weight.dtype  # float32 from the kernel; the model's dtype outside
+            dtype = self.dtype  # float32 from the kernel; the model's dtype outside
             logits, h = logits.to(dtype), h.to(dtype)
             return (logits, h) if return_hidden else logits
         h = self.model.embed_tokens(tokens)  # (B, T, d)
@@ -443,12 +569,12 @@ class Transformer(nn.Module):
     def runs_bfloat16(self) -> bool:
         """A model run in bfloat16 (its own weights bfloat16, not exact copies of float32 ones):
         the kernels' products may round its rows to bfloat16 (``kernels.bf16_rows``)."""
-        return self.lm_head.weight.dtype == torch.bfloat16
+        return self.dtype == torch.bfloat16
 
     def reuses_layers(self) -> bool:
         """Whether :meth:`forward_reusing` gives exactly the values of :meth:`forward`: where the
         one-call CPU forward runs, whose rows do not depend on the pass around them."""
-        return self._layer_weights is not None and kernels.fused_layers_apply(self.lm_head.weight)
+        return self._layer_weights is not None and kernels.fused_layers_apply(self._reference_weight())
 
     def forward_reusing(
         self,
@@ -467,16 +593,20 @@ class Transformer(nn.Module):
         last = self.model.embed_tokens(tokens[:, -1:]).float()  # (1, 1, d)
         last = self.run_layers(last, input_pos[:, -1:], cache, layers=range(num_layers), kv_len=kv_len)
         h = torch.cat([hidden.float(), last], dim=1)  # (1, T, d)
-        h = self.run_layers(h, input_pos, cache, layers=range(num_layers, len(self.model.layers)), kv_len=kv_len)
+        h = self.run_layers(
+            h, input_pos, cache, layers=range(num_layers, len(self.model.layers)), kv_len=kv_len
+        )
         norm = self.model.norm
         h = kernels.rms_norm(h, norm.weight.float(), norm.eps)  # (the one-call forward's float32 norm)
-        dtype = self.lm_head.weight.dtype
+        dtype = self.dtype
         return self.project(h).to(dtype), h.to(dtype)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """``lm_head(h)`` for final normed hidden states or head features ``(..., d)`` -> ``(..., V)``;
         a few float32 rows read the exact bfloat16 copy of the head the kernels use (see
         :meth:`fuse`), which gives the same values from half the bytes."""
+        if isinstance(self.lm_head, QuantLinear):
+            return quant_linear(h, self.lm_head.qweight)
         head = self._kernel_io[1] if self._kernel_io is not None else self.lm_head.weight
         return project_rows(h, head, self.lm_head.weight)
 
@@ -499,7 +629,7 @@ class Transformer(nn.Module):
         scored (a reduced draft vocabulary). Returns the ``(K,)`` drafts and, when sampling,
         their ``(K, V)`` distributions (zero outside ``vocab``; None when greedy); ``cache``
         holds ``start + T + num_tokens - 1`` slots."""
-        if self._layer_weights is None or not kernels.fused_layers_apply(self.lm_head.weight):
+        if self._layer_weights is None or not kernels.fused_layers_apply(self._reference_weight()):
             return None
         cfg, (embed, head) = self.config, self._kernel_io  # type: ignore[misc]
         ids, head = vocab if vocab is not None else (None, head)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from specdec.cache import KVCache
+from specdec.kernels.quant import QuantWeight
 from specdec.models import cuda_graphs, sources
 from specdec.models.config import ModelConfig, ModelLoadError
 from specdec.models.llama import Transformer, rope_inv_freq
@@ -28,6 +29,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED = ("demo-target", "demo-draft")
 NAMED = ("smollm2",)  # GGUF files fetched by name (specdec.models.sources)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZED = "quantized"  # GGUF files: keep the file's block formats (CPU; CUDA dequantizes)
 
 
 @dataclass
@@ -43,11 +45,17 @@ class LoadedModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.module.lm_head.weight.dtype
+        """The activations' and the cache's dtype (float32 for a quantized model)."""
+        return self.module.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.module.lm_head.weight.device
+        return self.module.device
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the model runs on a GGUF file's quantized blocks (see :func:`load_model`)."""
+        return self.module.quantized
 
     @property
     def max_seq_len(self) -> int:
@@ -130,7 +138,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
             torch.empty(1, device=resolved)  # torch's own check: built for it, present, index in range
         except (RuntimeError, AssertionError) as e:
             text = str(e).strip()
-            why = text.splitlines()[0].split(". ")[0][:160] if text else type(e).__name__  # its first sentence
+            why = (
+                text.splitlines()[0].split(". ")[0][:160] if text else type(e).__name__
+            )  # its first sentence
             raise ModelLoadError(f"device {str(device)!r} is not available here: {why}") from None
     return resolved
 
@@ -143,8 +153,12 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: str = "cpu
         stored_name = cfg.raw.get("torch_dtype") or cfg.raw.get("dtype") or "float32"  # transformers 5: dtype
         stored = DTYPES.get(str(stored_name), torch.float32)
         return stored if fast_bf16(device) else torch.float32
+    if dtype == QUANTIZED:
+        raise ModelLoadError(
+            "dtype 'quantized' applies to GGUF files; a folder loads in auto, float32, bfloat16, float16"
+        )
     if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}, {QUANTIZED}")
     return DTYPES[dtype]
 
 
@@ -171,30 +185,40 @@ def load_model(
     name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu"
 ) -> LoadedModel:
     """Load a Llama-family model onto ``device`` (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: a
-    GPU where there is one) from a Hugging Face folder, a GGUF file (weights dequantized to
-    ``dtype``), an embedded name (``demo-target``, ``demo-draft``, ``smollm2``) or a Hub id."""
+    GPU where there is one) from a Hugging Face folder, a GGUF file, an embedded name
+    (``demo-target``, ``demo-draft``, ``smollm2``) or a Hub id.
+
+    A GGUF file on the CPU keeps its quantized blocks (``dtype="auto"`` where its layer matrices
+    are all in a format the kernels run, or ``dtype="quantized"``): memory about the file's
+    size, products in float32 on the blocks; ``"float32"`` / ``"bfloat16"`` dequantize at load,
+    as every GGUF file on CUDA does."""
     path = resolve_path(name_or_path)
     device = str(resolve_device(device))
     if path.is_file():
         return _load_gguf(path, dtype, device)
     cfg = ModelConfig.from_folder(path)
     torch_dtype = resolve_dtype(dtype, cfg, device)
-    module = build_module(cfg, read_state_dict(path), torch_dtype, device, str(path))
+    state: dict[str, torch.Tensor | QuantWeight] = dict(read_state_dict(path))
+    module = build_module(cfg, state, torch_dtype, device, str(path))
     return LoadedModel(module, cfg, Tokenizer.from_folder(path), path)
 
 
 def _load_gguf(path: Path, dtype: str | torch.dtype, device: str) -> LoadedModel:
     from specdec.models.gguf import load_gguf
 
+    on_cpu = torch.device(device).type == "cpu"
+    quantized: bool | None = False
     if isinstance(dtype, torch.dtype):
         torch_dtype = dtype
-    elif dtype == "auto":  # quantized blocks have no float dtype; the CPU kernels run float32 best
-        torch_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    elif dtype in ("auto", QUANTIZED):  # CUDA dequantizes to bfloat16; the CPU kernels run the blocks
+        torch_dtype = torch.float32 if on_cpu else torch.bfloat16
+        if on_cpu:
+            quantized = None if dtype == "auto" else True  # auto: where the layer matrices all are
     elif dtype in DTYPES:
         torch_dtype = DTYPES[dtype]
     else:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    contents = load_gguf(path, torch_dtype)
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}, {QUANTIZED}")
+    contents = load_gguf(path, torch_dtype, quantized)
     cfg, tokenizer = contents.config, contents.tokenizer
     module = build_module(cfg, contents.state, torch_dtype, device, str(path))
     if contents.rope_factors is not None:
@@ -216,10 +240,16 @@ def _release_freed_memory() -> None:
 
 
 def build_module(
-    cfg: ModelConfig, state: dict[str, torch.Tensor], torch_dtype: torch.dtype, device: str, source: str
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor | QuantWeight],
+    torch_dtype: torch.dtype,
+    device: str,
+    source: str,
 ) -> Transformer:
     """A fused, inference-ready :class:`Transformer` holding ``state`` (Hugging Face names) in
-    ``torch_dtype`` on ``device``; the module is built on the meta device, so no weight is drawn."""
+    ``torch_dtype`` on ``device``; the module is built on the meta device, so no weight is drawn.
+    Quantized matrices (:class:`QuantWeight`, CPU only) stay as they are, their layers swapped
+    for :class:`~specdec.kernels.quant.QuantLinear` / ``QuantEmbedding``."""
     with torch.device("meta"):
         module = Transformer(cfg)
     if cfg.tie_word_embeddings:
@@ -235,10 +265,21 @@ def build_module(
         if tuple(state[key].shape) != shapes[key]:
             got = tuple(state[key].shape)
             raise ModelLoadError(f"{source}: {key} has shape {got}, the configuration gives {shapes[key]}")
-    state = {k: v.to(torch_dtype) for k, v in state.items() if k in expected}
-    module.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        module.lm_head.weight = module.model.embed_tokens.weight
+    quantized = {k: v for k, v in state.items() if k in expected and isinstance(v, QuantWeight)}
+    if quantized and torch.device(device).type != "cpu":
+        raise ModelLoadError(
+            f"{source}: quantized weights run on the CPU; load with dtype='bfloat16' for {device}"
+        )
+    floats = {k: v.to(torch_dtype) for k, v in state.items() if k in expected and isinstance(v, torch.Tensor)}
+    module.load_state_dict(floats, strict=False, assign=True)
+    head = module.lm_head
+    if (
+        cfg.tie_word_embeddings
+        and isinstance(head, torch.nn.Linear)
+        and "model.embed_tokens.weight" not in quantized
+    ):
+        head.weight = module.model.embed_tokens.weight
+    module.use_quantized(quantized)
     module.inv_freq = rope_inv_freq(cfg)  # buffers are not in the checkpoint: rebuild off meta
     module = module.to(device).eval().requires_grad_(False)
     module.fuse()
