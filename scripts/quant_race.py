@@ -1,0 +1,60 @@
+"""Plain greedy decoding speed of SmolLM2 Q4_1: specdec on the file's blocks, float32 and bfloat16,
+next to llama.cpp's ``llama-bench`` tg128 on the same file, alternated in rounds (a noisy machine).
+
+    python scripts/quant_race.py --threads 1 --rounds 3 --llama-cpp ~/.cache/specdec/llama.cpp/build/bin
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+import specdec
+from specdec.models import sources
+
+TOKENS = 128
+
+
+def specdec_tok_s(model: specdec.models.LoadedModel) -> float:
+    """Decoding tok/s of 128 greedy tokens after a one-token prompt (prefill excluded)."""
+    out = specdec.SpeculativeGenerator(model).generate([1], max_new_tokens=TOKENS, ignore_eos=True)
+    return len(out.token_ids) / (out.stats.total_s - out.stats.prefill_s)
+
+
+def llama_tok_s(binaries: Path, path: Path, threads: int) -> float:
+    """llama-bench's tg128 tok/s (no prompt) on ``path``."""
+    cmd = [str(binaries / "llama-bench"), "-m", str(path), "-p", "0", "-n", str(TOKENS), "-t", str(threads), "-o", "json"]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(json.loads(text[text.index("[") :])[0]["avg_ts"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/specdec/llama.cpp/build/bin")
+    parser.add_argument("--dtypes", default="quantized,float32,bfloat16")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = sources.smollm2_path()
+    models = {dtype: specdec.load_model(path, dtype=dtype) for dtype in args.dtypes.split(",")}
+    for model in models.values():
+        specdec_tok_s(model)  # warm up
+    results: dict[str, list[float]] = {"llama.cpp": [], **{name: [] for name in models}}
+    for _ in range(args.rounds):
+        results["llama.cpp"].append(llama_tok_s(args.llama_cpp, path, args.threads))
+        for name, model in models.items():
+            results[name].append(specdec_tok_s(model))
+    for name, values in results.items():
+        print(f"threads={args.threads} {name:10s} tok/s " + " ".join(f"{v:6.1f}" for v in values))
+    for name in models:
+        ratios = [a / b for a, b in zip(results[name], results["llama.cpp"], strict=True)]
+        print(f"threads={args.threads} {name:10s} / llama.cpp: {min(ratios):.2f}-{max(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
