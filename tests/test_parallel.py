@@ -178,3 +178,27 @@ def test_cli_parallel_flag(tmp_path, capsys) -> None:
     assert main([*argv, "--parallel", "--drafter", "ngram"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("specdec: error: parallel drafting needs") and err.count("\n") == 1
+
+
+def test_an_error_while_verifying_leaves_the_generator_usable(models, monkeypatch) -> None:
+    """An exception in the target's pass propagates after the draft thread has finished its
+    window, and the next request on the same generator is exact again."""
+    import specdec.engine.parallel as parallel_module
+
+    target = models["target"]
+    gen = SpeculativeGenerator(target, DraftModelDrafter(models["good"], 2), parallel=True)
+    original = parallel_module.chain_step
+    calls = []
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("target pass failed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(parallel_module, "chain_step", failing)
+    with pytest.raises(RuntimeError, match="target pass failed"):
+        gen.generate(PROMPTS[0], max_new_tokens=30)
+    monkeypatch.setattr(parallel_module, "chain_step", original)
+    expected = SpeculativeGenerator(target).generate(PROMPTS[0], max_new_tokens=30).token_ids
+    assert gen.generate(PROMPTS[0], max_new_tokens=30).token_ids == expected

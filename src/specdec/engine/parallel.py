@@ -218,7 +218,12 @@ class ParallelSpeculation:
             if self.overlap and window.num_tokens > 0 and limit - window.num_tokens > 1:
                 ahead = self._worker().submit(self._timed, assumed, K + 1, params, draft_generator, clock)
             t = time.perf_counter()
-            result = chain_step(target, cache, ids, window, params, generator)
+            try:
+                result = chain_step(target, cache, ids, window, params, generator)
+            except BaseException:
+                if ahead is not None:  # the draft thread finishes before anyone reuses its chain
+                    ahead.exception()
+                raise
             t_verify = time.perf_counter()
             stats.verify_s += t_verify - t
             timeline.phases.append(Phase("verify", t - clock, t_verify - clock))
