@@ -1,7 +1,8 @@
-"""Drafts with another tokenizer (drafters/cross_vocab.py): a character-level target and a BPE
-draft model. Greedy output equals plain decoding token for token, drafts are accepted where the
-draft predicts the target's text, sampling is refused, and the drafters that need the target's
-vocabulary keep refusing such a draft."""
+"""Drafts with another tokenizer (drafters/cross_vocab.py, token_intersection.py): character-level
+targets and BPE draft models. Greedy output equals plain decoding token for token, drafts are
+accepted where the draft predicts the target's text, sampled output follows the target's exact
+distribution (token-level intersection), and the drafters that need the target's vocabulary keep
+refusing such a draft."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import CHARS, save_char_tokenizer, save_tiny_llama
+from helpers import CHARS, accept_every_draft, save_char_tokenizer, save_tiny_llama
 from specdec import GenerationError, SpeculativeGenerator, load_model, make_drafter
 from specdec.cli import main
 from specdec.drafters.cross_vocab import CrossVocabDrafter, appended_text, common_prefix
+from specdec.losslessness import exact_two_token_joint, goodness_of_fit, sample_two_tokens
 from specdec.models.config import ModelLoadError
+from specdec.models.loading import LoadedModel
+from specdec.sampling import SamplingParams
 
 CYCLE = "abcdefghijklmnopqrstuvwxyz "  # the rigged models' text repeats this cycle
 BPE_TRAINING_TEXT = [CYCLE * 4, "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"] * 20
@@ -200,20 +204,118 @@ def test_a_new_request_resynchronises_the_draft(pairs: dict[str, Path]) -> None:
         )
 
 
-def test_sampling_is_refused_with_one_clear_error(pairs: dict[str, Path]) -> None:
+def test_sampling_runs_through_the_shared_tokens(pairs: dict[str, Path]) -> None:
+    """A sampled request drafts target tokens from the shared vocabulary (the BPE draft's single
+    characters), with draft probabilities over the target's ids; the CLI samples too."""
     target = load_model(pairs["target"], dtype="float32")
-    gen = SpeculativeGenerator(target, make_drafter("draft", target, draft=str(pairs["draft"])))
-    with pytest.raises(GenerationError, match="greedy decoding only"):
-        gen.generate("def", max_new_tokens=8, temperature=0.8, seed=0)
-
-
-def test_cli_refuses_sampling_in_one_line(pairs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    drafter = make_drafter("draft", target, draft=str(pairs["draft"]), num_draft_tokens=3)
+    gen = SpeculativeGenerator(target, drafter)
+    out = gen.generate("def", max_new_tokens=24, temperature=0.8, seed=0, ignore_eos=True)
+    assert len(out.token_ids) == 24 and out.stats.draft_tokens > 0
+    again = gen.generate("def", max_new_tokens=24, temperature=0.8, seed=0, ignore_eos=True)
+    assert again.token_ids == out.token_ids  # seeded
     argv = ["generate", "def", "--target", str(pairs["target"]), "--draft", str(pairs["draft"])]
-    code = main([*argv, "--temperature", "0.7", "--max-new-tokens", "4"])
-    _, err = capsys.readouterr()
-    assert code == 2
-    assert err.startswith("specdec: error: this draft model has another tokenizer") and err.count("\n") == 1
-    assert main([*argv, "--max-new-tokens", "4"]) == 0
+    assert main([*argv, "--temperature", "0.7", "--max-new-tokens", "4", "--seed", "1"]) == 0
+
+
+# ---------------------------------------------------------------- sampling: exact distribution
+SMALL = "abcde"
+PROMPT = [1, 2, 3]  # "abc" in the small target's vocabulary
+N = 1500
+
+
+def save_small_char_tokenizer(folder: Path, alphabet: str) -> int:
+    """A character tokenizer over ``<eos>`` and ``alphabet``; returns its size."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<eos>"])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    return len(alphabet) + 1
+
+
+def save_small_bpe_tokenizer(folder: Path, alphabet: str) -> int:
+    """A BPE tokenizer over ``alphabet`` with a few merges; returns its size."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, trainers
+
+    rng = random.Random(0)
+    text = ["".join(rng.choice(alphabet[:3]) + rng.choice(alphabet) for _ in range(40)) for _ in range(50)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(alphabet) + 8,
+        special_tokens=["<eos>", "<unk>"],
+        initial_alphabet=list(alphabet),
+        limit_alphabet=len(alphabet),
+    )
+    tok.train_from_iterator(text, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    return int(tok.get_vocab_size())
+
+
+@pytest.fixture(scope="module")
+def small_pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
+    """A 6-token character target (peaked random weights), a BPE draft over the same letters
+    (their single letters are shared) and one over other letters (nothing shared)."""
+    d = tmp_path_factory.mktemp("cross-vocab-small")
+    size = save_small_char_tokenizer(d / "target", SMALL)
+    save_tiny_llama(d / "target", vocab_size=size, hidden_size=32, init_std=0.6, seed=3)
+    loaded = {"target": load_model(d / "target", dtype="float32")}
+    for name, alphabet, seed in (("draft", SMALL, 4), ("disjoint", "vwxyz", 5)):
+        bpe_size = save_small_bpe_tokenizer(d / name, alphabet)
+        save_tiny_llama(d / name, vocab_size=bpe_size, hidden_size=32, init_std=0.6, seed=seed)
+        loaded[name] = load_model(d / name, dtype="float32")
+    return loaded
+
+
+@pytest.mark.parametrize("k,sampling", [(3, {"temperature": 1.0}), (2, {"temperature": 0.7, "top_k": 4})])
+def test_sampling_matches_the_exact_target_distribution(
+    small_pairs: dict[str, LoadedModel], k: int, sampling: dict[str, float]
+) -> None:
+    target = small_pairs["target"]
+    first, joint = exact_two_token_joint(target, PROMPT, SamplingParams(**sampling))  # type: ignore[arg-type]
+    gen = SpeculativeGenerator(target, CrossVocabDrafter(target, small_pairs["draft"], k))
+    fit = goodness_of_fit(sample_two_tokens(gen, PROMPT, N, **sampling), first, joint)
+    assert fit.pvalue > 1e-3, f"chi-square p = {fit.pvalue:.2e}"
+    assert fit.total_variation < 3 * fit.null_total_variation, fit
+
+
+def test_sampled_drafts_are_accepted_only_sometimes(small_pairs: dict[str, LoadedModel]) -> None:
+    """The test above is meaningful only if the shared-token drafts get accepted and rejected."""
+    target = small_pairs["target"]
+    gen = SpeculativeGenerator(target, CrossVocabDrafter(target, small_pairs["draft"], 3))
+    outs = [gen.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=s).stats for s in range(10)]
+    rate = sum(o.accepted_tokens for o in outs) / sum(o.draft_tokens for o in outs)
+    assert 0.05 < rate < 0.95
+
+
+def test_negative_control_detects_a_lossy_sampler(
+    small_pairs: dict[str, LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("specdec.engine.chain_step.verify_rejection", accept_every_draft)
+    target = small_pairs["target"]
+    first, joint = exact_two_token_joint(target, PROMPT, SamplingParams(1.0))
+    gen = SpeculativeGenerator(target, CrossVocabDrafter(target, small_pairs["draft"], 2))
+    fit = goodness_of_fit(sample_two_tokens(gen, PROMPT, N, temperature=1.0), first, joint)
+    assert not fit.passed and fit.pvalue < 1e-6
+
+
+def test_sampling_without_shared_tokens_is_refused_in_one_line(small_pairs: dict[str, LoadedModel]) -> None:
+    target = small_pairs["target"]
+    gen = SpeculativeGenerator(target, CrossVocabDrafter(target, small_pairs["disjoint"], 2))
+    with pytest.raises(GenerationError, match="shares no token"):
+        gen.generate(PROMPT, max_new_tokens=8, temperature=1.0, seed=0)
+    plain = SpeculativeGenerator(target).generate(PROMPT, max_new_tokens=8)
+    assert gen.generate(PROMPT, max_new_tokens=8).token_ids == plain.token_ids  # greedy drafts through text
 
 
 @pytest.mark.real_model

@@ -10,8 +10,8 @@ target tokens as it verifies any chain, so greedy output stays the target's own,
 Three conversions per step, each on a small window so that a step costs the same at any length:
 
 * **target -> text**: the tokens committed since the last step are decoded together with a few
-  tokens before them, and the text they add is appended (a byte-level token may end inside a
-  UTF-8 character: such text waits until the character completes).
+  tokens before them, and the text they add is appended (where a byte-level token ends inside a
+  UTF-8 character the step is a plain one, and the text is read afresh once it completes).
 * **text -> draft tokens**: the draft's tokens of the committed text are a frozen prefix and a
   tail re-encoded each step from the text after the prefix; the tail's first tokens are frozen
   once it grows long. The draft's KV cache keeps the longest prefix it shares with these tokens.
@@ -20,9 +20,9 @@ Three conversions per step, each on a small window so that a step costs the same
   less are *stable* (a later draft character can still merge into the last token), and the
   proposal is the stable prefix, up to K tokens.
 
-Sampling with a draft of another vocabulary is not lossless through this scheme (the draft
-distribution is over other tokens, so rejection sampling has no ``draft_probs`` to divide by):
-``propose`` refuses a sampled request with :class:`~specdec.engine.request.GenerationError`.
+Sampling drafts by token-level intersection (:mod:`specdec.drafters.token_intersection`): the
+draft samples among the tokens both vocabularies share, each draft is a target token and carries
+its exact distribution, and rejection sampling keeps the output distributed as the target's.
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ from specdec.drafters.base import (
     TargetOutput,
     empty_proposal,
 )
+from specdec.drafters.token_intersection import TokenIntersection
 from specdec.drafters.vocab import draft_pass
 from specdec.engine.request import GenerationError
 from specdec.models.config import ModelLoadError
 from specdec.models.loading import LoadedModel
 from specdec.models.tokenizer import Tokenizer
+from specdec.sampling import sample
 from specdec.verify.chain import VerifyResult
 
 WINDOW = 4  # committed tokens decoded / re-encoded beside new text, for a stable boundary
@@ -89,6 +91,8 @@ class CrossVocabDrafter:
         if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens}")
         self.target_tokenizer = target.tokenizer
+        self.target_vocab_size = target.config.vocab_size
+        self._shared: TokenIntersection | None = None  # sampling: tokens both vocabularies share
         self.draft_tokenizer = model.tokenizer
         self.model = model
         self.num_draft_tokens = num_draft_tokens
@@ -185,11 +189,6 @@ class CrossVocabDrafter:
         return self.target_tokenizer.encode(text, add_special_tokens=False)
 
     def propose(self, ctx: DraftContext) -> DraftProposal:
-        if not ctx.sampling.greedy:
-            raise GenerationError(
-                "this draft model has another tokenizer than the target, and drafting through text is "
-                "lossless for greedy decoding only; use temperature 0, or a draft with the target's tokenizer"
-            )
         K = min(self.num_draft_tokens, ctx.max_draft_tokens)
         self._sync(ctx.token_ids)
         context = self._draft_ids()
@@ -200,6 +199,8 @@ class CrossVocabDrafter:
             or len(context) + self.max_draft_steps > self.cache.max_seq_len
         ):
             return empty_proposal(self.model.device)
+        if not ctx.sampling.greedy:
+            return self._propose_sampled(ctx, K, context)
         dropped = self._healed_text(context)
         base = context[:-1] if dropped else context  # token healing: the last token is redrafted
         keep = min(common_prefix(self._cached, base), len(base) - 1)
@@ -225,6 +226,45 @@ class CrossVocabDrafter:
             logits = self._feed([token], len(base) + step)[-1]
         self._cached = (base + drafts)[: self.cache.lengths[0]]
         return DraftProposal(torch.tensor(stable[:K], dtype=torch.long))
+
+    # ----------------------------------------------------------------- sampling
+    def _propose_sampled(self, ctx: DraftContext, K: int, context: list[int]) -> DraftProposal:
+        """K drafts sampled from the draft's distribution over the tokens both vocabularies share
+        (:mod:`specdec.drafters.token_intersection`): target tokens with their exact distributions."""
+        shared = self._shared_tokens()
+        keep = min(common_prefix(self._cached, context), len(context) - 1)
+        self.cache.truncate(keep)
+        logits = self._feed(context[keep:], keep)[-1]  # (V_d,)
+        drafted: list[int] = []  # draft ids
+        tokens: list[int] = []  # the same tokens' target ids
+        probs: list[torch.Tensor] = []
+        for i in range(K):
+            draft_side, target_side = shared.restrict(logits, ctx.sampling)  # (V_d,), (V_t,)
+            token = int(sample(draft_side, ctx.generator))
+            drafted.append(token)
+            tokens.append(shared.to_target[token])
+            probs.append(target_side)
+            if i < K - 1:
+                logits = self._feed([token], len(context) + i)[-1]
+        self._cached = (context + drafted)[: self.cache.lengths[0]]
+        return DraftProposal(torch.tensor(tokens, dtype=torch.long), torch.stack(probs))  # (K,), (K, V_t)
+
+    def _shared_tokens(self) -> TokenIntersection:
+        """The tokens both vocabularies share, found on the first sampled request; a sampled
+        request is refused where there are none."""
+        if self._shared is None:
+            self._shared = TokenIntersection(
+                self.target_tokenizer,
+                self.draft_tokenizer,
+                self.target_vocab_size,
+                self.model.config.vocab_size,
+            )
+        if not len(self._shared):
+            raise GenerationError(
+                "the draft model's vocabulary shares no token with the target's, so it cannot draft for "
+                "sampling (token-level intersection); use temperature 0 (drafting through text)"
+            )
+        return self._shared
 
     # ----------------------------------------------------------------- token healing
     def _healed_text(self, context: list[int]) -> str:
