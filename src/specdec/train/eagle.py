@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.cache import KVCache
-from specdec.drafters.heads import EagleHead, save_head
+from specdec.drafters.heads import EagleHead, load_head, save_head
 from specdec.models.loading import LoadedModel
 
 
@@ -52,6 +52,7 @@ class EagleTrainConfig:
     max_minutes: float | None = None
     eval_interval: int = 50
     seed: int = 0
+    init: str | None = None  # a saved head folder to continue from (its weights, a new schedule)
 
 
 @dataclass
@@ -195,7 +196,12 @@ def eagle_loss(
 
 
 def new_eagle_head(target: LoadedModel, cfg: EagleTrainConfig) -> EagleHead:
-    """A fresh head; its decoder layer starts as the target's last one where the shapes allow."""
+    """A fresh head (``cfg.init``: a saved one); its decoder layer starts as the target's last one
+    where the shapes allow."""
+    if cfg.init is not None:
+        head = load_head(cfg.init, target.config, "eagle", torch.float32, "cpu")
+        assert isinstance(head, EagleHead)
+        return head.requires_grad_(True).train()
     head = EagleHead(target.config, cfg.intermediate_size)
     torch.manual_seed(cfg.seed)
     for p in head.parameters():
@@ -287,6 +293,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--intermediate-size", type=int, default=None, help="the head's MLP width")
     p.add_argument("--no-init", action="store_true", help="random layer instead of the target's last")
+    p.add_argument("--init", default=None, help="continue from this saved head folder (a new schedule)")
     p.add_argument("--max-minutes", type=float, default=None, help="time budget; the schedule ends with it")
     p.add_argument("--eval-interval", type=int, default=d.eval_interval)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -313,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = EagleTrainConfig(
         args.steps, args.batch_size, args.window, args.ttt_steps, args.kl_rows, args.lr,
         args.intermediate_size, not args.no_init, EagleTrainConfig.noise, args.max_minutes,
-        args.eval_interval, args.seed,
+        args.eval_interval, args.seed, args.init,
     )  # fmt: skip
     try:
         train = load_conversations(args.data, target, "train")
