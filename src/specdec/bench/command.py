@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); > 0: sampled, the same seeds for every method")
     p.add_argument("--top-k", type=int, default=None, help="sampling: keep the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="sampling: keep the likeliest tokens up to this probability")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    p.add_argument("--dtype", default="auto", help="auto (a quantized GGUF file runs on its blocks on the CPU) | float32 | bfloat16 | float16 | quantized")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (a GPU where there is one, else the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<time>)")

@@ -354,7 +354,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     bar.close()
     rows = _with_speedups(rows + _overall(rows, methods))
     meta = machine_info()
-    meta["dtype"] = str(target.dtype).removeprefix("torch.")
+    meta["dtype"] = "quantized" if target.quantized else str(target.dtype).removeprefix("torch.")
     meta["target"] = _model_info(target)
     meta["draft"] = _draft_info(config.draft)
     meta["errors"] = errors

@@ -42,12 +42,16 @@ def add_model_arguments(p: argparse.ArgumentParser, parallel: bool = True) -> No
     """The target / drafter options; ``parallel``: with ``--parallel`` (subcommands that decode
     through :func:`build_generator`)."""
     p.add_argument("--target", default="demo-target", help="target folder or demo-target")
-    p.add_argument("--draft", default="demo-draft", help="draft model folder or demo-draft")
+    p.add_argument(
+        "--draft",
+        default=None,
+        help="draft model: a name, GGUF file or folder (drafters that need one default to demo-draft)",
+    )
     p.add_argument(
         "--drafter",
-        default="draft",
+        default="auto",
         choices=["none", *DRAFTERS],
-        help="drafting method (none = plain decoding)",
+        help="drafting method (none = plain decoding; auto = the best available for the target)",
     )
     p.add_argument("--num-draft-tokens", "-k", type=int, default=4, help="draft tokens per step (K)")
     p.add_argument("--tree-width", type=int, default=1, help="siblings per tree node (1 = a chain)")
@@ -58,7 +62,7 @@ def add_model_arguments(p: argparse.ArgumentParser, parallel: bool = True) -> No
         help="trained heads for early-exit / medusa / eagle (default: <target>/<method>)",
     )
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="every drafter but ngram: score drafts over the N most frequent tokens of the target's draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 | quantized (GGUF)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (a GPU where there is one, else the CPU)")
     p.add_argument(
         "--threads",
