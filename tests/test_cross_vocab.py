@@ -146,13 +146,15 @@ def test_drafters_that_need_the_target_vocabulary_still_refuse(pairs: dict[str, 
         make_drafter(name, target, draft=str(pairs["draft"]))
 
 
-def test_auto_does_not_pick_a_draft_with_another_tokenizer(pairs: dict[str, Path]) -> None:
-    """``auto`` picks a draft model only where it has the target's vocabulary: else ngram, which
-    also samples losslessly."""
+def test_auto_runs_the_draft_it_is_given_and_ngram_without_one(pairs: dict[str, Path]) -> None:
+    """``auto`` with a named draft runs it as ``draft`` does (through text where its tokenizer
+    differs); with none named, a target without trained heads gets ngram."""
     from specdec.drafters.ngram import NgramDrafter
 
     target = load_model(pairs["target"], dtype="float32")
-    assert isinstance(make_drafter("auto", target, draft=str(pairs["draft"])), NgramDrafter)
+    named = make_drafter("auto", target, draft=str(pairs["draft"]))
+    assert type(named) is type(make_drafter("draft", target, draft=str(pairs["draft"])))
+    assert isinstance(make_drafter("auto", target), NgramDrafter)
 
 
 def test_options_of_a_shared_vocabulary_are_refused(pairs: dict[str, Path]) -> None:

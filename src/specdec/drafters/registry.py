@@ -6,8 +6,12 @@ for the target, in this order:
 
 1. trained heads beside the target (``<target folder>/eagle``, then ``early-exit``, then
    ``medusa``): they draft from the target's own features and need no second model;
-2. a draft model with the target's vocabulary: ``draft`` (default: the shipped ``demo-draft``);
+2. the draft model named with ``draft=`` (``--draft``), as ``draft`` runs it (one with another
+   tokenizer drafts through text); a named draft is never dropped silently: where it cannot
+   draft for the target, an error says why;
 3. prompt lookup (``ngram``), which needs nothing and never refuses a target.
+
+Drafters that run a draft model use :data:`DEFAULT_DRAFT` where none is named.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ if TYPE_CHECKING:
     from specdec.drafters.vocab import DraftVocab
 
 
+DEFAULT_DRAFT = "demo-draft"  # the shipped code draft: drafts for demo-target
+
+
 @dataclass(frozen=True)
 class DrafterSpec:
     """What a drafter may be built from: the loaded target, a draft folder, K, dtype."""
 
     target: LoadedModel
-    draft: str = "demo-draft"
+    draft: str | None = None  # the draft model (name, GGUF file or folder); None: not named
     num_draft_tokens: int = 4
     dtype: str = "auto"
     heads: str | None = None  # trained heads folder (early-exit / medusa / eagle); default <target>/<method>
@@ -45,7 +52,7 @@ def _load_draft(spec: DrafterSpec, draft: LoadedModel | None = None) -> tuple[Lo
     from specdec.drafters.vocab import resolve_draft_vocab
 
     if draft is None:
-        draft = load_model(spec.draft, dtype=spec.dtype, device=str(spec.target.device))
+        draft = load_model(spec.draft or DEFAULT_DRAFT, dtype=spec.dtype, device=str(spec.target.device))
     check_compatible(spec.target, draft)  # (the draft vocabulary's ids are the target's)
     return draft, resolve_draft_vocab(spec.target, spec.draft_vocab, scorer=draft)
 
@@ -62,7 +69,7 @@ def _draft_any_vocab(spec: DrafterSpec) -> Drafter:
     text (:mod:`specdec.drafters.cross_vocab`; the other drafters need the target's vocabulary)."""
     from specdec.drafters.cross_vocab import cross_vocab_drafter
 
-    draft = load_model(spec.draft, dtype=spec.dtype, device=str(spec.target.device))
+    draft = load_model(spec.draft or DEFAULT_DRAFT, dtype=spec.dtype, device=str(spec.target.device))
     try:
         check_compatible(spec.target, draft)
     except ModelLoadError:
@@ -140,10 +147,9 @@ def _auto(spec: DrafterSpec) -> Drafter:
                 return DRAFTERS[method](replace(spec, heads=str(folder)))
             except ModelLoadError:  # heads for another method or another target: look further
                 continue
-    try:
-        return _draft_model(spec)
-    except (ModelLoadError, OSError):  # no such draft, or not the target's vocabulary
+    if spec.draft is None:  # no draft model named: nothing to load
         return _ngram(spec)
+    return _draft_any_vocab(spec)
 
 
 DRAFTERS: dict[str, Callable[[DrafterSpec], Drafter]] = {
@@ -173,7 +179,7 @@ def make_drafter(
 ) -> Drafter | None:
     """The drafter ``name`` (``auto``, ``draft``, ``ngram``, ... : :data:`DRAFTERS`) for ``target``.
 
-    ``draft``: the draft model (a name, GGUF file or folder; default ``demo-draft``) of the
+    ``draft``: the draft model (a name, GGUF file or folder; default :data:`DEFAULT_DRAFT`) of the
     drafters that run one; the other keywords as in :class:`DrafterSpec`, which may also be
     passed whole instead of ``target``. ``none`` gives None (plain decoding); unknown names
     and bad shapes raise ValueError, a draft that cannot be loaded ModelLoadError.
@@ -187,7 +193,7 @@ def make_drafter(
     else:
         spec = DrafterSpec(
             target,
-            draft if draft is not None else DrafterSpec.draft,
+            draft,
             num_draft_tokens,
             dtype,
             heads,

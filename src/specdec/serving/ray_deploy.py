@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m specdec.serving.ray_deploy", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    args.target, args.draft = _absolute(args.target), _absolute(args.draft)
+    args.target = _absolute(args.target)
+    args.draft = _absolute(args.draft) if args.draft else None
     ray.init(include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_application(args), name="specdec", route_prefix="/")
