@@ -236,13 +236,15 @@ def _run_training(args: argparse.Namespace, tokenizer_dir: Path, teacher: object
         model, state = load_checkpoint(args.out, device)
         print(f"resuming from step {state['step']} ({args.out / 'checkpoint'})")
     elif args.init is not None:
-        model, state = _init_model(args.init, tok).to(device), None
+        model, state = _init_model(args.init, tok), None
+        torch.nn.Module.to(model, device)  # in place (transformers' .to() has an odd signature for mypy)
         print(f"starting from the weights of {args.init} (its shape; a new optimizer and schedule)")
     else:
         shape = _shape(args)
         if shape.hidden_size % shape.num_heads or shape.num_heads % shape.num_kv_heads:
             raise UserError("--hidden-size must be a multiple of --num-heads, and heads of --num-kv-heads")
-        model, state = new_model(shape, tok, cfg.seed).to(device), None
+        model, state = new_model(shape, tok, cfg.seed), None
+        torch.nn.Module.to(model, device)  # in place (transformers' .to() has an odd signature for mypy)
     # The corpus is read once the model is settled, so a bad --init or shape fails at once.
     train_stream = pack_documents(_train_texts(args.max_files), tok)
     val_stream = pack_documents(read_split("validation"), tok)

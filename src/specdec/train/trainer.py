@@ -206,7 +206,8 @@ def load_checkpoint(out_dir: Path, device: torch.device) -> tuple[LlamaForCausal
         raise FileNotFoundError(f"no checkpoint to resume in {folder}")
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    torch.nn.Module.to(model, device)  # in place (transformers' own .to() has an odd signature for mypy)
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     return model, state
 
@@ -242,7 +243,7 @@ def train(
     step, elapsed_before = 0, 0.0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
-        step, elapsed_before = int(state["step"]), float(state["elapsed"])  # type: ignore[arg-type]
+        step, elapsed_before = int(str(state["step"])), float(str(state["elapsed"]))
         torch.set_rng_state(state["torch_rng"])  # type: ignore[arg-type]
         random.setstate(state["python_rng"])  # type: ignore[arg-type]
     budget = cfg.max_minutes * 60.0 if cfg.max_minutes else math.inf
@@ -288,10 +289,8 @@ def train(
             val = evaluate_loss(model, val_stream, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
             val_losses.append((step, val))
             tokens = step * cfg.batch_size * cfg.seq_len
-            write(
-                {"step": step, "tokens": tokens, "seconds": round(elapsed(), 1), "lr": lr, "val_loss": val}
-                | shown
-            )
+            record: dict[str, object] = {"step": step, "tokens": tokens, "seconds": round(elapsed(), 1)}
+            write(record | {"lr": lr, "val_loss": val} | shown)
             bar.write(
                 f"step {step}: val_loss {val:.4f} train {shown} ({tokens} tokens, {elapsed() / 60:.1f} min)"
             )
