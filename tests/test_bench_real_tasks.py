@@ -144,3 +144,24 @@ def test_tasks_all_means_the_chat_suite() -> None:
     config = bench_config(parser.parse_args(["--tasks", "all", "--methods", "plain"]))
     assert config.tasks == REAL_TASKS and config.num_prompts is None
     assert bench_config(parser.parse_args(["--methods", "plain"])).tasks == ()  # chosen by the target
+
+
+def test_chat_prompts_decode_as_many_tokens_as_plain_takes_to_end_its_reply(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Greedy chat rows decode plain's reply length (end-of-turn token included) for every method,
+    # not max_new_tokens past the end of the reply; other tasks keep their fixed count.
+    import specdec.engine.chat
+    from specdec import SpeculativeGenerator, load_model
+    from specdec.bench.methods import SpecdecMethod
+    from specdec.bench.runner import _reply_length
+    from specdec.bench.tasks import Task
+
+    demo = load_model("demo-target", dtype="float32")
+    plain = SpecdecMethod("plain", SpeculativeGenerator(demo))
+    prompt = tuple(demo.tokenizer.encode("def add(a, b):\n    return a + b\n"))
+    free = plain.generator.generate(list(prompt), max_new_tokens=64, ignore_eos=True).token_ids
+    end = free[10]  # stands in for the end-of-turn token: plain first emits it at index free.index(end)
+    monkeypatch.setattr(specdec.engine.chat, "end_of_turn_ids", lambda tokenizer: frozenset([end]))
+    fixed = Task("code", (prompt,), 64, ("x",))
+    chat = Task("qa", (prompt,), 64, ("x",), ends_with_reply=True)
+    assert _reply_length(plain, fixed, prompt) == 64
+    assert _reply_length(plain, chat, prompt) == free.index(end) + 1 <= 11

@@ -285,6 +285,21 @@ def _llama_cpp_info(bin_dir: Path, model: Path) -> dict[str, Any]:
     return info
 
 
+def _reply_length(plain: object, task: Task, prompt: tuple[int, ...]) -> int:
+    """Tokens every method decodes for ``prompt``: plain greedy decoding's reply up to and
+    including its end-of-turn token for chat tasks (``Task.ends_with_reply``; at least 1), else
+    the task's fixed count. Untimed."""
+    if not task.ends_with_reply or not isinstance(plain, SpecdecMethod):
+        return task.max_new_tokens
+    from specdec.engine.chat import end_of_turn_ids
+
+    generator = plain.generator
+    tokenizer = generator.target.tokenizer
+    stops = end_of_turn_ids(tokenizer) if tokenizer is not None else frozenset()
+    out = generator.generate(list(prompt), max_new_tokens=task.max_new_tokens, stop_token_ids=stops)
+    return min(task.max_new_tokens, len(out.token_ids) + (out.finish_reason != "length"))
+
+
 def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     """Load the models, build the tasks and methods, time everything."""
     from tqdm import tqdm
@@ -331,6 +346,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
         cells = {name: _Cell(error=errors.get(name)) for name in methods}
         reference: dict[int, list[int]] = {}
         for i, prompt in enumerate(task.prompts):
+            new_tokens = _reply_length(built["plain"], task, prompt) if config.greedy else task.max_new_tokens
             for r in range(config.runs):
                 seed = 1000 * i + r  # the same seeds for every method
                 for name, method in built.items():
@@ -340,9 +356,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
                         continue
                     bar.set_postfix_str(f"{task.name}/{name}")
                     try:
-                        run = method.generate(
-                            list(prompt), task.max_new_tokens, config.sampling, seed, text=task.text(i)
-                        )
+                        run = method.generate(list(prompt), new_tokens, config.sampling, seed, text=task.text(i))
                     except Exception as e:
                         cell.error = f"{type(e).__name__}: {e}"
                         continue

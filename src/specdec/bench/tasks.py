@@ -46,6 +46,10 @@ class Task:
     sources: tuple[str, ...]  # where each prompt comes from (file / function)
     cut: tuple[str, ...] = ()  # the sources of prompts cut to fit the context, with how much
     texts: tuple[str | None, ...] = ()  # each prompt as text where known (peers that tokenize themselves)
+    # Chat prompts: greedy runs decode as many tokens as plain decoding takes to end its reply (the
+    # end-of-turn token), not max_new_tokens regardless: text past the end of a reply degenerates
+    # into repetition, which would flatter drafters that copy.
+    ends_with_reply: bool = False
 
     def text(self, i: int) -> str | None:
         """Prompt ``i`` as text, or None where only its token ids are known."""
@@ -196,7 +200,9 @@ def real_task(
         texts.append(text if len(ids) <= room else None)  # a cut prompt has no exact text
         if len(ids) > room:
             cut.append(f"{record.id} (its last {room} of {len(ids)} tokens)")
-    return Task(name, tuple(prompts), new_tokens, tuple(r.id for r in records), tuple(cut), tuple(texts))
+    return Task(
+        name, tuple(prompts), new_tokens, tuple(r.id for r in records), tuple(cut), tuple(texts), ends_with_reply=True
+    )
 
 
 def default_tasks(target_path: Path, tokenizer) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
