@@ -1,7 +1,10 @@
 """Plain greedy decoding speed of SmolLM2 Q4_1: specdec on the file's blocks, float32 and bfloat16,
-next to llama.cpp's ``llama-bench`` tg128 on the same file, alternated in rounds (a noisy machine).
+next to llama.cpp's ``llama-bench`` tg128 on the same file and (``--hf``) Hugging Face
+``generate`` on the same file dequantized, alternated in rounds (a noisy machine); one JSON line
+of every value at the end.
 
-    python scripts/quant_race.py --threads 1 --rounds 3 --llama-cpp ~/.cache/specdec/llama.cpp/build/bin
+    python scripts/quant_race.py --threads 1 --rounds 3 --hf float32,bfloat16 \
+        --llama-cpp ~/.cache/specdec/llama.cpp/build/bin
 """
 
 from __future__ import annotations
@@ -32,28 +35,46 @@ def llama_tok_s(binaries: Path, path: Path, threads: int) -> float:
     return float(json.loads(text[text.index("[") :])[0]["avg_ts"])
 
 
+def hf_tok_s(model, threads: int) -> float:  # type: ignore[no-untyped-def]
+    """Hugging Face ``generate``'s tok/s for 128 greedy tokens after a one-token prompt."""
+    import time
+
+    ids = torch.tensor([[1]])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False, pad_token_id=0)
+    return (out.shape[1] - 1) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/specdec/llama.cpp/build/bin")
     parser.add_argument("--dtypes", default="quantized,float32,bfloat16")
+    parser.add_argument("--hf", default="", help="Hugging Face dtypes to time too, e.g. float32,bfloat16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = sources.smollm2_path()
     models = {dtype: specdec.load_model(path, dtype=dtype) for dtype in args.dtypes.split(",")}
     for model in models.values():
         specdec_tok_s(model)  # warm up
-    results: dict[str, list[float]] = {"llama.cpp": [], **{name: [] for name in models}}
+    from specdec.bench.methods import load_hf
+
+    hf = {f"hf-{d}": load_hf(str(path), getattr(torch, d), torch.device("cpu")) for d in args.hf.split(",") if d}
+    results: dict[str, list[float]] = {"llama.cpp": [], **{name: [] for name in models}, **{n: [] for n in hf}}
     for _ in range(args.rounds):
         results["llama.cpp"].append(llama_tok_s(args.llama_cpp, path, args.threads))
         for name, model in models.items():
             results[name].append(specdec_tok_s(model))
+        for name, hf_model in hf.items():
+            results[name].append(hf_tok_s(hf_model, args.threads))
     for name, values in results.items():
         print(f"threads={args.threads} {name:10s} tok/s " + " ".join(f"{v:6.1f}" for v in values))
-    for name in models:
+    for name in [*models, *hf]:
         ratios = [a / b for a, b in zip(results[name], results["llama.cpp"], strict=True)]
         print(f"threads={args.threads} {name:10s} / llama.cpp: {min(ratios):.2f}-{max(ratios):.2f}x")
+    print(json.dumps({"threads": args.threads, "tok_s": results}))
 
 
 if __name__ == "__main__":
