@@ -48,7 +48,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 def _streamed(chunk: type[Completion | ChatCompletionChunk]) -> dict[int | str, dict[str, Any]]:
     """The 200 answer's two media types: JSON, or (``stream``) server-sent events of ``chunk``."""
     events = {
-        "schema": {"type": "string"},
+        # One server-sent event (OpenAPI before 3.2: the schema of a text/event-stream describes
+        # each event): its data is a chunk's JSON, or [DONE] at the end.
+        "schema": {
+            "type": "object",
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+            "required": ["data"],
+        },
         "example": f"data: {{...{chunk.__name__} JSON...}}\n\ndata: [DONE]\n\n",
     }
     return {200: {"content": {"text/event-stream": events}}, **_ERRORS}
