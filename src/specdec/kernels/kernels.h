@@ -319,34 +319,46 @@ struct FlushDenormals {
   ~FlushDenormals() { _mm_setcsr(saved); }
 };
 
-// y (M, N) = x (M, K) @ W (N, K)^T, each block multiplying as Step does (FmaStep, DotStep or
-// DotFmaStep).
-template <typename Step, typename W>
-void run(const typename Step::X* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) {
-  // Tiles of weight rows small enough to stay in L2 while every 8-row chunk of x passes over them,
-  // and one tile per thread where that leaves each at least 32 KB of weights: a matrix smaller
-  // than one L2 tile (the demo target's o_proj and down_proj, 256 rows) would otherwise run on
-  // one thread, and on many cores tiny tiles would cost more to hand out than to compute.
-  // (Which rows share a tile or a block does not change any output's bits.)
-  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(W));
+// Weight rows per tile of a product over N rows of `row_bytes` each: small enough to stay in L2
+// while every 8-row chunk of x passes over them, and one tile per thread where that leaves each
+// at least 32 KB of weights: a matrix smaller than one L2 tile (the demo target's o_proj and
+// down_proj, 256 rows) would otherwise run on one thread, and on many cores tiny tiles would cost
+// more to hand out than to compute. (Which rows share a tile or a block does not change any
+// output's bits.)
+inline int64_t weight_tile(int64_t N, int64_t row_bytes) {
   int64_t tile = std::max<int64_t>(8, (192 * 1024) / row_bytes);
   const int64_t threads = at::get_num_threads();
   if (threads > 1) {
     const int64_t per_thread = ((N + threads - 1) / threads + 7) / 8 * 8;
     tile = std::min(tile, std::max({int64_t{8}, (32 * 1024) / row_bytes, per_thread}));
   }
+  return tile;
+}
+
+// chunk(m0, mc) for rows [m0, m0 + mc) of M rows of x, in chunks of <= kChunkRows rows as even
+// as possible (each chunk shares one read of a tile of weights).
+template <typename Chunk>
+inline void for_each_chunk(int64_t M, Chunk&& chunk) {
+  for (int64_t m0 = 0, left = M; left > 0;) {
+    const int64_t chunks = (left + kChunkRows - 1) / kChunkRows;
+    const int64_t mc = (left + chunks - 1) / chunks;
+    chunk(m0, mc);
+    m0 += mc;
+    left -= mc;
+  }
+}
+
+// y (M, N) = x (M, K) @ W (N, K)^T, each block multiplying as Step does (FmaStep, DotStep or
+// DotFmaStep).
+template <typename Step, typename W>
+void run(const typename Step::X* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) {
+  const int64_t tile = weight_tile(N, K * static_cast<int64_t>(sizeof(W)));
   at::parallel_for(0, N, tile, [&](int64_t begin, int64_t end) {
     std::optional<FlushDenormals> flush;
     if constexpr (std::is_same_v<typename Step::X, at::BFloat16>) flush.emplace();
     for (int64_t t0 = begin; t0 < end; t0 += tile) {
       const int64_t t1 = std::min(end, t0 + tile);
-      for (int64_t m0 = 0, left = M; left > 0;) {  // chunks of <= kChunkRows rows, as even as possible
-        const int64_t chunks = (left + kChunkRows - 1) / kChunkRows;
-        const int64_t mc = (left + chunks - 1) / chunks;
-        rows_any<Step>(mc, x + m0 * K, K, w, t0, t1, y + m0 * N, N);
-        m0 += mc;
-        left -= mc;
-      }
+      for_each_chunk(M, [&](int64_t m0, int64_t mc) { rows_any<Step>(mc, x + m0 * K, K, w, t0, t1, y + m0 * N, N); });
     }
   });
 }

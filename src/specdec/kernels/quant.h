@@ -306,8 +306,8 @@ void rows_any(int64_t M, const float* x, const float* xs, int64_t K, const uint8
   }
 }
 
-// y (M, N) = x (M, K) @ W (N, K)^T for W in format F: tiles of weight rows per thread as
-// kernels.h's run(), chunks of <= kChunkRows rows of x sharing each read of a tile.
+// y (M, N) = x (M, K) @ W (N, K)^T for W in format F: the tiles and row chunks of kernels.h's
+// run() (weight_tile, for_each_chunk).
 template <typename F>
 void run(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
   const int64_t row_bytes = K / F::kBlock * F::kBytes, blocks = K / F::kBlock;
@@ -321,22 +321,14 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, floa
       _mm256_storeu_ps(xs.data() + i * 8, sum);
     }
   }
-  int64_t tile = std::max<int64_t>(8, (192 * 1024) / row_bytes);
-  const int64_t threads = at::get_num_threads();
-  if (threads > 1) {
-    const int64_t per_thread = ((N + threads - 1) / threads + 7) / 8 * 8;
-    tile = std::min(tile, std::max({int64_t{8}, (32 * 1024) / row_bytes, per_thread}));
-  }
+  const int64_t tile = weight_tile(N, row_bytes);
   at::parallel_for(0, N, tile, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = begin; t0 < end; t0 += tile) {
       const int64_t t1 = std::min(end, t0 + tile);
-      for (int64_t m0 = 0, left = M; left > 0;) {
-        const int64_t chunks = (left + kChunkRows - 1) / kChunkRows;
-        const int64_t mc = (left + chunks - 1) / chunks;
-        rows_any<F>(mc, x + m0 * K, xs.empty() ? nullptr : xs.data() + m0 * blocks * 8, K, w, row_bytes, t0, t1, y + m0 * N, N);
-        m0 += mc;
-        left -= mc;
-      }
+      for_each_chunk(M, [&](int64_t m0, int64_t mc) {
+        const float* sums = xs.empty() ? nullptr : xs.data() + m0 * blocks * 8;
+        rows_any<F>(mc, x + m0 * K, sums, K, w, row_bytes, t0, t1, y + m0 * N, N);
+      });
     }
   });
 }
