@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def set_options():  # type: ignore[no-untyped-def]
 
     saved = options.get_options()
     yield options.set_options
-    options.set_options(**{f: getattr(saved, f) for f in saved.__dataclass_fields__})
+    options.set_options(**dataclasses.asdict(saved))
 
 
 @pytest.fixture(scope="session")

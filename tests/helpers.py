@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from specdec.models import LoadedModel, load_model
+
 
 def save_tiny_llama(
     folder: Path,
@@ -104,3 +106,12 @@ def random_head(method: str, target, seed: int, **settings):  # type: ignore[no-
                 p.fill_(1.0 if "norm" in name else 0.0)
     return head.eval().requires_grad_(False)
 
+
+
+def small_vocab_trio(folder: Path) -> dict[str, LoadedModel]:
+    """An 8-token target, a draft close to it (``near``) and an unrelated one (``far``), float32:
+    vocabularies small enough to enumerate exact distributions."""
+    target = save_tiny_llama(folder / "t", vocab_size=8, hidden_size=32, init_std=0.6, seed=3)
+    near = save_tiny_llama(folder / "near", vocab_size=8, hidden_size=32, base=target, noise=0.2, seed=4)
+    far = save_tiny_llama(folder / "far", vocab_size=8, hidden_size=32, num_layers=1, init_std=0.6, seed=5)
+    return {name: load_model(p, dtype="float32") for name, p in [("target", target), ("near", near), ("far", far)]}

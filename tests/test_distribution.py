@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import accept_every_draft, needs_kernels, save_tiny_llama
-from specdec import DraftModelDrafter, SpeculativeGenerator, load_model
+from helpers import accept_every_draft, needs_kernels, small_vocab_trio
+from specdec import DraftModelDrafter, SpeculativeGenerator
 from specdec.losslessness import exact_two_token_joint, goodness_of_fit, sample_two_tokens
 from specdec.sampling import SamplingParams
 
@@ -20,13 +20,7 @@ N = 1500
 
 @pytest.fixture(scope="module")
 def small_vocab(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vocab8")
-    target = save_tiny_llama(d / "t", vocab_size=8, hidden_size=32, init_std=0.6, seed=3)
-    near = save_tiny_llama(d / "near", vocab_size=8, hidden_size=32, base=target, noise=0.2, seed=4)
-    far = save_tiny_llama(d / "far", vocab_size=8, hidden_size=32, num_layers=1, init_std=0.6, seed=5)
-    return {
-        name: load_model(p, dtype="float32") for name, p in [("target", target), ("near", near), ("far", far)]
-    }
+    return small_vocab_trio(tmp_path_factory.mktemp("vocab8"))
 
 
 SETTINGS = [

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import accept_every_draft, save_tiny_llama
-from specdec import DraftModelDrafter, SpeculativeGenerator, load_model, make_drafter
+from helpers import accept_every_draft, save_tiny_llama, small_vocab_trio
+from specdec import DraftModelDrafter, SpeculativeGenerator, make_drafter
 from specdec.engine.parallel import ParallelSpeculation
 from specdec.losslessness import exact_two_token_joint, goodness_of_fit
 from specdec.sampling import SamplingParams
@@ -83,13 +83,7 @@ OFFSET = 2  # the pair tested is the 3rd and 4th generated token
 
 @pytest.fixture(scope="module")
 def small_vocab(tmp_path_factory):
-    d = tmp_path_factory.mktemp("parallel-vocab8")
-    target = save_tiny_llama(d / "t", vocab_size=8, hidden_size=32, init_std=0.6, seed=3)
-    near = save_tiny_llama(d / "near", vocab_size=8, hidden_size=32, base=target, noise=0.2, seed=4)
-    far = save_tiny_llama(d / "far", vocab_size=8, hidden_size=32, num_layers=1, init_std=0.6, seed=5)
-    return {
-        name: load_model(p, dtype="float32") for name, p in [("target", target), ("near", near), ("far", far)]
-    }
+    return small_vocab_trio(tmp_path_factory.mktemp("parallel-vocab8"))
 
 
 def exact_later_pair(target, params: SamplingParams) -> np.ndarray:  # type: ignore[no-untyped-def]

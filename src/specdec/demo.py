@@ -21,6 +21,7 @@ from rich.console import Console
 from specdec.commands.chat import ReplyPrinter, color_system_of, legend
 from specdec.commands.common import add_model_arguments
 from specdec.engine import SpecStats, SpeculativeGenerator
+from specdec.engine.generator import GenerationStream
 
 Messages = list[dict[str, str]]
 
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompts = list(code_prompts(args.num_prompts))
 
-    def answer(gen: SpeculativeGenerator, prompt: Messages | str, max_new_tokens: int):  # type: ignore[no-untyped-def]
+    def answer(gen: SpeculativeGenerator, prompt: Messages | str, max_new_tokens: int) -> GenerationStream:
         if isinstance(prompt, list):
             return gen.chat_stream(prompt, max_new_tokens=max_new_tokens)
         return gen.stream(prompt, max_new_tokens=max_new_tokens)

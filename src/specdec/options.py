@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +66,7 @@ class Options:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | os._Environ[str] | None = None) -> Options:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Options:
         """The defaults, overridden by ``SPECDEC_*`` environment variables where they are set."""
         env = os.environ if environ is None else environ
         kernels = env.get("SPECDEC_CPU_KERNELS", "auto").strip().lower()

@@ -182,11 +182,10 @@ def quantized_matrices(tensors: list[TensorInfo]) -> bool:
     return bool(matrices) and all(t.type_name in KERNEL_FORMATS for t in matrices)
 
 
-def read_blocks(tensor: TensorInfo) -> QuantWeight:
-    """A 2-D GGUF tensor in a kernel format as its blocks ``(N, row_bytes)``, copied out of the file."""
-    N, K = tensor.shape
-    blocks = torch.from_numpy(np.array(tensor.data).reshape(N, -1))  # (N, row_bytes) uint8
-    return QuantWeight(blocks, quant_type(tensor.type_name), (N, K))
+def read_blocks(tensor: TensorInfo) -> torch.Tensor:
+    """A 2-D GGUF tensor in a kernel format as its blocks, ``(N, row_bytes)`` uint8, copied out of the file."""
+    N, _ = tensor.shape
+    return torch.from_numpy(np.array(tensor.data).reshape(N, -1))
 
 
 def quant_type(type_name: str) -> int:
@@ -216,7 +215,7 @@ def load_gguf(path: Path, dtype: torch.dtype, quantized: bool | None = False) ->
         if name is None:
             raise ModelLoadError(f"{path}: unexpected tensor {tensor.name!r} for a {cfg.model_type} model")
         keep = quantized and len(tensor.shape) == 2 and tensor.type_name in KERNEL_FORMATS
-        value = read_blocks(tensor).blocks if keep else read_tensor(tensor, path)  # blocks: (N, row_bytes)
+        value = read_blocks(tensor) if keep else read_tensor(tensor, path)  # blocks: (N, row_bytes)
         if permuted and ".q_proj." in name:
             value = unpermute_rows(value, cfg.num_attention_heads)  # blocks are row-wise: rows move whole
         elif permuted and ".k_proj." in name:
