@@ -91,7 +91,9 @@ def random_blocks(type_name: str, n_blocks: int, rng: np.random.Generator) -> np
     qtype = gguf.GGMLQuantizationType[type_name]
     _, type_size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
-    scale_at = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+    scale_at = {
+        "Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+    }  # fmt: skip
     for at in scale_at[type_name]:
         raw[:, at : at + 2] = (rng.standard_normal((n_blocks, 1)) * 0.05).astype(np.float16).view(np.uint8)
     return raw

@@ -25,7 +25,9 @@ needs_kernel = pytest.mark.skipif(
 )
 NAMES = [name for name, _, _ in FORMATS.values()]
 # Byte offsets of the fp16 scale fields in each format's block (the rest may be any bytes).
-HALF_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+HALF_FIELDS = {
+    "Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+}  # fmt: skip
 
 
 def random_weight(name: str, N: int, K: int, seed: int) -> QuantWeight:
@@ -61,7 +63,7 @@ def test_dequantization_equals_gguf_exactly(name):
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_weights_quantized_by_gguf_dequantize_exactly(name):
     weight = torch.randn(64, 320, generator=torch.Generator().manual_seed(2))
     qweight = QuantWeight.quantize(weight, name)
@@ -146,8 +148,8 @@ def test_bfloat16_rows_come_back_in_bfloat16():
 
 
 def test_malformed_weights_are_refused_with_one_clear_error():
-    with pytest.raises(ValueError, match="no kernel for GGML type 6"):
-        QuantWeight(torch.zeros(4, 22, dtype=torch.uint8), 6, (4, 32))
+    with pytest.raises(ValueError, match="no kernel for GGML type 9"):  # Q8_1
+        QuantWeight(torch.zeros(4, 36, dtype=torch.uint8), 9, (4, 32))
     with pytest.raises(ValueError, match="whole blocks of 256"):
         QuantWeight(torch.zeros(4, 144, dtype=torch.uint8), 12, (4, 128))
     with pytest.raises(ValueError, match=r"contiguous uint8 \(4, 20\)"):

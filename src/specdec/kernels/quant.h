@@ -8,8 +8,8 @@
 // Each format's decode() turns one block into float32 vectors of 8 weights, in column order, with
 // exactly the operations of the `gguf` library's dequantize (same float32 roundings; no FMA
 // contraction, see exact_mul): the dequantizer gives the file's weights bit for bit. The K-quant
-// products multiply those weights; the 32-weight formats (Q8_0, Q4_0, Q4_1) sum d * (x . q)
-// (+ m * sum x) per block instead (block()'s comment), the same function up to float32
+// products multiply those weights; the 32-weight formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) sum
+// d * (x . q) (+ m * sum x) per block instead (block()'s comment), the same function up to float32
 // rounding. Every output y[m, n] is one chain of the same float32 operations in column order and
 // one hsum, as in kernels.h: the result of a row does not depend on how many rows share the pass
 // (batch invariance) nor on the thread count.
@@ -33,7 +33,7 @@ namespace specdec {
 namespace quant {
 
 // GGML type ids (gguf.GGMLQuantizationType).
-enum Type : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+enum Type : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
 inline float half(const uint8_t* p) {
   uint16_t h;
@@ -100,6 +100,50 @@ struct Q4_1 {
     q[1] = to_float(low4(v1));
     q[2] = to_float(_mm256_srli_epi32(v0, 4));
     q[3] = to_float(_mm256_srli_epi32(v1, 4));
+  }
+};
+
+// The 32 five-bit quants of a Q5_0 / Q5_1 block as integer vectors: low 4 bits as Q4_0's nibbles
+// in qs[16], the fifth bit of weight i bit i of the little-endian uint32 at qh.
+__attribute__((always_inline)) inline void five_bits(const uint8_t* qh, const uint8_t* qs, __m256i (&q)[4]) {
+  uint32_t high;
+  std::memcpy(&high, qh, 4);
+  const __m256i bits = _mm256_set1_epi32(static_cast<int>(high)), one = _mm256_set1_epi32(1);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i v0 = bytes8(qs), v1 = bytes8(qs + 8);  // qs[0..7], qs[8..15]
+  const __m256i low[4] = {low4(v0), low4(v1), _mm256_srli_epi32(v0, 4), _mm256_srli_epi32(v1, 4)};
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {  // weights 8j .. 8j + 7: bits 8j .. 8j + 7 of qh
+    const __m256i fifth = _mm256_and_si256(_mm256_srlv_epi32(bits, _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * j))), one);
+    q[j] = _mm256_or_si256(low[j], _mm256_slli_epi32(fifth, 4));
+  }
+}
+
+// Q5_0: 32 weights in 22 bytes: fp16 d, uint8 qh[4], uint8 qs[16] (five_bits). w = d * (q - 16).
+struct Q5_0 {
+  static constexpr int64_t kBlock = 32, kBytes = 22;
+  static constexpr bool kMin = false;
+  static __m256 scale(const uint8_t* b) { return _mm256_set1_ps(half(b)); }
+  static __m256 min(const uint8_t*) { return _mm256_setzero_ps(); }
+  __attribute__((always_inline)) static void quants(const uint8_t* b, __m256 (&q)[4]) {
+    __m256i v[4];
+    five_bits(b + 2, b + 6, v);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) q[j] = to_float(_mm256_sub_epi32(v[j], _mm256_set1_epi32(16)));
+  }
+};
+
+// Q5_1: 32 weights in 24 bytes: fp16 d, fp16 m, uint8 qh[4], uint8 qs[16] (five_bits). w = d * q + m.
+struct Q5_1 {
+  static constexpr int64_t kBlock = 32, kBytes = 24;
+  static constexpr bool kMin = true;
+  static __m256 scale(const uint8_t* b) { return _mm256_set1_ps(half(b)); }
+  static __m256 min(const uint8_t* b) { return _mm256_set1_ps(half(b + 2)); }
+  __attribute__((always_inline)) static void quants(const uint8_t* b, __m256 (&q)[4]) {
+    __m256i v[4];
+    five_bits(b + 4, b + 8, v);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) q[j] = to_float(v[j]);
   }
 };
 
@@ -351,6 +395,8 @@ inline int64_t row_bytes(int64_t type, int64_t K) {
     case kQ8_0: return K / Q8_0::kBlock * Q8_0::kBytes;
     case kQ4_0: return K / Q4_0::kBlock * Q4_0::kBytes;
     case kQ4_1: return K / Q4_1::kBlock * Q4_1::kBytes;
+    case kQ5_0: return K / Q5_0::kBlock * Q5_0::kBytes;
+    case kQ5_1: return K / Q5_1::kBlock * Q5_1::kBytes;
     case kQ4_K: return K / Q4_K::kBlock * Q4_K::kBytes;
     case kQ5_K: return K / Q5_K::kBlock * Q5_K::kBytes;
     case kQ6_K: return K / Q6_K::kBlock * Q6_K::kBytes;
@@ -362,13 +408,16 @@ inline int64_t block_size(int64_t type) {
   return type == kQ4_K || type == kQ5_K || type == kQ6_K ? 256 : 32;
 }
 
-// The format whose blocks take `bytes` bytes (each has its own size: 18, 20, 34, 144, 176, 210),
+// The format whose blocks take `bytes` bytes (each has its own size: 18, 20, 22, 24, 34, 144, 176,
+// 210),
 // or -1: how the one-call forward knows a weight given as uint8 (N, K / block, block_bytes).
 inline int64_t type_of_block(int64_t bytes) {
   switch (bytes) {
     case Q8_0::kBytes: return kQ8_0;
     case Q4_0::kBytes: return kQ4_0;
     case Q4_1::kBytes: return kQ4_1;
+    case Q5_0::kBytes: return kQ5_0;
+    case Q5_1::kBytes: return kQ5_1;
     case Q4_K::kBytes: return kQ4_K;
     case Q5_K::kBytes: return kQ5_K;
     case Q6_K::kBytes: return kQ6_K;
@@ -383,6 +432,8 @@ void dispatch(int64_t type, Fn&& f) {
     case kQ8_0: return f(Q8_0{});
     case kQ4_0: return f(Q4_0{});
     case kQ4_1: return f(Q4_1{});
+    case kQ5_0: return f(Q5_0{});
+    case kQ5_1: return f(Q5_1{});
     case kQ4_K: return f(Q4_K{});
     case kQ5_K: return f(Q5_K{});
     case kQ6_K: return f(Q6_K{});

@@ -1,12 +1,12 @@
 """Weights kept in GGUF's quantized block formats and multiplied as they are (quant.h).
 
 A :class:`QuantWeight` holds the raw blocks of an ``(N, K)`` weight as a GGUF file stores them
-(Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; layouts of llama.cpp's ``ggml-common.h``): 4.5-8.5 bits a
+(Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; layouts of llama.cpp's ``ggml-common.h``): 4.5-8.5 bits a
 weight instead of 32. :func:`quant_linear` multiplies 1..:data:`~specdec.kernels.MAX_ROWS` float32
 rows by it in the CPU kernels, reading every block once for all rows and dequantizing it in
 registers with float32 accumulation; the rows are never quantized. :func:`dequantize` gives the
 ``gguf`` library's weights bit for bit; a product differs from the product with them only by
-float32 rounding (Q8_0, Q4_0, Q4_1 sum ``d * (x . q) + m * sum(x)`` per block of 32). Each output
+float32 rounding (the formats of 32-weight blocks sum ``d * (x . q) + m * sum(x)`` per block). Each output
 is one chain of float32 operations in column order, so a K-row pass gives the bits of K one-row
 passes (batch invariance), with any thread count and in the AVX2 and AVX-512 builds alike. More rows
 (prefill) dequantize a chunk of weight rows at a time and take ``F.linear``.
@@ -32,6 +32,8 @@ from specdec import kernels
 FORMATS: dict[int, tuple[str, int, int]] = {
     2: ("Q4_0", 32, 18),
     3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
     8: ("Q8_0", 32, 34),
     12: ("Q4_K", 256, 144),
     13: ("Q5_K", 256, 176),
@@ -124,8 +126,8 @@ class QuantWeight:
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, qtype: int | str) -> QuantWeight:
-        """``weight`` (N, K) quantized with the ``gguf`` library (Q8_0, Q4_0, Q4_1: the formats
-        it can write)."""
+        """``weight`` (N, K) quantized with the ``gguf`` library (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1:
+        the formats it can write)."""
         from gguf import GGMLQuantizationType
         from gguf.quants import quantize
 

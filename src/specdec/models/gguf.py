@@ -177,7 +177,7 @@ KERNEL_FORMATS = {name for name, _, _ in FORMATS.values()}
 
 def quantized_matrices(tensors: list[TensorInfo]) -> bool:
     """Whether a GGUF file's large matrices (its decoder layers' products) are stored in block
-    formats the kernels run (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K): then it loads quantized by default."""
+    formats the kernels run (:data:`~specdec.kernels.quant.FORMATS`): then it loads quantized by default."""
     matrices = [t for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2]
     return bool(matrices) and all(t.type_name in KERNEL_FORMATS for t in matrices)
 

@@ -1,5 +1,5 @@
 """Dequantizers for the GGUF tensor types specdec loads: F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-Q4_K, Q5_K and Q6_K (the block layouts of ggml's ``ggml-common.h``).
+Q5_0, Q5_1, Q4_K, Q5_K and Q6_K (the block layouts of ggml's ``ggml-common.h``).
 
 Each function takes the raw blocks of one tensor as a ``uint8`` tensor ``(N, type_size)``
 (N blocks) and returns their values in float32 ``(N, block_size)``. Every product is taken
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-QK = 32  # weights per block of the legacy formats (Q8_0, Q4_0, Q4_1)
+QK = 32  # weights per block of the legacy formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)
 QK_K = 256  # weights per super-block of the K formats
 
 
@@ -68,6 +68,30 @@ def dequant_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])  # (N, 1) each
     q = _nibbles(blocks[:, 4:]).reshape(-1, QK).float()  # (N, 32)
     return d * q + m
+
+
+def _five_bits(blocks: torch.Tensor, qh: int) -> torch.Tensor:
+    """The 32 five-bit quants ``(N, 32)`` int16 of a Q5_0 / Q5_1 block: the low 4 bits as in Q4_0
+    (the 16 bytes after the 4 bytes of ``qh``, which starts at byte ``qh``), the fifth bit of
+    weight j bit j of the little-endian uint32 ``qh``."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    high = ((blocks[:, qh : qh + 4, None] >> shifts) & 1).reshape(-1, QK)  # (N, 32)
+    low = _nibbles(blocks[:, qh + 4 :]).reshape(-1, QK)  # (N, 32)
+    return (low | (high << 4)).to(torch.int16)
+
+
+def dequant_q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_0, 22 bytes per 32 weights: ``d`` (f16), ``qh`` (4 bytes: fifth bits), ``qs`` as in
+    Q4_0; ``w = d * (q - 16)``."""
+    d = _f16(blocks[:, :2])  # (N, 1)
+    return d * (_five_bits(blocks, 2) - 16).float()
+
+
+def dequant_q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_1, 24 bytes per 32 weights: ``d``, ``m`` (f16), ``qh``, ``qs`` as in Q5_0;
+    ``w = d * q + m``."""
+    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])  # (N, 1) each
+    return d * _five_bits(blocks, 4).float() + m
 
 
 def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +160,8 @@ DEQUANTIZERS: dict[str, tuple[int, int, Callable[[torch.Tensor], torch.Tensor]]]
     "Q8_0": (QK, 34, dequant_q8_0),
     "Q4_0": (QK, 18, dequant_q4_0),
     "Q4_1": (QK, 20, dequant_q4_1),
+    "Q5_0": (QK, 22, dequant_q5_0),
+    "Q5_1": (QK, 24, dequant_q5_1),
     "Q4_K": (QK_K, 144, dequant_q4_k),
     "Q5_K": (QK_K, 176, dequant_q5_k),
     "Q6_K": (QK_K, 210, dequant_q6_k),
