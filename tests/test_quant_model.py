@@ -18,12 +18,12 @@ import torch
 from gguf_support import finish, new_writer, permute_rows, random_blocks
 from helpers import save_tiny_llama
 from specdec import SpeculativeGenerator, kernels, load_model, make_drafter
-from specdec.kernels.quant import QuantEmbedding, QuantLinear
-from specdec.models import ModelLoadError
+from specdec.kernels.quant import QuantEmbedding, QuantLinear, QuantWeight
+from specdec.models import LoadedModel, ModelLoadError
 from specdec.models.gguf import quantized_matrices
 from specdec.models.gguf_file import read_gguf
 
-FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
+FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 CFG = {
     "num_hidden_layers": 2,
     "max_position_embeddings": 256,
@@ -42,7 +42,7 @@ needs_kernels = pytest.mark.skipif(kernels.load() is None, reason=f"no kernels h
 
 
 def blocks_of(type_name: str, weight: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``weight`` (N, K) quantized by the ``gguf`` library (Q8_0, Q4_0, Q4_1), or random blocks
+    """``weight`` (N, K) quantized by the ``gguf`` library (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), or random blocks
     with small scales for the K formats (the library has no quantizer for them)."""
     qtype = gguf.GGMLQuantizationType[type_name]
     if type_name.endswith("_K"):
@@ -136,11 +136,8 @@ def test_each_format_loads_quantized_and_matches_the_dequantized_model(
     assert_close_to_float32(logits_of(model, prefill), logits_of(reference, prefill))
 
 
-@needs_kernels
-@pytest.mark.parametrize("type_name", FORMATS)
-def test_a_k_token_pass_equals_k_one_token_passes_bitwise(tmp_path: Path, type_name: str) -> None:
-    model = load_model(write_quant_gguf(tmp_path / "m.gguf", type_name, seed=7, tied=False))
-    assert isinstance(model.module.lm_head, QuantLinear) and not model.config.tie_word_embeddings
+def assert_batch_invariant(model) -> None:  # type: ignore[no-untyped-def]
+    """A pass over the last tokens of PROMPT gives the bits of one-token passes over them."""
     prefix, new = PROMPT[:8], PROMPT[8:]
     with torch.inference_mode():
         cache = model.new_cache(1, 64)
@@ -153,6 +150,14 @@ def test_a_k_token_pass_equals_k_one_token_passes_bitwise(tmp_path: Path, type_n
             for i, tok in enumerate(new)
         ]
     assert torch.equal(together, torch.stack(one_by_one))
+
+
+@needs_kernels
+@pytest.mark.parametrize("type_name", FORMATS)
+def test_a_k_token_pass_equals_k_one_token_passes_bitwise(tmp_path: Path, type_name: str) -> None:
+    model = load_model(write_quant_gguf(tmp_path / "m.gguf", type_name, seed=7, tied=False))
+    assert isinstance(model.module.lm_head, QuantLinear) and not model.config.tie_word_embeddings
+    assert_batch_invariant(model)
 
 
 @needs_kernels
@@ -187,19 +192,81 @@ def test_the_module_path_runs_the_blocks_too(tmp_path: Path) -> None:
     assert_close_to_float32(module_path, one_call)
 
 
+MIXES = {  # base format, then the GGUF tensor kinds stored otherwise
+    # Q4_K_M as llama-quantize writes it: attn_v and ffn_down in Q6_K, the rest in Q4_K.
+    "q4_k_m": ("Q4_K", {"attn_v": "Q6_K", "ffn_down": "Q6_K", "token_embd": "Q8_0"}),
+    # gate and up apart too, and Q4_K_M's fallbacks for widths that are not whole blocks of 256.
+    "gate-up": ("Q5_0", {"attn_v": "Q8_0", "ffn_up": "Q4_1", "ffn_down": "Q6_K", "token_embd": "Q8_0"}),
+}
+
+
 @needs_kernels
-def test_mixed_formats_in_one_layer_run_on_the_module_path(tmp_path: Path) -> None:
-    # As Q4_K_M files store them: attn_v and ffn_down in Q6_K, the rest in Q4_K.
-    formats = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "token_embd": "Q8_0"}
-    path = write_quant_gguf(tmp_path / "m.gguf", "Q4_K", seed=5, formats=formats)
+@pytest.mark.parametrize("mix", MIXES)
+def test_mixed_formats_in_one_layer_run_on_the_one_call_forward(tmp_path: Path, mix: str) -> None:
+    base, formats = MIXES[mix]
+    path = write_quant_gguf(tmp_path / "m.gguf", base, seed=5, formats=formats)
     model = load_model(path)
+    module, layer = model.module, model.module.model.layers[0]
     with torch.no_grad():
-        assert model.quantized and not model.module.reuses_layers()  # q/k/v cannot be one matrix
-    assert model.module.model.layers[0].mlp.gate_up is not None  # gate/up share Q4_K: fused
-    assert_close_to_float32(logits_of(model, PROMPT), logits_of(load_model(path, dtype="float32"), PROMPT))
+        assert model.quantized and module.reuses_layers()  # the one-call forward runs the model
+    assert layer.self_attn.qkv is None  # q/k/v cannot be one matrix: k and v go as parts
+    weights = module._layer_weights
+    k_part, v_part, up_part = weights[7:10]
+    assert k_part is not None and v_part is not None and v_part.shape[-1] == (210 if base == "Q4_K" else 34)
+    assert (layer.mlp.gate_up is None) == (up_part is not None) == ("ffn_up" in formats)
+    assert len(weights) == kernels.LAYER_WEIGHTS * model.config.num_hidden_layers
+    reference = load_model(path, dtype="float32")
+    one_call = logits_of(model, PROMPT)
+    assert_close_to_float32(one_call, logits_of(reference, PROMPT))
+    prefill = [(7 * i) % 96 for i in range(45)]  # more than MAX_ROWS tokens: each part in chunks, BLAS
+    assert_close_to_float32(logits_of(model, prefill), logits_of(reference, prefill))
+    with torch.enable_grad():  # autograd on: the module path, each projection on its own
+        module_path = model(torch.tensor([PROMPT]), torch.arange(len(PROMPT)), model.new_cache(1, 64))[0]
+    assert_close_to_float32(one_call, module_path.detach())
+    assert_batch_invariant(model)
     plain = SpeculativeGenerator(model).generate(PROMPT, max_new_tokens=24).token_ids
-    spec = SpeculativeGenerator(model, make_drafter("ngram", model)).generate(PROMPT, max_new_tokens=24)
-    assert spec.token_ids == plain
+    for drafter in (
+        make_drafter("ngram", model),
+        make_drafter("draft", model, draft=str(path), num_draft_tokens=4),  # the target itself
+    ):
+        out = SpeculativeGenerator(model, drafter).generate(PROMPT, max_new_tokens=24)
+        assert out.token_ids == plain, type(drafter).__name__
+    assert out.stats.acceptance_rate == 1.0  # the one-call chain and the verify pass give the same bits
+
+
+@needs_kernels
+def test_q_k_v_parts_of_three_formats_add_their_biases_in_the_one_call_forward() -> None:
+    # Qwen2-style q/k/v biases on q, k, v in three formats: the bias goes to each part's columns.
+    from specdec.models.config import ModelConfig
+    from specdec.models.llama import Transformer
+
+    cfg = ModelConfig(
+        vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5, attention_bias=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    module = Transformer(cfg).eval()
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn_like(param) * 0.08)
+    kinds = {"q_proj": "Q4_0", "k_proj": "Q8_0", "v_proj": "Q5_1", "gate_proj": "Q5_0", "up_proj": "Q4_1"}
+    weights = {}
+    for i, layer in enumerate(module.decoder_layers()):
+        for parent, block in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+            for name, lin in block.named_children():
+                if name in kinds:
+                    qweight = QuantWeight.quantize(lin.weight, kinds[name])
+                    weights[f"model.layers.{i}.{parent}.{name}.weight"] = qweight
+    module.use_quantized(weights)
+    module.fuse()
+    with torch.no_grad():
+        assert module.reuses_layers() and module.model.layers[0].self_attn.q_proj.bias is not None
+    model = LoadedModel(module, cfg, None, Path("parts"))
+    one_call = logits_of(model, PROMPT)
+    with torch.enable_grad():  # the module path: each projection and its bias on its own
+        module_path = model(torch.tensor([PROMPT]), torch.arange(len(PROMPT)), model.new_cache(1, 64))[0]
+    assert_close_to_float32(one_call, module_path.detach())
+    assert_batch_invariant(model)
 
 
 def test_float_files_dequantize_and_dtype_quantized_is_for_gguf_only(tmp_path: Path) -> None:

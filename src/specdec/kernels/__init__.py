@@ -37,6 +37,10 @@ import torch.nn.functional as F
 from specdec.options import get_options
 
 MAX_ROWS = 32  # above this (prefill, training) the BLAS library is the better tool
+# Weights per decoder layer in the lists the one-call forward reads (DecoderLayer.kernel_weights,
+# forward.cpp's LayerWeight): input norm, q/k/v weight (or q), q/k/v bias, o_proj, post-attention
+# norm, gate/up weight (or gate), down_proj, then k, v and up where q/k/v or gate/up are parts.
+LAYER_WEIGHTS = 10
 _SOURCES = [Path(__file__).with_name(name) for name in ("ops.cpp", "forward.cpp", "quant.cpp")]
 _HEADERS = [Path(__file__).with_name(name) for name in ("kernels.h", "forward.h", "quant.h")]
 _lock = threading.Lock()
@@ -299,7 +303,7 @@ def decoder_layers(
     kv_len: int,
     begin: int,
     end: int,
-    weights: list[torch.Tensor | None],  # 7 per layer (see Transformer.fuse)
+    weights: list[torch.Tensor | None],  # LAYER_WEIGHTS per layer (see Transformer.fuse)
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
@@ -337,7 +341,7 @@ def model_forward(
     slots: torch.Tensor,  # (B, T)
     mask: torch.Tensor | None,  # (B, 1, T, kv_len) bool or None
     kv_len: int,
-    weights: list[torch.Tensor | None],  # 7 per layer (see Transformer.fuse)
+    weights: list[torch.Tensor | None],  # LAYER_WEIGHTS per layer (see Transformer.fuse)
     norm: torch.Tensor,  # (d,)
     lm_head: torch.Tensor,  # (V, d)
     num_logits: int,
@@ -420,7 +424,7 @@ def eagle_greedy(
     fc: torch.Tensor,  # (d, 2d)
     k_cache: torch.Tensor,  # (1, 1, Hkv, S, D) the head's cache
     v_cache: torch.Tensor,  # (1, 1, Hkv, S, D)
-    weights: list[torch.Tensor | None],  # the head's decoder layer, 7 (see Transformer.fuse)
+    weights: list[torch.Tensor | None],  # the head's decoder layer, LAYER_WEIGHTS (see Transformer.fuse)
     lm_head: torch.Tensor,  # (V, d), or (N, d): the rows of ids
     ids: torch.Tensor | None,  # (N,) token id of each lm_head row (a reduced draft vocabulary) or None
     num_heads: int,
@@ -475,7 +479,7 @@ def exit_greedy(
     embed: torch.Tensor,  # (V, d)
     k_cache: torch.Tensor,  # (L', 1, Hkv, S, D), L' >= num_layers
     v_cache: torch.Tensor,  # (L', 1, Hkv, S, D)
-    weights: list[torch.Tensor | None],  # the target's, 7 per layer (see Transformer.fuse)
+    weights: list[torch.Tensor | None],  # the target's, LAYER_WEIGHTS per layer (see Transformer.fuse)
     num_layers: int,
     exit_norm: torch.Tensor,  # (d,)
     exit_proj: torch.Tensor,  # (d, d)
@@ -503,7 +507,7 @@ def exit_sample(
     embed: torch.Tensor,  # (V, d)
     k_cache: torch.Tensor,  # (L', 1, Hkv, S, D)
     v_cache: torch.Tensor,  # (L', 1, Hkv, S, D)
-    weights: list[torch.Tensor | None],  # the target's, 7 per layer
+    weights: list[torch.Tensor | None],  # the target's, LAYER_WEIGHTS per layer
     num_layers: int,
     exit_norm: torch.Tensor,  # (d,)
     exit_proj: torch.Tensor,  # (d, d)

@@ -8,8 +8,10 @@
 // bfloat16 copies of its weights while reading half the bytes. A weight may also be kept in a GGUF
 // block format (quant.h), given as uint8 (N, K / block, block_bytes): decoding and verification
 // multiply the blocks as they are, prefill dequantizes chunks of rows for torch's BLAS, and an
-// embedding in blocks dequantizes the rows looked up. The KV cache is float32 or bfloat16 (the
-// model's dtype).
+// embedding in blocks dequantizes the rows looked up. A file may store q, k and v (or gate and up)
+// in different formats (Q4_K_M keeps v in Q6_K, q and k in Q4_K): their fused product then comes
+// as parts, each multiplied with its own format's kernel into its columns of the output
+// (FusedWeight). The KV cache is float32 or bfloat16 (the model's dtype).
 //
 // Batch invariance, which greedy equality with plain decoding rests on: every row (one token of
 // one sequence) goes through the same operations in the same order whatever the batch size B,
@@ -22,7 +24,9 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <initializer_list>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -32,6 +36,14 @@ namespace specdec {
 namespace {
 
 using Weights = c10::List<c10::optional<at::Tensor>>;
+
+// The weights of one decoder layer, in the order of the list the Python side passes
+// (DecoderLayer.kernel_weights): kLayerWeights per layer. The fused q/k/v weight (and bias), or
+// where q, k and v cannot be one matrix (different block formats) q alone with k and v in the
+// last slots; likewise gate/up, or gate alone with up in the last slot. Unused slots are None.
+enum LayerWeight : int64_t {
+  kInputNorm, kQkv, kQkvBias, kOProj, kPostNorm, kGateUp, kDown, kKPart, kVPart, kUpPart, kLayerWeights
+};
 
 // A weight in a GGUF block format: uint8 (N, K / block, block_bytes) (QuantWeight.kernel_view).
 inline bool quantized(const at::Tensor& w) { return w.scalar_type() == at::kByte; }
@@ -74,6 +86,34 @@ at::Tensor dense_cols(const at::Tensor& w, int64_t start, int64_t n) {
   });
   return out;
 }
+
+// A fused product's weight: one matrix, or parts (q, k, v or gate, up) whose outputs sit side by
+// side in the columns of the fused output, each part in its own format (float or blocks).
+struct FusedWeight {
+  std::vector<at::Tensor> parts;
+
+  // Slot `main` of layer l, followed by those of `extra` that are given (see LayerWeight).
+  FusedWeight(const Weights& weights, int64_t l, int64_t main, std::initializer_list<int64_t> extra) {
+    parts.push_back(weights.get(kLayerWeights * l + main).value());
+    for (const int64_t slot : extra) {
+      const c10::optional<at::Tensor> part = weights.get(kLayerWeights * l + slot);
+      if (part.has_value() && part->defined()) parts.push_back(*part);
+    }
+  }
+  int64_t out_features() const {
+    int64_t n = 0;
+    for (const at::Tensor& w : parts) n += w.size(0);
+    return n;
+  }
+  // The part that holds fused rows [start, start + n), and where they start in it (a range
+  // within one part: the MLP's chunks of gate rows and of up rows never straddle two).
+  std::pair<const at::Tensor&, int64_t> locate(int64_t start, int64_t n) const {
+    size_t i = 0;
+    while (i + 1 < parts.size() && start >= parts[i].size(0)) start -= parts[i++].size(0);
+    TORCH_CHECK(start + n <= parts[i].size(0), "specdec forward: a row range straddles two parts of a fused weight");
+    return {parts[i], start};
+  }
+};
 
 // The rows of `ids` (any shape) of an embedding table (V, d), float32 (..., d): a float table's
 // rows widened, a quantized one's dequantized (only those rows).
@@ -134,6 +174,31 @@ void linear(const float* x, int64_t M, const at::Tensor& w, const c10::optional<
   }
   if (b.has_value() && b->defined()) {
     const at::Tensor bias = b->to(at::kFloat).contiguous();
+    const float* bp = bias.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) y[m * N + n] += bp[n];
+  }
+}
+
+// y (M, N) = x (M, K) @ w (N, K)^T (+ b) for a fused weight: one linear() for one matrix; for
+// parts, each part's product (its own format's kernel) into a scratch buffer, copied into its
+// columns of y, then the bias. Each output is its part's product, so parts keep the batch
+// invariance of linear().
+void linear(const float* x, int64_t M, const FusedWeight& w, const c10::optional<at::Tensor>& b, float* y, bool few) {
+  if (w.parts.size() == 1) return linear(x, M, w.parts[0], b, y, few);
+  const int64_t N = w.out_features();
+  std::vector<float> part_out;
+  int64_t column = 0;
+  for (const at::Tensor& part : w.parts) {
+    const int64_t n = part.size(0);
+    part_out.resize(M * n);
+    linear(x, M, part, c10::nullopt, part_out.data(), few);
+    for (int64_t m = 0; m < M; ++m) std::copy_n(part_out.data() + m * n, n, y + m * N + column);
+    column += n;
+  }
+  if (b.has_value() && b->defined()) {
+    const at::Tensor bias = b->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == N, "specdec forward: the fused bias has ", bias.numel(), " values, the weight ", N, " rows");
     const float* bp = bias.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) y[m * N + n] += bp[n];
@@ -303,18 +368,27 @@ inline void silu_mul(const G* gate, const G* up, float* act, int64_t F) {
 // bfloat16 (linear, below).
 constexpr int64_t kMlpChunk = 1024;
 
-void mlp_prefill(const float* x, int64_t R, const at::Tensor& gate_up, const at::Tensor& down, float* y) {
+void mlp_prefill(const float* x, int64_t R, const FusedWeight& gate_up, const at::Tensor& down, float* y) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const int64_t F = gate_up.size(0) / 2;
-  const at::Tensor xs = at::from_blob(const_cast<float*>(x), {R, in_features(gate_up)}, f32);  // (R, d)
-  at::Tensor out = at::from_blob(y, {R, down.size(0)}, f32);                               // (R, d)
+  const int64_t F = gate_up.out_features() / 2;
+  const at::Tensor xs = at::from_blob(const_cast<float*>(x), {R, in_features(gate_up.parts[0])}, f32);  // (R, d)
+  at::Tensor out = at::from_blob(y, {R, down.size(0)}, f32);                                        // (R, d)
   out.zero_();
-  if (bf16_prefill(gate_up)) {
+  // Rows [start, start + n) of the fused gate/up weight: a view, or float32 rows (dense_rows).
+  auto narrow = [&](int64_t start, int64_t n) {
+    const auto [part, first] = gate_up.locate(start, n);
+    return part.narrow(0, first, n);
+  };
+  auto dense = [&](int64_t start, int64_t n) {
+    const auto [part, first] = gate_up.locate(start, n);
+    return dense_rows(part, first, n);
+  };
+  if (std::all_of(gate_up.parts.begin(), gate_up.parts.end(), [](const at::Tensor& w) { return bf16_prefill(w); })) {
     const at::Tensor rows = xs.to(at::kBFloat16);  // (R, d)
     for (int64_t c = 0; c < F; c += kMlpChunk) {
       const int64_t n = std::min(kMlpChunk, F - c);
-      const at::Tensor gate = at::mm(rows, gate_up.narrow(0, c, n).t());  // (R, n) bfloat16
-      const at::Tensor up = at::mm(rows, gate_up.narrow(0, F + c, n).t());  // (R, n) bfloat16
+      const at::Tensor gate = at::mm(rows, narrow(c, n).t());   // (R, n) bfloat16
+      const at::Tensor up = at::mm(rows, narrow(F + c, n).t());  // (R, n) bfloat16
       at::Tensor act = at::empty({R, n}, f32);                              // (R, n)
       for (int64_t r = 0; r < R; ++r)
         silu_mul(gate.data_ptr<at::BFloat16>() + r * n, up.data_ptr<at::BFloat16>() + r * n,
@@ -325,8 +399,8 @@ void mlp_prefill(const float* x, int64_t R, const at::Tensor& gate_up, const at:
   }
   for (int64_t c = 0; c < F; c += kMlpChunk) {
     const int64_t n = std::min(kMlpChunk, F - c);
-    const at::Tensor gate = at::mm(xs, dense_rows(gate_up, c, n).t());  // (R, n)
-    const at::Tensor up = at::mm(xs, dense_rows(gate_up, F + c, n).t());  // (R, n)
+    const at::Tensor gate = at::mm(xs, dense(c, n).t());   // (R, n)
+    const at::Tensor up = at::mm(xs, dense(F + c, n).t());  // (R, n)
     at::Tensor act = at::empty({R, n}, f32);                                           // (R, n)
     for (int64_t r = 0; r < R; ++r)
       silu_mul(gate.data_ptr<float>() + r * n, up.data_ptr<float>() + r * n, act.data_ptr<float>() + r * n, n);
@@ -460,32 +534,35 @@ void layers(float* h, const Dims& s, int64_t d, const int64_t* pos, const float*
     mask_rows = mask->to(at::kBool).expand({s.B, 1, s.T, s.kv_len}).contiguous();
     mask_ptr = mask_rows.data_ptr<bool>();
   }
-  const int64_t F2 = weights.get(7 * begin + 5).value().size(0);  // 2 x intermediate size
+  const int64_t F2 = FusedWeight(weights, begin, kGateUp, {kUpPart}).out_features();  // 2 x intermediate size
   std::vector<float> x(R * d), qkv(R * s.qkv()), att(R * s.H * s.D), tmp(R * d);
   std::vector<float> gate_up(few ? R * F2 : 0), act(few ? R * F2 / 2 : 0);  // prefill: mlp_prefill's chunks
   const RopeTable angles(s, pos, inv_freq);
   for (int64_t l = begin; l < end; ++l) {
-    auto wt = [&](int64_t i) -> at::Tensor { return weights.get(7 * l + i).value(); };
+    auto wt = [&](int64_t i) -> at::Tensor { return weights.get(kLayerWeights * l + i).value(); };
+    const FusedWeight qkv_weight(weights, l, kQkv, {kKPart, kVPart}), gate_up_weight(weights, l, kGateUp, {kUpPart});
+    TORCH_CHECK(qkv_weight.out_features() == s.qkv() && gate_up_weight.out_features() == F2,
+                "specdec forward: layer ", l, "'s q/k/v or gate/up weights do not fit the model");
     // attention block
-    norm_rows(h, R, d, wt(0), x.data(), eps);
-    linear(x.data(), R, wt(1), weights.get(7 * l + 2), qkv.data(), few);
+    norm_rows(h, R, d, wt(kInputNorm), x.data(), eps);
+    linear(x.data(), R, qkv_weight, weights.get(kLayerWeights * l + kQkvBias), qkv.data(), few);
     rope(qkv.data(), s, angles);
     write_cache<C>(qkv.data(), s, slots, k_cache, v_cache, l);
     if (few)
       attend_rows<C>(qkv.data(), s, mask_ptr, k_cache, v_cache, l, att.data());
     else
       attend_prefill(qkv.data(), s, mask, k_cache, v_cache, l, att.data());
-    linear(att.data(), R, wt(3), c10::nullopt, tmp.data(), few);
+    linear(att.data(), R, wt(kOProj), c10::nullopt, tmp.data(), few);
     for (int64_t i = 0; i < R * d; ++i) h[i] += tmp[i];
     // MLP block: down(silu(gate) * up)
-    norm_rows(h, R, d, wt(4), x.data(), eps);
+    norm_rows(h, R, d, wt(kPostNorm), x.data(), eps);
     if (few) {
-      linear(x.data(), R, wt(5), c10::nullopt, gate_up.data(), few);
+      linear(x.data(), R, gate_up_weight, c10::nullopt, gate_up.data(), few);
       const int64_t F = F2 / 2;
       for (int64_t r = 0; r < R; ++r) silu_mul(&gate_up[r * F2], &gate_up[r * F2 + F], &act[r * F], F);
-      linear(act.data(), R, wt(6), c10::nullopt, tmp.data(), few);
+      linear(act.data(), R, wt(kDown), c10::nullopt, tmp.data(), few);
     } else {
-      mlp_prefill(x.data(), R, wt(5), wt(6), tmp.data());
+      mlp_prefill(x.data(), R, gate_up_weight, wt(kDown), tmp.data());
     }
     for (int64_t i = 0; i < R * d; ++i) h[i] += tmp[i];
   }
@@ -514,9 +591,10 @@ void run_layers(float* h, const Dims& s, int64_t d, const at::Tensor& pos, const
 
 }  // namespace
 
-// Decoder layers [begin, end) of hidden states h (B, T, d); weights: 7 per layer (input norm, q/k/v
-// weight, q/k/v bias or None, o_proj, post-attention norm, gate/up weight, down_proj). Returns the
-// new hidden states in h's dtype.
+// Decoder layers [begin, end) of hidden states h (B, T, d); weights: kLayerWeights per layer (input
+// norm, q/k/v weight (or q), q/k/v bias or None, o_proj, post-attention norm, gate/up weight (or
+// gate), down_proj, then k, v and up where they are parts, else None). Returns the new hidden
+// states in h's dtype.
 at::Tensor decoder_layers(const at::Tensor& h, const at::Tensor& pos, const at::Tensor& inv_freq,
                           const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
                           const c10::optional<at::Tensor>& mask, int64_t kv_len, int64_t begin, int64_t end,
@@ -541,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor> model_forward(
   TORCH_CHECK(num_logits >= 0 && num_logits <= s.T, "specdec forward: num_logits must be in 0..T");
   at::Tensor h = embed_rows(embed, tokens);  // (B, T, d), exact widening or the file's weights
   run_layers(h.data_ptr<float>(), s, d, pos, inv_freq, k_cache, v_cache, slots, mask, 0,
-             static_cast<int64_t>(weights.size()) / 7, weights, eps);
+             static_cast<int64_t>(weights.size()) / kLayerWeights, weights, eps);
   at::Tensor hn = at::empty_like(h);  // (B, T, d)
   norm_rows(h.data_ptr<float>(), R, d, norm, hn.data_ptr<float>(), static_cast<float>(eps));
   const at::Tensor last = hn.narrow(1, s.T - num_logits, num_logits).contiguous();  // (B, num_logits, d)
@@ -740,7 +818,7 @@ at::Tensor eagle_chain(const at::Tensor& tokens, const at::Tensor& features, int
   TORCH_CHECK(features.dim() == 2 && features.size(0) == tokens.size(0) && features.size(1) == d, who,
               ": one feature (d,) per token");
   TORCH_CHECK(fc.dim() == 2 && fc.size(0) == d && fc.size(1) == 2 * d, who, ": fc must be (d, 2d)");
-  TORCH_CHECK(weights.size() == 7, who, ": the weights of one decoder layer");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kLayerWeights, who, ": the weights of one decoder layer");
   const at::ScalarType dtype = features.scalar_type();
   const auto i64 = at::TensorOptions().dtype(at::kLong), f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor drafts = at::empty({K}, i64);
@@ -824,7 +902,7 @@ std::tuple<at::Tensor, at::Tensor> exit_chain(const at::Tensor& tokens, int64_t 
                                               const char* who, Pick pick) {
   const int64_t d = in_features(embed);
   TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) >= 1 && K >= 1, who, ": at least one token, K >= 1");
-  TORCH_CHECK(num_layers >= 1 && 7 * num_layers <= static_cast<int64_t>(weights.size()), who,
+  TORCH_CHECK(num_layers >= 1 && kLayerWeights * num_layers <= static_cast<int64_t>(weights.size()), who,
               ": num_layers must be in 1..the model's layers");
   TORCH_CHECK(exit_proj.dim() == 2 && exit_proj.size(0) == d && exit_proj.size(1) == d, who, ": proj must be (d, d)");
   const auto i64 = at::TensorOptions().dtype(at::kLong), f32 = at::TensorOptions().dtype(at::kFloat);

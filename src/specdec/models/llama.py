@@ -13,7 +13,10 @@ tokens passes distinct slots and positions plus its own attention mask.
 A model loaded quantized from a GGUF file (:meth:`Transformer.use_quantized`) holds its matrices
 in their block formats: :class:`~specdec.kernels.quant.QuantLinear` for the products (the
 tied ``lm_head`` on the embedding's blocks), :class:`~specdec.kernels.quant.QuantEmbedding`
-for the lookup, norms in float32, activations in float32.
+for the lookup, norms in float32, activations in float32. A file may store a layer's q, k and
+v (or gate and up) in different formats (a Q4_K_M file keeps v in Q6_K): those stay apart and
+the one-call forward multiplies each with its own format's kernel
+(:meth:`DecoderLayer.kernel_weights`).
 """
 
 from __future__ import annotations
@@ -146,14 +149,20 @@ def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None
     return weight, bias
 
 
+# The slots of a layer's kernel weights that hold product matrices (DecoderLayer.kernel_weights).
+PRODUCT_SLOTS = (1, 3, 5, 6, 7, 8, 9)
+
+
 def compact_copies(
     weights: list[torch.Tensor | None], extra: list[torch.Tensor]
 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]] | None:
-    """``weights`` (7 per layer, the order ``kernels.decoder_layers`` reads) with every product
-    matrix swapped for its exact bfloat16 copy, and the copies of the ``extra`` matrices; None if
-    one of them has none (a model keeps one kernel path). Widening back is exact, so the kernels
-    give the same bits from half the bytes."""
-    products = [i for i in range(len(weights)) if i % 7 in (1, 3, 5, 6) and weights[i] is not None]
+    """``weights`` (``kernels.LAYER_WEIGHTS`` per layer, the order ``kernels.decoder_layers``
+    reads) with every product matrix swapped for its exact bfloat16 copy, and the copies of the
+    ``extra`` matrices; None if one of them has none (a model keeps one kernel path). Widening
+    back is exact, so the kernels give the same bits from half the bytes."""
+    products = [
+        i for i, w in enumerate(weights) if i % kernels.LAYER_WEIGHTS in PRODUCT_SLOTS and w is not None
+    ]
     copies = []
     for weight in [*(weights[i] for i in products), *extra]:
         copy = kernels.exact_bfloat16(weight)  # type: ignore[arg-type]
@@ -201,7 +210,8 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         """Store q/k/v weights in one matrix (the three parameters become views of it) so a
         pass makes one product instead of three; state-dict names and values are unchanged.
-        Quantized layers of different formats stay apart (``qkv`` None)."""
+        Quantized layers of different formats stay apart (``qkv`` None): the one-call forward
+        multiplies them as parts of one product (:meth:`DecoderLayer.kernel_weights`)."""
         self.qkv = fuse_any(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
@@ -270,35 +280,37 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def kernel_weights(self) -> list[torch.Tensor | None]:
-        """The 7 weights ``kernels.decoder_layers`` reads per layer, in its order: input norm, q/k/v
-        weight, q/k/v bias (or None), o_proj, post-attention norm, gate/up weight, down_proj. The
-        matrices :meth:`Attention.fuse` / :meth:`MLP.fuse` made where they exist, else concatenated
-        copies (which leave the parameters as they are, trainable). Quantized matrices come as
-        their block views (:func:`kernel_tensor`); quantized q/k/v or gate/up must be fused."""
+        """The ``kernels.LAYER_WEIGHTS`` (10) weights ``kernels.decoder_layers`` reads per layer,
+        in its order: input norm, q/k/v weight, q/k/v bias (or None), o_proj, post-attention norm,
+        gate/up weight, down_proj, then the k, v and up parts (None where q/k/v and gate/up are
+        one matrix). The matrices :meth:`Attention.fuse` / :meth:`MLP.fuse` made where they exist;
+        else concatenated copies of float layers (which leave the parameters as they are,
+        trainable); else, for quantized layers of different formats, which cannot be one matrix,
+        the parts: q in the q/k/v slot with k and v at the end (gate and up likewise), each
+        multiplied with its own format's kernel into its columns of the fused output. Quantized
+        matrices come as their block views (:func:`kernel_tensor`)."""
         attn, mlp = self.self_attn, self.mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        has_bias = attn.q_proj.bias is not None
+        k_part = v_part = up_part = None
         if attn.qkv is not None:
             qkv_weight, qkv_bias = kernel_tensor(attn.qkv[0]), attn.qkv[1]
-        else:
-            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        elif all(isinstance(lin, nn.Linear) for lin in projections):
             qkv_weight = torch.cat([lin.weight.detach() for lin in projections])
-            has_bias = attn.q_proj.bias is not None
+            qkv_bias = torch.cat([lin.bias.detach() for lin in projections]) if has_bias else None  # type: ignore[union-attr]
+        else:
+            qkv_weight, k_part, v_part = (linear_weight(lin) for lin in projections)
             qkv_bias = torch.cat([lin.bias.detach() for lin in projections]) if has_bias else None  # type: ignore[union-attr]
         if mlp.gate_up is not None:
             gate_up = kernel_tensor(mlp.gate_up[0])
-        else:
+        elif all(isinstance(lin, nn.Linear) for lin in (mlp.gate_proj, mlp.up_proj)):
             gate_up = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
+        else:
+            gate_up, up_part = linear_weight(mlp.gate_proj), linear_weight(mlp.up_proj)
         return [
             self.input_layernorm.weight, qkv_weight, qkv_bias, linear_weight(attn.o_proj),
-            self.post_attention_layernorm.weight, gate_up, linear_weight(mlp.down_proj),
+            self.post_attention_layernorm.weight, gate_up, linear_weight(mlp.down_proj), k_part, v_part, up_part,
         ]  # fmt: skip
-
-    def fusable(self) -> bool:
-        """Whether the one-call forward can run this layer: after :meth:`Attention.fuse` and
-        :meth:`MLP.fuse`, q/k/v and gate/up each one matrix, or all float."""
-        attn, mlp = self.self_attn, self.mlp
-        float_qkv = all(isinstance(lin, nn.Linear) for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
-        float_mlp = all(isinstance(lin, nn.Linear) for lin in (mlp.gate_proj, mlp.up_proj))
-        return (attn.qkv is not None or float_qkv) and (mlp.gate_up is not None or float_mlp)
 
     def forward(self, x, cos, sin, cache, slots, mask, kv_len=None):  # type: ignore[no-untyped-def]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, mask, kv_len)
@@ -349,17 +361,15 @@ class Transformer(nn.Module):
 
         Also lists the weights the one-call CPU forward reads (``kernels.model_forward``): each
         float32 matrix that holds only bfloat16 values (a bfloat16 checkpoint loaded in float32)
-        as its exact bfloat16 copy, which gives bit-identical results from half the bytes."""
+        as its exact bfloat16 copy, which gives bit-identical results from half the bytes.
+        Quantized q/k/v (or gate/up) of different formats stay apart and run as parts of one
+        product (:meth:`DecoderLayer.kernel_weights`)."""
         weights: list[torch.Tensor | None] = []
         for layer in self.decoder_layers():
             layer.self_attn.fuse()
             layer.mlp.fuse()
-        if not all(layer.fusable() for layer in self.decoder_layers()):  # quantized formats mixed in q/k/v
-            self._layer_weights = self._prefill_weights = self._kernel_io = self._prefill_io = None
-            return  # (or gate/up): the module path runs the model
-        for layer in self.decoder_layers():
             weights += layer.kernel_weights()
-        self._layer_weights = weights  # 7 per layer, the order kernels.decoder_layers reads
+        self._layer_weights = weights  # kernels.LAYER_WEIGHTS per layer, in decoder_layers' order
         embed = self.model.embed_tokens
         embed_weight = embed.qweight.kernel_view() if isinstance(embed, QuantEmbedding) else embed.weight
         head = self.lm_head
@@ -437,7 +447,7 @@ class Transformer(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # .to() / .float() convert each parameter on its own: rebuild the fused matrices after.
-        fused = any(layer.mlp.gate_up is not None for layer in self.model.layers)
+        fused = self._layer_weights is not None
         out = super()._apply(fn, recurse)
         if fused:
             self.fuse()
