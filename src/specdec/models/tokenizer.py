@@ -61,6 +61,23 @@ class Tokenizer:
     def vocab(self) -> dict[str, int]:
         return dict(self._backend.get_vocab())
 
+    def save(self, folder: Path) -> None:
+        """Write this tokenizer into ``folder`` so that :meth:`from_folder` reads it back (a GGUF
+        file's tokenizer, for a model folder trained from it): ``tokenizer.json`` and a
+        ``tokenizer_config.json`` with the chat template and special tokens."""
+        folder.mkdir(parents=True, exist_ok=True)
+        if not self._fast:
+            self._backend.save_pretrained(str(folder))
+            return
+        self._backend.save(str(folder / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": self.chat_template,
+            "eos_token": self.eos_token,
+            "bos_token": self.bos_token,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
     def fingerprint(self) -> str:
         """A hash of the token -> id map: equal fingerprints mean interchangeable token ids."""
         items = sorted(self.vocab().items(), key=lambda kv: kv[1])

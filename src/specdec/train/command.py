@@ -9,6 +9,8 @@
     specdec train draft-vocab --target runs/target   (token ranking for the head drafters)
     specdec train data --target smollm2 --out runs/smol-data   (self-distillation data)
     specdec train eagle --target smollm2 --data runs/smol-data  (an EAGLE head on that data)
+    specdec train medusa|early-exit --target smollm2 --data runs/smol-data  (heads on that data)
+    specdec train draft --target smollm2 --data runs/smol-data  (a DistillSpec draft on that data)
 
 Models train on the Python standard library corpus (:mod:`specdec.train.corpus`) and are
 saved as Hugging Face folders (``LlamaForCausalLM``) with the tokenizer files copied in.
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specdec.cli import UserError
+from specdec.train import draft_data, heads_data
 from specdec.train.corpus import corpus_files, read_split
 from specdec.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from specdec.train.trainer import ModelShape, TrainConfig, load_checkpoint, new_model, pack_documents, train
@@ -63,14 +66,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common(target, TARGET_SHAPE, TrainConfig())
     target.set_defaults(_train_run=run_target)
 
-    draft = sub.add_parser("draft", help="distil a draft model from a target (DistillSpec)")
-    draft.add_argument(
-        "--teacher", type=Path, required=True, help="the target folder (also gives the tokenizer)"
+    draft = sub.add_parser(
+        "draft", help="distil a draft model from a target (DistillSpec): --target T --data D, or --teacher T"
     )
+    draft.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="without --data: the target folder to distil on the code corpus (also gives the tokenizer)",
+    )
+    draft_data.add_arguments(draft)
     draft.add_argument("--no-distill", action="store_true", help="train on the data alone (cross-entropy)")
     draft.add_argument("--ce-weight", type=float, default=0.0, help="mix in the data's cross-entropy (0..1)")
-    _add_common(draft, DRAFT_SHAPE, TrainConfig(lr=3e-3))
-    draft.set_defaults(_train_run=run_draft)
+    _add_common(draft, DRAFT_SHAPE, TrainConfig(lr=3e-3), out_required=False)
+    draft.set_defaults(_train_run=run_draft, lr=None)
 
     vocab = sub.add_parser(
         "draft-vocab", help="rank the target's tokens by frequency for the head drafters (draft_vocab.json)"
@@ -105,6 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eagle = sub.add_parser("eagle", help="train an EAGLE head on self-distillation data (training-time test)")
     eagle_module.add_arguments(eagle)
     eagle.set_defaults(_train_run=eagle_module.run)
+
+    for method in ("medusa", "early-exit"):
+        p = sub.add_parser(method, help=f"train a {method} head on self-distillation data")
+        heads_data.add_arguments(p, method)
+        p.set_defaults(_train_run=heads_data.run)
 
     heads = sub.add_parser("heads", help="train Medusa / EAGLE-style drafter heads on a target")
     try:
@@ -206,6 +220,17 @@ def run_target(args: argparse.Namespace) -> int:
 
 
 def run_draft(args: argparse.Namespace) -> int:
+    if args.data is not None:
+        fixed = ("hidden_size", "num_heads", "num_kv_heads", "intermediate_size")  # the target's, with --data
+        return draft_data.run(args, {name: getattr(DRAFT_SHAPE, name) for name in fixed})
+    if args.teacher is None:
+        missing = "--data D (from 'specdec train data')" if args.target else "--target T --data D"
+        raise UserError(f"name {missing} for a draft of any target, or --teacher FOLDER for the code corpus")
+    if args.layers is not None:
+        raise UserError("--layers picks the target's layers of a draft trained with --data")
+    if args.out is None:
+        raise UserError("--out: the folder for the draft trained on the code corpus")
+    args.lr = 3e-3 if args.lr is None else args.lr
     _need_folder(args.teacher / "config.json", "--teacher")
     _need_folder(args.teacher / "tokenizer.json", "--teacher")
     if not 0.0 <= args.ce_weight <= 1.0:
@@ -265,9 +290,16 @@ def _run_training(args: argparse.Namespace, tokenizer_dir: Path, teacher: object
     return 0
 
 
-def _add_common(p: argparse.ArgumentParser, shape: ModelShape, cfg: TrainConfig) -> None:
+def _add_common(
+    p: argparse.ArgumentParser, shape: ModelShape, cfg: TrainConfig, out_required: bool = True
+) -> None:
     p.add_argument(
-        "--out", type=Path, required=True, help="output model folder (checkpoints in OUT/checkpoint)"
+        "--out",
+        type=Path,
+        required=out_required,
+        default=None,
+        help="output model folder (checkpoints in OUT/checkpoint)"
+        + ("" if out_required else "; with --data default beside the target"),
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument(

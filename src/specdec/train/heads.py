@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class HeadTrainConfig:
     seed: int = 0
     # float32 by default: CPUs without native bf16 matmuls (AVX2 only) run bf16 many times slower
     target_dtype: str = "float32"
+    max_minutes: float | None = None  # time budget; the schedule ends with it
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,12 @@ def head_loss(
     final: torch.Tensor,
     exit: torch.Tensor | None,
     noise: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Training loss of ``head`` on one batch, and top-1 agreement with the target per draft
-    position. ``tokens`` ``(B, T)``, ``final`` / ``exit`` ``(B, T, d)``."""
+    position. ``tokens`` ``(B, T)``, ``final`` / ``exit`` ``(B, T, d)``; ``mask`` ``(B, T)`` bool
+    (early exit and Medusa): the positions scored (e.g. those whose next token is a reply's),
+    default all. Medusa's head ``k`` at ``t`` is scored where ``t`` and ``t + k + 1`` both are."""
     lm_head = target.module.lm_head
     lm_dtype = lm_head.weight.dtype
 
@@ -142,23 +147,28 @@ def head_loss(
         return lm_head(x.to(lm_dtype)).float()
 
     def agree(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a.argmax(-1) == b.argmax(-1)).float().mean())
+        return float((a.argmax(-1) == b.argmax(-1)).float().mean()) if a.shape[0] else 0.0
 
+    rows = torch.ones(final.shape[:2], dtype=torch.bool, device=final.device) if mask is None else mask
     if isinstance(head, ExitHead):
         assert exit is not None
-        student, teacher = logits(head(exit)), logits(final)  # (B, T, V)
+        student, teacher = logits(head(exit[rows])), logits(final[rows])  # (N, V)
         return _kl(student, teacher), [agree(student, teacher)]
     if isinstance(head, MedusaHeads):
         feats = head(final)  # (B, T, K, d)
         with torch.no_grad():
             target_logits = logits(final)  # (B, T, V)
-        losses, top1 = [], []
+        losses, top1 = [feats.sum() * 0.0], []
         for k in range(head.num_heads):
-            student = logits(feats[:, : -(k + 1), k])  # (B, T-k-1, V): head k at token t
-            teacher = target_logits[:, k + 1 :]  # (B, T-k-1, V): target at token t+k+1
-            losses.append(_kl(student, teacher))
+            pairs = rows[:, : -(k + 1)] & rows[:, k + 1 :]  # (B, T-k-1): head k at t, target at t+k+1
+            student = logits(feats[:, : -(k + 1), k][pairs])  # (N, V)
+            teacher = target_logits[:, k + 1 :][pairs]  # (N, V)
+            if student.shape[0]:
+                losses.append(_kl(student, teacher))
             top1.append(agree(student, teacher))
         return torch.stack(losses).sum(), top1
+    if mask is not None:
+        raise ValueError("EAGLE heads train on every position (train eagle scores replies itself)")
     assert isinstance(head, EagleHead)
     inputs = final[:, :-1]  # (B, T-1, d) f_t
     if noise:
@@ -173,19 +183,32 @@ def head_loss(
     return loss, [agree(student, teacher)]
 
 
-def evaluate(head: Head, target: LoadedModel, feats: Features, batch_size: int) -> tuple[float, list[float]]:
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+"""One batch for :func:`head_loss`: tokens ``(B, T)``, final ``(B, T, d)``, exit ``(B, T, d)`` or
+None, mask ``(B, T)`` bool or None (every position)."""
+
+
+def evaluate(head: Head, target: LoadedModel, batches: list[Batch]) -> tuple[float, list[float]]:
+    """Mean loss and top-1 agreement per draft position over fixed validation batches."""
     head.eval()
-    total, top1, batches = 0.0, None, 0
+    total, top1 = 0.0, None
     with torch.no_grad():
-        for i in range(0, feats.tokens.shape[0], batch_size):
-            sl = slice(i, i + batch_size)
-            exit = feats.exit[sl] if feats.exit is not None else None
-            loss, agree = head_loss(head, target, feats.tokens[sl], feats.final[sl], exit)
+        for tokens, final, exit, mask in batches:
+            loss, agree = head_loss(head, target, tokens, final, exit, mask=mask)
             total += float(loss)
             top1 = agree if top1 is None else [a + b for a, b in zip(top1, agree, strict=True)]
-            batches += 1
     head.train()
-    return total / batches, [a / batches for a in top1 or []]
+    return total / len(batches), [a / len(batches) for a in top1 or []]
+
+
+def packed_batches(feats: Features, batch_size: int) -> list[Batch]:
+    """``feats`` as consecutive batches of whole sequences (validation)."""
+    out: list[Batch] = []
+    for i in range(0, feats.tokens.shape[0], batch_size):
+        sl = slice(i, i + batch_size)
+        exit = feats.exit[sl] if feats.exit is not None else None
+        out.append((feats.tokens[sl], feats.final[sl], exit, None))
+    return out
 
 
 def default_exit_layer(target: LoadedModel, exit_layer: int | None) -> int:
@@ -210,47 +233,63 @@ def train_head_on(
     target: LoadedModel, train: Features, val: Features, cfg: HeadTrainConfig, progress: bool = True
 ) -> HeadTrainResult:
     """Train a fresh head on features the target already computed (shared between methods)."""
+    if cfg.method == "early-exit" and (train.exit is None or val.exit is None):
+        raise ValueError("early-exit training needs features with the exit layer's hidden states")
+    N, T = train.tokens.shape
+    W = min(cfg.window, T)
+
+    def draw(gen: torch.Generator) -> Batch:  # random windows of the packed sequences
+        seq = torch.randint(N, (cfg.batch_size, 1), generator=gen)  # (B, 1)
+        idx = torch.randint(T - W + 1, (cfg.batch_size, 1), generator=gen) + torch.arange(W)  # (B, W)
+        exit = train.exit[seq, idx] if train.exit is not None else None
+        return train.tokens[seq, idx], train.final[seq, idx], exit, None
+
+    return fit_head(target, draw, packed_batches(val, cfg.batch_size), cfg, train.exit_layer, progress)
+
+
+def fit_head(
+    target: LoadedModel,
+    draw: Callable[[torch.Generator], Batch],
+    val: list[Batch],
+    cfg: HeadTrainConfig,
+    exit_layer: int | None,
+    progress: bool = True,
+) -> HeadTrainResult:
+    """Train a fresh head of ``cfg.method`` on batches ``draw(generator)`` gives, scored on ``val``
+    before and after; AdamW, linear warm-up then cosine decay to 10 % over ``cfg.steps`` or
+    ``cfg.max_minutes``, whichever ends first."""
     from tqdm import tqdm
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    if cfg.method == "early-exit" and (train.exit is None or val.exit is None):
-        raise ValueError("early-exit training needs features with the exit layer's hidden states")
-    head = new_head(cfg.method, target.config, num_heads=cfg.num_heads, exit_layer=train.exit_layer)
+    head = new_head(cfg.method, target.config, num_heads=cfg.num_heads, exit_layer=exit_layer)
     if isinstance(head, ExitHead):
         head.init_from(target.module)
     head = head.to(target.device).float().train()
-    bs = cfg.batch_size
-    val_before, top1_before = evaluate(head, target, val, bs)
+    val_before, top1_before = evaluate(head, target, val)
 
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, cfg.steps // 20)
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10 %
-        if step < warmup:
-            return (step + 1) / warmup
-        done = (step - warmup) / max(1, cfg.steps - warmup)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * done))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses = []
+    losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.method} heads", disable=not progress)
-    N, T = train.tokens.shape
-    W = min(cfg.window, T)
-    for _ in bar:
-        seq = torch.randint(N, (bs, 1), generator=gen)  # (B, 1)
-        idx = torch.randint(T - W + 1, (bs, 1), generator=gen) + torch.arange(W)  # (B, W)
-        exit = train.exit[seq, idx] if train.exit is not None else None
-        loss, _ = head_loss(head, target, train.tokens[seq, idx], train.final[seq, idx], exit, noise=True)
+    for step in bar:
+        minutes = (time.perf_counter() - start) / 60
+        if cfg.max_minutes is not None and minutes > cfg.max_minutes:
+            break
+        done = max((step - warmup) / max(1, cfg.steps - warmup), minutes / (cfg.max_minutes or math.inf))
+        factor = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * done))
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * factor
+        tokens, final, exit, mask = draw(gen)
+        loss, _ = head_loss(head, target, tokens, final, exit, noise=True, mask=mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    val_after, top1_after = evaluate(head, target, val, bs)
+    val_after, top1_after = evaluate(head, target, val)
     head = head.eval().requires_grad_(False)
     seconds = time.perf_counter() - start
     return HeadTrainResult(head, val_before, val_after, top1_before, top1_after, losses, seconds)
