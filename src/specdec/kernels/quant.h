@@ -7,10 +7,10 @@
 //
 // Each format's decode() turns one block into float32 vectors of 8 weights, in column order, with
 // exactly the operations of the `gguf` library's dequantize (same float32 roundings; no FMA
-// contraction, see exact_mul): the dequantizer gives the file's weights bit for bit. The K-quant
-// products multiply those weights; the 32-weight formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) sum
-// d * (x . q) (+ m * sum x) per block instead (block()'s comment), the same function up to float32
-// rounding. Every output y[m, n] is one chain of the same float32 operations in column order and
+// contraction, see exact_mul): the dequantizer gives the file's weights bit for bit. The products
+// never form the weights: every format is a scale (and a min) per group of 32 weights (Q6_K: a
+// scale per 16) times small integer quants, so they sum s * (x . q) (+ mn * sum x) per group
+// (groups(), block()), the same function up to float32 rounding. Every output y[m, n] is one chain of the same float32 operations in column order and
 // one hsum, as in kernels.h: the result of a row does not depend on how many rows share the pass
 // (batch invariance) nor on the thread count.
 #pragma once
@@ -149,11 +149,6 @@ struct Q5_1 {
 
 template <typename F>
 constexpr bool kFactored = F::kBlock == 32;
-template <typename F>
-constexpr bool factored_with_min() {
-  if constexpr (kFactored<F>) return F::kMin;
-  return false;
-}
 
 // decode() of the 32-weight formats: gguf's float32 operations, d * q then + m.
 template <typename F, typename Emit>
@@ -179,11 +174,40 @@ inline void scale_min(const uint8_t* s, int j, int& scale, int& min) {
   }
 }
 
+// Sub-block j of a Q4_K / Q5_K super-block to its product: quants q, scale d * scale_j and the
+// min term's factor -(dmin * min_j) (w = (d * scale_j) * q - dmin * min_j, as gguf rounds them).
+template <typename Emit>
+__attribute__((always_inline)) inline void k_group(int j, const __m256 (&q)[4], const uint8_t* scales, float d,
+                                                   float dmin, Emit&& emit) {
+  int scale, min;
+  scale_min(scales, j, scale, min);
+  const __m256 ds = _mm256_set1_ps(d * static_cast<float>(scale));
+  emit(j, q, ds, ds, _mm256_set1_ps(-(dmin * static_cast<float>(min))));
+}
+
 // Q4_K: 256 weights in 144 bytes: fp16 d, fp16 dmin, scales[12] (scale_min), uint8 qs[128].
 // Sub-block j (32 weights) is the low (j even) or high (j odd) nibbles of qs[32 * (j / 2) ..+32].
 // w = (d * scale_j) * q - (dmin * min_j).
 struct Q4_K {
   static constexpr int64_t kBlock = 256, kBytes = 144;
+  static constexpr bool kMin = true;
+  // Sub-blocks 2p and 2p + 1 are the low and high nibbles of the same 32 bytes: widened once.
+  template <typename Emit>
+  __attribute__((always_inline)) static void groups(const uint8_t* b, Emit&& emit) {
+    const float d = half(b), dmin = half(b + 2);
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      __m256 low[4], high[4];
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m256i v = bytes8(b + 16 + 32 * p + 8 * g);
+        low[g] = to_float(low4(v));
+        high[g] = to_float(_mm256_srli_epi32(v, 4));
+      }
+      k_group(2 * p, low, b + 4, d, dmin, emit);
+      k_group(2 * p + 1, high, b + 4, d, dmin, emit);
+    }
+  }
   template <typename Emit>
   __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
     const float d = half(b), dmin = half(b + 2);
@@ -209,6 +233,30 @@ struct Q4_K {
 // w = (d * scale_j) * q - (dmin * min_j).
 struct Q5_K {
   static constexpr int64_t kBlock = 256, kBytes = 176;
+  static constexpr bool kMin = true;
+  template <typename Emit>
+  __attribute__((always_inline)) static void groups(const uint8_t* b, Emit&& emit) {
+    const float d = half(b), dmin = half(b + 2);
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256i qh[4];  // qh[8g .. 8g + 7]: bit j of each is the fifth bit in sub-block j
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) qh[g] = bytes8(b + 16 + 8 * g);
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      const __m128i shift_low = _mm_cvtsi32_si128(2 * p), shift_high = _mm_cvtsi32_si128(2 * p + 1);
+      __m256 low[4], high[4];
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m256i v = bytes8(b + 48 + 32 * p + 8 * g);
+        const __m256i fifth_low = _mm256_and_si256(_mm256_srl_epi32(qh[g], shift_low), one);
+        const __m256i fifth_high = _mm256_and_si256(_mm256_srl_epi32(qh[g], shift_high), one);
+        low[g] = to_float(_mm256_or_si256(low4(v), _mm256_slli_epi32(fifth_low, 4)));
+        high[g] = to_float(_mm256_or_si256(_mm256_srli_epi32(v, 4), _mm256_slli_epi32(fifth_high, 4)));
+      }
+      k_group(2 * p, low, b + 4, d, dmin, emit);
+      k_group(2 * p + 1, high, b + 4, d, dmin, emit);
+    }
+  }
   template <typename Emit>
   __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
     const float d = half(b), dmin = half(b + 2);
@@ -238,6 +286,36 @@ struct Q5_K {
 // w = (d * scale) * (q - 32).
 struct Q6_K {
   static constexpr int64_t kBlock = 256, kBytes = 210;
+  static constexpr bool kMin = false;
+  // Group 4h + g of 32 weights: scales 8h + 2g (its first 16 weights) and 8h + 2g + 1.
+  template <typename Emit>
+  __attribute__((always_inline)) static void groups(const uint8_t* b, Emit&& emit) {
+    const float d = half(b + 208);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    const __m256i thirty_two = _mm256_set1_epi32(32), three = _mm256_set1_epi32(3);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+      __m256i top[4];
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) top[v] = bytes8(qh + 8 * v);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m128i shift = _mm_cvtsi32_si128(2 * g);
+        __m256 q[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) {
+          const __m256i low = bytes8(ql + 32 * (g % 2) + 8 * v);
+          const __m256i bits = _mm256_and_si256(_mm256_srl_epi32(top[v], shift), three);
+          const __m256i qi = _mm256_or_si256(g < 2 ? low4(low) : _mm256_srli_epi32(low, 4), _mm256_slli_epi32(bits, 4));
+          q[v] = to_float(_mm256_sub_epi32(qi, thirty_two));
+        }
+        const int sub = 8 * h + 2 * g;
+        emit(4 * h + g, q, _mm256_set1_ps(d * static_cast<float>(scales[sub])),
+             _mm256_set1_ps(d * static_cast<float>(scales[sub + 1])), _mm256_setzero_ps());
+      }
+    }
+  }
   template <typename Emit>
   __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
     const float d = half(b + 208);
@@ -263,6 +341,28 @@ struct Q6_K {
   }
 };
 
+// Q6_K's groups of 32 weights have two scales (one per 16 weights), the others one.
+template <typename F>
+constexpr bool kTwoScales = false;
+template <>
+constexpr bool kTwoScales<Q6_K> = true;
+
+// A block as the products read it, group by group of 32 weights in column order:
+// emit(g, q, s0, s1, mn) with q the group's quants as four float32 vectors (exact small integers),
+// s0 the scale of q[0..1], s1 that of q[2..3] (the same but for Q6_K), and mn the factor of
+// sum(x) (formats with a min): the group adds s * (x . q) + mn * sum(x) to the product.
+template <typename F, typename Emit>
+__attribute__((always_inline)) inline void groups(const uint8_t* b, Emit&& emit) {
+  if constexpr (kFactored<F>) {
+    __m256 q[4];
+    F::quants(b, q);
+    const __m256 d = F::scale(b);
+    emit(0, q, d, d, F::min(b));
+  } else {
+    F::groups(b, emit);
+  }
+}
+
 // The block's weights as 8-float vectors in column order: emit(j, weights j*8 .. j*8+7).
 template <typename F, typename Emit>
 __attribute__((always_inline)) inline void decode(const uint8_t* b, Emit&& emit) {
@@ -271,9 +371,10 @@ __attribute__((always_inline)) inline void decode(const uint8_t* b, Emit&& emit)
 }
 
 // R weight rows (n0 .. n0+R-1) against M rows of x: R*M accumulators, each one FMA chain over the
-// row's blocks in column order, whatever M and R are (so the bits of y[m, n] never depend on them).
-// The 32-weight formats add, per block, d * (x . q) to the chain (and m * xs, xs the block's
-// lane-wise sums of x, (M, K / 32, 8)); the others the products with decode()'s weights.
+// row's groups of 32 weights in column order, whatever M and R are (so the bits of y[m, n] never
+// depend on them). A group adds s * (x . q) to the chain (groups()), and mn * xs for formats with a
+// min, xs the group's lane-wise sums of x, (M, K / 32, 8): the quants are widened once for all
+// rows of x and no weight is formed, a third fewer operations a weight than a decode() and an FMA.
 template <typename F, int M, int R>
 __attribute__((noinline)) void block(const float* x, const float* xs, int64_t K, const uint8_t* w, int64_t row_bytes,
                                      int64_t n0, float* y, int64_t N, int64_t lead) {
@@ -282,34 +383,38 @@ __attribute__((noinline)) void block(const float* x, const float* xs, int64_t K,
   for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-  const int64_t blocks = K / F::kBlock;
+  constexpr int64_t kGroups = F::kBlock / 32;
+  const int64_t blocks = K / F::kBlock, groups32 = K / 32;
   for (int64_t kb = 0; kb < blocks; ++kb) {
-    const float* xb = x + kb * F::kBlock;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + (n0 + r) * row_bytes + kb * F::kBytes;
       _mm_prefetch(reinterpret_cast<const char*>(wb + lead), _MM_HINT_T1);  // (never faults)
-      if constexpr (kFactored<F>) {
-        __m256 q[4];
-        F::quants(wb, q);
-        const __m256 d = F::scale(wb);
-        [[maybe_unused]] const __m256 mins = F::min(wb);
+      groups<F>(wb, [&](int g, const __m256(&q)[4], __m256 s0, [[maybe_unused]] __m256 s1,
+                        [[maybe_unused]] __m256 mn) {
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
-          const float* xm = xb + m * K;
-          __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(xm), q[0]);
-          dot = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), q[1], dot);
-          dot = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 16), q[2], dot);
-          dot = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 24), q[3], dot);
-          acc[m][r] = _mm256_fmadd_ps(d, dot, acc[m][r]);
-          if constexpr (F::kMin) acc[m][r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xs + (m * blocks + kb) * 8), acc[m][r]);
+          const float* xm = x + m * K + kb * F::kBlock + 32 * g;
+          if constexpr (kTwoScales<F>) {
+            __m256 first = _mm256_mul_ps(_mm256_loadu_ps(xm), q[0]);
+            first = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), q[1], first);
+            __m256 second = _mm256_mul_ps(_mm256_loadu_ps(xm + 16), q[2]);
+            second = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 24), q[3], second);
+            acc[m][r] = _mm256_fmadd_ps(s0, first, acc[m][r]);
+            acc[m][r] = _mm256_fmadd_ps(s1, second, acc[m][r]);
+          } else {
+            __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(xm), q[0]);
+            dot = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), q[1], dot);
+            dot = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 16), q[2], dot);
+            dot = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 24), q[3], dot);
+            acc[m][r] = _mm256_fmadd_ps(s0, dot, acc[m][r]);
+            if constexpr (F::kMin) {
+              const float* sums = xs + (m * groups32 + kb * kGroups + g) * 8;
+              acc[m][r] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(sums), acc[m][r]);
+            }
+          }
         }
-      } else {
-        F::decode(wb, [&](int j, __m256 wv) {
-#pragma GCC unroll 8
-          for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + m * K + 8 * j), wv, acc[m][r]);
-        });
-      }
+      });
     }
   }
   store_sums<M, R>(acc, true, y, N, n0, [](int, int, float s) { return s; });
@@ -317,16 +422,17 @@ __attribute__((noinline)) void block(const float* x, const float* xs, int64_t K,
 
 // Weight rows per block for M rows of x: M * R accumulators should fit in the registers next to
 // the decoded weights, and a 1-row pass needs several independent FMA chains.
-template <int M>
+template <typename F, int M>
 constexpr int quant_block_rows() {
-  if (kVectorRegisters >= 32) return M == 1 ? 8 : M == 2 ? 6 : M <= 4 ? 4 : M <= 6 ? 3 : 2;
-  return M <= 2 ? 4 : M <= 4 ? 2 : 1;
+  constexpr int rows = kVectorRegisters >= 32 ? (M == 1 ? 8 : M == 2 ? 6 : M <= 4 ? 4 : M <= 6 ? 3 : 2)
+                                              : (M <= 2 ? 4 : M <= 4 ? 2 : 1);
+  return kFactored<F> ? rows : std::min(rows, 4);  // a super-block's 8 groups: a long body per row
 }
 
 template <typename F, int M>
 void rows(const float* x, const float* xs, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n_begin,
           int64_t n_end, float* y, int64_t N) {
-  constexpr int R = quant_block_rows<M>();
+  constexpr int R = quant_block_rows<F, M>();
   // Prefetch as kernels.h: the same columns kPrefetchBlocks blocks of rows further on, or, where
   // that is too far for L2 to keep, kPrefetchNear bytes further along.
   const int64_t far = kPrefetchBlocks * R * row_bytes, lead = far <= kPrefetchFar ? far : kPrefetchNear;
@@ -354,12 +460,12 @@ void rows_any(int64_t M, const float* x, const float* xs, int64_t K, const uint8
 // run() (weight_tile, for_each_chunk).
 template <typename F>
 void run(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
-  const int64_t row_bytes = K / F::kBlock * F::kBytes, blocks = K / F::kBlock;
-  std::vector<float> xs;  // (M, blocks, 8): per block of x, the sum of its four 8-float vectors
-  if constexpr (factored_with_min<F>()) {
-    xs.resize(M * blocks * 8);
-    for (int64_t i = 0; i < M * blocks; ++i) {
-      const float* xb = x + i * F::kBlock;
+  const int64_t row_bytes = K / F::kBlock * F::kBytes, groups32 = K / 32;
+  std::vector<float> xs;  // (M, K / 32, 8): per group of 32 of x, the sum of its four 8-float vectors
+  if constexpr (F::kMin) {
+    xs.resize(M * groups32 * 8);
+    for (int64_t i = 0; i < M * groups32; ++i) {
+      const float* xb = x + i * 32;
       const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
                                        _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
       _mm256_storeu_ps(xs.data() + i * 8, sum);
@@ -370,7 +476,7 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, floa
     for (int64_t t0 = begin; t0 < end; t0 += tile) {
       const int64_t t1 = std::min(end, t0 + tile);
       for_each_chunk(M, [&](int64_t m0, int64_t mc) {
-        const float* sums = xs.empty() ? nullptr : xs.data() + m0 * blocks * 8;
+        const float* sums = xs.empty() ? nullptr : xs.data() + m0 * groups32 * 8;
         rows_any<F>(mc, x + m0 * K, sums, K, w, row_bytes, t0, t1, y + m0 * N, N);
       });
     }
