@@ -6,7 +6,8 @@ weight instead of 32. :func:`quant_linear` multiplies 1..:data:`~specdec.kernels
 rows by it in the CPU kernels, reading every block once for all rows and dequantizing it in
 registers with float32 accumulation; the rows are never quantized. :func:`dequantize` gives the
 ``gguf`` library's weights bit for bit; a product differs from the product with them only by
-float32 rounding (the formats of 32-weight blocks sum ``d * (x . q) + m * sum(x)`` per block). Each output
+float32 rounding (every format sums ``s * (x . q) + m * sum(x)`` per group of 32 weights, never
+forming the weights). Each output
 is one chain of float32 operations in column order, so a K-row pass gives the bits of K one-row
 passes (batch invariance), with any thread count and in the AVX2 and AVX-512 builds alike. More rows
 (prefill) dequantize a chunk of weight rows at a time and take ``F.linear``.
