@@ -75,9 +75,9 @@ def test_unknown_method_is_a_one_line_user_error(capsys: pytest.CaptureFixture[s
 
 
 def test_parse_method_reads_k_suffix() -> None:
-    assert parse_method("draft@8", 4) == ("draft", 8, 1)
-    assert parse_method("plain", 4) == ("plain", 4, 1)
-    assert parse_method("medusa@3x2", 4) == ("medusa", 3, 2)
+    assert parse_method("draft@8", 4) == ("draft", 8, 1, False)
+    assert parse_method("plain", 4) == ("plain", 4, 1, False)
+    assert parse_method("medusa@3x2", 4) == ("medusa", 3, 2, False)
     for bad in ("draft@0", "draft@4x", "draft@4x0", "draft@x2"):
         with pytest.raises(ValueError):
             parse_method(bad, 4)

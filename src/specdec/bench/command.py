@@ -4,6 +4,7 @@
     specdec bench --target smollm2 --tasks all     # the real-task suite (conversation, ..., rewrite)
     specdec bench --target m.gguf --llama-cpp ~/.cache/specdec/llama.cpp   # llama.cpp in the same run
     specdec bench --methods hf,draft,adaptive --tasks code --num-prompts 2 --runs 1
+    specdec bench --methods draft,draft+parallel --threads 2   # drafting while the target verifies
     specdec bench --quick --target T --draft D     # a few seconds (CI)
     specdec bench --prompts my_prompts.jsonl       # your own prompts: {"prompt": ..., "task": ...}
     specdec bench --cost-curve --sizes 100M,700M --dtypes bfloat16
@@ -34,8 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods",
         default="all",
-        help="comma list of hf, hf-assisted, plain and drafter names (NAME@K sets K, NAME@KxW a tree); "
-        "all = every one known (plain is always run: it is the baseline)",
+        help="comma list of hf, hf-assisted, hf-lookup, plain and drafter names, spelled NAME[@K[xW]][+parallel]: "
+        "NAME@K sets K, NAME@KxW a tree; draft+parallel (draft@K+parallel) drafts in a thread of its own while "
+        "the target verifies; hf-assisted with a draft of another vocabulary is HF's universal assisted "
+        "generation; all = every one known (plain is always run: it is the baseline)",
     )
     p.add_argument(
         "--tasks",
@@ -69,7 +72,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None, help="sampling: keep the likeliest tokens up to this probability")
     p.add_argument("--dtype", default="auto", help="auto (a quantized GGUF file runs on its blocks on the CPU) | float32 | bfloat16 | float16 | quantized")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (a GPU where there is one, else the CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of each row (default: torch's); a +parallel row gives the target N - 1 "
+        "(at least 1) and its draft thread 1",
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<time>)")
     p.add_argument("--quick", action="store_true", help="1 prompt per task, 1 run, 12 new tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -3,14 +3,23 @@
 * ``plain`` — :class:`~specdec.SpeculativeGenerator` without a drafter (our baseline);
 * ``hf`` — ``transformers`` ``AutoModelForCausalLM.generate``, greedy (``do_sample=False``);
 * ``hf-assisted`` — the same with ``assistant_model=`` the draft (HF's own draft schedule;
-  Gante 2023, "Assisted generation");
+  Gante 2023, "Assisted generation"); a draft with another vocabulary drafts through text, HF's
+  universal assisted generation (:mod:`specdec.bench.hf_universal`);
 * ``hf-lookup`` — the same with ``prompt_lookup_num_tokens=K`` (prompt lookup decoding,
   Saxena 2023: drafts copied from n-gram matches in the context);
 * ``llama.cpp``, ``llama.cpp-lookup``, ``llama.cpp-spec`` — llama.cpp's programs on the target's
   GGUF file, where a build is given (:mod:`specdec.bench.llama_cpp`);
 * any name in :data:`specdec.drafters.registry.DRAFTERS` (``draft``, ``adaptive``, ...);
   ``NAME@K`` overrides its number of draft tokens (``draft@8``), ``NAME@KxW`` also sets a
-  tree width (``draft@4x2``: a tree of depth 4 with 2 children per expanded node).
+  tree width (``draft@4x2``: a tree of depth 4 with 2 children per expanded node);
+* ``draft+parallel``, ``draft@K+parallel`` — ``draft`` drafting in a thread of its own while the
+  target verifies (``SpeculativeGenerator(..., parallel=True)``, :mod:`specdec.engine.parallel`);
+  only ``draft`` as a chain of a draft model with the target's vocabulary can.
+
+The grammar is ``NAME[@K[xW]][+parallel]``. Threads: the bench's ``--threads N`` (default: torch's)
+is what each row may use. A parallel row splits it: the target verifies on ``max(1, N - 1)``
+torch threads and the draft thread runs one, so at ``N >= 2`` it uses the same cores as the
+sequential rows; at ``N = 1`` it cannot, and uses two (1 + 1).
 
 Every method decodes greedily, ignores EOS (all produce exactly ``n`` tokens unless the
 context ends) and runs in the target's dtype.
@@ -21,7 +30,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -33,6 +42,17 @@ from specdec.sampling import SamplingParams
 GREEDY = SamplingParams()
 
 HF_METHODS = ("hf", "hf-assisted", "hf-lookup")
+PARALLEL = "parallel"  # the suffix of the methods that draft while the target verifies
+PARALLEL_DRAFTERS = ("draft",)  # the drafters that can (a plain chain of a draft model)
+
+
+class MethodSpec(NamedTuple):
+    """A parsed method name: ``draft@4x2`` -> ``MethodSpec("draft", 4, 2, False)``."""
+
+    base: str
+    num_draft_tokens: int
+    tree_width: int
+    parallel: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,9 +91,13 @@ class Method(Protocol):
 
 
 class SpecdecMethod:
-    def __init__(self, name: str, generator: SpeculativeGenerator) -> None:
+    """A :class:`~specdec.SpeculativeGenerator`; ``target_threads``: the torch threads its
+    generations run on (None: the process's), restored after each."""
+
+    def __init__(self, name: str, generator: SpeculativeGenerator, target_threads: int | None = None) -> None:
         self.name = name
         self.generator = generator
+        self.target_threads = target_threads
 
     def generate(
         self,
@@ -83,23 +107,32 @@ class SpecdecMethod:
         seed: int = 0,
         text: str | None = None,
     ) -> Run:
-        start, cpu = time.perf_counter(), time.process_time()
-        out = self.generator.generate(
-            prompt_ids, max_new_tokens=max_new_tokens, ignore_eos=True, seed=seed, temperature=sampling.temperature,
-            top_k=sampling.top_k, top_p=sampling.top_p,
-        )  # fmt: skip
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        threads = torch.get_num_threads()
+        if self.target_threads is not None:
+            torch.set_num_threads(self.target_threads)
+        try:
+            start, cpu = time.perf_counter(), time.process_time()
+            out = self.generator.generate(
+                prompt_ids, max_new_tokens=max_new_tokens, ignore_eos=True, seed=seed, temperature=sampling.temperature,
+                top_k=sampling.top_k, top_p=sampling.top_p,
+            )  # fmt: skip
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        finally:
+            torch.set_num_threads(threads)
         return Run(out.token_ids, wall, cpu, out.stats)
 
 
 class HFMethod:
-    """``transformers`` generation, optionally assisted by a draft model or by prompt lookup."""
+    """``transformers`` generation, optionally assisted by a draft model or by prompt lookup;
+    ``tokenizers``: the target's and the draft's HF tokenizers, for a draft of another
+    vocabulary (universal assisted generation, :mod:`specdec.bench.hf_universal`)."""
 
-    def __init__(self, name: str, model, assistant=None, prompt_lookup: int | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, name: str, model, assistant=None, prompt_lookup: int | None = None, tokenizers: tuple[Any, Any] | None = None) -> None:  # type: ignore[no-untyped-def]
         self.name = name
         self.model = model
         self.assistant = assistant
         self.prompt_lookup = prompt_lookup
+        self.tokenizers = tokenizers
 
     @torch.inference_mode()
     def generate(
@@ -123,6 +156,8 @@ class HFMethod:
             torch.manual_seed(seed)  # HF samples from torch's global generators
         if self.assistant is not None:
             kwargs["assistant_model"] = self.assistant
+        if self.tokenizers is not None:
+            kwargs["tokenizer"], kwargs["assistant_tokenizer"] = self.tokenizers
         if self.prompt_lookup is not None:
             kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup
         start, cpu = time.perf_counter(), time.process_time()
@@ -160,20 +195,30 @@ def available_methods(llama_cpp: bool = False) -> list[str]:
     return [*HF_METHODS, "plain", *DRAFTERS, *(LLAMA_CPP_METHODS if llama_cpp else ())]
 
 
-def parse_method(name: str, default_k: int) -> tuple[str, int, int]:
-    """``draft@8`` -> ``("draft", 8, 1)``; ``medusa@4x3`` -> ``("medusa", 4, 3)`` (K, tree width);
-    ``draft`` -> ``("draft", default_k, 1)``."""
-    base, _, suffix = name.partition("@")
+def parse_method(name: str, default_k: int) -> MethodSpec:
+    """``draft@8`` -> ``("draft", 8, 1, False)``; ``medusa@4x3`` -> ``("medusa", 4, 3, False)``
+    (K, tree width); ``draft@4+parallel`` -> ``("draft", 4, 1, True)``; ``draft`` ->
+    ``("draft", default_k, 1, False)``. Raises ValueError (one line) for anything else."""
+    spelled, plus, suffix = name.partition("+")
+    if plus and suffix != PARALLEL:
+        raise ValueError(f"method {name!r}: write NAME[@K]+{PARALLEL} ({PARALLEL} is the only suffix, written last)")
+    base, _, k_and_width = spelled.partition("@")
     known = available_methods(llama_cpp=True)
     if base not in known:
         raise ValueError(f"unknown method {base!r}; choose from {', '.join(known)}")
-    if not suffix:
-        return base, default_k, 1
-    k, x, width = suffix.partition("x")
-    width = width if x else "1"
-    if not (k.isdigit() and width.isdigit() and int(k) >= 1 and int(width) >= 1):
-        raise ValueError(f"method {name!r}: write NAME@K or NAME@KxW with integers K, W >= 1")
-    return base, int(k), int(width)
+    k, width = default_k, 1
+    if k_and_width:
+        k_text, x, width_text = k_and_width.partition("x")
+        width_text = width_text if x else "1"
+        if not (k_text.isdigit() and width_text.isdigit() and int(k_text) >= 1 and int(width_text) >= 1):
+            raise ValueError(f"method {name!r}: write NAME@K or NAME@KxW with integers K, W >= 1")
+        k, width = int(k_text), int(width_text)
+    if plus and (base not in PARALLEL_DRAFTERS or width != 1):
+        raise ValueError(
+            f"method {name!r}: only a chain of a draft model drafts in parallel "
+            f"({', '.join(f'{d}+{PARALLEL}, {d}@K+{PARALLEL}' for d in PARALLEL_DRAFTERS)})"
+        )
+    return MethodSpec(base, k, width, bool(plus))
 
 
 def build_method(  # type: ignore[type-arg]
@@ -189,7 +234,7 @@ def build_method(  # type: ignore[type-arg]
     ``llama_cpp``: the folder of a llama.cpp build (its methods are refused without one)."""
     from specdec.bench.llama_cpp import LLAMA_CPP_METHODS, LlamaCppMethod
 
-    base, k, width = parse_method(name, default_k)
+    base, k, width, parallel = parse_method(name, default_k)
     if base in LLAMA_CPP_METHODS:
         if llama_cpp is None:
             raise ValueError(f"{base} needs a llama.cpp build: --llama-cpp DIR")
@@ -206,17 +251,33 @@ def build_method(  # type: ignore[type-arg]
             from specdec.models.loading import resolve_path
 
             draft_path = Path(draft).expanduser()
-            hf_draft = load_hf(str(draft_path if draft_path.is_file() else resolve_path(draft)), target.dtype, target.device)
-            if hf_draft.config.vocab_size != hf_cache["target"].config.vocab_size:
-                raise ValueError(
-                    f"the draft's vocabulary ({hf_draft.config.vocab_size}) is not the target's "
-                    f"({hf_cache['target'].config.vocab_size})"
-                )
-            hf_cache["draft"] = hf_draft
-        return HFMethod(name, hf_cache["target"], hf_cache["draft"])
+            hf_cache["draft_path"] = draft_path if draft_path.is_file() else resolve_path(draft)
+            hf_cache["draft"] = load_hf(str(hf_cache["draft_path"]), target.dtype, target.device)
+        if hf_cache["draft"].config.vocab_size == hf_cache["target"].config.vocab_size:
+            return HFMethod(name, hf_cache["target"], hf_cache["draft"])
+        # another vocabulary (HF's own test: the sizes differ): drafts through text
+        from specdec.bench.hf_universal import enable_universal_assisted, hf_tokenizer
+
+        tokenizers = (hf_tokenizer(Path(target.path)), hf_tokenizer(hf_cache["draft_path"]))
+        enable_universal_assisted(hf_cache["target"])
+        return HFMethod(name, hf_cache["target"], hf_cache["draft"], tokenizers=tokenizers)
     dtype = str(target.dtype).removeprefix("torch.")
     drafter = make_drafter(
         "none" if base == "plain" else base,
         DrafterSpec(target, draft, k, dtype, tree_width=width, draft_vocab=draft_vocab),
     )
-    return SpecdecMethod(name, SpeculativeGenerator(target, drafter))
+    if not parallel:
+        return SpecdecMethod(name, SpeculativeGenerator(target, drafter))
+    if drafter is None or not drafter.capabilities.batchable:  # (parse_method let only draft chains through)
+        raise ValueError(
+            f"method {name!r}: parallel drafting needs a draft with the target's vocabulary "
+            f"(this one drafts through text: {type(drafter).__name__})"
+        )
+    generator = SpeculativeGenerator(target, drafter, parallel=True)
+    return SpecdecMethod(name, generator, parallel_target_threads())
+
+
+def parallel_target_threads() -> int:
+    """The torch threads of a parallel row's target: the process's budget less the draft
+    thread's one (at least one; the module docstring's rule)."""
+    return max(1, torch.get_num_threads() - 1)

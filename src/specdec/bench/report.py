@@ -85,6 +85,9 @@ def to_markdown(result: BenchResult) -> str:
     if m.get("draft_vocab"):
         scored = ", ".join(f"{name} {size}" for name, size in m["draft_vocab"].items())
         footer.append(f"Drafts score the most frequent tokens only (draft_vocab.json): {scored}.")
+    if m.get("parallel_threads"):
+        split = ", ".join(f"{name} {t['target']} + {t['draft']}" for name, t in m["parallel_threads"].items())
+        footer.append(f"Parallel rows draft in a thread of their own; torch threads, target + draft: {split}.")
     llama = m.get("llama_cpp")
     if llama:
         footer.append(

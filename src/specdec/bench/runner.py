@@ -376,6 +376,13 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     meta["tasks"] = [t.name for t in tasks]
     if llama_cpp is not None:
         meta["llama_cpp"] = _llama_cpp_info(llama_cpp, Path(target.path))
+    meta["parallel_threads"] = {  # parallel rows: the torch threads of the target and of the draft thread
+        name: {"target": method.target_threads, "draft": method.generator.parallel.draft_threads}
+        for name, method in built.items()
+        if isinstance(method, SpecdecMethod)
+        and method.generator.parallel is not None
+        and method.target_threads is not None
+    }
     meta["draft_vocab"] = {  # methods whose drafts score a reduced vocabulary: its size
         name: len(draft_vocab)
         for name, method in built.items()
