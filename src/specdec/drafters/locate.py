@@ -5,10 +5,15 @@ beside it (``<dir>/<file stem>.<method>/``). Models whose drafters ship with spe
 under ``specdec/assets/<name>/<method>/``: :data:`SHIPPED` maps the file stem (up to its first
 dot, so every quantization of the model matches) to that name; the head's own ``config.json``
 then checks the sizes when it loads.
+
+A target may also rank its drafters for ``auto`` by measurement: ``auto.json`` in its folder
+(beside a GGUF file ``<dir>/<file stem>.auto.json``, or shipped), ``{"order": [names],
+"measured": "how"}`` (:func:`auto_ranking`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,3 +51,30 @@ def draft_vocab_folder(target: LoadedModel) -> Path:
         if (ASSETS / shipped / "draft_vocab.json").is_file():
             return ASSETS / shipped
     return own
+
+
+def auto_ranking_file(target: LoadedModel) -> Path | None:
+    """``target``'s ``auto.json``: in its folder, beside its GGUF file, else shipped; None if none."""
+    path = Path(target.path)
+    own = path / "auto.json" if path.is_dir() else path.parent / f"{path.stem}.auto.json"
+    if own.is_file():
+        return own
+    shipped = SHIPPED.get(path.name.split(".")[0])
+    if shipped is not None and (ASSETS / shipped / "auto.json").is_file():
+        return ASSETS / shipped / "auto.json"
+    return None
+
+
+def auto_ranking(target: LoadedModel, known: tuple[str, ...]) -> list[str] | None:
+    """The drafter names of ``target``'s ``auto.json``, best first (None where it has none);
+    ValueError for a file that is not ``{"order": [names in known], ...}``."""
+    file = auto_ranking_file(target)
+    if file is None:
+        return None
+    try:
+        order = json.loads(file.read_text())["order"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f'{file}: not a drafter ranking ({{"order": [names]}}): {err}') from None
+    if not isinstance(order, list) or not order or any(name not in known for name in order):
+        raise ValueError(f'{file}: "order" must list drafter names among {", ".join(known)}')
+    return order

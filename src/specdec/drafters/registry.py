@@ -2,14 +2,18 @@
 
 ``make_drafter(name, target, draft=..., num_draft_tokens=4, ...)`` is the one way the library,
 the CLI, the benchmark and the server build drafters. ``auto`` picks the best drafter available
-for the target, in this order:
+for the target:
 
-1. trained heads beside the target (``<target folder>/eagle``, then ``early-exit``, then
-   ``medusa``): they draft from the target's own features and need no second model;
-2. the draft model named with ``draft=`` (``--draft``), as ``draft`` runs it (one with another
-   tokenizer drafts through text); a named draft is never dropped silently: where it cannot
-   draft for the target, an error says why;
-3. prompt lookup (``ngram``), which needs nothing and never refuses a target.
+* where the target ranks its drafters by measurement (an ``auto.json``: ``{"order": [names],
+  "measured": "how"}`` in its folder, beside its GGUF file, or shipped; :mod:`.locate`), the
+  first of them that can be built (its trained heads or draft model are there);
+* else, in this order, trained heads beside the target (``eagle``, ``early-exit``, ``medusa``:
+  they draft from the target's own features), a draft model beside it (``<target>/draft``,
+  what ``specdec train draft`` writes), prompt lookup (``ngram``: needs nothing, never refuses);
+* a draft model named with ``draft=`` (``--draft``) is always the one run: ``auto`` then picks
+  the best-ranked drafter that runs a draft model (``draft`` without a ranking; one with
+  another tokenizer drafts through text), and where it cannot draft for the target an error
+  says why.
 
 Drafters that run a draft model use :data:`DEFAULT_DRAFT` where none is named.
 """
@@ -42,7 +46,9 @@ class DrafterSpec:
     dtype: str = "auto"
     heads: str | None = None  # trained heads folder (early-exit / medusa / eagle); default <target>/<method>
     tree_width: int = 1  # draft / ngram / staged / medusa / eagle: siblings per tree node (1 = a chain)
-    max_tree_nodes: int | None = None  # draft / ngram / medusa / eagle: tree node budget (default K * tree_width)
+    max_tree_nodes: int | None = (
+        None  # draft / ngram / medusa / eagle: tree node budget (default K * tree_width)
+    )
     draft_vocab: int | None = None  # all but ngram: tokens scored (None: default, 0: all)
 
 
@@ -73,14 +79,18 @@ def _draft_any_vocab(spec: DrafterSpec) -> Drafter:
     try:
         check_compatible(spec.target, draft)
     except ModelLoadError:
-        return cross_vocab_drafter(spec.target, draft, spec.num_draft_tokens, spec.tree_width, spec.draft_vocab)
+        return cross_vocab_drafter(
+            spec.target, draft, spec.num_draft_tokens, spec.tree_width, spec.draft_vocab
+        )
     return _draft_model(spec, draft)
 
 
 def _ngram(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.ngram import NgramDrafter
 
-    return NgramDrafter(spec.num_draft_tokens, num_branches=spec.tree_width, max_tree_nodes=spec.max_tree_nodes)
+    return NgramDrafter(
+        spec.num_draft_tokens, num_branches=spec.tree_width, max_tree_nodes=spec.max_tree_nodes
+    )
 
 
 def _staged(spec: DrafterSpec) -> Drafter:
@@ -135,21 +145,56 @@ def _eagle(spec: DrafterSpec) -> Drafter:
     )
 
 
-HEAD_METHODS = ("eagle", "early-exit", "medusa")  # auto's order of preference for trained heads
+HEAD_METHODS = ("eagle", "early-exit", "medusa")  # drafters that run trained heads
+MODEL_DRAFTERS = ("draft", "hybrid", "adaptive", "staged")  # drafters that run a draft model
+AUTO_ORDER = (*HEAD_METHODS, "draft", "ngram")  # auto's order where the target ranks none
+
+
+def _draft_beside(spec: DrafterSpec) -> str | None:
+    """The draft model folder beside the target (``specdec train draft``'s), if there is one."""
+    folder = Path(_heads(spec, "draft"))
+    return str(folder) if (folder / "config.json").is_file() else None
+
+
+def _auto_candidate(spec: DrafterSpec, name: str) -> Drafter | None:
+    """``name`` built for ``auto``, or None where what it runs (heads, a draft model) is not there."""
+    if name in HEAD_METHODS:
+        folder = _heads(spec, name)
+        if not (Path(folder) / "config.json").is_file():
+            return None
+        try:
+            return DRAFTERS[name](replace(spec, heads=str(folder)))
+        except ModelLoadError:  # heads for another method or another target: look further
+            return None
+    if name not in MODEL_DRAFTERS:
+        return DRAFTERS[name](spec)
+    draft = spec.draft or _draft_beside(spec)
+    if draft is None:
+        return None
+    return (
+        _draft_any_vocab(replace(spec, draft=draft))
+        if name == "draft"
+        else DRAFTERS[name](replace(spec, draft=draft))
+    )
 
 
 def _auto(spec: DrafterSpec) -> Drafter:
     """The best drafter available for ``spec.target`` (the module docstring's rule)."""
-    for method in HEAD_METHODS:
-        folder = _heads(spec, method)
-        if (Path(folder) / "config.json").is_file():
-            try:
-                return DRAFTERS[method](replace(spec, heads=str(folder)))
-            except ModelLoadError:  # heads for another method or another target: look further
-                continue
-    if spec.draft is None:  # no draft model named: nothing to load
-        return _ngram(spec)
-    return _draft_any_vocab(spec)
+    from specdec.drafters.locate import auto_ranking
+
+    try:
+        order = auto_ranking(spec.target, tuple(name for name in DRAFTERS if name != "auto")) or list(
+            AUTO_ORDER
+        )
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
+    if spec.draft is not None:  # a named draft is always run
+        order = [name for name in order if name in MODEL_DRAFTERS] or ["draft"]
+    for name in order:
+        drafter = _auto_candidate(spec, name)
+        if drafter is not None:
+            return drafter
+    return _ngram(spec)
 
 
 DRAFTERS: dict[str, Callable[[DrafterSpec], Drafter]] = {
