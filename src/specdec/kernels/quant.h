@@ -5,13 +5,14 @@
 // at w + r * row_bytes). x and y are float32: the rows are never quantized, so a product is the
 // product with the dequantized float32 weights up to the order of the float32 sums.
 //
-// Each format's decode() turns one block into float32 vectors of 8 weights, in column order, with
-// exactly the operations of the `gguf` library's dequantize (same float32 roundings; no FMA
-// contraction, see exact_mul): the dequantizer gives the file's weights bit for bit. The products
-// never form the weights: every format is a scale (and a min) per group of 32 weights (Q6_K: a
-// scale per 16) times small integer quants, so they sum s * (x . q) (+ mn * sum x) per group
-// (groups(), block()), the same function up to float32 rounding. Every output y[m, n] is one chain of the same float32 operations in column order and
-// one hsum, as in kernels.h: the result of a row does not depend on how many rows share the pass
+// Every format is a scale (and a min) per group of 32 weights (Q6_K: a scale per 16) times small
+// integer quants: each gives, group by group, its quants as exact float32 vectors and the group's
+// scales (groups()). The products never form the weights: they sum s * (x . q) (+ mn * sum x)
+// per group (block()), the product with the dequantized weights up to float32 rounding. decode()
+// forms them with exactly the operations of the `gguf` library's dequantize (same float32
+// roundings; no FMA contraction, see exact_mul): the dequantizer gives the file's weights bit for
+// bit. Every output y[m, n] is one chain of the same float32 operations in column order and one
+// hsum, as in kernels.h: the result of a row does not depend on how many rows share the pass
 // (batch invariance) nor on the thread count.
 #pragma once
 #include <ATen/ATen.h>
@@ -54,9 +55,7 @@ inline __m256 to_float(__m256i q) { return _mm256_cvtepi32_ps(q); }
 inline __m256i low4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi32(0x0F)); }
 
 // The formats with one scale (and min) per block of 32 weights give their quants as float32
-// vectors q[0..3] (exact small integers), d and m: w = d * q (+ m). Their products sum
-// d * (x . q) (+ m * sum(x)) per block (block()): the quants are widened once for all rows
-// and no weight is formed, a third fewer operations a weight than decode() then an FMA.
+// vectors q[0..3] (exact small integers), d and m: w = d * q (+ m).
 
 // Q8_0: 32 weights in 34 bytes: fp16 d, int8 q[32]. w[i] = q[i] * d.
 struct Q8_0 {
@@ -150,16 +149,6 @@ struct Q5_1 {
 template <typename F>
 constexpr bool kFactored = F::kBlock == 32;
 
-// decode() of the 32-weight formats: gguf's float32 operations, d * q then + m.
-template <typename F, typename Emit>
-__attribute__((always_inline)) inline void decode_factored(const uint8_t* b, Emit&& emit) {
-  __m256 q[4];
-  F::quants(b, q);
-  const __m256 d = F::scale(b), m = F::min(b);
-#pragma GCC unroll 4
-  for (int j = 0; j < 4; ++j) emit(j, F::kMin ? _mm256_add_ps(exact_mul(d, q[j]), m) : exact_mul(d, q[j]));
-}
-
 // The 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K super-block, packed in 12 bytes:
 // bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; scales and mins 4-7 take
 // their low 4 bits from the nibbles of bytes 8-11 and their top 2 bits from the top bits of
@@ -208,24 +197,6 @@ struct Q4_K {
       k_group(2 * p + 1, high, b + 4, d, dmin, emit);
     }
   }
-  template <typename Emit>
-  __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
-    const float d = half(b), dmin = half(b + 2);
-    const uint8_t* qs = b + 16;
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      int scale, min;
-      scale_min(b + 4, j, scale, min);
-      const __m256 ds = _mm256_set1_ps(d * static_cast<float>(scale));
-      const __m256 dm = _mm256_set1_ps(dmin * static_cast<float>(min));
-#pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) {
-        const __m256i v = bytes8(qs + 32 * (j / 2) + 8 * g);
-        const __m256i q = j % 2 ? _mm256_srli_epi32(v, 4) : low4(v);
-        emit(4 * j + g, _mm256_sub_ps(exact_mul(ds, to_float(q)), dm));
-      }
-    }
-  }
 };
 
 // Q5_K: 256 weights in 176 bytes: fp16 d, fp16 dmin, scales[12] (scale_min), qh[32], qs[128].
@@ -255,26 +226,6 @@ struct Q5_K {
       }
       k_group(2 * p, low, b + 4, d, dmin, emit);
       k_group(2 * p + 1, high, b + 4, d, dmin, emit);
-    }
-  }
-  template <typename Emit>
-  __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
-    const float d = half(b), dmin = half(b + 2);
-    const uint8_t *qh = b + 16, *qs = b + 48;
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      int scale, min;
-      scale_min(b + 4, j, scale, min);
-      const __m256 ds = _mm256_set1_ps(d * static_cast<float>(scale));
-      const __m256 dm = _mm256_set1_ps(dmin * static_cast<float>(min));
-      const __m128i shift = _mm_cvtsi32_si128(j);
-#pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) {
-        const __m256i v = bytes8(qs + 32 * (j / 2) + 8 * g);
-        const __m256i high = _mm256_and_si256(_mm256_srl_epi32(bytes8(qh + 8 * g), shift), _mm256_set1_epi32(1));
-        const __m256i q = _mm256_or_si256(j % 2 ? _mm256_srli_epi32(v, 4) : low4(v), _mm256_slli_epi32(high, 4));
-        emit(4 * j + g, _mm256_sub_ps(exact_mul(ds, to_float(q)), dm));
-      }
     }
   }
 };
@@ -316,29 +267,6 @@ struct Q6_K {
       }
     }
   }
-  template <typename Emit>
-  __attribute__((always_inline)) static void decode(const uint8_t* b, Emit&& emit) {
-    const float d = half(b + 208);
-    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-    const __m256i thirty_two = _mm256_set1_epi32(32), three = _mm256_set1_epi32(3);
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
-#pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) {
-        const __m128i shift = _mm_cvtsi32_si128(2 * g);
-#pragma GCC unroll 4
-        for (int v = 0; v < 4; ++v) {  // 8 weights: l = 8v .. 8v + 7
-          const int sub = 8 * h + 2 * g + v / 2;
-          const __m256 ds = _mm256_set1_ps(d * static_cast<float>(scales[sub]));
-          const __m256i low = bytes8(ql + 32 * (g % 2) + 8 * v);
-          const __m256i top = _mm256_and_si256(_mm256_srl_epi32(bytes8(qh + 8 * v), shift), three);
-          const __m256i q = _mm256_or_si256(g < 2 ? low4(low) : _mm256_srli_epi32(low, 4), _mm256_slli_epi32(top, 4));
-          emit(16 * h + 4 * g + v, exact_mul(ds, to_float(_mm256_sub_epi32(q, thirty_two))));
-        }
-      }
-    }
-  }
 };
 
 // Q6_K's groups of 32 weights have two scales (one per 16 weights), the others one.
@@ -363,11 +291,17 @@ __attribute__((always_inline)) inline void groups(const uint8_t* b, Emit&& emit)
   }
 }
 
-// The block's weights as 8-float vectors in column order: emit(j, weights j*8 .. j*8+7).
+// The block's weights as gguf dequantizes them, 8-float vectors in column order: emit(j, weights
+// j*8 .. j*8+7).
 template <typename F, typename Emit>
 __attribute__((always_inline)) inline void decode(const uint8_t* b, Emit&& emit) {
-  if constexpr (kFactored<F>) decode_factored<F>(b, emit);
-  else F::decode(b, emit);
+  groups<F>(b, [&](int g, const __m256(&q)[4], __m256 s0, __m256 s1, [[maybe_unused]] __m256 mn) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      const __m256 w = exact_mul(v < 2 ? s0 : s1, q[v]);  // gguf's d * q, then + m (- dmin * min)
+      emit(4 * g + v, F::kMin ? _mm256_add_ps(w, mn) : w);
+    }
+  });
 }
 
 // R weight rows (n0 .. n0+R-1) against M rows of x: R*M accumulators, each one FMA chain over the
