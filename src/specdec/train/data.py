@@ -290,6 +290,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
+def require_data(folder: Path) -> None:
+    """UserError unless ``folder`` holds data made by ``specdec train data``."""
+    from specdec.cli import UserError
+
+    if not (folder / "data.json").is_file():
+        raise UserError(f"--data {folder}: no data.json; make it with 'specdec train data'")
+
+
+def frozen_target(args: argparse.Namespace, positive: tuple[str, ...]) -> LoadedModel:
+    """What every ``specdec train <drafter> --data D`` does first: the flags named in
+    ``positive`` checked >= 1, the data folder checked, torch's threads set, the target loaded
+    in float32 (UserError for each user mistake)."""
+    from specdec.cli import UserError
+    from specdec.models.config import ModelLoadError
+    from specdec.models.loading import load_model
+
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    require_data(args.data)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return load_model(args.target, dtype="float32")
+    except ModelLoadError as e:
+        raise UserError(str(e)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from specdec.cli import UserError
     from specdec.models.config import ModelLoadError

@@ -293,6 +293,7 @@ def run(args: argparse.Namespace, shape_defaults: dict[str, int]) -> int:
     from specdec.drafters.locate import heads_folder
     from specdec.models.config import ModelLoadError
     from specdec.models.loading import load_model
+    from specdec.train.data import require_data
 
     if args.teacher is not None:
         raise UserError(
@@ -312,8 +313,7 @@ def run(args: argparse.Namespace, shape_defaults: dict[str, int]) -> int:
         raise UserError(
             "--layers picks the target's layers to start from; --init starts from a saved draft: choose one"
         )
-    if not (args.data / "data.json").is_file():
-        raise UserError(f"--data {args.data}: no data.json; make it with 'specdec train data'")
+    require_data(args.data)
     if not 0.0 <= args.ce_weight <= 1.0 or (args.no_distill and args.ce_weight):
         raise UserError("--ce-weight must be in [0, 1], and has no meaning with --no-distill")
     cfg = TrainConfig(

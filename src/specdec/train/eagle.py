@@ -303,20 +303,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from specdec.cli import UserError
     from specdec.drafters.locate import heads_folder
-    from specdec.models.config import ModelLoadError
-    from specdec.models.loading import load_model
+    from specdec.train.data import frozen_target
 
-    for name in ("steps", "batch_size", "window", "ttt_steps", "kl_rows", "eval_interval"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if not (args.data / "data.json").is_file():
-        raise UserError(f"--data {args.data}: no data.json; make it with 'specdec train data'")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        target = load_model(args.target, dtype="float32")
-    except ModelLoadError as e:
-        raise UserError(str(e)) from None
+    target = frozen_target(args, ("steps", "batch_size", "window", "ttt_steps", "kl_rows", "eval_interval"))
     cfg = EagleTrainConfig(
         args.steps, args.batch_size, args.window, args.ttt_steps, args.kl_rows, args.lr,
         args.intermediate_size, not args.no_init, EagleTrainConfig.noise, args.max_minutes,

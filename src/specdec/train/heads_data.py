@@ -87,21 +87,11 @@ def add_arguments(p: argparse.ArgumentParser, method: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from specdec.cli import UserError
     from specdec.drafters.locate import heads_folder
-    from specdec.models.config import ModelLoadError
-    from specdec.models.loading import load_model
+    from specdec.train.data import frozen_target
 
     method = args.head_method
-    for name in ("steps", "batch_size", "window", "num_heads"):
-        if getattr(args, name, 1) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if not (args.data / "data.json").is_file():
-        raise UserError(f"--data {args.data}: no data.json; make it with 'specdec train data'")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        target = load_model(args.target, dtype="float32")
-    except ModelLoadError as e:
-        raise UserError(str(e)) from None
+    positive = ("steps", "batch_size", "window") + (("num_heads",) if method == "medusa" else ())
+    target = frozen_target(args, positive)
     cfg = HeadTrainConfig(
         method, steps=args.steps, batch_size=args.batch_size, window=args.window, lr=args.lr,
         num_heads=getattr(args, "num_heads", HeadTrainConfig.num_heads),
