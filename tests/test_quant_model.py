@@ -324,3 +324,22 @@ def test_smollm2_runs_on_its_q4_1_blocks_in_about_its_file_size() -> None:
     plain = SpeculativeGenerator(model).chat(messages, max_new_tokens=64)
     spec = SpeculativeGenerator(model, make_drafter("ngram", model)).chat(messages, max_new_tokens=64)
     assert spec.token_ids == plain.token_ids and len(plain.token_ids) > 16
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["eagle", "medusa", "early-exit"])
+def test_trained_heads_draft_losslessly_for_a_quantized_target(tmp_path: Path, method: str) -> None:
+    """Heads beside a GGUF file run against its blocks (the features, the quantized lm_head),
+    and greedy speculative output equals plain greedy output on the quantized model."""
+    from helpers import random_head
+    from specdec.drafters.heads import save_head
+
+    path = write_quant_gguf(tmp_path / "t.gguf", "Q4_K", seed=13)
+    target = load_model(path)
+    assert target.quantized
+    settings = {"num_heads": 3} if method == "medusa" else {"exit_layer": 1} if method == "early-exit" else {}
+    save_head(random_head(method, target, 7, **settings), tmp_path / f"t.{method}", target.config)
+    plain = SpeculativeGenerator(target).generate(PROMPT, max_new_tokens=32).token_ids
+    drafter = make_drafter(method, target, num_draft_tokens=3)
+    out = SpeculativeGenerator(target, drafter).generate(PROMPT, max_new_tokens=32)
+    assert out.token_ids == plain and out.stats.draft_tokens > 0
