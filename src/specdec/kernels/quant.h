@@ -52,6 +52,15 @@ inline __m256 exact_mul(__m256 a, __m256 b) {
   return p;
 }
 inline __m256 to_float(__m256i q) { return _mm256_cvtepi32_ps(q); }
+inline __m256i bytes32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+// 32 signed bytes as four float32 vectors of 8, in order.
+__attribute__((always_inline)) inline void signed_bytes_to_float(__m256i v, __m256 (&q)[4]) {
+  const __m128i low = _mm256_castsi256_si128(v), high = _mm256_extracti128_si256(v, 1);
+  q[0] = to_float(_mm256_cvtepi8_epi32(low));
+  q[1] = to_float(_mm256_cvtepi8_epi32(_mm_srli_si128(low, 8)));
+  q[2] = to_float(_mm256_cvtepi8_epi32(high));
+  q[3] = to_float(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8)));
+}
 inline __m256i low4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi32(0x0F)); }
 
 // The formats with one scale (and min) per block of 32 weights give their quants as float32
@@ -238,29 +247,28 @@ struct Q5_K {
 struct Q6_K {
   static constexpr int64_t kBlock = 256, kBytes = 210;
   static constexpr bool kMin = false;
-  // Group 4h + g of 32 weights: scales 8h + 2g (its first 16 weights) and 8h + 2g + 1.
+  // Group 4h + g of 32 weights, built 32 bytes at a time: its nibbles from 32 bytes of ql, its top
+  // two bits from the half's 32 bytes of qh moved to bits 4-5 (16-bit shifts; the bits they
+  // carry across bytes are masked off). Scales 8h + 2g (its first 16 weights) and 8h + 2g + 1.
   template <typename Emit>
   __attribute__((always_inline)) static void groups(const uint8_t* b, Emit&& emit) {
     const float d = half(b + 208);
     const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-    const __m256i thirty_two = _mm256_set1_epi32(32), three = _mm256_set1_epi32(3);
+    const __m256i nibble = _mm256_set1_epi8(0x0F), top_bits = _mm256_set1_epi8(0x30), offset = _mm256_set1_epi8(32);
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
-      __m256i top[4];
-#pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) top[v] = bytes8(qh + 8 * v);
+      const __m256i high = bytes32(qh), low[2] = {bytes32(ql), bytes32(ql + 32)};
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
-        const __m128i shift = _mm_cvtsi32_si128(2 * g);
+        const __m256i nibbles = _mm256_and_si256(g < 2 ? low[g] : _mm256_srli_epi16(low[g - 2], 4), nibble);
+        const __m256i top = g == 0   ? _mm256_slli_epi16(high, 4)
+                            : g == 1 ? _mm256_slli_epi16(high, 2)
+                            : g == 2 ? high
+                                     : _mm256_srli_epi16(high, 2);
+        const __m256i q6 = _mm256_sub_epi8(_mm256_or_si256(nibbles, _mm256_and_si256(top, top_bits)), offset);
         __m256 q[4];
-#pragma GCC unroll 4
-        for (int v = 0; v < 4; ++v) {
-          const __m256i low = bytes8(ql + 32 * (g % 2) + 8 * v);
-          const __m256i bits = _mm256_and_si256(_mm256_srl_epi32(top[v], shift), three);
-          const __m256i qi = _mm256_or_si256(g < 2 ? low4(low) : _mm256_srli_epi32(low, 4), _mm256_slli_epi32(bits, 4));
-          q[v] = to_float(_mm256_sub_epi32(qi, thirty_two));
-        }
+        signed_bytes_to_float(q6, q);
         const int sub = 8 * h + 2 * g;
         emit(4 * h + g, q, _mm256_set1_ps(d * static_cast<float>(scales[sub])),
              _mm256_set1_ps(d * static_cast<float>(scales[sub + 1])), _mm256_setzero_ps());
