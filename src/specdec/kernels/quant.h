@@ -53,7 +53,7 @@ inline __m256 exact_mul(__m256 a, __m256 b) {
 }
 inline __m256 to_float(__m256i q) { return _mm256_cvtepi32_ps(q); }
 inline __m256i bytes32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-// 32 signed bytes as four float32 vectors of 8, in order.
+// 32 signed bytes (or unsigned ones below 128) as four float32 vectors of 8, in order.
 __attribute__((always_inline)) inline void signed_bytes_to_float(__m256i v, __m256 (&q)[4]) {
   const __m128i low = _mm256_castsi256_si128(v), high = _mm256_extracti128_si256(v, 1);
   q[0] = to_float(_mm256_cvtepi8_epi32(low));
@@ -214,27 +214,25 @@ struct Q4_K {
 struct Q5_K {
   static constexpr int64_t kBlock = 256, kBytes = 176;
   static constexpr bool kMin = true;
+  // 32 bytes at a time, as Q6_K: the nibbles of qs, and bit j of qh moved to bit 4 (16-bit
+  // shifts; the bits they carry across bytes are masked off).
   template <typename Emit>
   __attribute__((always_inline)) static void groups(const uint8_t* b, Emit&& emit) {
     const float d = half(b), dmin = half(b + 2);
-    const __m256i one = _mm256_set1_epi32(1);
-    __m256i qh[4];  // qh[8g .. 8g + 7]: bit j of each is the fifth bit in sub-block j
-#pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) qh[g] = bytes8(b + 16 + 8 * g);
+    const __m256i nibble = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10);
+    const __m256i qh = bytes32(b + 16);  // bit j of qh[l]: the fifth bit of weight l of sub-block j
 #pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) {
-      const __m128i shift_low = _mm_cvtsi32_si128(2 * p), shift_high = _mm_cvtsi32_si128(2 * p + 1);
-      __m256 low[4], high[4];
-#pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) {
-        const __m256i v = bytes8(b + 48 + 32 * p + 8 * g);
-        const __m256i fifth_low = _mm256_and_si256(_mm256_srl_epi32(qh[g], shift_low), one);
-        const __m256i fifth_high = _mm256_and_si256(_mm256_srl_epi32(qh[g], shift_high), one);
-        low[g] = to_float(_mm256_or_si256(low4(v), _mm256_slli_epi32(fifth_low, 4)));
-        high[g] = to_float(_mm256_or_si256(_mm256_srli_epi32(v, 4), _mm256_slli_epi32(fifth_high, 4)));
+      const __m256i qs = bytes32(b + 48 + 32 * p);
+#pragma GCC unroll 2
+      for (int odd = 0; odd < 2; ++odd) {
+        const int j = 2 * p + odd;
+        const __m256i nibbles = _mm256_and_si256(odd ? _mm256_srli_epi16(qs, 4) : qs, nibble);
+        const __m256i bit = j <= 4 ? _mm256_slli_epi16(qh, 4 - j) : _mm256_srli_epi16(qh, j - 4);
+        __m256 q[4];
+        signed_bytes_to_float(_mm256_or_si256(nibbles, _mm256_and_si256(bit, fifth)), q);
+        k_group(j, q, b + 4, d, dmin, emit);
       }
-      k_group(2 * p, low, b + 4, d, dmin, emit);
-      k_group(2 * p + 1, high, b + 4, d, dmin, emit);
     }
   }
 };
