@@ -128,7 +128,11 @@ def test_each_format_loads_quantized_and_matches_the_dequantized_model(
         assert module.reuses_layers()  # the one-call forward runs the blocks
     blocks = sum(buf.numel() for buf in module.buffers() if buf.dtype == torch.uint8)
     tensors = read_gguf(path).tensors
-    assert blocks == sum(t.data.nbytes for t in tensors if t.type_name == type_name)  # no copy, no widening
+    stored = sum(t.data.nbytes for t in tensors if t.type_name == type_name)
+    if type_name == "Q5_0":  # kept as the Q8_0 blocks of the same weights (34 bytes a block for 22)
+        assert {m.qweight.name for m in module.modules() if isinstance(m, QuantLinear)} == {"Q8_0"}
+        stored = stored // 22 * 34
+    assert blocks == stored  # no other copy
     reference = load_model(path, dtype="float32")
     assert not reference.quantized and isinstance(reference.module.lm_head.weight, torch.Tensor)
     assert_close_to_float32(logits_of(model, PROMPT), logits_of(reference, PROMPT))
@@ -195,9 +199,22 @@ def test_the_module_path_runs_the_blocks_too(tmp_path: Path) -> None:
 MIXES = {  # base format, then the GGUF tensor kinds stored otherwise
     # Q4_K_M as llama-quantize writes it: attn_v and ffn_down in Q6_K, the rest in Q4_K.
     "q4_k_m": ("Q4_K", {"attn_v": "Q6_K", "ffn_down": "Q6_K", "token_embd": "Q8_0"}),
-    # gate and up apart too, and Q4_K_M's fallbacks for widths that are not whole blocks of 256.
-    "gate-up": ("Q5_0", {"attn_v": "Q8_0", "ffn_up": "Q4_1", "ffn_down": "Q6_K", "token_embd": "Q8_0"}),
+    # gate and up apart too (Q5_1 / Q4_1), v in Q8_0.
+    "gate-up": ("Q5_1", {"attn_v": "Q8_0", "ffn_up": "Q4_1", "ffn_down": "Q6_K", "token_embd": "Q8_0"}),
 }
+
+
+@needs_kernels
+def test_q4_k_m_fallbacks_for_narrow_models_fuse_as_q8_0(tmp_path: Path) -> None:
+    """Q4_K_M of a model whose widths are not whole blocks of 256 (SmolLM2's 576) stores q/k in
+    Q5_0 and v in Q8_0: kept as Q8_0 blocks of the same weights, q/k/v are one matrix again."""
+    formats = {"attn_v": "Q8_0", "ffn_down": "Q6_K", "token_embd": "Q8_0"}
+    path = write_quant_gguf(tmp_path / "m.gguf", "Q5_0", seed=6, formats=formats)
+    model = load_model(path)
+    layer = model.module.model.layers[0]
+    assert layer.self_attn.qkv is not None and layer.mlp.gate_up is not None
+    assert_close_to_float32(logits_of(model, PROMPT), logits_of(load_model(path, dtype="float32"), PROMPT))
+    assert_batch_invariant(model)
 
 
 @needs_kernels
