@@ -41,6 +41,14 @@ inline float half(const uint8_t* p) {
   std::memcpy(&h, p, 2);
   return _cvtsh_ss(h);
 }
+// The two fp16 values at p (d and m of a Q4_1 / Q5_1 block) converted together, each broadcast.
+__attribute__((always_inline)) inline void scale_pair(const uint8_t* p, __m256& d, __m256& m) {
+  uint32_t both;
+  std::memcpy(&both, p, 4);
+  const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(both)));  // (d, m, 0, 0)
+  d = _mm256_broadcastss_ps(dm);
+  m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+}
 inline __m256i bytes8(const uint8_t* p) {  // 8 bytes zero-extended to 8 int32
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
@@ -290,8 +298,14 @@ __attribute__((always_inline)) inline void groups(const uint8_t* b, Emit&& emit)
   if constexpr (kFactored<F>) {
     __m256 q[4];
     F::quants(b, q);
-    const __m256 d = F::scale(b);
-    emit(0, q, d, d, F::min(b));
+    if constexpr (F::kMin) {
+      __m256 d, m;
+      scale_pair(b, d, m);
+      emit(0, q, d, d, m);
+    } else {
+      const __m256 d = F::scale(b);
+      emit(0, q, d, d, F::min(b));
+    }
   } else {
     F::groups(b, emit);
   }
