@@ -107,7 +107,6 @@ def random_head(method: str, target, seed: int, **settings):  # type: ignore[no-
     return head.eval().requires_grad_(False)
 
 
-
 def small_vocab_trio(folder: Path) -> dict[str, LoadedModel]:
     """An 8-token target, a draft close to it (``near``) and an unrelated one (``far``), float32:
     vocabularies small enough to enumerate exact distributions."""
@@ -115,3 +114,33 @@ def small_vocab_trio(folder: Path) -> dict[str, LoadedModel]:
     near = save_tiny_llama(folder / "near", vocab_size=8, hidden_size=32, base=target, noise=0.2, seed=4)
     far = save_tiny_llama(folder / "far", vocab_size=8, hidden_size=32, num_layers=1, init_std=0.6, seed=5)
     return {name: load_model(p, dtype="float32") for name, p in [("target", target), ("near", near), ("far", far)]}
+
+
+def write_tiny_data(target: LoadedModel, folder: Path) -> Path:
+    """``specdec train data`` for ``target`` on ten one-turn prompts (eight training
+    conversations, two validation), written to ``folder``."""
+    import pytest
+
+    from specdec.train import data as data_module
+    from specdec.train.data import DataConfig, build_data
+    from specdec.train.prompts import Prompt
+
+    words = ["cat", "dog", "sun", "tea", "map", "box"]
+
+    def prompts(count: int, seed: int = 0) -> list[Prompt]:
+        return [
+            Prompt(
+                f"{i:016x}",
+                "answer",
+                "test",
+                (f"Say {words[i % 6]} {words[(i * 5) % 6]}.",),
+                "validation" if i % 5 == 0 else "train",
+            )
+            for i in range(count)
+        ]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data_module, "build_prompts", prompts)
+        cfg = DataConfig(num_prompts=10, max_new_tokens=40, batch_size=5, sampled_percent=30)
+        list(build_data(target, folder, cfg, progress=False))
+    return folder

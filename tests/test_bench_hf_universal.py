@@ -8,26 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CHARS, save_char_tokenizer, save_tiny_llama
 from specdec import load_model
 from specdec.bench.methods import HFMethod, build_method
-from test_cross_vocab import save_bpe_tokenizer, save_rigged_llama, token_texts
+from test_cross_vocab import save_pairs
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``target`` / ``draft``: random models; ``rigged-target`` / ``rigged-draft``: both write the
     same cycle of letters, each in its own vocabulary."""
-    d = tmp_path_factory.mktemp("hf-universal")
-    target = save_char_tokenizer(save_tiny_llama(d / "char-target", vocab_size=len(CHARS), init_std=0.15))
-    bpe_size = save_bpe_tokenizer(d / "bpe-draft")
-    draft = save_tiny_llama(d / "bpe-draft", vocab_size=bpe_size, init_std=0.15, seed=3)
-    rigged_target = save_char_tokenizer(d / "rigged-target")
-    save_rigged_llama(rigged_target, token_texts(rigged_target, len(CHARS)))
-    rigged_draft = d / "rigged-draft"
-    save_bpe_tokenizer(rigged_draft)
-    save_rigged_llama(rigged_draft, token_texts(rigged_draft, bpe_size))
-    return {"target": target, "draft": draft, "rigged-target": rigged_target, "rigged-draft": rigged_draft}
+    return save_pairs(tmp_path_factory.mktemp("hf-universal"))
 
 
 @pytest.mark.parametrize("prompt", ["def fib(n):\n", "The quick brown fox ~ jumps", "abcdefgh"])
@@ -47,7 +37,9 @@ def test_hf_assisted_with_another_vocabulary_equals_plain(pairs: dict[str, Path]
     assert run.token_ids == plain.token_ids == hf.token_ids
 
 
-def test_hf_assisted_accepts_the_drafts_of_a_draft_that_writes_the_target_s_text(pairs: dict[str, Path]) -> None:
+def test_hf_assisted_accepts_the_drafts_of_a_draft_that_writes_the_target_s_text(
+    pairs: dict[str, Path],
+) -> None:
     """The rigged pair writes one text in two vocabularies: the target verifies several drafted
     tokens per forward, so it runs far fewer forwards than tokens (the draft's cache, cropped
     to what it shares with the retokenised text, keeps drafting from the right context)."""

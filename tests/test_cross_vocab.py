@@ -26,25 +26,31 @@ CYCLE = "abcdefghijklmnopqrstuvwxyz "  # the rigged models' text repeats this cy
 BPE_TRAINING_TEXT = [CYCLE * 4, "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"] * 20
 
 
-def save_bpe_tokenizer(folder: Path, vocab_size: int = 140) -> int:
-    """A BPE tokenizer over the character alphabet of :data:`CHARS` with merges learnt from
-    :data:`BPE_TRAINING_TEXT` (so its tokens are whole runs of the cycle); returns its size."""
+def train_bpe_tokenizer(folder: Path, alphabet: list[str], text: list[str], vocab_size: int) -> int:
+    """A BPE tokenizer over ``alphabet`` (plus ``<eos>``, ``<unk>``) with merges learnt from
+    ``text``, saved to ``folder``; returns its size."""
     from tokenizers import Tokenizer, decoders, models, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
-    alphabet = [c for c in CHARS if len(c) == 1]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=["<eos>", "<unk>"],
         initial_alphabet=alphabet,
         limit_alphabet=len(alphabet),
     )
-    tok.train_from_iterator(BPE_TRAINING_TEXT, trainer)
+    tok.train_from_iterator(text, trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
     return int(tok.get_vocab_size())
+
+
+def save_bpe_tokenizer(folder: Path, vocab_size: int = 140) -> int:
+    """A BPE tokenizer over the character alphabet of :data:`CHARS` with merges learnt from
+    :data:`BPE_TRAINING_TEXT` (so its tokens are whole runs of the cycle); returns its size."""
+    alphabet = [c for c in CHARS if len(c) == 1]
+    return train_bpe_tokenizer(folder, alphabet, BPE_TRAINING_TEXT, vocab_size)
 
 
 def continuation(text: str) -> str:
@@ -98,11 +104,9 @@ def token_texts(folder: Path, vocab_size: int) -> list[str]:
     return ["" if tok.id_to_token(i) in ("<eos>", "<unk>") else tok.decode([i]) for i in range(vocab_size)]
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """``char-target`` / ``bpe-draft``: random models; ``rigged-target`` / ``rigged-draft``: the
-    cycle, each in its own vocabulary."""
-    d = tmp_path_factory.mktemp("cross-vocab")
+def save_pairs(d: Path) -> dict[str, Path]:
+    """``target`` (characters) / ``draft`` (BPE): random models; ``rigged-target`` /
+    ``rigged-draft``: the cycle, each in its own vocabulary; saved under ``d``."""
     target = save_char_tokenizer(
         save_tiny_llama(d / "char-target", vocab_size=len(CHARS), init_std=0.15, seed=0)
     )
@@ -114,6 +118,11 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_bpe_tokenizer(rigged_draft)
     save_rigged_llama(rigged_draft, token_texts(rigged_draft, bpe_size))
     return {"target": target, "draft": draft, "rigged-target": rigged_target, "rigged-draft": rigged_draft}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return save_pairs(tmp_path_factory.mktemp("cross-vocab"))
 
 
 def test_text_helpers() -> None:
@@ -245,23 +254,9 @@ def save_small_bpe_tokenizer(folder: Path, alphabet: str) -> int:
     """A BPE tokenizer over ``alphabet`` with a few merges; returns its size."""
     import random
 
-    from tokenizers import Tokenizer, decoders, models, trainers
-
     rng = random.Random(0)
     text = ["".join(rng.choice(alphabet[:3]) + rng.choice(alphabet) for _ in range(40)) for _ in range(50)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.decoder = decoders.Fuse()
-    trainer = trainers.BpeTrainer(
-        vocab_size=len(alphabet) + 8,
-        special_tokens=["<eos>", "<unk>"],
-        initial_alphabet=list(alphabet),
-        limit_alphabet=len(alphabet),
-    )
-    tok.train_from_iterator(text, trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
-    return int(tok.get_vocab_size())
+    return train_bpe_tokenizer(folder, list(alphabet), text, len(alphabet) + 8)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gguf_support import write_gguf_from_folder
-from helpers import save_char_tokenizer, save_tiny_llama
+from helpers import save_char_tokenizer, save_tiny_llama, write_tiny_data
 from specdec import SpeculativeGenerator, load_model, make_drafter
 from specdec.cli import main
 from specdec.drafters.draft_model import DraftModelDrafter
@@ -23,8 +23,7 @@ from specdec.drafters.early_exit import EarlyExitDrafter
 from specdec.drafters.medusa import MedusaDrafter
 from specdec.models.loading import LoadedModel, check_compatible
 from specdec.models.tokenizer import Tokenizer
-from specdec.train import data as data_module
-from specdec.train.data import DataConfig, build_data, read_records
+from specdec.train.data import read_records
 from specdec.train.draft_data import (
     distill_on_replies,
     evenly_spaced,
@@ -35,25 +34,10 @@ from specdec.train.draft_data import (
 )
 from specdec.train.heads import HeadTrainConfig
 from specdec.train.heads_data import train_on_replies
-from specdec.train.prompts import Prompt
 from specdec.train.replies import load_replies, sample_reply_windows, validation_windows
 from specdec.train.trainer import TrainConfig
 
 NAME = "tiny-chat"  # the data records its target's folder name: copies keep it
-
-
-def _prompts(count: int, seed: int = 0) -> list[Prompt]:
-    words = ["cat", "dog", "sun", "tea", "map", "box"]
-    return [
-        Prompt(
-            f"{i:016x}",
-            "answer",
-            "test",
-            (f"Say {words[i % 6]} {words[(i * 5) % 6]}.",),
-            "validation" if i % 5 == 0 else "train",
-        )
-        for i in range(count)
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +58,7 @@ def target(target_dir: Path) -> LoadedModel:
 def data_dir(target: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``specdec train data`` on ten prompts (eight training conversations, two validation)."""
     folder = tmp_path_factory.mktemp("any-data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data_module, "build_prompts", _prompts)
-        cfg = DataConfig(num_prompts=10, max_new_tokens=40, batch_size=5, sampled_percent=30)
-        list(build_data(target, folder, cfg, progress=False))
-    return folder
+    return write_tiny_data(target, folder)
 
 
 def _own_target(target_dir: Path, tmp_path: Path) -> Path:

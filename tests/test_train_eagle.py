@@ -10,13 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import random_head, save_char_tokenizer, save_tiny_llama
+from helpers import random_head, save_char_tokenizer, save_tiny_llama, write_tiny_data
 from specdec import SpeculativeGenerator, load_model
 from specdec.drafters.eagle import EagleDrafter
 from specdec.drafters.locate import ASSETS, heads_folder
 from specdec.models.loading import LoadedModel
-from specdec.train import data as data_module
-from specdec.train.data import DataConfig, build_data
 from specdec.train.eagle import (
     EagleTrainConfig,
     load_conversations,
@@ -25,7 +23,6 @@ from specdec.train.eagle import (
     ttt_mask,
     unrolled_features,
 )
-from specdec.train.prompts import Prompt
 
 
 @pytest.fixture(scope="module")
@@ -73,28 +70,10 @@ def test_unrolled_steps_equal_sequential_drafting(models: dict) -> None:  # type
                     torch.testing.assert_close(outputs[j][b, t], f[0, -1], atol=1e-4, rtol=1e-4)
 
 
-def _fake_prompts(count: int, seed: int = 0) -> list[Prompt]:
-    words = ["cat", "dog", "sun", "tea", "map", "box"]
-    return [
-        Prompt(
-            f"{i:016x}",
-            "answer",
-            "test",
-            (f"Say {words[i % 6]} {words[(i * 5) % 6]}.",),
-            "validation" if i % 5 == 0 else "train",
-        )
-        for i in range(count)
-    ]
-
-
 @pytest.fixture(scope="module")
 def data_dir(chat_target: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("eagle-data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data_module, "build_prompts", _fake_prompts)
-        cfg = DataConfig(num_prompts=10, max_new_tokens=40, batch_size=5, sampled_percent=30)
-        list(build_data(chat_target, folder, cfg, progress=False))
-    return folder
+    return write_tiny_data(chat_target, folder)
 
 
 def test_windows_end_in_replies(chat_target: LoadedModel, data_dir: Path) -> None:
