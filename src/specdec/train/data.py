@@ -298,6 +298,15 @@ def require_data(folder: Path) -> None:
         raise UserError(f"--data {folder}: no data.json; make it with 'specdec train data'")
 
 
+def add_head_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags every ``specdec train <head> --data D`` shares: the target and data that
+    :func:`frozen_target` reads, where the head goes, the thread count."""
+    p.add_argument("--target", default="smollm2", help="the frozen target (name, GGUF file or folder)")
+    p.add_argument("--data", type=Path, required=True, help="folder from 'specdec train data'")
+    p.add_argument("--out", type=Path, default=None, help="head folder (default: beside the target)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
 def frozen_target(args: argparse.Namespace, positive: tuple[str, ...]) -> LoadedModel:
     """What every ``specdec train <drafter> --data D`` does first: the flags named in
     ``positive`` checked >= 1, the data folder checked, torch's threads set, the target loaded

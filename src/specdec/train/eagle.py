@@ -281,10 +281,10 @@ def train_eagle(
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from specdec.train.data import add_head_arguments
+
     d = EagleTrainConfig()
-    p.add_argument("--target", default="smollm2", help="the frozen target (name, GGUF file or folder)")
-    p.add_argument("--data", type=Path, required=True, help="folder from 'specdec train data'")
-    p.add_argument("--out", type=Path, default=None, help="head folder (default: beside the target)")
+    add_head_arguments(p)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step")
     p.add_argument("--window", type=int, default=d.window, help="tokens per window")
@@ -297,7 +297,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="time budget; the schedule ends with it")
     p.add_argument("--eval-interval", type=int, default=d.eval_interval)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from pathlib import Path
 
 import torch
 
@@ -63,10 +62,10 @@ def train_on_replies(
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser, method: str) -> None:
+    from specdec.train.data import add_head_arguments
+
     d = HeadTrainConfig(method, steps=300)
-    p.add_argument("--target", default="smollm2", help="the frozen target (name, GGUF file or folder)")
-    p.add_argument("--data", type=Path, required=True, help="folder from 'specdec train data'")
-    p.add_argument("--out", type=Path, default=None, help="head folder (default: beside the target)")
+    add_head_arguments(p)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step")
     p.add_argument("--window", type=int, default=d.window, help="positions per window")
@@ -80,7 +79,6 @@ def add_arguments(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="time budget; the schedule ends with it")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--save-dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the saved head")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(head_method=method)
 
 
