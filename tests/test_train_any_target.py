@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from gguf_support import write_gguf_from_folder
 from helpers import save_char_tokenizer, save_tiny_llama, write_tiny_data
@@ -21,6 +22,7 @@ from specdec.drafters.draft_model import DraftModelDrafter
 from specdec.drafters.eagle import EagleDrafter
 from specdec.drafters.early_exit import EarlyExitDrafter
 from specdec.drafters.medusa import MedusaDrafter
+from specdec.models.config import ModelLoadError
 from specdec.models.loading import LoadedModel, check_compatible
 from specdec.models.tokenizer import Tokenizer
 from specdec.train.data import read_records
@@ -121,18 +123,33 @@ def test_draft_distils_on_the_data_and_drafts_losslessly(
     report = json.loads((folder / "training.json").read_text())
     assert report["layers"] == [0, 3] and len(report["log"]["train_loss"]) == 4
     assert report["log"]["eval_steps"] == [0, 2, 4]
+    assert cfg["specdec_embeddings"] == "target"  # the target's embeddings: frozen, not stored
+    with safe_open(str(folder / "model.safetensors"), "pt") as stored:
+        assert "model.embed_tokens.weight" not in stored.keys() and "model.norm.weight" in stored.keys()
     target = load_model(own, dtype="float32")
-    draft = load_model(folder)
+    with pytest.raises(ModelLoadError, match="target's embedding table"):
+        load_model(folder)
+    draft = load_model(folder, embeddings_from=target)
+    torch.testing.assert_close(
+        draft.module.model.embed_tokens.weight.float(),
+        target.module.model.embed_tokens.weight,
+        atol=0,
+        rtol=0,
+    )
     check_compatible(target, draft)
     assert draft.tokenizer is not None and draft.tokenizer.fingerprint() == target.tokenizer.fingerprint()  # type: ignore[union-attr]
     drafter = make_drafter("draft", target, draft=str(folder), num_draft_tokens=3)
     assert isinstance(drafter, DraftModelDrafter)
     _assert_lossless(target, drafter, data_dir)
     assert isinstance(make_drafter("auto", target, draft=str(folder)), DraftModelDrafter)
-    again = tmp_path / "again"  # --init continues from the saved draft
+    again = tmp_path / "again"  # --init continues from the saved draft; --own-embeddings stores them
     argv = ["train", "draft", "--target", str(own), "--data", str(data_dir), "--init", str(folder),
-            "--out", str(again), "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1"]  # fmt: skip
+            "--out", str(again), "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1",
+            "--own-embeddings"]  # fmt: skip
     assert main(argv) == 0
+    standalone = load_model(again)  # no target needed
+    assert "specdec_embeddings" not in json.loads((again / "config.json").read_text())
+    assert standalone.config.vocab_size == target.config.vocab_size
     report = json.loads((again / "training.json").read_text())
     assert report["init"] == str(folder) and report["log"]["val_kl"][0] == pytest.approx(
         json.loads((folder / "training.json").read_text())["log"]["val_kl"][-1], rel=0.05

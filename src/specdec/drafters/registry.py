@@ -58,7 +58,12 @@ def _load_draft(spec: DrafterSpec, draft: LoadedModel | None = None) -> tuple[Lo
     from specdec.drafters.vocab import resolve_draft_vocab
 
     if draft is None:
-        draft = load_model(spec.draft or DEFAULT_DRAFT, dtype=spec.dtype, device=str(spec.target.device))
+        draft = load_model(
+            spec.draft or DEFAULT_DRAFT,
+            dtype=spec.dtype,
+            device=str(spec.target.device),
+            embeddings_from=spec.target,
+        )
     check_compatible(spec.target, draft)  # (the draft vocabulary's ids are the target's)
     return draft, resolve_draft_vocab(spec.target, spec.draft_vocab, scorer=draft)
 
@@ -75,7 +80,12 @@ def _draft_any_vocab(spec: DrafterSpec) -> Drafter:
     text (:mod:`specdec.drafters.cross_vocab`; the other drafters need the target's vocabulary)."""
     from specdec.drafters.cross_vocab import cross_vocab_drafter
 
-    draft = load_model(spec.draft or DEFAULT_DRAFT, dtype=spec.dtype, device=str(spec.target.device))
+    draft = load_model(
+        spec.draft or DEFAULT_DRAFT,
+        dtype=spec.dtype,
+        device=str(spec.target.device),
+        embeddings_from=spec.target,
+    )
     try:
         check_compatible(spec.target, draft)
     except ModelLoadError:

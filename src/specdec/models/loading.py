@@ -181,8 +181,14 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     raise ModelLoadError(f"{folder} has no model.safetensors, sharded index or pytorch_model.bin")
 
 
+BORROWED = "specdec_embeddings"  # config.json key of a draft whose embeddings are its target's
+
+
 def load_model(
-    name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu"
+    name_or_path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
+    embeddings_from: LoadedModel | None = None,
 ) -> LoadedModel:
     """Load a Llama-family model onto ``device`` (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: a
     GPU where there is one) from a Hugging Face folder, a GGUF file, an embedded name
@@ -191,7 +197,11 @@ def load_model(
     A GGUF file on the CPU keeps its quantized blocks (``dtype="auto"`` where its layer matrices
     are all in a format the kernels run, or ``dtype="quantized"``): memory about the file's
     size, products in float32 on the blocks; ``"float32"`` / ``"bfloat16"`` dequantize at load,
-    as every GGUF file on CUDA does."""
+    as every GGUF file on CUDA does.
+
+    A draft folder whose ``config.json`` has ``"specdec_embeddings": "target"`` stores no
+    embedding table (nor an untied ``lm_head``): they are its target's, given as
+    ``embeddings_from`` (``make_drafter`` does this), so such a draft ships in a few MB."""
     path = resolve_path(name_or_path)
     device = str(resolve_device(device))
     if path.is_file():
@@ -199,8 +209,32 @@ def load_model(
     cfg = ModelConfig.from_folder(path)
     torch_dtype = resolve_dtype(dtype, cfg, device)
     state: dict[str, torch.Tensor | QuantWeight] = dict(read_state_dict(path))
+    if cfg.raw.get(BORROWED) == "target":
+        state.update(borrowed_embeddings(path, cfg, embeddings_from))
     module = build_module(cfg, state, torch_dtype, device, str(path))
     return LoadedModel(module, cfg, Tokenizer.from_folder(path), path)
+
+
+def borrowed_embeddings(path: Path, cfg: ModelConfig, target: LoadedModel | None) -> dict[str, torch.Tensor]:
+    """The target's embedding table (and untied ``lm_head``) for a draft in ``path`` that stores
+    none, as float32 tensors by Hugging Face name (ModelLoadError without a target of the same
+    width and vocabulary)."""
+    if target is None:
+        raise ModelLoadError(
+            f"{path} uses its target's embedding table; run it as the draft of that target "
+            f"(--drafter draft --draft {path})"
+        )
+    tc = target.config
+    if (tc.vocab_size, tc.hidden_size) != (cfg.vocab_size, cfg.hidden_size):
+        raise ModelLoadError(
+            f"{path} needs a target with {cfg.vocab_size} tokens of width {cfg.hidden_size}; "
+            f"{target.path.name} has {tc.vocab_size} of width {tc.hidden_size}"
+        )
+    module = target.module
+    out = {"model.embed_tokens.weight": module.model.embed_tokens.weight.detach().float()}  # (V, d)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = module.lm_head.weight.detach().float()  # (V, d)
+    return out
 
 
 def _load_gguf(path: Path, dtype: str | torch.dtype, device: str) -> LoadedModel:

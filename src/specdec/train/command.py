@@ -226,8 +226,9 @@ def run_draft(args: argparse.Namespace) -> int:
     if args.teacher is None:
         missing = "--data D (from 'specdec train data')" if args.target else "--target T --data D"
         raise UserError(f"name {missing} for a draft of any target, or --teacher FOLDER for the code corpus")
-    if args.layers is not None:
-        raise UserError("--layers picks the target's layers of a draft trained with --data")
+    if args.layers is not None or args.own_embeddings:
+        flag = "--layers" if args.layers is not None else "--own-embeddings"
+        raise UserError(f"{flag} is for a draft trained with --data")
     if args.out is None:
         raise UserError("--out: the folder for the draft trained on the code corpus")
     args.lr = 3e-3 if args.lr is None else args.lr

@@ -18,6 +18,11 @@ the target's own generations a strong default. Here:
   none); ``--ce-weight`` mixes in the cross-entropy of the tokens the target wrote, and
   ``--no-distill`` trains on that cross-entropy alone.
 
+**Embeddings**: the draft keeps the target's embedding table (and ``lm_head``) frozen and does
+not store them (``"specdec_embeddings": "target"`` in its config.json; the loader takes them from
+the target it drafts for), so a draft of a model with a large vocabulary ships in a few MB;
+``--own-embeddings`` trains them and stores a standalone model.
+
 The draft is saved as a Hugging Face folder (config.json, model.safetensors and the target's
 tokenizer files) beside the target (``<folder>/draft/``, ``<dir>/<file stem>.draft/``) or at
 ``--out``; ``--drafter draft --draft FOLDER`` runs it.
@@ -154,11 +159,21 @@ def init_draft(
 
 def load_init(folder: Path, target: LoadedModel) -> PreTrainedModel:
     """A draft saved earlier, in float32, to continue from (ValueError unless it shares the
-    target's vocabulary)."""
-    from transformers import AutoModelForCausalLM
+    target's vocabulary); one that borrows the target's embeddings gets them back."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from specdec.models.loading import BORROWED, read_state_dict
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder)
+        if getattr(config, BORROWED, None) == "target":
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            state = {k: v.float() for k, v in read_state_dict(folder).items()}
+            if config.vocab_size == target.config.vocab_size:
+                state.update(_embedding_weights(target, config.tie_word_embeddings))
+            model.load_state_dict(state, strict=False)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ValueError(f"--init {folder}: not a model folder ({str(e).splitlines()[0][:120]})") from None
     if model.config.vocab_size != target.config.vocab_size:
@@ -166,6 +181,20 @@ def load_init(folder: Path, target: LoadedModel) -> PreTrainedModel:
             f"--init {folder}: vocabulary of {model.config.vocab_size} tokens, the target has {target.config.vocab_size}"
         )
     return model
+
+
+def _embedding_weights(target: LoadedModel, tied: bool) -> dict[str, torch.Tensor]:
+    """The target's embedding table (and ``lm_head`` unless ``tied``) by Hugging Face name."""
+    out = {"model.embed_tokens.weight": target.module.model.embed_tokens.weight.detach().float()}
+    if not tied:
+        out["lm_head.weight"] = target.module.lm_head.weight.detach().float()
+    return out
+
+
+def freeze_embeddings(draft: PreTrainedModel) -> None:
+    """Keep the draft's embedding table and ``lm_head`` (the target's) out of training."""
+    draft.get_input_embeddings().requires_grad_(False)
+    draft.get_output_embeddings().requires_grad_(False)
 
 
 def draft_loss(
@@ -260,12 +289,34 @@ def distill_on_replies(
     return log
 
 
-def save_draft(draft: PreTrainedModel, target: LoadedModel, out: Path, dtype: str) -> None:
-    """``draft`` in ``dtype`` as a Hugging Face folder with the target's tokenizer files."""
+def save_draft(
+    draft: PreTrainedModel, target: LoadedModel, out: Path, dtype: str, borrow_embeddings: bool = False
+) -> None:
+    """``draft`` in ``dtype`` as a Hugging Face folder with the target's tokenizer files; with
+    ``borrow_embeddings`` without its embedding table and ``lm_head`` (they are the target's)."""
     import copy
 
+    from safetensors.torch import save_file
+
+    from specdec.models.loading import BORROWED
+
     out.mkdir(parents=True, exist_ok=True)
-    copy.deepcopy(draft).to(getattr(torch, dtype)).save_pretrained(out)
+    if borrow_embeddings:
+        config = draft.config.to_dict()
+        config[BORROWED] = "target"
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        skip = ("model.embed_tokens.weight", "lm_head.weight")
+        state = {
+            k: v.detach().to(getattr(torch, dtype)).contiguous()
+            for k, v in draft.state_dict().items()
+            if k not in skip
+        }
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        standalone = copy.deepcopy(draft).to(getattr(torch, dtype))
+        if hasattr(standalone.config, BORROWED):  # continued from a draft that borrowed them
+            delattr(standalone.config, BORROWED)
+        standalone.save_pretrained(out)
     if target.path.is_dir():
         for name in TOKENIZER_FILES:
             if (target.path / name).is_file():
@@ -283,6 +334,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=None, help="train on this 'specdec train data' folder")
     p.add_argument(
         "--layers", default=None, help="with --data: the target's layers the draft starts from, e.g. 0,15,29"
+    )
+    p.add_argument(
+        "--own-embeddings",
+        action="store_true",
+        help="with --data: train the embedding table and lm_head and store them (default: the target's, frozen)",
     )
 
 
@@ -347,11 +403,13 @@ def run(args: argparse.Namespace, shape_defaults: dict[str, int]) -> int:
         torch.nn.Module.to(
             draft, target.device
         )  # in place (transformers' .to() has an odd signature for mypy)
-        params = sum(p.numel() for p in draft.parameters())
+        if not args.own_embeddings:
+            freeze_embeddings(draft)
+        params = sum(p.numel() for p in draft.parameters() if p.requires_grad)
         tokens = sum(c.tokens.numel() for c in train)
         start_from = f"{args.init}" if args.init is not None else f"the target's layers {layers}"
         print(
-            f"draft of {params / 1e6:.2f}M parameters from {start_from}; {len(train)} training conversations "
+            f"draft of {params / 1e6:.2f}M trained parameters from {start_from}; {len(train)} training conversations "
             f"({tokens} tokens), {len(val)} validation",
             flush=True,
         )
@@ -360,12 +418,13 @@ def run(args: argparse.Namespace, shape_defaults: dict[str, int]) -> int:
     except (ModelLoadError, ValueError) as e:
         raise UserError(str(e)) from None
     out = args.out or heads_folder(target, "draft", for_writing=True)
-    save_draft(draft, target, out, cfg.save_dtype)
+    save_draft(draft, target, out, cfg.save_dtype, borrow_embeddings=not args.own_embeddings)
     report = {
         "config": asdict(cfg),
         "layers": layers,
         "init": str(args.init) if args.init is not None else None,
         "distilled": not args.no_distill,
+        "embeddings": "own" if args.own_embeddings else "target",
         "target": target.path.name,
         "data": {
             "folder": str(args.data),
