@@ -6,6 +6,7 @@ greedy decoding does; training lowers the loss; user mistakes are one line."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -154,6 +155,27 @@ def test_draft_distils_on_the_data_and_drafts_losslessly(
     assert report["init"] == str(folder) and report["log"]["val_kl"][0] == pytest.approx(
         json.loads((folder / "training.json").read_text())["log"]["val_kl"][-1], rel=0.05
     )
+
+
+def test_draft_trains_over_its_draft_vocabulary(target_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    """``train draft --draft-vocab N`` distils over the N most frequent reply tokens of the
+    target's draft_vocab.json (refused without one); the draft then drafts with that subset and
+    the output is plain greedy decoding's."""
+    own = _own_target(target_dir, tmp_path)
+    argv = ["train", "draft", "--target", str(own), "--data", str(data_dir), "--num-layers", "2",
+            "--max-steps", "3", "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "1",
+            "--eval-interval", "3", "--eval-batches", "1", "--threads", "1", "--draft-vocab", "24"]  # fmt: skip
+    assert main(argv) == 2  # no ranking yet
+    assert main(["train", "draft-vocab", "--target", str(own), "--data", str(data_dir)]) == 0
+    assert main(argv) == 0
+    report = json.loads((own / "draft" / "training.json").read_text())
+    assert report["draft_vocab"] == 24 and all(0 <= t <= 1 for t in report["log"]["val_top1"])
+    assert all(math.isfinite(k) for k in report["log"]["val_kl"] + report["log"]["train_loss"])
+    target = load_model(own, dtype="float32")
+    drafter = make_drafter("draft", target, draft=str(own / "draft"), num_draft_tokens=3, draft_vocab=24)
+    assert isinstance(drafter, DraftModelDrafter) and drafter.draft_vocab is not None
+    assert len(drafter.draft_vocab) == 24
+    _assert_lossless(target, drafter, data_dir)
 
 
 def test_draft_from_all_layers_is_the_target(target: LoadedModel) -> None:

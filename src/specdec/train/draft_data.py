@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from specdec.models.config import ModelLoadError
 from specdec.models.loading import LoadedModel
 from specdec.train.distill import distill_loss
 from specdec.train.replies import ReplyBatch, ReplyConversation, sample_reply_windows, validation_windows
@@ -198,31 +199,54 @@ def freeze_embeddings(draft: PreTrainedModel) -> None:
 
 
 def draft_loss(
-    draft: PreTrainedModel, target: LoadedModel, batch: ReplyBatch, ce_weight: float, distill: bool
+    draft: PreTrainedModel,
+    target: LoadedModel,
+    batch: ReplyBatch,
+    ce_weight: float,
+    distill: bool,
+    subset: torch.Tensor | None = None,
+    agreement: bool = True,
 ) -> tuple[torch.Tensor, float, float]:
     """The loss on one batch's reply positions, the mean KL(target || draft) and the draft's
-    top-1 agreement with the target there."""
+    top-1 agreement with the target there (NaN without ``agreement``). With ``subset`` ``(N,)``
+    token ids (the draft vocabulary the draft will score), both distributions are over those
+    tokens only (the target's renormalised there) and the draft's top-1 is its best token of the
+    subset, compared with the target's over the whole vocabulary."""
     device = draft.device
     mask = batch.mask.to(device)  # (B, W)
+    head = draft.get_output_embeddings().weight  # (V, d)
+    rows = head if subset is None else head[subset]  # (N, d)
     with autocast(device):
         hidden = draft.model(input_ids=batch.tokens.to(device)).last_hidden_state  # (B, W, d)
-        student = draft.lm_head(hidden[mask]).float()  # (N, V)
+        student = (hidden[mask] @ rows.T).float()  # (P, N)
     with torch.no_grad():
         lm_head = target.module.lm_head
-        teacher = lm_head(batch.final.to(device)[mask].to(target.dtype)).float()  # (N, V)
-    labels = batch.next_tokens.to(device)[mask]  # (N,)
+        final = batch.final.to(device)[mask].to(target.dtype)  # (P, d)
+        full = lm_head(final).float() if subset is None or agreement else None  # (P, V)
+        if full is None:
+            teacher = (final @ lm_head.weight[subset].T).float()  # (P, N)
+        else:
+            teacher = full if subset is None else full[:, subset]  # (P, N)
+    labels = batch.next_tokens.to(device)[mask]  # (P,)
+    if subset is not None:  # the labels as positions in the subset (-100: not in it, ignored)
+        where = torch.full((head.shape[0],), -100, dtype=torch.long, device=device)
+        where[subset] = torch.arange(subset.numel(), device=device)
+        labels = where[labels]
     parts = distill_loss(student[None], teacher[None], labels[None], ce_weight if distill else 1.0)
-    top1 = float((student.argmax(-1) == teacher.argmax(-1)).float().mean())
+    best = student.argmax(-1) if subset is None else subset[student.argmax(-1)]  # (P,) token ids
+    top1 = float((best == full.argmax(-1)).float().mean()) if full is not None else math.nan
     return parts.loss, float(parts.kl), top1
 
 
 @torch.no_grad()
-def evaluate(draft: PreTrainedModel, target: LoadedModel, batches: list[ReplyBatch]) -> tuple[float, float]:
+def evaluate(
+    draft: PreTrainedModel, target: LoadedModel, batches: list[ReplyBatch], subset: torch.Tensor | None = None
+) -> tuple[float, float]:
     """Mean KL(target || draft) and top-1 agreement over the validation batches."""
     draft.eval()
     kl, top1 = 0.0, 0.0
     for batch in batches:
-        _, k, t = draft_loss(draft, target, batch, 0.0, True)
+        _, k, t = draft_loss(draft, target, batch, 0.0, True, subset)
         kl, top1 = kl + k, top1 + t
     draft.train()
     return kl / len(batches), top1 / len(batches)
@@ -236,9 +260,11 @@ def distill_on_replies(
     cfg: TrainConfig,
     distill: bool = True,
     progress: bool = True,
+    subset: torch.Tensor | None = None,
 ) -> DraftTrainLog:
     """Distil ``draft`` (in place) from the frozen ``target`` on its reply windows: AdamW, warm-up
-    then cosine decay over ``cfg.max_steps`` or ``cfg.max_minutes``, whichever ends first."""
+    then cosine decay over ``cfg.max_steps`` or ``cfg.max_minutes``, whichever ends first;
+    over the ``subset`` token ids only if given (:func:`draft_loss`)."""
     from tqdm import tqdm
 
     if not train or not val:
@@ -260,7 +286,7 @@ def distill_on_replies(
         return max(step / cfg.max_steps, (time.perf_counter() - start) / budget)
 
     def record_eval() -> None:
-        kl, top1 = evaluate(draft, target, val_batches)
+        kl, top1 = evaluate(draft, target, val_batches, subset)
         log.eval_steps.append(step)
         log.val_kl.append(kl)
         log.val_top1.append(top1)
@@ -271,7 +297,7 @@ def distill_on_replies(
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = sample_reply_windows(train, cfg.batch_size, cfg.seq_len, rng)
-        loss, kl, _ = draft_loss(draft, target, batch, cfg.ce_weight, distill)
+        loss, kl, _ = draft_loss(draft, target, batch, cfg.ce_weight, distill, subset, agreement=False)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.grad_clip)
@@ -325,6 +351,22 @@ def save_draft(
         target.tokenizer.save(out)
 
 
+def _draft_vocab_ids(target: LoadedModel, size: int) -> torch.Tensor | None:
+    """The ids the draft will score with ``--draft-vocab size`` (None for 0: every token);
+    ValueError where the target has no draft_vocab.json."""
+    from specdec.drafters.vocab import resolve_draft_vocab
+
+    if size < 0:
+        raise ValueError(f"--draft-vocab must be >= 0, got {size}")
+    if size == 0:
+        return None
+    try:
+        vocab = resolve_draft_vocab(target, size)
+    except ModelLoadError as e:
+        raise ValueError(f"--draft-vocab {size}: {e}") from None
+    return None if vocab is None else vocab.ids
+
+
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags ``specdec train draft`` takes for a draft trained on self-distillation data."""
@@ -334,6 +376,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=None, help="train on this 'specdec train data' folder")
     p.add_argument(
         "--layers", default=None, help="with --data: the target's layers the draft starts from, e.g. 0,15,29"
+    )
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=0,
+        help="with --data: train over the N most frequent tokens of the target's draft_vocab.json "
+        "(draft with the same --draft-vocab N); 0: the whole vocabulary",
     )
     p.add_argument(
         "--own-embeddings",
@@ -347,7 +396,6 @@ def run(args: argparse.Namespace, shape_defaults: dict[str, int]) -> int:
     draft of the target's own shape refuses to change."""
     from specdec.cli import UserError
     from specdec.drafters.locate import heads_folder
-    from specdec.models.config import ModelLoadError
     from specdec.models.loading import load_model
     from specdec.train.data import require_data
 
@@ -413,8 +461,9 @@ def run(args: argparse.Namespace, shape_defaults: dict[str, int]) -> int:
             f"({tokens} tokens), {len(val)} validation",
             flush=True,
         )
+        subset = _draft_vocab_ids(target, args.draft_vocab)
         start = time.perf_counter()
-        log = distill_on_replies(draft, target, train, val, cfg, distill=not args.no_distill)
+        log = distill_on_replies(draft, target, train, val, cfg, distill=not args.no_distill, subset=subset)
     except (ModelLoadError, ValueError) as e:
         raise UserError(str(e)) from None
     out = args.out or heads_folder(target, "draft", for_writing=True)
@@ -425,6 +474,7 @@ def run(args: argparse.Namespace, shape_defaults: dict[str, int]) -> int:
         "init": str(args.init) if args.init is not None else None,
         "distilled": not args.no_distill,
         "embeddings": "own" if args.own_embeddings else "target",
+        "draft_vocab": args.draft_vocab or None,
         "target": target.path.name,
         "data": {
             "folder": str(args.data),
