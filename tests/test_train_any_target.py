@@ -178,6 +178,31 @@ def test_draft_trains_over_its_draft_vocabulary(target_dir: Path, data_dir: Path
     _assert_lossless(target, drafter, data_dir)
 
 
+def test_draft_borrowing_embeddings_runs_in_transformers_too(
+    target: LoadedModel, target_dir: Path, tmp_path: Path
+) -> None:
+    """A draft saved without its embeddings computes the same logits in specdec and, given the
+    target's transformers model (the bench's HF assisted rows), in transformers; alone, neither
+    loads it silently with other embeddings."""
+    from specdec.bench.methods import load_hf
+
+    draft = init_draft(target, [0, 3])
+    save_draft(draft, target, tmp_path / "d", "float32", borrow_embeddings=True)
+    assert not (tmp_path / "d" / "tokenizer.json").exists()  # the target's tokenizer too
+    ours = load_model(tmp_path / "d", dtype="float32", embeddings_from=target)
+    assert ours.tokenizer is target.tokenizer
+    hf = load_hf(str(tmp_path / "d"), torch.float32, torch.device("cpu"), embeddings_from=load_hf(
+        str(target_dir), torch.float32, torch.device("cpu")))  # fmt: skip
+    tokens = torch.tensor([[5, 17, 40, 3, 66]])
+    with torch.no_grad():
+        want = draft(tokens).logits[0]  # (T, V)
+        got = ours(tokens, torch.arange(5), ours.new_cache(1, 8))[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(hf(tokens).logits[0], want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="target's embedding table"):
+        load_hf(str(tmp_path / "d"), torch.float32, torch.device("cpu"))
+
+
 def test_draft_from_all_layers_is_the_target(target: LoadedModel) -> None:
     """Initialised with every layer, the draft computes the target's logits (the weights are
     copied under the right names); with fewer, its layers are the chosen ones of the target."""

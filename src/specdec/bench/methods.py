@@ -127,7 +127,14 @@ class HFMethod:
     ``tokenizers``: the target's and the draft's HF tokenizers, for a draft of another
     vocabulary (universal assisted generation, :mod:`specdec.bench.hf_universal`)."""
 
-    def __init__(self, name: str, model, assistant=None, prompt_lookup: int | None = None, tokenizers: tuple[Any, Any] | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        name: str,
+        model,
+        assistant=None,
+        prompt_lookup: int | None = None,
+        tokenizers: tuple[Any, Any] | None = None,
+    ) -> None:  # type: ignore[no-untyped-def]
         self.name = name
         self.model = model
         self.assistant = assistant
@@ -152,7 +159,9 @@ class HFMethod:
             pad_token_id=0,
         )
         if not sampling.greedy:  # our processing: no top-k / top-p unless asked (HF's default top-k is 50)
-            kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p or 1.0)
+            kwargs.update(
+                temperature=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p or 1.0
+            )
             torch.manual_seed(seed)  # HF samples from torch's global generators
         if self.assistant is not None:
             kwargs["assistant_model"] = self.assistant
@@ -168,11 +177,15 @@ class HFMethod:
         return Run(out[0, ids.shape[1] :].tolist(), wall, cpu, None)
 
 
-def load_hf(path: str, dtype: torch.dtype, device: torch.device):  # type: ignore[no-untyped-def]
+def load_hf(path: str, dtype: torch.dtype, device: torch.device, embeddings_from: Any = None):  # type: ignore[no-untyped-def]
     """``transformers``' model of a Hugging Face folder or, for a ``.gguf`` file, its own GGUF
-    loading (``from_pretrained(folder, gguf_file=name)``, dequantized to ``dtype``)."""
+    loading (``from_pretrained(folder, gguf_file=name)``, dequantized to ``dtype``). A draft that
+    borrows its target's embeddings (:func:`specdec.models.loading.load_model`) gets those of
+    ``embeddings_from``, the target's ``transformers`` model."""
     import transformers
     from transformers import AutoModelForCausalLM
+
+    from specdec.models.loading import BORROWED
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -182,6 +195,11 @@ def load_hf(path: str, dtype: torch.dtype, device: torch.device):  # type: ignor
         model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if getattr(model.config, BORROWED, None) == "target":
+            if embeddings_from is None:
+                raise ValueError(f"{path} uses its target's embedding table: it drafts only for its target")
+            model.set_input_embeddings(embeddings_from.get_input_embeddings())
+            model.set_output_embeddings(embeddings_from.get_output_embeddings())
     model = model.to(device).eval()
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, like ours
     return model
@@ -201,7 +219,9 @@ def parse_method(name: str, default_k: int) -> MethodSpec:
     ``("draft", default_k, 1, False)``. Raises ValueError (one line) for anything else."""
     spelled, plus, suffix = name.partition("+")
     if plus and suffix != PARALLEL:
-        raise ValueError(f"method {name!r}: write NAME[@K]+{PARALLEL} ({PARALLEL} is the only suffix, written last)")
+        raise ValueError(
+            f"method {name!r}: write NAME[@K]+{PARALLEL} ({PARALLEL} is the only suffix, written last)"
+        )
     base, _, k_and_width = spelled.partition("@")
     known = available_methods(llama_cpp=True)
     if base not in known:
@@ -239,7 +259,9 @@ def build_method(  # type: ignore[type-arg]
         if llama_cpp is None:
             raise ValueError(f"{base} needs a llama.cpp build: --llama-cpp DIR")
         draft_path = Path(draft).expanduser()
-        return LlamaCppMethod(name, llama_cpp, Path(target.path), draft_path if draft_path.is_file() else None, k)
+        return LlamaCppMethod(
+            name, llama_cpp, Path(target.path), draft_path if draft_path.is_file() else None, k
+        )
     if base in HF_METHODS:
         if "target" not in hf_cache:
             hf_cache["target"] = load_hf(str(target.path), target.dtype, target.device)
@@ -252,7 +274,9 @@ def build_method(  # type: ignore[type-arg]
 
             draft_path = Path(draft).expanduser()
             hf_cache["draft_path"] = draft_path if draft_path.is_file() else resolve_path(draft)
-            hf_cache["draft"] = load_hf(str(hf_cache["draft_path"]), target.dtype, target.device)
+            hf_cache["draft"] = load_hf(
+                str(hf_cache["draft_path"]), target.dtype, target.device, embeddings_from=hf_cache["target"]
+            )
         if hf_cache["draft"].config.vocab_size == hf_cache["target"].config.vocab_size:
             return HFMethod(name, hf_cache["target"], hf_cache["draft"])
         # another vocabulary (HF's own test: the sizes differ): drafts through text

@@ -200,8 +200,8 @@ def load_model(
     as every GGUF file on CUDA does.
 
     A draft folder whose ``config.json`` has ``"specdec_embeddings": "target"`` stores no
-    embedding table (nor an untied ``lm_head``): they are its target's, given as
-    ``embeddings_from`` (``make_drafter`` does this), so such a draft ships in a few MB."""
+    embedding table (nor an untied ``lm_head``, nor tokenizer files): they are its target's,
+    given as ``embeddings_from`` (``make_drafter`` does this), so such a draft ships in a few MB."""
     path = resolve_path(name_or_path)
     device = str(resolve_device(device))
     if path.is_file():
@@ -209,10 +209,13 @@ def load_model(
     cfg = ModelConfig.from_folder(path)
     torch_dtype = resolve_dtype(dtype, cfg, device)
     state: dict[str, torch.Tensor | QuantWeight] = dict(read_state_dict(path))
+    tokenizer = Tokenizer.from_folder(path)
     if cfg.raw.get(BORROWED) == "target":
         state.update(borrowed_embeddings(path, cfg, embeddings_from))
+        assert embeddings_from is not None  # (borrowed_embeddings refuses None)
+        tokenizer = tokenizer or embeddings_from.tokenizer  # its tokens are the target's
     module = build_module(cfg, state, torch_dtype, device, str(path))
-    return LoadedModel(module, cfg, Tokenizer.from_folder(path), path)
+    return LoadedModel(module, cfg, tokenizer, path)
 
 
 def borrowed_embeddings(path: Path, cfg: ModelConfig, target: LoadedModel | None) -> dict[str, torch.Tensor]:

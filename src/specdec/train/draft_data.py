@@ -319,7 +319,7 @@ def save_draft(
     draft: PreTrainedModel, target: LoadedModel, out: Path, dtype: str, borrow_embeddings: bool = False
 ) -> None:
     """``draft`` in ``dtype`` as a Hugging Face folder with the target's tokenizer files; with
-    ``borrow_embeddings`` without its embedding table and ``lm_head`` (they are the target's)."""
+    ``borrow_embeddings`` without its embedding table, ``lm_head`` and tokenizer (the target's)."""
     import copy
 
     from safetensors.torch import save_file
@@ -338,11 +338,11 @@ def save_draft(
             if k not in skip
         }
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        standalone = copy.deepcopy(draft).to(getattr(torch, dtype))
-        if hasattr(standalone.config, BORROWED):  # continued from a draft that borrowed them
-            delattr(standalone.config, BORROWED)
-        standalone.save_pretrained(out)
+        return
+    standalone = copy.deepcopy(draft).to(getattr(torch, dtype))
+    if hasattr(standalone.config, BORROWED):  # continued from a draft that borrowed them
+        delattr(standalone.config, BORROWED)
+    standalone.save_pretrained(out)
     if target.path.is_dir():
         for name in TOKENIZER_FILES:
             if (target.path / name).is_file():
