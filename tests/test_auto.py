@@ -62,6 +62,19 @@ def test_a_draft_beside_the_target_comes_after_heads_and_before_prompt_lookup(ow
     assert isinstance(make_drafter("auto", load_model(own_target)), DraftModelDrafter)
 
 
+def test_the_draft_drafter_runs_the_targets_own_draft_where_none_is_named(own_target: Path) -> None:
+    """``draft`` without ``draft=``: the draft beside the target, else demo-draft; a named one
+    wins."""
+    target = load_model(own_target)
+    shipped = make_drafter("draft", target)
+    assert isinstance(shipped, DraftModelDrafter) and shipped.model.path == ASSETS / "demo-draft"
+    shutil.copytree(ASSETS / "demo-draft", own_target / "draft")
+    own = make_drafter("draft", target)
+    assert isinstance(own, DraftModelDrafter) and own.model.path == own_target / "draft"
+    named = make_drafter("draft", target, draft="demo-draft")
+    assert isinstance(named, DraftModelDrafter) and named.model.path == ASSETS / "demo-draft"
+
+
 def test_a_bad_ranking_is_refused_with_its_file_named(own_target: Path) -> None:
     rank(own_target, "ngram", "warp-drive")
     with pytest.raises(ModelLoadError, match="auto.json.*drafter names"):

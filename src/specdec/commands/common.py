@@ -45,7 +45,7 @@ def add_model_arguments(p: argparse.ArgumentParser, parallel: bool = True) -> No
     p.add_argument(
         "--draft",
         default=None,
-        help="draft model: a name, GGUF file or folder (drafters that need one default to demo-draft)",
+        help="draft model: a name, GGUF file or folder (default: the target's own draft, else demo-draft)",
     )
     p.add_argument(
         "--drafter",

@@ -15,7 +15,8 @@ for the target:
   another tokenizer drafts through text), and where it cannot draft for the target an error
   says why.
 
-Drafters that run a draft model use :data:`DEFAULT_DRAFT` where none is named.
+Drafters that run a draft model use the target's own draft model where none is named (beside
+it, or shipped for it), else :data:`DEFAULT_DRAFT`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ class DrafterSpec:
     draft_vocab: int | None = None  # all but ngram: tokens scored (None: default, 0: all)
 
 
+def _draft_name(spec: DrafterSpec) -> str:
+    """The draft model a drafter runs: the one named, else the target's own (beside it or
+    shipped for it, :func:`_draft_beside`), else :data:`DEFAULT_DRAFT`."""
+    return spec.draft or _draft_beside(spec) or DEFAULT_DRAFT
+
+
 def _load_draft(spec: DrafterSpec, draft: LoadedModel | None = None) -> tuple[LoadedModel, DraftVocab | None]:
     """The draft model (``draft`` if already loaded) and the draft vocabulary it scores (the
     target's ranking, its own rows)."""
@@ -59,7 +66,7 @@ def _load_draft(spec: DrafterSpec, draft: LoadedModel | None = None) -> tuple[Lo
 
     if draft is None:
         draft = load_model(
-            spec.draft or DEFAULT_DRAFT,
+            _draft_name(spec),
             dtype=spec.dtype,
             device=str(spec.target.device),
             embeddings_from=spec.target,
@@ -81,7 +88,7 @@ def _draft_any_vocab(spec: DrafterSpec) -> Drafter:
     from specdec.drafters.cross_vocab import cross_vocab_drafter
 
     draft = load_model(
-        spec.draft or DEFAULT_DRAFT,
+        _draft_name(spec),
         dtype=spec.dtype,
         device=str(spec.target.device),
         embeddings_from=spec.target,
@@ -234,7 +241,7 @@ def make_drafter(
 ) -> Drafter | None:
     """The drafter ``name`` (``auto``, ``draft``, ``ngram``, ... : :data:`DRAFTERS`) for ``target``.
 
-    ``draft``: the draft model (a name, GGUF file or folder; default :data:`DEFAULT_DRAFT`) of the
+    ``draft``: the draft model (a name, GGUF file or folder; default :func:`_draft_name`'s) of the
     drafters that run one; the other keywords as in :class:`DrafterSpec`, which may also be
     passed whole instead of ``target``. ``none`` gives None (plain decoding); unknown names
     and bad shapes raise ValueError, a draft that cannot be loaded ModelLoadError.
