@@ -92,9 +92,8 @@ def new_writer(path: Path, arch: str, cfg: dict[str, Any]) -> gguf.GGUFWriter:
     writer.add_uint32(f"{arch}.feed_forward_length", cfg["intermediate_size"])
     writer.add_uint32(f"{arch}.attention.head_count", n_heads)
     writer.add_uint32(f"{arch}.attention.head_count_kv", cfg["num_key_value_heads"])
-    if head_dim != hidden // n_heads:
-        writer.add_uint32(f"{arch}.attention.key_length", head_dim)
-        writer.add_uint32(f"{arch}.attention.value_length", head_dim)
+    writer.add_uint32(f"{arch}.attention.key_length", head_dim)
+    writer.add_uint32(f"{arch}.attention.value_length", head_dim)
     writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg["rms_norm_eps"])
     writer.add_float32(f"{arch}.rope.freq_base", cfg.get("rope_theta", 10000.0))
@@ -323,6 +322,7 @@ def export_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = new_writer(out, arch, hparams)
     try:
+        writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(folder.resolve().name)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
