@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from gguf_support import finish, gguf_tensors, new_writer
 from helpers import save_tiny_llama
 from specdec import load_model
-from specdec.models.gguf_export import BORROWED_KEY, export_gguf
+from specdec.models.gguf_export import export_gguf
+from specdec.models.loading import BORROWED
 
 ROOT = Path(__file__).resolve().parent.parent
 MERGES = ["H e", "l l", "He ll", "Ġ w", "o r"]
@@ -131,7 +132,7 @@ def borrowing_draft(tmp_path: Path) -> Path:
     """A 1-layer draft folder that stores no embedding table nor lm_head (they are the target's)."""
     draft = save_tiny_llama(tmp_path / "borrowing", vocab_size=VOCAB, num_layers=1, seed=4, init_std=0.1)
     cfg = json.loads((draft / "config.json").read_text())
-    (draft / "config.json").write_text(json.dumps({**cfg, BORROWED_KEY: "target"}))
+    (draft / "config.json").write_text(json.dumps({**cfg, BORROWED: "target"}))
     state = load_file(str(draft / "model.safetensors"))
     own = {k: v for k, v in state.items() if k not in ("model.embed_tokens.weight", "lm_head.weight")}
     save_file(own, str(draft / "model.safetensors"))
@@ -145,7 +146,7 @@ def test_borrowed_embeddings_come_from_the_target_file(tmp_path: Path, target: P
     full = tmp_path / "full"
     full.mkdir()
     cfg = json.loads((draft / "config.json").read_text())
-    del cfg[BORROWED_KEY]
+    del cfg[BORROWED]
     (full / "config.json").write_text(json.dumps(cfg))
     module = load_model(target, dtype="float32").module
     state = load_file(str(draft / "model.safetensors"))

@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from specdec.models.config import ModelConfig
-
-BORROWED_KEY = "specdec_embeddings"  # config.json key of a draft whose embeddings are its target's
+from specdec.models.loading import BORROWED
 
 HF_TO_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -282,7 +281,7 @@ def export_gguf(
                 f"{target.vocab_size}; a draft needs its target's vocabulary"
             )
     tensors = gguf_tensors(state, arch, config.num_attention_heads, config.num_key_value_heads)
-    if config.raw.get(BORROWED_KEY) == "target":
+    if config.raw.get(BORROWED) == "target":
         source = embeddings_from if embeddings_from is not None else like
         if source is None:
             raise ValueError(
