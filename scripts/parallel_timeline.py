@@ -3,10 +3,13 @@
 Runs plain decoding, sequential speculation (``draft``; one and two torch threads), the same
 chain drafted one phase after the other by the parallel loop (``overlap=False``, for a timeline
 on the same footing) and parallel speculation (``parallel=True``: one torch thread for the
-target, one for the draft thread) on the bench's code prompts. Writes a JSON of the numbers and a plot of
-the draft and verify phases of one request in both schedules.
+target, one for the draft thread) on the bench's code prompts, or with ``--tasks`` the first prompts of the real-model chat tasks.
+Writes a JSON of the numbers and a plot of the draft and verify phases of one request in both
+schedules.
 
     python scripts/parallel_timeline.py --out docs/figures/parallel_timeline_demo
+    python scripts/parallel_timeline.py --target smollm2 --draft src/specdec/assets/smollm2/draft \
+        --dtype auto --tasks conversation,summarisation,qa,coding --out runs/parallel_timeline_smollm2
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 
 from specdec import SpeculativeGenerator, load_model, make_drafter
-from specdec.bench.tasks import code_prompts, held_out_files
+from specdec.bench.tasks import code_prompts, held_out_files, real_task
 from specdec.engine.parallel import ParallelSpeculation, Timeline
 
 
@@ -87,10 +90,18 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--plot-ms", type=float, default=40.0, help="the timeline's span")
     p.add_argument("--out", default="runs/parallel_timeline", help="output path without suffix")
+    p.add_argument("--dtype", default="float32", help="the target's dtype (auto: a GGUF file's blocks)")
+    p.add_argument("--tasks", default=None, help="chat tasks of the real-model suite instead of code prompts")
     args = p.parse_args()
     torch.set_num_threads(1)
-    target = load_model(args.target, dtype="float32")
-    prompts = [text for _, text in code_prompts(held_out_files(), args.num_prompts)]
+    target = load_model(args.target, dtype=args.dtype)
+    prompts: list = []  # type: ignore[type-arg]  # text, or a chat prompt's token ids
+    if args.tasks is None:
+        prompts = [text for _, text in code_prompts(held_out_files(), args.num_prompts)]
+    else:
+        for name in args.tasks.split(","):
+            task = real_task(name, args.num_prompts, target.tokenizer, target.config.vocab_size, 2048)
+            prompts += [list(ids) for ids in task.prompts]
 
     def drafter():  # type: ignore[no-untyped-def]
         return make_drafter("draft", target, draft=args.draft, num_draft_tokens=args.k)
@@ -121,7 +132,14 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"target": args.target, "draft": args.draft, "k": args.k, "threads": "1 target + 1 draft"}
+    meta = {
+        "target": args.target,
+        "dtype": args.dtype,
+        "draft": args.draft,
+        "k": args.k,
+        "prompts": args.tasks or "code",
+        "threads": "1 target + 1 draft",
+    }
     out.with_suffix(".json").write_text(json.dumps({**meta, "modes": report}, indent=1) + "\n")
     for name, row in report.items():
         print(f"{name:45s} {row}")
