@@ -40,8 +40,13 @@ def plot(report_path: Path, out: Path) -> None:
     ax1.set(xlabel="step", ylabel=f"loss ({loss_name})", title="training loss")
     ax1.legend()
     if is_draft:
+        ax1.set_yscale("log")
         ax2.plot(log["eval_steps"], log["val_top1"], marker="o", label="top-1 agreement")
-        ax2.plot(log["eval_steps"], log["val_kl"], marker="s", label="KL(target || draft)")
+        ax2.set(ylabel="top-1 agreement", ylim=(0, 1))
+        kl_axis = ax2.twinx()
+        kl_axis.plot(log["eval_steps"], log["val_kl"], marker="s", color="tab:orange", label="KL (right, log)")
+        kl_axis.set(yscale="log", ylabel="KL(target || draft)")
+        kl_axis.legend(loc="center right")
         title = f"draft model ({len(report['layers']) or '?'} layers) for {report['target']}"
     else:
         for j in range(len(log["val_top1"][0])):

@@ -33,7 +33,7 @@ skip draft || "$SPECDEC" train draft --target smollm2 --data "$RUN/data" --out "
 # The EAGLE head (training-time test over 3 drafting steps), its layer started from the
 # target's last one.
 skip eagle || "$SPECDEC" train eagle --target smollm2 --data "$RUN/data" --out "$ASSETS/eagle" \
-  --steps 100000 --batch-size 8 --window 64 --ttt-steps 3 --kl-rows 128 --lr 1e-3 --eval-interval 100 \
+  --steps 1300 --batch-size 8 --window 64 --ttt-steps 3 --kl-rows 128 --lr 1e-3 --eval-interval 100 \
   --max-minutes 25 --threads 2
 
 skip plot || {
@@ -41,6 +41,13 @@ skip plot || {
   "$PYTHON" scripts/plot_training.py "$ASSETS/eagle/training.json" docs/figures/smollm2_eagle_training.png
 }
 
-# Greedy, one thread, every chat task: plain, prompt lookup and the trained drafters side by side.
-skip measure || "$SPECDEC" bench --target smollm2 --methods plain,ngram,draft,eagle \
-  --draft "$ASSETS/draft" --num-prompts 2 --threads 1 --out "$RUN/bench"
+# The ranking for auto: ngram, eagle, draft by this run.
+# Greedy, one thread, every chat task, 2 prompts each: prompt lookup, the trained drafters and
+# llama.cpp side by side (the draft as a Q8_0 GGUF file, which llama-speculative-simple runs too;
+# llama.cpp from scripts/build_llama_cpp.sh).
+skip measure || {
+  "$PYTHON" scripts/draft_to_gguf.py "$ASSETS/draft" --like smollm2 --out "$RUN/draft.q8_0.gguf" --dtype q8_0
+  "$SPECDEC" bench --target smollm2 --draft "$RUN/draft.q8_0.gguf" --num-prompts 2 --threads 1 \
+    --methods plain,ngram,draft,eagle,llama.cpp,llama.cpp-lookup,llama.cpp-spec \
+    --llama-cpp "${LLAMA_CPP:-$HOME/.cache/specdec/llama.cpp/build/bin}" --out "$RUN/bench-race"
+}
