@@ -44,7 +44,9 @@ def plot(report_path: Path, out: Path) -> None:
         ax2.plot(log["eval_steps"], log["val_top1"], marker="o", label="top-1 agreement")
         ax2.set(ylabel="top-1 agreement", ylim=(0, 1))
         kl_axis = ax2.twinx()
-        kl_axis.plot(log["eval_steps"], log["val_kl"], marker="s", color="tab:orange", label="KL (right, log)")
+        kl_axis.plot(
+            log["eval_steps"], log["val_kl"], marker="s", color="tab:orange", label="KL (right, log)"
+        )
         kl_axis.set(yscale="log", ylabel="KL(target || draft)")
         kl_axis.legend(loc="center right")
         title = f"draft model ({len(report['layers']) or '?'} layers) for {report['target']}"

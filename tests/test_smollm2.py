@@ -67,3 +67,29 @@ def test_smollm2_greedy_equals_transformers_gguf_model(gguf_file: Path) -> None:
         theirs = out[0, len(prompt.token_ids) :].tolist()
         theirs = theirs[: theirs.index(eos)] if eos in theirs else theirs
         assert len(ours) > 5 and ours == theirs, text
+
+
+def test_smollm2_shipped_drafters_load_and_decode_its_greedy_output(gguf_file: Path) -> None:
+    """The draft model (its embeddings borrowed from the target) and the EAGLE head shipped for
+    SmolLM2 load for the quantized file, draft over the shipped draft vocabulary, and leave
+    greedy output unchanged; ``auto`` follows the shipped ranking (prompt lookup first)."""
+    from specdec import make_drafter
+    from specdec.drafters.draft_model import DraftModelDrafter
+    from specdec.drafters.eagle import EagleDrafter
+    from specdec.drafters.locate import ASSETS
+    from specdec.drafters.ngram import NgramDrafter
+
+    target = load_model(gguf_file)
+    assert isinstance(make_drafter("auto", target), NgramDrafter)
+    draft = make_drafter("draft", target)
+    assert isinstance(draft, DraftModelDrafter) and draft.model.path == ASSETS / "smollm2" / "draft"
+    eagle = make_drafter("eagle", target)
+    assert isinstance(eagle, EagleDrafter)
+    for drafter in (draft, eagle):
+        assert drafter.draft_vocab is not None and len(drafter.draft_vocab) == target.config.vocab_size // 4
+    prompt = list(chat_prompt([{"role": "user", "content": PROMPTS[1]}], target.tokenizer).token_ids)
+    plain = SpeculativeGenerator(target).generate(prompt, max_new_tokens=24).token_ids
+    for drafter in (draft, eagle):
+        out = SpeculativeGenerator(target, drafter).generate(prompt, max_new_tokens=24)
+        assert out.token_ids == plain
+        assert out.stats.draft_tokens > 0
