@@ -28,27 +28,15 @@ import numpy as np
 import torch
 
 from specdec.models.config import ModelConfig
+from specdec.models.gguf import ARCHITECTURES, LAYER_TENSORS, ROPE_FREQS, TOP_TENSORS
 from specdec.models.loading import BORROWED
 
-HF_TO_GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-LAYER = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
+# The loader's name tables (specdec.models.gguf), read the other way round.
+HF_TO_GGUF = {f"{hf}.weight": f"{name}.weight" for name, hf in TOP_TENSORS.items()}
+LAYER = {hf: name for name, hf in LAYER_TENSORS.items()}  # inside model.layers.N -> inside blk.N
 # ModelConfig.model_type -> general.architecture (llama.cpp writes Mistral as llama)
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-PERMUTED_ARCHS = {"llama"}  # architectures whose q/k rows the converter permutes
+PERMUTED_ARCHS = {arch for arch, (_, permuted) in ARCHITECTURES.items() if permuted}
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
 # dtype -> (general.file_type, type of the matrices)
@@ -330,7 +318,7 @@ def export_gguf(
             writer.add_key_value(key, value, vtype, sub_type=sub)
         factors = rope_factors(config)
         if factors is not None:
-            writer.add_tensor("rope_freqs.weight", factors)
+            writer.add_tensor(ROPE_FREQS, factors)
         for name, array in tensors.items():
             add_tensor(writer, name, array, qtype)
         finish(writer)

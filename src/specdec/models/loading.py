@@ -233,10 +233,16 @@ def borrowed_embeddings(path: Path, cfg: ModelConfig, target: LoadedModel | None
             f"{path} needs a target with {cfg.vocab_size} tokens of width {cfg.hidden_size}; "
             f"{target.path.name} has {tc.vocab_size} of width {tc.hidden_size}"
         )
+    return embedding_weights(target, cfg.tie_word_embeddings)
+
+
+def embedding_weights(target: LoadedModel, tied: bool) -> dict[str, torch.Tensor]:
+    """``target``'s embedding table (and ``lm_head`` unless ``tied``) as float32 ``(V, d)``
+    tensors by Hugging Face name (a quantized table dequantized)."""
     module = target.module
-    out = {"model.embed_tokens.weight": module.model.embed_tokens.weight.detach().float()}  # (V, d)
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = module.lm_head.weight.detach().float()  # (V, d)
+    out = {"model.embed_tokens.weight": module.model.embed_tokens.weight.detach().float()}
+    if not tied:
+        out["lm_head.weight"] = module.lm_head.weight.detach().float()
     return out
 
 

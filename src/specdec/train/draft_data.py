@@ -163,7 +163,7 @@ def load_init(folder: Path, target: LoadedModel) -> PreTrainedModel:
     target's vocabulary); one that borrows the target's embeddings gets them back."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from specdec.models.loading import BORROWED, read_state_dict
+    from specdec.models.loading import BORROWED, embedding_weights, read_state_dict
 
     try:
         config = AutoConfig.from_pretrained(folder)
@@ -171,7 +171,7 @@ def load_init(folder: Path, target: LoadedModel) -> PreTrainedModel:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             state = {k: v.float() for k, v in read_state_dict(folder).items()}
             if config.vocab_size == target.config.vocab_size:
-                state.update(_embedding_weights(target, config.tie_word_embeddings))
+                state.update(embedding_weights(target, config.tie_word_embeddings))
             model.load_state_dict(state, strict=False)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -182,14 +182,6 @@ def load_init(folder: Path, target: LoadedModel) -> PreTrainedModel:
             f"--init {folder}: vocabulary of {model.config.vocab_size} tokens, the target has {target.config.vocab_size}"
         )
     return model
-
-
-def _embedding_weights(target: LoadedModel, tied: bool) -> dict[str, torch.Tensor]:
-    """The target's embedding table (and ``lm_head`` unless ``tied``) by Hugging Face name."""
-    out = {"model.embed_tokens.weight": target.module.model.embed_tokens.weight.detach().float()}
-    if not tied:
-        out["lm_head.weight"] = target.module.lm_head.weight.detach().float()
-    return out
 
 
 def freeze_embeddings(draft: PreTrainedModel) -> None:
