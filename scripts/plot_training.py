@@ -3,6 +3,7 @@
 target (per drafting step for an EAGLE head; with the KL for a draft model).
 
 python scripts/plot_training.py runs/smollm2/eagle/training.json docs/figures/x.png
+python scripts/plot_training.py EAGLE3.json x.png --against EAGLE1.json   (two EAGLE runs, one dashed)
 """
 
 from __future__ import annotations
@@ -22,8 +23,15 @@ def _smooth(values: list[float]) -> tuple[list[float], int]:
     ], window
 
 
-def plot(report_path: Path, out: Path) -> None:
-    """Training loss (left) and validation agreement (right) of one training run."""
+def _features(report: dict[str, Any]) -> str:
+    """What an EAGLE head reads, for a legend."""
+    layers = report["config"].get("feature_layers") or []
+    return f"EAGLE-3, layers {', '.join(map(str, layers))} + final" if layers else "EAGLE-1, final state"
+
+
+def plot(report_path: Path, out: Path, against: Path | None = None) -> None:
+    """Training loss (left) and validation agreement (right) of one training run; with
+    ``against``, a second EAGLE run's curves dashed on the same axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,11 +59,33 @@ def plot(report_path: Path, out: Path) -> None:
         kl_axis.legend(loc="center right")
         title = f"draft model ({len(report['layers']) or '?'} layers) for {report['target']}"
     else:
+        other = json.loads(against.read_text()) if against is not None else None
+        tag = f" ({_features(report)})" if other else ""
         for j in range(len(log["val_top1"][0])):
-            ax2.plot(log["eval_steps"], [v[j] for v in log["val_top1"]], marker="o", label=f"draft {j + 1}")
+            ax2.plot(
+                log["eval_steps"],
+                [v[j] for v in log["val_top1"]],
+                marker="o",
+                color=f"C{j}",
+                label=f"draft {j + 1}{tag}",
+            )
+        if other is not None:
+            olog = other["log"]
+            ax1.plot(olog["steps"], _smooth(olog["train_loss"])[0], "--", label=f"mean, {_features(other)}")
+            ax1.legend()
+            for j in range(len(olog["val_top1"][0])):
+                values = [v[j] for v in olog["val_top1"]]
+                ax2.plot(
+                    olog["eval_steps"],
+                    values,
+                    "--",
+                    marker="x",
+                    color=f"C{j}",
+                    label=f"draft {j + 1} ({_features(other)})",
+                )
         title = f"EAGLE head for {report['target']}"
     ax2.set(xlabel="step", title="validation: draft argmax == target argmax")
-    ax2.legend()
+    ax2.legend(fontsize="small")
     fig.suptitle(f"{title} ({report['data']['tokens']} training tokens)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -63,4 +93,7 @@ def plot(report_path: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    plot(Path(sys.argv[1]), Path(sys.argv[2]))
+    args = sys.argv[1:]
+    versus = Path(args[args.index("--against") + 1]) if "--against" in args else None
+    paths = [a for i, a in enumerate(args) if a != "--against" and (i == 0 or args[i - 1] != "--against")]
+    plot(Path(paths[0]), Path(paths[1]), versus)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The exact commands that produced the drafters shipped for SmolLM2-135M-Instruct
-# (src/specdec/assets/smollm2/: draft_vocab.json, the DistillSpec draft in draft/, the EAGLE
+# (src/specdec/assets/smollm2/: draft_vocab.json, the DistillSpec draft in draft/, the EAGLE-3
 # head in eagle/, the ranking auto.json), then the measurement quoted in docs/training.md.
 # Training is time-budgeted (--max-minutes): on another machine the step count, and so the
 # weights, will differ. The data stage resumes: rerunning it answers only prompts not yet answered.
 # Usage: scripts/train_smollm2_drafters.sh [RUN_DIR]      (default runs/smollm2)
-# Stages can be skipped by setting SKIP="data vocab draft eagle plot measure" words.
+# Stages can be skipped by setting SKIP="data vocab draft eagle eagle3 plot measure" words.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/smollm2}
@@ -30,15 +30,27 @@ skip draft || "$SPECDEC" train draft --target smollm2 --data "$RUN/data" --out "
   --num-layers 2 --draft-vocab 12288 --batch-size 8 --seq-len 256 --eval-interval 50 --eval-batches 8 \
   --max-minutes 25 --threads 2
 
-# The EAGLE head (training-time test over 3 drafting steps), its layer started from the
-# target's last one.
-skip eagle || "$SPECDEC" train eagle --target smollm2 --data "$RUN/data" --out "$ASSETS/eagle" \
-  --steps 1300 --batch-size 8 --window 64 --ttt-steps 3 --kl-rows 128 --lr 1e-3 --eval-interval 100 \
-  --max-minutes 25 --threads 2
+# An EAGLE-1 head first (training-time test over 3 drafting steps, the final state only), its
+# layer started from the target's last one.
+EAGLE=(--batch-size 8 --window 64 --ttt-steps 3 --kl-rows 128 --lr 1e-3 --eval-interval 100)
+skip eagle || "$SPECDEC" train eagle --target smollm2 --data "$RUN/data" --out "$RUN/eagle1" \
+  --feature-layers none --steps 1300 "${EAGLE[@]}" --max-minutes 25 --threads 2
+
+# The shipped EAGLE-3 head: layers 2 and 15 fused with the final state, started from that head
+# (the fusion starts as the identity on the final state), 40 more minutes on one thread. The
+# control beside it, on the other core: the EAGLE-1 head trained as long without the fusion.
+skip eagle3 || {
+  "$SPECDEC" train eagle --target smollm2 --data "$RUN/data" --out "$ASSETS/eagle" --init "$RUN/eagle1" \
+    --feature-layers auto --steps 2000 "${EAGLE[@]}" --max-minutes 40 --threads 1 &
+  "$SPECDEC" train eagle --target smollm2 --data "$RUN/data" --out "$RUN/eagle1-cont" --init "$RUN/eagle1" \
+    --feature-layers none --steps 2000 "${EAGLE[@]}" --max-minutes 40 --threads 1
+  wait
+}
 
 skip plot || {
   "$PYTHON" scripts/plot_training.py "$ASSETS/draft/training.json" docs/figures/smollm2_draft_training.png
-  "$PYTHON" scripts/plot_training.py "$ASSETS/eagle/training.json" docs/figures/smollm2_eagle_training.png
+  "$PYTHON" scripts/plot_training.py "$ASSETS/eagle/training.json" docs/figures/smollm2_eagle_training.png \
+    --against "$RUN/eagle1-cont/training.json"
 }
 
 # The ranking for auto: ngram, eagle, draft by this run.

@@ -210,15 +210,22 @@ def small_target(tmp_path_factory):
 SAMPLING = [  # the Python loop's chain sampling (pick_tokens) is covered by test_early_exit.py
     ("medusa", dict(num_draft_tokens=2, tree_width=3), dict(temperature=0.8, top_k=5)),
     ("eagle", dict(num_draft_tokens=3, tree_width=2), dict(temperature=1.0)),
-    ("eagle", dict(num_draft_tokens=3), dict(temperature=0.9, top_p=0.9)),  # the one-call chain (eagle_sample)
+    (
+        "eagle",
+        dict(num_draft_tokens=3),
+        dict(temperature=0.9, top_p=0.9),
+    ),  # the one-call chain (eagle_sample)
+    ("eagle3", dict(num_draft_tokens=3, tree_width=2), dict(temperature=1.0)),  # fused layer features
+    ("eagle3", dict(num_draft_tokens=3), dict(temperature=0.9, top_p=0.9)),
 ]
+HEAD_SETTINGS = {"medusa": {"num_heads": 2}, "eagle3": {"feature_layers": (0,)}}
 
 
 @pytest.mark.parametrize("method,options,sampling", SAMPLING, ids=[f"{m}-{o}-{s}" for m, o, s in SAMPLING])
 def test_sampling_matches_exact_target_distribution(small_target, method, options, sampling):
     first, joint = exact_two_token_joint(small_target, PROMPT, SamplingParams(**sampling))
     assert abs(joint.sum() - 1) < 1e-5  # the whole joint is enumerated
-    head = random_head(method, small_target, 5, **({"num_heads": 2} if method == "medusa" else {}))
+    head = random_head(method.rstrip("3"), small_target, 5, **HEAD_SETTINGS.get(method, {}))
     cls = MedusaDrafter if method == "medusa" else EagleDrafter
     gen = SpeculativeGenerator(small_target, cls(small_target, head, **options))  # type: ignore[arg-type]
     fit = goodness_of_fit(sample_two_tokens(gen, PROMPT, N, **sampling), first, joint)
@@ -429,7 +436,9 @@ def test_eagle_greedy_chain_in_one_call_proposes_what_the_python_loop_proposes(t
     prompts = [[5, 7], [9, 40, 2, 2, 17, 80, 33, 61, 5, 5, 12], [(7 * i) % 90 + 1 for i in range(40)]]
 
     def proposals() -> list[list[int]]:
-        drafter = EagleDrafter(target, random_head("eagle", target, seed=6), num_draft_tokens=4, draft_vocab=vocab)
+        drafter = EagleDrafter(
+            target, random_head("eagle", target, seed=6), num_draft_tokens=4, draft_vocab=vocab
+        )
         seen: list[list[int]] = []
         propose = drafter.propose
 

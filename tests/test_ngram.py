@@ -69,12 +69,20 @@ def test_trie_merges_shared_prefixes_and_respects_the_budget():
 
 def test_drafter_proposes_chain_tree_or_nothing():
     prompt = [1, 2, 3, 9, 1, 2, 4, 7, 1, 2]
-    chain = NgramDrafter(3)
+    chain = NgramDrafter(3, scale_with_match=False)
     chain.prefill(prompt, None)
     proposal = chain.propose(DraftContext(prompt, GREEDY, 10))
     assert proposal.tree is None and proposal.tokens.tolist() == [4, 7, 1]
     assert chain.propose(DraftContext(prompt, GREEDY, 2)).tokens.tolist() == [4, 7]  # engine limit
-    tree = NgramDrafter(3, num_branches=3)
+    scaled = NgramDrafter(3)  # a 2-token match ([1, 2]) proposes 1 token
+    scaled.prefill(prompt, None)
+    assert scaled.propose(DraftContext(prompt, GREEDY, 10)).tokens.tolist() == [4]
+    longer = [5, 6, 7, 8, 9, 1, 5, 6, 7, 8]  # a 4-token match: 3 tokens, capped by K and the engine
+    for k, limit, want in [(4, 10, [9, 1, 5]), (2, 10, [9, 1]), (4, 1, [9])]:
+        drafter = NgramDrafter(k)
+        drafter.prefill(longer, None)
+        assert drafter.propose(DraftContext(longer, GREEDY, limit)).tokens.tolist() == want
+    tree = NgramDrafter(3, num_branches=3, scale_with_match=False)
     tree.prefill(prompt, None)
     proposal = tree.propose(DraftContext(prompt, GREEDY, 10))
     assert proposal.tree is not None

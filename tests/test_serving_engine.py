@@ -104,7 +104,11 @@ def test_batched_sampling_reproduces_the_target_distribution(pair, drafting: str
 
         requests.append(EngineRequest(prompt, 3, SamplingParams(1.0), emit, seed=seed, ignore_eos=True))
     vocab = DraftVocab(draft, list(range(0, V, 2))) if drafting == "batched-draft-vocab" else None
-    source = BatchDraftModel(draft, 3, vocab) if drafting != "per-row-tree" else (lambda: DraftModelDrafter(draft, 3, 2))
+    source = (
+        BatchDraftModel(draft, 3, vocab)
+        if drafting != "per-row-tree"
+        else (lambda: DraftModelDrafter(draft, 3, 2))
+    )
     engine = BatchEngine(target, source, 16, ServerMetrics("t"), adaptive_draft_tokens=False)
     run_engine(engine, requests)
     assert len(outputs) == samples and all(len(o) == 3 for o in outputs)
@@ -247,7 +251,16 @@ def test_first_speculative_step_after_plain_steps_is_reported_cold(pair) -> None
     engine.policy.choose = lambda batch_size: next(plan)  # type: ignore[method-assign]
     engine.policy.observe_step = lambda b, k, tokens, s, warm=True: seen.append((k, warm))  # type: ignore[method-assign]
     run_engine(engine, [EngineRequest([1, 2, 3], 40, SamplingParams(0.0), lambda e: None, ignore_eos=True)])
-    assert seen[:8] == [(0, True), (0, True), (0, True), (2, False), (2, True), (0, True), (2, False), (2, True)]
+    assert seen[:8] == [
+        (0, True),
+        (0, True),
+        (0, True),
+        (2, False),
+        (2, True),
+        (0, True),
+        (2, False),
+        (2, True),
+    ]
 
 
 def test_draft_model_costs_nothing_while_the_server_does_not_speculate(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -300,3 +313,43 @@ def test_serve_builds_the_batched_draft_model_with_the_draft_vocabulary(tmp_path
         if vocab is not None:  # the ranking's first ids, scored by the draft's own lm_head rows
             assert vocab.ids.tolist() == list(range(V - expected, V))
             assert torch.equal(vocab.weight, drafting.model.module.lm_head.weight[vocab.ids])
+
+
+def test_fused_eagle_rows_in_a_batch_equal_plain_greedy(pair) -> None:  # type: ignore[no-untyped-def]
+    """EAGLE-3 heads on some rows: the batched verify pass gives them the target's layer outputs
+    with its hidden states (their chains and trees), and every row equals plain greedy. Heads
+    that read different layers cannot share one pass: refused."""
+    from helpers import random_head
+    from specdec.drafters.eagle import EagleDrafter
+
+    target, _ = pair
+    head = random_head("eagle", target, seed=4, feature_layers=(0,))
+    kinds = iter(range(10**6))
+
+    def factory():  # type: ignore[no-untyped-def]
+        i = next(kinds)
+        if i % 3 == 2:
+            return NgramDrafter(3)
+        return EagleDrafter(target, head, num_draft_tokens=3, tree_width=1 + i % 3, draft_vocab=0)
+
+    prompts = [
+        target.tokenizer.encode(p) for p in ("the model", "a fast draft", "red green blue", "print value")
+    ]
+    outputs: dict[int, list[int]] = {}
+    requests = []
+    for i, ids in enumerate(prompts):
+
+        def emit(event: EngineEvent, i: int = i) -> None:
+            outputs.setdefault(i, []).extend(event.token_ids)
+
+        requests.append(EngineRequest(ids, 20, SamplingParams(), emit))
+    engine = BatchEngine(target, factory, 3, ServerMetrics("t"), adaptive_draft_tokens=False)
+    assert engine.feature_layers == (0,)
+    run_engine(engine, requests)
+    plain = specdec.SpeculativeGenerator(target)
+    for i, ids in enumerate(prompts):
+        assert outputs[i] == plain.generate(ids, max_new_tokens=20).token_ids, i
+    other = random_head("eagle", target, seed=4, feature_layers=(1,))
+    mixed = iter([head, other])
+    with pytest.raises(ValueError, match="different target layers"):
+        BatchEngine(target, lambda: EagleDrafter(target, next(mixed), draft_vocab=0), 2, ServerMetrics("t"))

@@ -147,3 +147,113 @@ def test_heads_folder(tmp_path: Path) -> None:
     (own / "config.json").write_text("{}")
     assert heads_folder(SimpleNamespace(path=smol), "eagle") == own  # type: ignore[arg-type]
     assert heads_folder(SimpleNamespace(path=smol), "eagle", for_writing=True) == own  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ EAGLE-3's fused features
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_target_rows_with_feature_layers_keep_the_pass_bit_for_bit(
+    chat_target: LoadedModel, dtype: str
+) -> None:
+    """Asking for layer outputs changes nothing else: the same logits, final states and cache."""
+    target = load_model(chat_target.path, dtype=dtype)
+    d = target.config.hidden_size
+    ids = torch.randint(target.config.vocab_size, (1, 21))
+    plain, fused = target.new_cache(1, 32), target.new_cache(1, 32)
+    logits, h = target(ids, torch.arange(21), plain, return_hidden=True)
+    logits2, rows = target(ids, torch.arange(21), fused, return_hidden=True, feature_layers=(0, 1))
+    assert rows.shape == (1, 21, 3 * d)
+    assert torch.equal(logits, logits2) and torch.equal(h, rows[..., 2 * d :])
+    assert torch.equal(plain.k, fused.k) and torch.equal(plain.v, fused.v)
+    # the first block is layer 0's output: what running layer 0 alone gives
+    layer0 = target.module.run_layers(
+        target.module.model.embed_tokens(ids),
+        torch.arange(21)[None],
+        target.new_cache(1, 32),
+        layers=range(0, 1),
+    )
+    torch.testing.assert_close(rows[..., :d].float(), layer0.float(), atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="increase"):
+        target(ids, torch.arange(21), target.new_cache(1, 32), return_hidden=True, feature_layers=(1, 0))
+
+
+def test_fused_head_trains_from_an_eagle1_head_and_drafts_losslessly(
+    chat_target: LoadedModel, data_dir: Path, tmp_path: Path
+) -> None:
+    """--init with an EAGLE-1 head: the fused head starts as that head (same drafts), learns,
+    saves and loads with its layers, and drafts with output identical to plain decoding."""
+    from specdec.drafters.heads import load_head, save_head
+    from specdec.train.eagle import default_feature_layers
+
+    layers = default_feature_layers(chat_target.config.num_hidden_layers)
+    assert layers == (0, 1) and default_feature_layers(30) == (2, 15)
+    base_cfg = EagleTrainConfig(
+        steps=20, batch_size=4, window=24, ttt_steps=2, kl_rows=64, lr=3e-3, eval_interval=10
+    )
+    train1 = load_conversations(data_dir, chat_target, "train")
+    val1 = load_conversations(data_dir, chat_target, "validation")
+    eagle1, _ = train_eagle(chat_target, train1, val1, base_cfg, progress=False)
+    save_head(eagle1, tmp_path / "eagle1", chat_target.config)
+
+    train = load_conversations(data_dir, chat_target, "train", layers)
+    val = load_conversations(data_dir, chat_target, "validation", layers)
+    d = chat_target.config.hidden_size
+    assert all(c.features.shape == (c.tokens.shape[0] - 1, 3 * d) for c in train)
+    assert list(data_dir.glob("features-0-1-*.safetensors"))  # kept for the next run
+    for a, b in zip(train1, train, strict=True):  # the final states are the last block
+        assert torch.equal(a.features, b.features[:, 2 * d :])
+    cfg = EagleTrainConfig(
+        steps=0, batch_size=4, window=24, ttt_steps=2, kl_rows=64, lr=3e-3, eval_interval=10,
+        init=str(tmp_path / "eagle1"), feature_layers=layers,
+    )  # fmt: skip
+    start, log0 = train_eagle(chat_target, train, val, cfg, progress=False)
+    assert start.feature_layers == layers
+    _, log1 = train_eagle(chat_target, train1, val1, EagleTrainConfig(**{**base_cfg.__dict__, "steps": 0, "init": str(tmp_path / "eagle1")}), progress=False)  # fmt: skip
+    assert log0.val_top1[-1] == pytest.approx(log1.val_top1[-1], abs=1e-6)  # the EAGLE-1 head's agreement
+
+    trained, log = train_eagle(
+        chat_target, train, val, EagleTrainConfig(**{**cfg.__dict__, "steps": 30}), progress=False
+    )
+    assert sum(log.train_loss[-5:]) < sum(log.train_loss[:5])
+    save_head(trained, tmp_path / "eagle3", chat_target.config)
+    loaded = load_head(tmp_path / "eagle3", chat_target.config, "eagle", torch.float32, "cpu")
+    assert isinstance(loaded, type(trained)) and loaded.feature_layers == layers
+    for width in (1, 2):
+        drafter = EagleDrafter(
+            chat_target, tmp_path / "eagle3", num_draft_tokens=3, tree_width=width, draft_vocab=0
+        )
+        assert drafter.capabilities.feature_layers == layers
+        for conv in val[:2] + train[:2]:
+            prompt = conv.tokens[: conv.reply_start].tolist()
+            plain = SpeculativeGenerator(chat_target).generate(prompt, max_new_tokens=30)
+            out = SpeculativeGenerator(chat_target, drafter).generate(prompt, max_new_tokens=30)
+            assert out.token_ids == plain.token_ids
+    assert out.stats.accepted_tokens > 0
+
+
+def test_cli_feature_layers(
+    chat_target: LoadedModel, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from specdec.cli import main
+
+    base = ["train", "eagle", "--target", str(chat_target.path), "--data", str(data_dir), "--steps", "2",
+            "--batch-size", "2", "--window", "12", "--eval-interval", "2"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "e1"), "--feature-layers", "none"]) == 0
+    assert "feature_layers" not in json.loads((tmp_path / "e1" / "config.json").read_text())
+    assert main([*base, "--out", str(tmp_path / "e3"), "--feature-layers", "1"]) == 0
+    assert json.loads((tmp_path / "e3" / "config.json").read_text())["feature_layers"] == [1]
+    capsys.readouterr()
+    for bad in ("1,0", "5", "x"):
+        assert main([*base, "--out", str(tmp_path / "bad"), "--feature-layers", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--feature-layers" in err[0]
+    # an EAGLE-1 head continued with fusion; a fused head continued with other layers is refused
+    assert (
+        main([*base, "--out", str(tmp_path / "e3b"), "--init", str(tmp_path / "e1"), "--feature-layers", "0"])
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main([*base, "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "e3"), "--feature-layers", "0"])
+        == 2
+    )
+    assert "fuses layers [1]" in capsys.readouterr().err

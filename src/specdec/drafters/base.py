@@ -48,6 +48,9 @@ class DrafterCapabilities:
       passes the prompt's in :attr:`TargetOutput.hidden` and, after every verify pass, the rows
       of the pending token and the accepted drafts in :attr:`VerifyResult.target_hidden`
       (EAGLE, Medusa). Engines ask the target for hidden states only for such drafters.
+    * ``feature_layers``: with ``needs_hidden``, the decoder layers whose outputs come before the
+      final normed hidden state in those rows, concatenated (``(T, (len + 1) d)``: EAGLE-3's
+      fused low, middle and high features); empty: the final normed hidden state alone.
     * ``max_tree_nodes``: the most nodes one proposal holds (a chain of K: K); the engine
       reserves cache room for ``max(num_draft_tokens, max_tree_nodes)`` drafts.
     * ``draft_model``: the separate model the drafter runs, if any; the engine refuses it when
@@ -65,6 +68,7 @@ class DrafterCapabilities:
     """
 
     needs_hidden: bool = False
+    feature_layers: tuple[int, ...] = ()
     max_tree_nodes: int = 0
     draft_model: LoadedModel | None = None
     draft_vocab: DraftVocab | None = None
@@ -81,7 +85,7 @@ class TargetOutput:
     ``reuses_target_cache``, where the engine can take :class:`ReusedLayers` (the
     single-sequence engine; None elsewhere)."""
 
-    hidden: torch.Tensor | None = None  # (T, d) final normed hidden states
+    hidden: torch.Tensor | None = None  # (T, d) final normed hidden states (see feature_layers)
     cache: KVCache | None = None
 
 

@@ -1,7 +1,9 @@
 """EAGLE: feature-level autoregressive drafting (Li et al. 2024, Sec. 4).
 
 The target's feature ``f_t`` is its final normed hidden state at token ``t`` (``lm_head(f_t)``
-are the logits of token ``t+1``). One :class:`~specdec.drafters.heads.EagleHead` entry reads
+are the logits of token ``t+1``); a head with ``feature_layers`` (EAGLE-3's fusion, Li et al.
+2025) reads instead a learned fusion of that state and the outputs of some earlier decoder
+layers, which the engine asks the target for (``DrafterCapabilities.feature_layers``). One :class:`~specdec.drafters.heads.EagleHead` entry reads
 ``(embed(x_{t+1}), f_t)`` at position ``t`` and predicts ``f_{t+1}``; its logits come from the
 target's frozen ``lm_head``. Knowing the sampled token ``x_{t+1}`` resolves the uncertainty of
 the feature sequence (Sec. 3), which is why EAGLE drafts better than Medusa.
@@ -88,7 +90,10 @@ class EagleDrafter:
         self._chain_io = (embed, head_rows(target, self.draft_vocab))  # what EagleHead.draft_chain reads
         self.num_draft_tokens = num_draft_tokens
         self.capabilities = DrafterCapabilities(
-            needs_hidden=True, max_tree_nodes=self.max_tree_nodes, draft_vocab=self.draft_vocab
+            needs_hidden=True,
+            feature_layers=self.head.feature_layers,
+            max_tree_nodes=self.max_tree_nodes,
+            draft_vocab=self.draft_vocab,
         )
         capacity = target.max_seq_len + self.max_tree_nodes
         self.cache = self.head.new_cache(1, capacity)
@@ -104,9 +109,11 @@ class EagleDrafter:
         if target_out.hidden is not None:
             self._store(target_out.hidden)
 
+    @torch.no_grad()
     def _store(self, hidden: torch.Tensor) -> None:
+        """Keep the head's input features of the target's rows ``hidden`` ``(T, (n + 1) d)``."""
         m = self._num_features
-        self.features[m : m + hidden.shape[0]] = hidden  # (T, d)
+        self.features[m : m + hidden.shape[0]] = self.head.target_features(hidden)  # (T, d)
         self._num_features = m + hidden.shape[0]
 
     def _step(self, tokens: torch.Tensor, features: torch.Tensor, start: int) -> torch.Tensor:

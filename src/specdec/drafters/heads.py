@@ -102,21 +102,42 @@ class MedusaHeads(nn.Module):
 
 
 class EagleHead(nn.Module):
-    """One feature-level autoregressive decoder layer with its own KV cache."""
+    """One feature-level autoregressive decoder layer with its own KV cache.
+
+    With ``feature_layers`` (EAGLE-3, Li et al. 2025, Sec. 3.3) the target's feature at a token is
+    the outputs of those decoder layers and its final normed hidden state, concatenated, and
+    ``fuse`` maps them to one ``d``-vector (:meth:`target_features`); without, the final normed
+    hidden state alone (EAGLE-1). Either way the head reads and predicts ``d``-vectors."""
 
     method = "eagle"
     inv_freq: torch.Tensor  # (D/2,) a buffer: RoPE frequencies
 
-    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, intermediate_size: int | None = None, feature_layers: tuple[int, ...] = ()
+    ) -> None:
         """``cfg``: the target's configuration; the layer's MLP width defaults to the target's."""
         super().__init__()
         if intermediate_size is not None:
             cfg = dataclasses.replace(cfg, intermediate_size=intermediate_size)
         self.config = cfg
+        self.feature_layers = tuple(feature_layers)
+        if list(feature_layers) != sorted(set(feature_layers)) or any(
+            not 0 <= i < cfg.num_hidden_layers for i in feature_layers
+        ):
+            raise ValueError(
+                f"feature layers must increase within the target's {cfg.num_hidden_layers} layers, got {list(feature_layers)}"
+            )
+        d = cfg.hidden_size
+        self.fuse = Linear((len(feature_layers) + 1) * d, d, bias=False) if feature_layers else None
         self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.layer = DecoderLayer(cfg, layer_idx=0)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self._kernel_weights: tuple[Any, ...] | None = None  # (key, float32 weights, compact weights)
+
+    def target_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's input features ``(..., d)`` from the target's rows ``(..., (n + 1) d)``
+        (``n = len(feature_layers)``; see :class:`DrafterCapabilities`)."""
+        return hidden if self.fuse is None else self.fuse(hidden.to(self.fuse.weight.dtype))
 
     def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
         cfg, p = self.config, self.fc.weight
@@ -178,7 +199,20 @@ class EagleHead(nn.Module):
         if copies is None:
             return None
         cfg, (fc, weights), (ids, head) = self.config, copies, rows
-        common = (tokens, features, start, num_tokens, self.inv_freq, embed, fc, cache.k, cache.v, weights, head, ids)
+        common = (
+            tokens,
+            features,
+            start,
+            num_tokens,
+            self.inv_freq,
+            embed,
+            fc,
+            cache.k,
+            cache.v,
+            weights,
+            head,
+            ids,
+        )
         shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
         if sampling.greedy:
             return kernels.eagle_greedy(*common, *shape), None
@@ -207,7 +241,8 @@ class EagleHead(nn.Module):
         return chosen
 
     def settings(self) -> dict[str, Any]:
-        return {"intermediate_size": self.config.intermediate_size}
+        fused = {"feature_layers": list(self.feature_layers)} if self.feature_layers else {}
+        return {"intermediate_size": self.config.intermediate_size, **fused}
 
 
 Head = ExitHead | MedusaHeads | EagleHead
@@ -220,8 +255,8 @@ def new_head(method: str, cfg: ModelConfig, **settings: Any) -> Head:
     if method == "medusa":
         return MedusaHeads(cfg, int(settings.get("num_heads") or 4))
     if method == "eagle":
-        size = settings.get("intermediate_size")
-        return EagleHead(cfg, None if size is None else int(size))
+        size, layers = settings.get("intermediate_size"), settings.get("feature_layers") or ()
+        return EagleHead(cfg, None if size is None else int(size), tuple(int(i) for i in layers))
     raise ValueError(f"unknown head method {method!r}; choose {', '.join(METHODS)}")
 
 

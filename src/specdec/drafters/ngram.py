@@ -19,6 +19,8 @@ min_ngram 1 gave 0.94x, 2 gave 1.11x; on the demo pair (code) 1.52x and 1.55x.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from specdec.drafters.base import (
@@ -73,17 +75,24 @@ class NgramIndex:
             self.extend(tokens)
 
     def continuations(
-        self, query: list[int], max_len: int, max_count: int, min_n: int | None = None
+        self,
+        query: list[int],
+        max_len: int,
+        max_count: int,
+        min_n: int | None = None,
+        length: Callable[[int], int] | None = None,
     ) -> list[list[int]]:
-        """Up to ``max_count`` distinct continuations (each <= ``max_len`` tokens) of ``query``'s
-        suffix: the longest matching n first (down to ``min_n``, default the index's); for one
-        n, among its ``SCAN`` most recent occurrences, full-length continuations (most recent
-        first) before ones cut short by the end of the text (longest first)."""
+        """Up to ``max_count`` distinct continuations (each <= ``max_len`` tokens, and <=
+        ``length(n)`` for a match of ``n`` tokens where given) of ``query``'s suffix: the
+        longest matching n first (down to ``min_n``, default the index's); for one n, among its
+        ``SCAN`` most recent occurrences, full-length continuations (most recent first) before
+        ones cut short by the end of the text (longest first)."""
         found: list[list[int]] = []
         lowest = self.min_n if min_n is None else max(min_n, self.min_n)
         for n in range(min(self.max_n, len(query)), lowest - 1, -1):
             recent = self._follow.get(tuple(query[len(query) - n :]), [])[-self.SCAN :][::-1]
-            conts = [self.tokens[e : e + max_len] for e in recent]
+            cap = max_len if length is None else min(max_len, length(n))
+            conts = [self.tokens[e : e + cap] for e in recent]
             conts.sort(key=lambda c: -len(c))  # stable: recency breaks ties
             for cont in conts:
                 if any(cont == f[: len(cont)] for f in found):
@@ -113,22 +122,32 @@ def trie_tree(continuations: list[list[int]], max_nodes: int) -> DraftTree:
     return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
 
 
+def _match_length(n: int) -> int:
+    """Tokens proposed after a match of ``n`` tokens: ``n - 1`` (at least 1)."""
+    return max(1, n - 1)
+
+
 class NgramDrafter:
-    """Prompt lookup drafter: a chain (``num_branches == 1``) or a trie of continuations."""
+    """Prompt lookup drafter: a chain (``num_branches == 1``) or a trie of continuations.
+
+    ``scale_with_match`` (the default): a match of ``n`` tokens proposes at most ``n - 1`` (and
+    at most ``num_draft_tokens``); off, every match proposes ``num_draft_tokens``."""
 
     def __init__(
         self,
         num_draft_tokens: int = 4,
-        max_ngram: int = 3,
+        max_ngram: int = 8,
         min_ngram: int = 2,
         num_branches: int = 1,
         max_tree_nodes: int | None = None,
+        scale_with_match: bool = True,
     ) -> None:
         self.max_tree_nodes = check_draft_shape(num_draft_tokens, num_branches, max_tree_nodes)
         self.num_draft_tokens = num_draft_tokens
         self.num_branches = num_branches
         self.capabilities = DrafterCapabilities(max_tree_nodes=self.max_tree_nodes)
         self.index = NgramIndex(min_ngram, max_ngram)
+        self._length = _match_length if scale_with_match else None
 
     def prefill(self, prompt_ids: list[int], target_out: TargetOutput) -> None:
         self.index.reset(prompt_ids)
@@ -139,7 +158,7 @@ class NgramDrafter:
         K = min(self.num_draft_tokens, ctx.max_draft_tokens)
         if K <= 0:
             return empty_proposal()
-        found = self.index.continuations(ids, K, self.num_branches)
+        found = self.index.continuations(ids, K, self.num_branches, length=self._length)
         if not found:
             return empty_proposal()
         if len(found) == 1:

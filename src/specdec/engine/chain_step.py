@@ -27,9 +27,11 @@ def score_chain(
     token_ids: list[int],
     proposal: DraftProposal,
     needs_hidden: bool,
+    feature_layers: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The target's logits ``(K+1, V)`` after the pending token and each draft, and its final
-    hidden states ``(K+1, d)`` where ``needs_hidden`` (else None)."""
+    hidden states ``(K+1, d)`` where ``needs_hidden`` (else None), after the outputs of
+    ``feature_layers`` (``(K+1, (len + 1) d)``, see :class:`DrafterCapabilities`)."""
     device = target.device
     n, K = len(token_ids), proposal.num_tokens
     pending = torch.tensor([token_ids[-1]], device=device)
@@ -42,7 +44,8 @@ def score_chain(
             inp, pos[None], cache, reused.num_layers, reused.hidden[None], kv_len
         )
     elif needs_hidden:
-        logits, hidden = target.step(inp, pos, cache, return_hidden=True, kv_len=kv_len)
+        layers = {"feature_layers": feature_layers} if feature_layers else {}  # (CUDA graphs take none)
+        logits, hidden = target.step(inp, pos, cache, return_hidden=True, kv_len=kv_len, **layers)
     else:
         logits, hidden = target.step(inp, pos, cache, kv_len=kv_len), None
     return logits[0], (hidden[0] if needs_hidden and hidden is not None else None)
@@ -56,14 +59,16 @@ def chain_step(
     params: SamplingParams,
     generator: torch.Generator | None = None,
     needs_hidden: bool = False,
+    feature_layers: tuple[int, ...] = (),
 ) -> VerifyResult:
     """Verify the chain ``proposal`` after the pending token ``token_ids[-1]`` and commit.
 
     The target cache must hold ``len(token_ids) - 1`` committed slots; afterwards it holds
     ``len(token_ids) + num_accepted``. With ``needs_hidden`` the result carries the target's
-    hidden states of the pending token and the accepted drafts (``target_hidden``).
+    hidden states of the pending token and the accepted drafts (``target_hidden``), after the
+    outputs of ``feature_layers``.
     """
-    logits, hidden = score_chain(target, cache, token_ids, proposal, needs_hidden)  # (K+1, V)
+    logits, hidden = score_chain(target, cache, token_ids, proposal, needs_hidden, feature_layers)  # (K+1, V)
     if params.greedy:
         result = verify_greedy(proposal.tokens, logits)
     else:

@@ -183,7 +183,10 @@ class SpeculativeGenerator:
         user_stop = kwargs.pop("stop", None)
         stop = [user_stop] if isinstance(user_stop, str) else list(user_stop or [])
         return self.stream(
-            prompt.token_ids, stop=[*stop, *prompt.stop] or None, stop_token_ids=prompt.stop_token_ids, **kwargs
+            prompt.token_ids,
+            stop=[*stop, *prompt.stop] or None,
+            stop_token_ids=prompt.stop_token_ids,
+            **kwargs,
         )
 
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -235,15 +238,19 @@ class SpeculativeGenerator:
         finally:
             stats.total_s = time.perf_counter() - start
 
-    def _prefill(self, prompt_ids: list[int], cache: KVCache, stats: SpecStats, with_drafter: bool = True) -> None:
+    def _prefill(
+        self, prompt_ids: list[int], cache: KVCache, stats: SpecStats, with_drafter: bool = True
+    ) -> None:
         """Read ``prompt[:-1]`` into the target cache and hand the drafter what it declared it needs
         (not ``with_drafter``: the parallel loop drafts with a chain of its own)."""
         t = time.perf_counter()
         target, drafter, n = self.target, self.drafter, len(prompt_ids)
         hidden = None
+        layers = drafter.capabilities.feature_layers if drafter is not None and with_drafter else ()
         if n > 1:
             tokens = torch.tensor([prompt_ids[:-1]], device=target.device)  # (1, n-1)
-            _, hidden = target(tokens, torch.arange(n - 1, device=target.device), cache, num_logits=0, return_hidden=True)
+            pos = torch.arange(n - 1, device=target.device)
+            _, hidden = target(tokens, pos, cache, num_logits=0, return_hidden=True, feature_layers=layers)
             stats.target_forwards += 1
         cache.truncate(n - 1)
         if drafter is not None and with_drafter:
@@ -265,12 +272,17 @@ class SpeculativeGenerator:
     def _verify(self, state: _Decoding, proposal: DraftProposal) -> VerifyResult:
         """One target pass over the pending token and the proposal; commits in the cache."""
         needs_hidden = self.drafter is not None and self.drafter.capabilities.needs_hidden
+        layers = self.drafter.capabilities.feature_layers if self.drafter is not None else ()
         target, cache, ids, params, generator = (
-            self.target, state.cache, state.token_ids, state.params, state.generator
+            self.target,
+            state.cache,
+            state.token_ids,
+            state.params,
+            state.generator,
         )
         if proposal.tree is not None:
-            return tree_step(target, cache, ids, proposal.tree, params, generator, needs_hidden)
-        return chain_step(target, cache, ids, proposal, params, generator, needs_hidden)
+            return tree_step(target, cache, ids, proposal.tree, params, generator, needs_hidden, layers)
+        return chain_step(target, cache, ids, proposal, params, generator, needs_hidden, layers)
 
     def _steps(
         self,
@@ -290,7 +302,9 @@ class SpeculativeGenerator:
         state = _Decoding(list(prompt_ids), cache, params, generator, stats)
         self._prefill(prompt_ids, cache, stats, with_drafter=self.parallel is None)
         if self.parallel is not None:
-            yield from self.parallel.steps(self.target, cache, prompt_ids, params, generator, max_new_tokens, stats)
+            yield from self.parallel.steps(
+                self.target, cache, prompt_ids, params, generator, max_new_tokens, stats
+            )
             return
         while state.produced < max_new_tokens and len(state.token_ids) < cache.max_seq_len:
             budget = max_new_tokens - state.produced

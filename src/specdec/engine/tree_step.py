@@ -34,12 +34,14 @@ def tree_step(
     params: SamplingParams,
     generator: torch.Generator | None = None,
     needs_hidden: bool = False,
+    feature_layers: tuple[int, ...] = (),
 ) -> VerifyResult:
     """Verify ``tree`` below the pending token ``token_ids[-1]`` and commit the accepted path.
 
     The target cache must hold ``len(token_ids) - 1`` committed slots; afterwards it holds
     ``len(token_ids) + num_accepted``. With ``needs_hidden`` the result carries the target's
-    hidden states of the pending token and the accepted path (``target_hidden``). Nodes that do not fit in the cache are dropped (a prefix
+    hidden states of the pending token and the accepted path (``target_hidden``), after the
+    outputs of ``feature_layers``. Nodes that do not fit in the cache are dropped (a prefix
     of a topologically sorted tree is a tree, and node indices stay the same).
     """
     device = target.device
@@ -51,7 +53,15 @@ def tree_step(
     pos = tree_positions(tree.parents, P).to(device)[None]  # (1, N+1)
     slots = torch.arange(P, P + N + 1, device=device)[None]  # (1, N+1)
     mask = tree_attention_mask(tree.parents, P).to(device)[None]  # (1, N+1, P+1+N)
-    out = target(inp, pos, cache, attn_mask=mask, cache_slots=slots, return_hidden=needs_hidden)
+    out = target(
+        inp,
+        pos,
+        cache,
+        attn_mask=mask,
+        cache_slots=slots,
+        return_hidden=needs_hidden,
+        feature_layers=feature_layers,
+    )
     logits, hidden = out if needs_hidden else (out, None)
     logits = logits[0]  # (N+1, V)
     if params.greedy:

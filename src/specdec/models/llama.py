@@ -546,15 +546,23 @@ class Transformer(nn.Module):
         num_logits: int | None = None,
         return_hidden: bool = False,
         kv_len: int | None = None,
+        feature_layers: tuple[int, ...] = (),
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, T', V)`` for the last ``num_logits`` tokens (all if None; none for 0, when
         only the hidden states are wanted).
 
-        With ``return_hidden`` also the final normed hidden states ``(B, T, d)``. For a single
-        token with the default mask, ``kv_len`` must be its position + 1 (the default).
+        With ``return_hidden`` also the final normed hidden states ``(B, T, d)``; with
+        ``feature_layers`` too, the outputs of those decoder layers before them, concatenated:
+        ``(B, T, (len(feature_layers) + 1) d)`` (EAGLE-3's low, middle and high features). For a
+        single token with the default mask, ``kv_len`` must be its position + 1 (the default).
         """
         if input_pos.dim() == 1:
             input_pos = input_pos[None].expand(tokens.shape[0], -1)
+        if feature_layers:
+            logits, h = self._forward_features(
+                tokens, input_pos, cache, attn_mask, cache_slots, num_logits, kv_len, feature_layers
+            )
+            return (logits, h) if return_hidden else logits
         if self._layer_weights is not None and kernels.fused_layers_apply(self._reference_weight()):
             # The module path below in one C++ call (CPU; float32 activations whatever the weights).
             slots, mask, kv_len = self._attention_inputs(input_pos, attn_mask, cache_slots, kv_len, True)
@@ -574,6 +582,47 @@ class Transformer(nn.Module):
         h = self.model.norm(h)
         logits = self.lm_head(h if num_logits is None else h[:, h.shape[1] - num_logits :])
         return (logits, h) if return_hidden else logits
+
+    def _forward_features(
+        self,
+        tokens: torch.Tensor,  # (B, T)
+        input_pos: torch.Tensor,  # (B, T)
+        cache: KVCache,
+        attn_mask: torch.Tensor | None,
+        cache_slots: torch.Tensor | None,
+        num_logits: int | None,
+        kv_len: int | None,
+        feature_layers: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with the outputs of ``feature_layers`` kept: the layers run in segments
+        that end at those layers, with the same values as one pass (where the one-call CPU
+        forward runs, float32 activations and its norm, as in :meth:`forward_reusing`)."""
+        num_layers = len(self.model.layers)
+        if (
+            list(feature_layers) != sorted(set(feature_layers))
+            or not 0 <= feature_layers[0] <= feature_layers[-1] < num_layers
+        ):
+            raise ValueError(
+                f"feature layers must increase within the target's {num_layers} layers, got {feature_layers}"
+            )
+        fast = self.reuses_layers()
+        h = self.model.embed_tokens(tokens)  # (B, T, d)
+        h = h.float() if fast else h
+        kept, start = [], 0
+        for stop in [*feature_layers, num_layers - 1]:
+            if stop >= start:
+                h = self.run_layers(
+                    h, input_pos, cache, attn_mask, cache_slots, range(start, stop + 1), kv_len
+                )
+                start = stop + 1
+            kept.append(h)
+        norm = self.model.norm
+        h = kernels.rms_norm(h, norm.weight.float(), norm.eps) if fast else norm(h)  # (B, T, d)
+        T = h.shape[1]
+        rows = h if num_logits is None else h[:, T - num_logits :]
+        logits = self.project(rows) if fast else self.lm_head(rows)
+        features = torch.cat([*kept[:-1], h], dim=-1)  # (B, T, (len(feature_layers) + 1) d)
+        return logits.to(self.dtype), features.to(self.dtype)
 
     @property
     def runs_bfloat16(self) -> bool:

@@ -125,6 +125,10 @@ class BatchEngine:
         )
         # Hidden states of the verify pass only where some drafter reads them (EAGLE, Medusa).
         self.needs_hidden = any(d.capabilities.needs_hidden for d in self.drafters if d)
+        layers = {d.capabilities.feature_layers for d in self.drafters if d and d.capabilities.needs_hidden}
+        if len(layers) > 1:
+            raise ValueError(f"the drafters read the outputs of different target layers: {sorted(layers)}")
+        self.feature_layers: tuple[int, ...] = layers.pop() if layers else ()
         self.context_len = min(max_seq_len or target.max_seq_len, target.max_seq_len)
         capacity = self.context_len + self.max_draft_tokens + 2  # + the pending token, + scratch
         self.cache = target.new_cache(max_batch_size, capacity)
@@ -169,8 +173,9 @@ class BatchEngine:
                 tokens = torch.tensor([ids[:-1]], device=self.target.device)  # (1, n-1)
                 pos = torch.arange(len(ids) - 1, device=self.target.device)
                 _, hidden = self.target(
-                    tokens, pos, rows_view(self.cache, slice(row, row + 1)), num_logits=0, return_hidden=True
-                )
+                    tokens, pos, rows_view(self.cache, slice(row, row + 1)), num_logits=0, return_hidden=True,
+                    feature_layers=self.feature_layers,
+                )  # fmt: skip
                 seq.stats.target_forwards += 1
                 self.policy.observe_pass(len(ids) - 1, time.perf_counter() - t)
             self.cache.lengths[row] = len(ids) - 1
@@ -303,6 +308,7 @@ class BatchEngine:
             cache_slots=inputs.slots,
             return_hidden=needs_hidden,
             kv_len=inputs.kv_len,
+            feature_layers=self.feature_layers,
         )  # (B', T, V) [, (B', T, d)]
         return out if needs_hidden else (out, None)
 
@@ -366,7 +372,9 @@ class BatchEngine:
         seq.sent_chars += len(text)
         stats = seq.stats
         seq.request.emit(
-            EngineEvent(ids, text, kinds, pieces, drafted=stats.draft_positions, accepted=stats.accepted_tokens)
+            EngineEvent(
+                ids, text, kinds, pieces, drafted=stats.draft_positions, accepted=stats.accepted_tokens
+            )
         )
 
     def _pieces(self, seq: _Sequence, num_tokens: int, text: str) -> list[str]:

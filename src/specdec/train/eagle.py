@@ -3,8 +3,10 @@
 The head is :class:`~specdec.drafters.heads.EagleHead` (EAGLE-1's feature-level decoder layer,
 Li et al. 2024, drafting a dynamic tree at inference as in EAGLE-2): it reads
 ``(embed(x_{t+1}), f_t)`` and predicts the target's next feature ``f_{t+1}``, whose logits come
-from the target's frozen ``lm_head``. Its inputs are the target's *final* features, so it runs
-with every engine unchanged; EAGLE-3's fusion of low, middle and high layers is not done here.
+from the target's frozen ``lm_head``. With ``--feature-layers`` (the default) ``f_t`` is
+EAGLE-3's fusion (Li et al. 2025, Sec. 3.3): a learned map of the outputs of a low and a middle
+decoder layer and the final normed hidden state. The map starts as the identity on the final
+state, so a fused head starts as the EAGLE-1 head it would be (``--init`` may name one).
 
 What it takes from EAGLE-3 (Li et al. 2025, Sec. 3.2) is the **training-time test**: at
 inference only the first draft reads a target feature, the next ones read the head's own
@@ -53,6 +55,7 @@ class EagleTrainConfig:
     eval_interval: int = 50
     seed: int = 0
     init: str | None = None  # a saved head folder to continue from (its weights, a new schedule)
+    feature_layers: tuple[int, ...] = ()  # EAGLE-3: target layers fused with the final state
 
 
 @dataclass
@@ -63,27 +66,54 @@ class EagleTrainLog:
     val_top1: list[list[float]] = field(default_factory=list)  # per eval: agreement per drafting step
 
 
+def default_feature_layers(num_layers: int) -> tuple[int, ...]:
+    """EAGLE-3's low and middle layers for a target of ``num_layers`` (its high one is the final
+    normed state): layer 2 (or earlier, in a shallow target) and the middle one."""
+    return tuple(sorted({min(2, (num_layers - 1) // 3), num_layers // 2}))
+
+
 @dataclass(frozen=True)
 class Conversation:
     tokens: torch.Tensor  # (L,) long
-    features: torch.Tensor  # (L-1, d) float32: f_t for t = 0 .. L-2
+    features: torch.Tensor  # (L-1, (n+1) d) float32: the target's rows for t = 0 .. L-2 (n feature layers)
     reply_start: int
 
 
-def load_conversations(folder: str | Path, target: LoadedModel, split: str) -> list[Conversation]:
-    """The records of one split with their target features (stored, else recomputed)."""
+def load_conversations(
+    folder: str | Path,
+    target: LoadedModel,
+    split: str,
+    feature_layers: tuple[int, ...] = (),
+    progress: bool = False,
+) -> list[Conversation]:
+    """The records of one split with the target's rows for them: its final normed hidden states
+    (stored, else recomputed), after the outputs of ``feature_layers`` (computed once and kept in
+    the data folder as ``features-<layers>.safetensors``)."""
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
     from specdec.train.data import check_manifest, read_hidden, read_records
 
     check_manifest(Path(folder), target)
     records = read_records(folder, split)
     hidden = read_hidden(folder)
+    layers: dict[str, torch.Tensor] = {}
+    cached = Path(folder) / f"features-{'-'.join(map(str, feature_layers))}-{split}.safetensors"
+    if feature_layers and cached.is_file():
+        layers = load_file(str(cached))
     out = []
-    for rec in records:
+    for rec in tqdm(records, desc=f"target features ({split})", disable=not progress):
         ids = torch.tensor(rec.token_ids)  # (L,)
         h = hidden.get(rec.key)
         if h is None:
             h = _features(target, ids[:-1])
+        if feature_layers:
+            if rec.key not in layers:
+                layers[rec.key] = _layer_outputs(target, ids[:-1], feature_layers).to(torch.bfloat16)
+            h = torch.cat([layers[rec.key].float(), h.float()], dim=-1)  # (L-1, (n+1) d)
         out.append(Conversation(ids, h.float(), rec.reply_start))
+    if feature_layers and not cached.is_file():
+        save_file({k: v.contiguous() for k, v in layers.items()}, str(cached))
     return out
 
 
@@ -93,6 +123,22 @@ def _features(target: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     cache = target.new_cache(1, ids.shape[0])
     _, h = target(ids[None], torch.arange(ids.shape[0]), cache, num_logits=0, return_hidden=True)
     return h[0].float().clone()
+
+
+@torch.inference_mode()
+def _layer_outputs(target: LoadedModel, ids: torch.Tensor, feature_layers: tuple[int, ...]) -> torch.Tensor:
+    """The outputs of decoder layers ``feature_layers`` over ``ids`` ``(T,)``, concatenated
+    ``(T, n d)``: the layers up to the last of them run, no further."""
+    module, T = target.module, ids.shape[0]
+    cache = target.new_cache(1, T)
+    pos = torch.arange(T)[None]  # (1, T)
+    h = module.model.embed_tokens(ids[None]).float()  # (1, T, d)
+    kept, start = [], 0
+    for stop in feature_layers:
+        h = module.run_layers(h, pos, cache, layers=range(start, stop + 1), kv_len=T)
+        kept.append(h[0].float())
+        start = stop + 1
+    return torch.cat(kept, dim=-1)
 
 
 def sample_windows(
@@ -170,11 +216,12 @@ def eagle_loss(
 ) -> tuple[torch.Tensor, list[float]]:
     """Training loss over the unrolled steps and the top-1 agreement with the target per step."""
     lm_head = target.module.lm_head
-    inputs = feats[:, :-1]
+    inputs = feats[:, :-1]  # (B, W, (n+1) d)
     if noise and cfg.noise:
         inputs = inputs + (torch.rand(inputs.shape, generator=gen) * 2 - 1) * cfg.noise
+    inputs = head.target_features(inputs)  # (B, W, d)
     embeds = target.module.model.embed_tokens(tokens).float()  # (B, W, d)
-    wanted = feats[:, 1:]  # (B, W, d) f_{t+1}
+    wanted = feats[:, 1:, -embeds.shape[-1] :]  # (B, W, d) f_{t+1}: the final normed state
     outputs = unrolled_features(head, embeds, inputs, cfg.ttt_steps)
     W = tokens.shape[1]
     losses, top1 = [], []
@@ -201,8 +248,16 @@ def new_eagle_head(target: LoadedModel, cfg: EagleTrainConfig) -> EagleHead:
     if cfg.init is not None:
         head = load_head(cfg.init, target.config, "eagle", torch.float32, "cpu")
         assert isinstance(head, EagleHead)
-        return head.requires_grad_(True).train()
-    head = EagleHead(target.config, cfg.intermediate_size)
+        if cfg.feature_layers and head.feature_layers != cfg.feature_layers:
+            if head.feature_layers:
+                raise ValueError(
+                    f"{cfg.init} fuses layers {list(head.feature_layers)}, not {list(cfg.feature_layers)}"
+                )
+            fused = EagleHead(target.config, head.config.intermediate_size, cfg.feature_layers)
+            fused.load_state_dict(head.state_dict(), strict=False)  # all but the new fusion
+            head = _fuse_as_final(fused)
+        return head.float().requires_grad_(True).train()
+    head = EagleHead(target.config, cfg.intermediate_size, cfg.feature_layers)
     torch.manual_seed(cfg.seed)
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
@@ -212,7 +267,17 @@ def new_eagle_head(target: LoadedModel, cfg: EagleTrainConfig) -> EagleHead:
         theirs = {k: v.float() for k, v in last.state_dict().items() if k in own and own[k].shape == v.shape}
         own.update(theirs)
         head.layer.load_state_dict(own)
-    return head.float().train()
+    return _fuse_as_final(head).float().train()
+
+
+@torch.no_grad()
+def _fuse_as_final(head: EagleHead) -> EagleHead:
+    """``head`` with its fusion set to pass the final normed state through (the others weigh 0)."""
+    if head.fuse is not None:
+        d = head.config.hidden_size
+        head.fuse.weight.zero_()
+        head.fuse.weight[:, -d:] = torch.eye(d)
+    return head
 
 
 @torch.no_grad()
@@ -297,6 +362,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="time budget; the schedule ends with it")
     p.add_argument("--eval-interval", type=int, default=d.eval_interval)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--feature-layers",
+        default="auto",
+        help="EAGLE-3: comma list of target layers whose outputs are fused with its final state "
+        "(auto: a low and the middle one; none: the final state alone, EAGLE-1)",
+    )
+
+
+def parse_feature_layers(text: str, num_layers: int) -> tuple[int, ...]:
+    """``--feature-layers``: ``auto``, ``none`` or a comma list of increasing layer indices."""
+    from specdec.cli import UserError
+
+    if text == "auto":
+        return default_feature_layers(num_layers)
+    if text == "none":
+        return ()
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(
+            f"--feature-layers: expected auto, none or a comma list of layers, got {text!r}"
+        ) from None
+    if list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < num_layers:
+        raise UserError(
+            f"--feature-layers must increase within the target's {num_layers} layers (0 .. {num_layers - 1})"
+        )
+    return layers
 
 
 def run(args: argparse.Namespace) -> int:
@@ -305,14 +397,15 @@ def run(args: argparse.Namespace) -> int:
     from specdec.train.data import frozen_target
 
     target = frozen_target(args, ("steps", "batch_size", "window", "ttt_steps", "kl_rows", "eval_interval"))
+    layers = parse_feature_layers(args.feature_layers, target.config.num_hidden_layers)
     cfg = EagleTrainConfig(
         args.steps, args.batch_size, args.window, args.ttt_steps, args.kl_rows, args.lr,
         args.intermediate_size, not args.no_init, EagleTrainConfig.noise, args.max_minutes,
-        args.eval_interval, args.seed, args.init,
+        args.eval_interval, args.seed, args.init, layers,
     )  # fmt: skip
     try:
-        train = load_conversations(args.data, target, "train")
-        val = load_conversations(args.data, target, "validation")
+        train = load_conversations(args.data, target, "train", layers, progress=True)
+        val = load_conversations(args.data, target, "validation", layers, progress=True)
         tokens = sum(c.tokens.numel() for c in train)
         print(f"{len(train)} training conversations ({tokens} tokens), {len(val)} validation", flush=True)
         start = time.perf_counter()
