@@ -257,3 +257,18 @@ def test_cli_feature_layers(
         == 2
     )
     assert "fuses layers [1]" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                *base,
+                "--out",
+                str(tmp_path / "bad"),
+                "--init",
+                str(tmp_path / "e3"),
+                "--feature-layers",
+                "none",
+            ]
+        )
+        == 2
+    )
+    assert "--feature-layers 1 continues it" in capsys.readouterr().err

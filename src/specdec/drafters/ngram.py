@@ -12,9 +12,12 @@ recent) are merged into a trie and proposed as a tree (siblings are distinct tok
 is deterministic, ``draft_probs`` None).
 
 ``min_ngram`` defaults to 2: a match on the last token alone is usually a coincidence, and its
-rejected draft still costs a wider verify pass. Measured greedy, one thread, CPU time against
-plain decoding (scripts/ngram_sweep.py): on SmolLM2-135M-Instruct (quantized, the chat tasks)
-min_ngram 1 gave 0.94x, 2 gave 1.11x; on the demo pair (code) 1.52x and 1.55x.
+rejected draft still costs a wider verify pass. A longer match is more often right, and for
+longer (on SmolLM2's replies the first copied token is right after 56 % of 2-token matches and
+95 % of 8-token ones), so a match of ``n`` tokens proposes at most ``n - 1`` (``max_ngram`` 8).
+Measured greedy, one thread, CPU time against plain decoding (scripts/ngram_sweep.py): on
+SmolLM2-135M-Instruct (quantized, the chat tasks) min_ngram 1 gave 0.90x, 2 gave 1.08x, and
+matches of up to 8 with drafts scaled by them 1.13x; on the demo pair (code) 1.41x -> 1.45x.
 """
 
 from __future__ import annotations

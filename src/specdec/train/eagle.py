@@ -88,7 +88,7 @@ def load_conversations(
 ) -> list[Conversation]:
     """The records of one split with the target's rows for them: its final normed hidden states
     (stored, else recomputed), after the outputs of ``feature_layers`` (computed once and kept in
-    the data folder as ``features-<layers>.safetensors``)."""
+    the data folder as ``features-<layers>-<split>.safetensors``)."""
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
@@ -101,7 +101,7 @@ def load_conversations(
     cached = Path(folder) / f"features-{'-'.join(map(str, feature_layers))}-{split}.safetensors"
     if feature_layers and cached.is_file():
         layers = load_file(str(cached))
-    out = []
+    out, added = [], False
     for rec in tqdm(records, desc=f"target features ({split})", disable=not progress):
         ids = torch.tensor(rec.token_ids)  # (L,)
         h = hidden.get(rec.key)
@@ -110,9 +110,10 @@ def load_conversations(
         if feature_layers:
             if rec.key not in layers:
                 layers[rec.key] = _layer_outputs(target, ids[:-1], feature_layers).to(torch.bfloat16)
+                added = True
             h = torch.cat([layers[rec.key].float(), h.float()], dim=-1)  # (L-1, (n+1) d)
         out.append(Conversation(ids, h.float(), rec.reply_start))
-    if feature_layers and not cached.is_file():
+    if added:
         save_file({k: v.contiguous() for k, v in layers.items()}, str(cached))
     return out
 
@@ -248,10 +249,11 @@ def new_eagle_head(target: LoadedModel, cfg: EagleTrainConfig) -> EagleHead:
     if cfg.init is not None:
         head = load_head(cfg.init, target.config, "eagle", torch.float32, "cpu")
         assert isinstance(head, EagleHead)
-        if cfg.feature_layers and head.feature_layers != cfg.feature_layers:
+        if head.feature_layers != cfg.feature_layers:
             if head.feature_layers:
                 raise ValueError(
-                    f"{cfg.init} fuses layers {list(head.feature_layers)}, not {list(cfg.feature_layers)}"
+                    f"{cfg.init} fuses layers {list(head.feature_layers)}, not {list(cfg.feature_layers)} "
+                    f"(--feature-layers {','.join(map(str, head.feature_layers))} continues it)"
                 )
             fused = EagleHead(target.config, head.config.intermediate_size, cfg.feature_layers)
             fused.load_state_dict(head.state_dict(), strict=False)  # all but the new fusion
