@@ -60,6 +60,8 @@ skip plot || {
 skip measure || {
   "$PYTHON" scripts/draft_to_gguf.py "$ASSETS/draft" --like smollm2 --out "$RUN/draft.q8_0.gguf" --dtype q8_0
   "$SPECDEC" bench --target smollm2 --draft "$RUN/draft.q8_0.gguf" --num-prompts 2 --threads 1 \
-    --methods plain,ngram,draft,eagle,llama.cpp,llama.cpp-lookup,llama.cpp-spec \
+    --methods plain,ngram,eagle,eagle@2,draft,llama.cpp,llama.cpp-lookup,llama.cpp-spec \
     --llama-cpp "${LLAMA_CPP:-$HOME/.cache/specdec/llama.cpp/build/bin}" --out "$RUN/bench-race"
+  # The EAGLE heads' agreement on the bench's prompts, and their speed, against each other.
+  "$PYTHON" scripts/eagle_agreement.py "$RUN/eagle1" "$RUN/eagle1-cont" "$ASSETS/eagle" --speed 2
 }
