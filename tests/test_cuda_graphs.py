@@ -69,9 +69,10 @@ def test_graphed_passes_give_plain_greedy_tokens(target_path, good_draft_path, d
     counts = []
     for _ in range(2):
         for prompt in PROMPTS:
-            assert speculative.generate(prompt, max_new_tokens=60).token_ids == plain.generate(
-                prompt, max_new_tokens=60
-            ).token_ids
+            assert (
+                speculative.generate(prompt, max_new_tokens=60).token_ids
+                == plain.generate(prompt, max_new_tokens=60).token_ids
+            )
         counts.append((target.graphs.captures, draft.graphs.captures))
     assert counts[0] == counts[1]
 
@@ -90,8 +91,16 @@ def test_graphed_pass_matches_the_eager_pass(target_path, device, monkeypatch):
         got_logits, got_hidden = target.step(tokens, pos, cache, return_hidden=True, kv_len=34)
         torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-5, atol=1e-5)
-    # One graph per cache: three caches, three recordings (a dropped cache drops its graphs).
-    assert target.graphs.captures == 3
+        # an EAGLE-3 verify pass: the target's layer outputs with its hidden states, graphed too
+        cache2 = target.new_cache(1, 128)
+        target(prompt, torch.arange(29, device=device), cache2, num_logits=0)
+        got_logits, got_rows = target.step(
+            tokens, pos, cache2, return_hidden=True, kv_len=34, feature_layers=(0,)
+        )
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_rows[..., -want_hidden.shape[-1] :], want_hidden, rtol=1e-5, atol=1e-5)
+    # One graph per cache and pass: six caches, six recordings (a dropped cache drops its graphs).
+    assert target.graphs.captures == 6
 
 
 def record_proposals(drafter, seen: list[list[int]]) -> None:  # type: ignore[no-untyped-def]
@@ -143,10 +152,13 @@ def test_which_passes_are_graphed():
     one = torch.zeros(1, 5, dtype=torch.long)
     assert applies(one, {"kv_len": 9})
     assert applies(one, {"kv_len": 9, "return_hidden": True, "num_logits": 1})
+    assert applies(one, {"kv_len": 9, "return_hidden": True, "feature_layers": (0, 2)})
     assert not applies(one, {})  # kv_len unknown
     assert not applies(one, {"kv_len": 9, "attn_mask": None})  # tree passes bring their own mask
     assert not applies(torch.zeros(2, 5, dtype=torch.long), {"kv_len": 9})  # a batch
-    assert not applies(torch.zeros(1, cuda_graphs.MAX_TOKENS + 1, dtype=torch.long), {"kv_len": 99})  # prefill
+    assert not applies(
+        torch.zeros(1, cuda_graphs.MAX_TOKENS + 1, dtype=torch.long), {"kv_len": 99}
+    )  # prefill
 
 
 def test_graphs_only_on_cuda_and_can_be_turned_off(monkeypatch):

@@ -39,6 +39,7 @@ from specdec.models.llama import (
     RMSNorm,
     Transformer,
     causal_mask,
+    check_feature_layers,
     compact_copies,
     rope_inv_freq,
 )
@@ -120,13 +121,7 @@ class EagleHead(nn.Module):
         if intermediate_size is not None:
             cfg = dataclasses.replace(cfg, intermediate_size=intermediate_size)
         self.config = cfg
-        self.feature_layers = tuple(feature_layers)
-        if list(feature_layers) != sorted(set(feature_layers)) or any(
-            not 0 <= i < cfg.num_hidden_layers for i in feature_layers
-        ):
-            raise ValueError(
-                f"feature layers must increase within the target's {cfg.num_hidden_layers} layers, got {list(feature_layers)}"
-            )
+        self.feature_layers = check_feature_layers(tuple(feature_layers), cfg.num_hidden_layers)
         d = cfg.hidden_size
         self.fuse = Linear((len(feature_layers) + 1) * d, d, bias=False) if feature_layers else None
         self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)

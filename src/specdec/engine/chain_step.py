@@ -44,8 +44,9 @@ def score_chain(
             inp, pos[None], cache, reused.num_layers, reused.hidden[None], kv_len
         )
     elif needs_hidden:
-        layers = {"feature_layers": feature_layers} if feature_layers else {}  # (CUDA graphs take none)
-        logits, hidden = target.step(inp, pos, cache, return_hidden=True, kv_len=kv_len, **layers)
+        logits, hidden = target.step(
+            inp, pos, cache, return_hidden=True, kv_len=kv_len, feature_layers=feature_layers
+        )
     else:
         logits, hidden = target.step(inp, pos, cache, kv_len=kv_len), None
     return logits[0], (hidden[0] if needs_hidden and hidden is not None else None)

@@ -37,7 +37,7 @@ from specdec.options import get_options
 
 MAX_TOKENS = 32  # passes over more tokens per sequence run eagerly (prefill)
 SLOT_BUCKET = 256  # attention reads the pass's slots rounded up to a multiple of this
-GRAPH_KWARGS = {"num_logits", "return_hidden", "kv_len"}
+GRAPH_KWARGS = {"num_logits", "return_hidden", "kv_len", "feature_layers"}
 
 Outputs = tuple[torch.Tensor, ...]
 # A capture takes the pass to record and returns its outputs (static tensors) and a replay.
@@ -180,6 +180,7 @@ class GraphedPasses:
         num_logits: int | None = None,
         return_hidden: bool = False,
         kv_len: int | None = None,
+        feature_layers: tuple[int, ...] = (),
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         from specdec.models.llama import causal_mask
 
@@ -192,10 +193,10 @@ class GraphedPasses:
             mask = causal_mask(static_positions, slots)  # (1, 1, T, slots)
             out = module(
                 static_tokens, static_positions, cache, attn_mask=mask, num_logits=num_logits,
-                return_hidden=return_hidden, kv_len=slots,
+                return_hidden=return_hidden, kv_len=slots, feature_layers=feature_layers,
             )  # fmt: skip
             return out if isinstance(out, tuple) else (out,)
 
-        key = (T, slots, num_logits, return_hidden)
+        key = (T, slots, num_logits, return_hidden, feature_layers)
         outputs = self.table.run(cache, key, (tokens, input_pos.reshape(1, T)), run)
         return (outputs[0], outputs[1]) if return_hidden else outputs[0]

@@ -186,6 +186,16 @@ def project_rows(h: torch.Tensor, compact: torch.Tensor, weight: torch.Tensor) -
     return kernels.linear(h, weight)
 
 
+def check_feature_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """``layers`` if they increase within ``0 .. num_layers - 1`` (the decoder layers whose
+    outputs a pass returns, see :meth:`Transformer.forward`), else ValueError."""
+    if list(layers) != sorted(set(layers)) or any(not 0 <= i < num_layers for i in layers):
+        raise ValueError(
+            f"feature layers must increase within the target's {num_layers} layers, got {list(layers)}"
+        )
+    return tuple(layers)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -579,9 +589,41 @@ class Transformer(nn.Module):
             return (logits, h) if return_hidden else logits
         h = self.model.embed_tokens(tokens)  # (B, T, d)
         h = self.run_layers(h, input_pos, cache, attn_mask, cache_slots, kv_len=kv_len)
-        h = self.model.norm(h)
-        logits = self.lm_head(h if num_logits is None else h[:, h.shape[1] - num_logits :])
+        logits, h = self._norm_logits(h, num_logits, float32=False)
         return (logits, h) if return_hidden else logits
+
+    def _norm_logits(
+        self, h: torch.Tensor, num_logits: int | None, float32: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final norm of the last layer's output ``h`` ``(B, T, d)`` and the logits of its last
+        ``num_logits`` rows (all if None): with ``float32``, the one-call CPU forward's float32
+        norm and :meth:`project` (its values), else the modules'."""
+        norm = self.model.norm
+        h = kernels.rms_norm(h, norm.weight.float(), norm.eps) if float32 else norm(h)  # (B, T, d)
+        rows = h if num_logits is None else h[:, h.shape[1] - num_logits :]
+        return (self.project(rows) if float32 else self.lm_head(rows)), h
+
+    def layer_outputs(
+        self,
+        h: torch.Tensor,  # (B, T, d)
+        input_pos: torch.Tensor,  # (B, T)
+        cache: KVCache,
+        stops: list[int],
+        attn_mask: torch.Tensor | None = None,
+        cache_slots: torch.Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> list[torch.Tensor]:
+        """The outputs of decoder layers ``stops`` (increasing) over hidden states ``h``: the
+        layers run in segments that end at them (:meth:`run_layers`), up to the last one."""
+        outputs, start = [], 0
+        for stop in stops:
+            if stop >= start:
+                h = self.run_layers(
+                    h, input_pos, cache, attn_mask, cache_slots, range(start, stop + 1), kv_len
+                )
+                start = stop + 1
+            outputs.append(h)
+        return outputs
 
     def _forward_features(
         self,
@@ -598,30 +640,15 @@ class Transformer(nn.Module):
         that end at those layers, with the same values as one pass (where the one-call CPU
         forward runs, float32 activations and its norm, as in :meth:`forward_reusing`)."""
         num_layers = len(self.model.layers)
-        if (
-            list(feature_layers) != sorted(set(feature_layers))
-            or not 0 <= feature_layers[0] <= feature_layers[-1] < num_layers
-        ):
-            raise ValueError(
-                f"feature layers must increase within the target's {num_layers} layers, got {feature_layers}"
-            )
+        check_feature_layers(feature_layers, num_layers)
         fast = self.reuses_layers()
         h = self.model.embed_tokens(tokens)  # (B, T, d)
         h = h.float() if fast else h
-        kept, start = [], 0
-        for stop in [*feature_layers, num_layers - 1]:
-            if stop >= start:
-                h = self.run_layers(
-                    h, input_pos, cache, attn_mask, cache_slots, range(start, stop + 1), kv_len
-                )
-                start = stop + 1
-            kept.append(h)
-        norm = self.model.norm
-        h = kernels.rms_norm(h, norm.weight.float(), norm.eps) if fast else norm(h)  # (B, T, d)
-        T = h.shape[1]
-        rows = h if num_logits is None else h[:, T - num_logits :]
-        logits = self.project(rows) if fast else self.lm_head(rows)
-        features = torch.cat([*kept[:-1], h], dim=-1)  # (B, T, (len(feature_layers) + 1) d)
+        *kept, h = self.layer_outputs(
+            h, input_pos, cache, [*feature_layers, num_layers - 1], attn_mask, cache_slots, kv_len
+        )
+        logits, h = self._norm_logits(h, num_logits, float32=fast)
+        features = torch.cat([*kept, h], dim=-1)  # (B, T, (len(feature_layers) + 1) d)
         return logits.to(self.dtype), features.to(self.dtype)
 
     @property
@@ -655,10 +682,9 @@ class Transformer(nn.Module):
         h = self.run_layers(
             h, input_pos, cache, layers=range(num_layers, len(self.model.layers)), kv_len=kv_len
         )
-        norm = self.model.norm
-        h = kernels.rms_norm(h, norm.weight.float(), norm.eps)  # (the one-call forward's float32 norm)
+        logits, h = self._norm_logits(h, None, float32=True)  # (the one-call forward's float32 norm)
         dtype = self.dtype
-        return self.project(h).to(dtype), h.to(dtype)
+        return logits.to(dtype), h.to(dtype)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """``lm_head(h)`` for final normed hidden states or head features ``(..., d)`` -> ``(..., V)``;

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from specdec.cache import KVCache
 from specdec.drafters.heads import EagleHead, load_head, save_head
+from specdec.models.llama import check_feature_layers
 from specdec.models.loading import LoadedModel
 
 
@@ -134,12 +135,8 @@ def _layer_outputs(target: LoadedModel, ids: torch.Tensor, feature_layers: tuple
     cache = target.new_cache(1, T)
     pos = torch.arange(T)[None]  # (1, T)
     h = module.model.embed_tokens(ids[None]).float()  # (1, T, d)
-    kept, start = [], 0
-    for stop in feature_layers:
-        h = module.run_layers(h, pos, cache, layers=range(start, stop + 1), kv_len=T)
-        kept.append(h[0].float())
-        start = stop + 1
-    return torch.cat(kept, dim=-1)
+    kept = module.layer_outputs(h, pos, cache, list(feature_layers), kv_len=T)
+    return torch.cat([k[0].float() for k in kept], dim=-1)
 
 
 def sample_windows(
@@ -386,11 +383,10 @@ def parse_feature_layers(text: str, num_layers: int) -> tuple[int, ...]:
         raise UserError(
             f"--feature-layers: expected auto, none or a comma list of layers, got {text!r}"
         ) from None
-    if list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < num_layers:
-        raise UserError(
-            f"--feature-layers must increase within the target's {num_layers} layers (0 .. {num_layers - 1})"
-        )
-    return layers
+    try:
+        return check_feature_layers(layers, num_layers)
+    except ValueError as e:
+        raise UserError(f"--feature-layers: {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
