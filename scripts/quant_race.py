@@ -1,4 +1,4 @@
-"""Plain greedy decoding speed of SmolLM2 Q4_1: specdec on the file's blocks, float32 and bfloat16,
+"""Plain greedy decoding speed of a GGUF file (SmolLM2 Q4_1 unless ``--model``): specdec on the file's blocks, float32 and bfloat16,
 next to llama.cpp's ``llama-bench`` tg128 on the same file and (``--hf``) Hugging Face
 ``generate`` on the same file dequantized, alternated in rounds (a noisy machine); one JSON line
 of every value at the end.
@@ -30,7 +30,19 @@ def specdec_tok_s(model: specdec.models.LoadedModel) -> float:
 
 def llama_tok_s(binaries: Path, path: Path, threads: int) -> float:
     """llama-bench's tg128 tok/s (no prompt) on ``path``."""
-    cmd = [str(binaries / "llama-bench"), "-m", str(path), "-p", "0", "-n", str(TOKENS), "-t", str(threads), "-o", "json"]
+    cmd = [
+        str(binaries / "llama-bench"),
+        "-m",
+        str(path),
+        "-p",
+        "0",
+        "-n",
+        str(TOKENS),
+        "-t",
+        str(threads),
+        "-o",
+        "json",
+    ]
     text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(json.loads(text[text.index("[") :])[0]["avg_ts"])
 
@@ -42,7 +54,9 @@ def hf_tok_s(model, threads: int) -> float:  # type: ignore[no-untyped-def]
     ids = torch.tensor([[1]])
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False, pad_token_id=0
+        )
     return (out.shape[1] - 1) / (time.perf_counter() - start)
 
 
@@ -51,18 +65,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/specdec/llama.cpp/build/bin")
+    parser.add_argument("--model", type=Path, default=None, help="a GGUF file (default: SmolLM2 Q4_1)")
     parser.add_argument("--dtypes", default="quantized,float32,bfloat16")
     parser.add_argument("--hf", default="", help="Hugging Face dtypes to time too, e.g. float32,bfloat16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = sources.smollm2_path()
+    path = args.model or sources.smollm2_path()
     models = {dtype: specdec.load_model(path, dtype=dtype) for dtype in args.dtypes.split(",")}
     for model in models.values():
         specdec_tok_s(model)  # warm up
     from specdec.bench.methods import load_hf
 
-    hf = {f"hf-{d}": load_hf(str(path), getattr(torch, d), torch.device("cpu")) for d in args.hf.split(",") if d}
-    results: dict[str, list[float]] = {"llama.cpp": [], **{name: [] for name in models}, **{n: [] for n in hf}}
+    hf = {
+        f"hf-{d}": load_hf(str(path), getattr(torch, d), torch.device("cpu")) for d in args.hf.split(",") if d
+    }
+    results: dict[str, list[float]] = {
+        "llama.cpp": [],
+        **{name: [] for name in models},
+        **{n: [] for n in hf},
+    }
     for _ in range(args.rounds):
         results["llama.cpp"].append(llama_tok_s(args.llama_cpp, path, args.threads))
         for name, model in models.items():

@@ -166,29 +166,37 @@ struct Q5_1 {
 template <typename F>
 constexpr bool kFactored = F::kBlock == 32;
 
-// The 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K super-block, packed in 12 bytes:
+// The 6-bit scales and mins of the 8 sub-blocks of a Q4_K / Q5_K super-block, packed in 12 bytes:
 // bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; scales and mins 4-7 take
-// their low 4 bits from the nibbles of bytes 8-11 and their top 2 bits from the top bits of
-// bytes 0-3 (scales) and 4-7 (mins).
-inline void scale_min(const uint8_t* s, int j, int& scale, int& min) {
-  if (j < 4) {
-    scale = s[j] & 63;
-    min = s[j + 4] & 63;
-  } else {
-    scale = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
-    min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+// their low 4 bits from the low (scales) and high (mins) nibbles of bytes 8-11 and their top 2
+// bits from the top bits of bytes 0-3 (scales) and 4-7 (mins). Four bytes at a time (u0, u1, u2:
+// bytes 0-3, 4-7, 8-11), byte k of each result is sub-block k or 4 + k.
+struct KScales {
+  __m256 scale, neg_min;  // lane j: d * scale_j and -(dmin * min_j), as gguf rounds them
+  KScales(const uint8_t* s, float d, float dmin) {
+    uint32_t u[3];
+    std::memcpy(u, s, 12);
+    const uint32_t six = 0x3F3F3F3F, four = 0x0F0F0F0F, two = 0x03030303;
+    const uint64_t scales = (u[0] & six) | uint64_t((u[2] & four) | (((u[0] >> 6) & two) << 4)) << 32;
+    const uint64_t mins = (u[1] & six) | uint64_t(((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4)) << 32;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    scale = _mm256_mul_ps(_mm256_set1_ps(d), widen(scales));
+    neg_min = _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), widen(mins)), sign);
   }
-}
+  static __m256 widen(uint64_t bytes) {  // 8 unsigned bytes to 8 float32
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(bytes))));
+  }
+};
+
+// Lane j of v in every lane (one permute; j a constant after unrolling).
+inline __m256 lane(__m256 v, int j) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j)); }
 
 // Sub-block j of a Q4_K / Q5_K super-block to its product: quants q, scale d * scale_j and the
 // min term's factor -(dmin * min_j) (w = (d * scale_j) * q - dmin * min_j, as gguf rounds them).
 template <typename Emit>
-__attribute__((always_inline)) inline void k_group(int j, const __m256 (&q)[4], const uint8_t* scales, float d,
-                                                   float dmin, Emit&& emit) {
-  int scale, min;
-  scale_min(scales, j, scale, min);
-  const __m256 ds = _mm256_set1_ps(d * static_cast<float>(scale));
-  emit(j, q, ds, ds, _mm256_set1_ps(-(dmin * static_cast<float>(min))));
+__attribute__((always_inline)) inline void k_group(int j, const __m256 (&q)[4], const KScales& ks, Emit&& emit) {
+  const __m256 ds = lane(ks.scale, j);
+  emit(j, q, ds, ds, lane(ks.neg_min, j));
 }
 
 // Q4_K: 256 weights in 144 bytes: fp16 d, fp16 dmin, scales[12] (scale_min), uint8 qs[128].
@@ -200,7 +208,7 @@ struct Q4_K {
   // Sub-blocks 2p and 2p + 1 are the low and high nibbles of the same 32 bytes: widened once.
   template <typename Emit>
   __attribute__((always_inline)) static void groups(const uint8_t* b, Emit&& emit) {
-    const float d = half(b), dmin = half(b + 2);
+    const KScales ks(b + 4, half(b), half(b + 2));
 #pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) {
       __m256 low[4], high[4];
@@ -210,8 +218,8 @@ struct Q4_K {
         low[g] = to_float(low4(v));
         high[g] = to_float(_mm256_srli_epi32(v, 4));
       }
-      k_group(2 * p, low, b + 4, d, dmin, emit);
-      k_group(2 * p + 1, high, b + 4, d, dmin, emit);
+      k_group(2 * p, low, ks, emit);
+      k_group(2 * p + 1, high, ks, emit);
     }
   }
 };
@@ -226,7 +234,7 @@ struct Q5_K {
   // shifts; the bits they carry across bytes are masked off).
   template <typename Emit>
   __attribute__((always_inline)) static void groups(const uint8_t* b, Emit&& emit) {
-    const float d = half(b), dmin = half(b + 2);
+    const KScales ks(b + 4, half(b), half(b + 2));
     const __m256i nibble = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10);
     const __m256i qh = bytes32(b + 16);  // bit j of qh[l]: the fifth bit of weight l of sub-block j
 #pragma GCC unroll 4
@@ -239,7 +247,7 @@ struct Q5_K {
         const __m256i bit = j <= 4 ? _mm256_slli_epi16(qh, 4 - j) : _mm256_srli_epi16(qh, j - 4);
         __m256 q[4];
         signed_bytes_to_float(_mm256_or_si256(nibbles, _mm256_and_si256(bit, fifth)), q);
-        k_group(j, q, b + 4, d, dmin, emit);
+        k_group(j, q, ks, emit);
       }
     }
   }
@@ -258,8 +266,10 @@ struct Q6_K {
   // carry across bytes are masked off). Scales 8h + 2g (its first 16 weights) and 8h + 2g + 1.
   template <typename Emit>
   __attribute__((always_inline)) static void groups(const uint8_t* b, Emit&& emit) {
-    const float d = half(b + 208);
-    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    // The 16 scales times d, as gguf rounds them: sub-blocks 0-7 and 8-15.
+    const __m256 d = _mm256_set1_ps(half(b + 208));
+    const __m256 scales[2] = {_mm256_mul_ps(d, to_float(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 192))))),
+                              _mm256_mul_ps(d, to_float(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 200)))))};
     const __m256i nibble = _mm256_set1_epi8(0x0F), top_bits = _mm256_set1_epi8(0x30), offset = _mm256_set1_epi8(32);
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
@@ -275,9 +285,7 @@ struct Q6_K {
         const __m256i q6 = _mm256_sub_epi8(_mm256_or_si256(nibbles, _mm256_and_si256(top, top_bits)), offset);
         __m256 q[4];
         signed_bytes_to_float(q6, q);
-        const int sub = 8 * h + 2 * g;
-        emit(4 * h + g, q, _mm256_set1_ps(d * static_cast<float>(scales[sub])),
-             _mm256_set1_ps(d * static_cast<float>(scales[sub + 1])), _mm256_setzero_ps());
+        emit(4 * h + g, q, lane(scales[h], 2 * g), lane(scales[h], 2 * g + 1), _mm256_setzero_ps());
       }
     }
   }
@@ -343,7 +351,13 @@ __attribute__((noinline)) void block(const float* x, const float* xs, int64_t K,
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + (n0 + r) * row_bytes + kb * F::kBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(wb + lead), _MM_HINT_T1);  // (never faults)
+      // Every cache line of the block `lead` bytes on (a prefetch never faults): one line holds
+      // ~2 blocks of the 32-weight formats, a super-block of the K-quants spans 3-4 lines, and with
+      // only the first of them asked for, passes over short rows (SmolLM2's ffn_down, 1,536
+      // weights) ran at a third of the bandwidth, the hardware prefetcher not yet on their rows.
+#pragma GCC unroll 4
+      for (int64_t line = 0; line < F::kBytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wb + lead + line), _MM_HINT_T1);
       groups<F>(wb, [&](int g, const __m256(&q)[4], __m256 s0, [[maybe_unused]] __m256 s1,
                         [[maybe_unused]] __m256 mn) {
 #pragma GCC unroll 8
