@@ -25,7 +25,7 @@ test: $(STAMP)
 # The kernel tests again with the AVX2 build forced, whatever this CPU has (CI runs it: AVX2-only
 # machines are where most users are, and an AVX-512 machine would otherwise never test that build).
 test-avx2: $(STAMP)
-	SPECDEC_CPU_KERNELS=avx2 $(PY) -m pytest tests/test_kernels.py tests/test_quant_kernels.py
+	SPECDEC_CPU_KERNELS=avx2 $(PY) -m pytest tests/test_kernels.py tests/test_quant_kernels.py tests/test_q8_rows.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -167,10 +167,12 @@ for name in NAMES:
     qweight = random_weight(name, 70, 512, seed=7)
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(7))
     together = quant_linear(x, qweight)
+    q8 = quant_linear(x, type(qweight)(qweight.blocks, qweight.qtype, qweight.shape, True))  # 8-bit rows
     out[name] = {
         "dequantized": bool(torch.equal(dequantize(qweight), gguf_weight(qweight))),
         "invariant": all(torch.equal(quant_linear(x[i : i + 1], qweight), together[i : i + 1]) for i in range(9)),
         "bits": together.view(torch.int32).flatten().tolist(),
+        "q8_bits": q8.view(torch.int32).flatten().tolist(),
     }
 json.dump(out, open(sys.argv[1], "w"))
 """
@@ -195,3 +197,4 @@ def test_the_avx2_build_gives_gguf_weights_and_the_same_bits_as_the_best_build(t
         for build in ("default", "avx2"):
             assert results[build][name]["dequantized"] and results[build][name]["invariant"], (build, name)
         assert results["default"][name]["bits"] == results["avx2"][name]["bits"], name
+        assert results["default"][name]["q8_bits"] == results["avx2"][name]["q8_bits"], name

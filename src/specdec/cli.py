@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"specdec: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
         return 2
+    if getattr(args, "q8_rows", False):  # --q8-rows: read when a quantized model loads
+        from specdec.options import set_options
+
+        set_options(q8_rows=True)
     try:
         return int(args._run(args) or 0)
     except user_errors() as e:

@@ -21,6 +21,11 @@ field                  environment override    meaning
 ``bf16_rows``          ``SPECDEC_BF16_ROWS``    models run in bfloat16 round the rows of their
                                                 products to bfloat16 and use AVX512-BF16 dot
                                                 products where the CPU has them (``0``: off).
+``q8_rows``            ``SPECDEC_Q8_ROWS``      quantized GGUF models loaded while it is on
+                                                quantize the rows of their decoding and verify
+                                                products to 8 bits (``1``: on; off by
+                                                default): llama.cpp's numerics, about twice
+                                                the speed on K-quant blocks.
 ``cuda_graphs``        ``SPECDEC_CUDA_GRAPHS``  replay recorded CUDA graphs for chain passes.
 ``cache_dir``          ``SPECDEC_CACHE``        downloads (the default model's wheel) land here.
 =====================  ======================  =============================================
@@ -30,7 +35,8 @@ CPU in its decoding passes (the kernels' AVX2 and AVX-512 builds are bit-identic
 prefill uses the BLAS library, whose kernels differ between CPUs, so on rare near-ties the output
 can differ. A model run in **bfloat16** with ``bf16_rows`` (the default) rounds activations to
 bfloat16 only where the CPU has AVX512-BF16: its output can differ between such CPUs and AVX2-only
-ones more often. Either way speculative output equals plain output on the same machine, token for
+ones more often. A quantized model loaded with ``q8_rows`` computes a slightly different function
+(rows rounded to 8 bits per group of 32, as llama.cpp's CPU products do), the same on every x86 CPU. Either way speculative output equals plain output on the same machine, token for
 token: losslessness is always with respect to the function the machine runs.
 """
 
@@ -55,6 +61,7 @@ class Options:
 
     cpu_kernels: CpuKernels = "auto"
     bf16_rows: bool = True
+    q8_rows: bool = False
     cuda_graphs: bool = True
     cache_dir: Path = Path("~/.cache/specdec")
 
@@ -78,6 +85,7 @@ class Options:
         return cls(
             cpu_kernels=kernels,  # type: ignore[arg-type]  # checked just above
             bf16_rows=env.get("SPECDEC_BF16_ROWS", "1") != "0",
+            q8_rows=env.get("SPECDEC_Q8_ROWS", "0") not in ("0", ""),
             cuda_graphs=env.get("SPECDEC_CUDA_GRAPHS", "1") != "0",
             cache_dir=Path(env.get("SPECDEC_CACHE") or "~/.cache/specdec"),
         )

@@ -20,7 +20,7 @@ import datetime
 from pathlib import Path
 
 from specdec.cli import UserError
-from specdec.commands.common import apply_threads_option
+from specdec.commands.common import add_draft_vocab_argument, add_q8_rows_argument, apply_threads_option
 
 QUICK = {"num_prompts": 1, "runs": 1, "max_new_tokens": 12}
 
@@ -54,7 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help='your own prompts instead of the tasks: JSON lines {"prompt": text or token ids, '
         '"task": name, "max_new_tokens": n} (task, max_new_tokens optional)',
     )
-    p.add_argument("--num-prompts", type=int, default=None, help="prompts per task (default: 4, chat tasks: all 8)")
+    p.add_argument(
+        "--num-prompts", type=int, default=None, help="prompts per task (default: 4, chat tasks: all 8)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 (long: 512)")
     p.add_argument(
         "--llama-cpp",
@@ -66,12 +68,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--runs", type=int, default=3, help="timed runs per prompt (median is kept)")
     p.add_argument("--num-draft-tokens", "-k", type=int, default=4, help="K of the fixed-K drafters")
-    p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="every drafter but ngram: score drafts over the N most frequent tokens of the target's draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); > 0: sampled, the same seeds for every method")
+    add_draft_vocab_argument(p)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0: greedy (the default); > 0: sampled, the same seeds for every method",
+    )
     p.add_argument("--top-k", type=int, default=None, help="sampling: keep the k likeliest tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sampling: keep the likeliest tokens up to this probability")
-    p.add_argument("--dtype", default="auto", help="auto (a quantized GGUF file runs on its blocks on the CPU) | float32 | bfloat16 | float16 | quantized")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (a GPU where there is one, else the CPU)")
+    p.add_argument(
+        "--top-p", type=float, default=None, help="sampling: keep the likeliest tokens up to this probability"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (a quantized GGUF file runs on its blocks on the CPU) | float32 | bfloat16 | float16 | quantized",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="cpu | cuda | cuda:N | auto (a GPU where there is one, else the CPU)"
+    )
+    add_q8_rows_argument(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -169,11 +185,15 @@ def bench_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise UserError(str(e)) from None
     wants_llama = [m for m in methods if m.partition("@")[0] in LLAMA_CPP_METHODS]
     if wants_llama and llama_cpp is None:
-        raise UserError(f"{wants_llama[0]} needs a llama.cpp build: --llama-cpp DIR (scripts/build_llama_cpp.sh)")
+        raise UserError(
+            f"{wants_llama[0]} needs a llama.cpp build: --llama-cpp DIR (scripts/build_llama_cpp.sh)"
+        )
     tasks = [] if args.tasks is None else list(REAL_TASKS) if args.tasks == "all" else _csv(args.tasks)
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown or (args.tasks is not None and not tasks):
-        raise UserError(f"unknown task {unknown[0] if unknown else ''!r}; choose from all, {', '.join(ALL_TASKS)}")
+        raise UserError(
+            f"unknown task {unknown[0] if unknown else ''!r}; choose from all, {', '.join(ALL_TASKS)}"
+        )
     if args.prompts is not None:
         try:
             records = read_prompt_file(args.prompts)  # checked now, before the models load

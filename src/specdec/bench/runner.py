@@ -34,6 +34,7 @@ from specdec.bench.tasks import Task, build_tasks, default_tasks, prompt_file_ta
 from specdec.engine import SpecStats
 from specdec.models import ModelConfig, ModelLoadError, load_model
 from specdec.models.loading import LoadedModel, resolve_path
+from specdec.options import get_options
 from specdec.sampling import SamplingParams
 
 BASELINES = ("plain", "hf")
@@ -235,7 +236,9 @@ def _with_speedups(rows: list[Row]) -> list[Row]:
             if base == "plain" and "prefill" in r.time_split and "prefill" in b.time_split:
                 decode_s, base_decode_s = (x.wall_s * (1.0 - x.time_split["prefill"]) for x in (r, b))
                 if decode_s > 0 and base_decode_s > 0:
-                    ups["decode_speedup_vs_plain"] = (r.new_tokens / decode_s) / (b.new_tokens / base_decode_s)
+                    ups["decode_speedup_vs_plain"] = (r.new_tokens / decode_s) / (
+                        b.new_tokens / base_decode_s
+                    )
         out.append(replace(r, **ups))
     return out
 
@@ -312,11 +315,16 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
         tasks = prompt_file_tasks(records, target.tokenizer, vocab, context, config.max_new_tokens)
     else:
         names = list(config.tasks or default_tasks(Path(target.path), target.tokenizer))
-        tasks = build_tasks(names, config.num_prompts, target.tokenizer, vocab, context, config.max_new_tokens)
+        tasks = build_tasks(
+            names, config.num_prompts, target.tokenizer, vocab, context, config.max_new_tokens
+        )
     cut = [source for task in tasks for source in task.cut]
     if cut:
-        print(f"specdec bench: {len(cut)} prompt(s) longer than the context allows were cut to their last tokens "
-              "(listed in bench.md)", file=sys.stderr)
+        print(
+            f"specdec bench: {len(cut)} prompt(s) longer than the context allows were cut to their last tokens "
+            "(listed in bench.md)",
+            file=sys.stderr,
+        )
     llama_cpp = Path(config.llama_cpp) if config.llama_cpp else None
     built: dict[str, Method] = {}
     errors: dict[str, str] = {}
@@ -356,7 +364,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
                         continue
                     bar.set_postfix_str(f"{task.name}/{name}")
                     try:
-                        run = method.generate(list(prompt), new_tokens, config.sampling, seed, text=task.text(i))
+                        run = method.generate(
+                            list(prompt), new_tokens, config.sampling, seed, text=task.text(i)
+                        )
                     except Exception as e:
                         cell.error = f"{type(e).__name__}: {e}"
                         continue
@@ -369,6 +379,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
     rows = _with_speedups(rows + _overall(rows, methods))
     meta = machine_info()
     meta["dtype"] = "quantized" if target.quantized else str(target.dtype).removeprefix("torch.")
+    if target.quantized and get_options().q8_rows:
+        meta["dtype"] = "quantized, 8-bit rows"
     meta["target"] = _model_info(target)
     meta["draft"] = _draft_info(config.draft)
     meta["errors"] = errors

@@ -61,9 +61,12 @@ def add_model_arguments(p: argparse.ArgumentParser, parallel: bool = True) -> No
         default=None,
         help="trained heads for early-exit / medusa / eagle (default: <target>/<method>)",
     )
-    p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="every drafter but ngram: score drafts over the N most frequent tokens of the target's draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)")
+    add_draft_vocab_argument(p)
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 | quantized (GGUF)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (a GPU where there is one, else the CPU)")
+    p.add_argument(
+        "--device", default="cpu", help="cpu | cuda | cuda:N | auto (a GPU where there is one, else the CPU)"
+    )
+    add_q8_rows_argument(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -78,6 +81,27 @@ def add_model_arguments(p: argparse.ArgumentParser, parallel: bool = True) -> No
             help="draft the next window in a thread of its own while the target verifies (drafter draft, "
             "tree width 1; the draft thread runs one torch thread)",
         )
+
+
+def add_draft_vocab_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        metavar="N",
+        help="every drafter but ngram: score drafts over the N most frequent tokens of the target's "
+        "draft_vocab.json (0: the whole vocabulary; default: a quarter where the file exists)",
+    )
+
+
+def add_q8_rows_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--q8-rows",
+        action="store_true",
+        help="a quantized GGUF model rounds the rows of its decoding and verify products to 8 bits, as "
+        "llama.cpp does (about 2x faster on K-quant blocks; another function, so outputs may differ from "
+        "the default float32 rows; speculative output still equals plain output). Same as SPECDEC_Q8_ROWS=1",
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -42,7 +42,7 @@ MAX_ROWS = 32  # above this (prefill, training) the BLAS library is the better t
 # norm, gate/up weight (or gate), down_proj, then k, v and up where q/k/v or gate/up are parts.
 LAYER_WEIGHTS = 10
 _SOURCES = [Path(__file__).with_name(name) for name in ("ops.cpp", "forward.cpp", "quant.cpp")]
-_HEADERS = [Path(__file__).with_name(name) for name in ("kernels.h", "forward.h", "quant.h")]
+_HEADERS = [Path(__file__).with_name(name) for name in ("kernels.h", "forward.h", "quant.h", "quant_q8.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "op": the loaded op or None, "why": the reason it is off
 

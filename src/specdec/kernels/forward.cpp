@@ -31,6 +31,7 @@
 
 #include "kernels.h"
 #include "quant.h"
+#include "quant_q8.h"
 
 namespace specdec {
 namespace {
@@ -45,8 +46,11 @@ enum LayerWeight : int64_t {
   kInputNorm, kQkv, kQkvBias, kOProj, kPostNorm, kGateUp, kDown, kKPart, kVPart, kUpPart, kLayerWeights
 };
 
-// A weight in a GGUF block format: uint8 (N, K / block, block_bytes) (QuantWeight.kernel_view).
-inline bool quantized(const at::Tensor& w) { return w.scalar_type() == at::kByte; }
+// A weight in a GGUF block format: uint8 (N, K / block, block_bytes) (QuantWeight.kernel_view);
+// int8 for a weight whose products quantize their rows to 8 bits (quant_q8.h).
+inline bool quantized(const at::Tensor& w) { return w.scalar_type() == at::kByte || w.scalar_type() == at::kChar; }
+inline bool q8_rows(const at::Tensor& w) { return w.scalar_type() == at::kChar; }
+inline const uint8_t* block_bytes(const at::Tensor& w) { return static_cast<const uint8_t*>(w.data_ptr()); }
 
 inline int64_t quant_type(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 3 && w.is_contiguous(), "specdec forward: quantized weights must be contiguous (N, blocks, bytes)");
@@ -70,7 +74,7 @@ void dequantize_rows(const at::Tensor& w, const uint8_t* blocks, int64_t n, floa
 at::Tensor dense_rows(const at::Tensor& w, int64_t start, int64_t n) {
   if (!quantized(w)) return w.narrow(0, start, n).to(at::kFloat);
   at::Tensor out = at::empty({n, in_features(w)}, at::TensorOptions().dtype(at::kFloat));
-  dequantize_rows(w, w.data_ptr<uint8_t>() + start * w.stride(0), n, out.data_ptr<float>());
+  dequantize_rows(w, block_bytes(w) + start * w.stride(0), n, out.data_ptr<float>());
   return out;
 }
 
@@ -82,7 +86,7 @@ at::Tensor dense_cols(const at::Tensor& w, int64_t start, int64_t n) {
   const at::Tensor part = w.narrow(1, start / block, n / block).contiguous();  // (N, n / block, bytes)
   at::Tensor out = at::empty({w.size(0), n}, at::TensorOptions().dtype(at::kFloat));
   quant::dispatch(quant_type(w), [&](auto format) {
-    quant::dequantize<decltype(format)>(part.data_ptr<uint8_t>(), w.size(0), n, out.data_ptr<float>());
+    quant::dequantize<decltype(format)>(block_bytes(part), w.size(0), n, out.data_ptr<float>());
   });
   return out;
 }
@@ -123,7 +127,7 @@ at::Tensor embed_rows(const at::Tensor& table, const at::Tensor& ids) {
   const at::Tensor blocks = table.index_select(0, flat).contiguous();  // (n, blocks, bytes)
   const int64_t d = in_features(table);
   at::Tensor out = at::empty({flat.size(0), d}, at::TensorOptions().dtype(at::kFloat));
-  dequantize_rows(table, blocks.data_ptr<uint8_t>(), flat.size(0), out.data_ptr<float>());
+  dequantize_rows(table, block_bytes(blocks), flat.size(0), out.data_ptr<float>());
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
   shape.push_back(d);
   return out.view(shape);
@@ -153,7 +157,7 @@ void linear(const float* x, int64_t M, const at::Tensor& w, const c10::optional<
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   if (quantized(w) && (few || M <= kMaxRows)) {
     quant::dispatch(quant_type(w), [&](auto format) {
-      quant::run<decltype(format)>(x, M, K, w.data_ptr<uint8_t>(), N, y);
+      quant::run_rows<decltype(format)>(q8_rows(w), x, M, K, block_bytes(w), N, y);
     });
   } else if (quantized(w)) {
     const at::Tensor xs = at::from_blob(const_cast<float*>(x), {M, K}, f32);

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -397,31 +398,47 @@ constexpr int quant_block_rows() {
   return kFactored<F> ? rows : std::min(rows, 4);  // a super-block's 8 groups: a long body per row
 }
 
+// Weight rows [n_begin, n_end) in blocks of R rows (then single rows): block(R as an
+// integral_constant, first row, prefetch lead). Prefetch as kernels.h: the same columns
+// kPrefetchBlocks blocks of rows further on, or, where that is too far for L2 to keep,
+// kPrefetchNear bytes further along.
+template <typename F, int M, typename Block>
+void row_blocks(int64_t row_bytes, int64_t n_begin, int64_t n_end, Block&& block) {
+  constexpr int R = quant_block_rows<F, M>();
+  const int64_t far = kPrefetchBlocks * R * row_bytes, lead = far <= kPrefetchFar ? far : kPrefetchNear;
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) block(std::integral_constant<int, R>{}, n, lead);
+  for (; n < n_end; ++n) block(std::integral_constant<int, 1>{}, n, lead);
+}
+
 template <typename F, int M>
 void rows(const float* x, const float* xs, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n_begin,
           int64_t n_end, float* y, int64_t N) {
-  constexpr int R = quant_block_rows<F, M>();
-  // Prefetch as kernels.h: the same columns kPrefetchBlocks blocks of rows further on, or, where
-  // that is too far for L2 to keep, kPrefetchNear bytes further along.
-  const int64_t far = kPrefetchBlocks * R * row_bytes, lead = far <= kPrefetchFar ? far : kPrefetchNear;
-  int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) block<F, M, R>(x, xs, K, w, row_bytes, n, y, N, lead);
-  for (; n < n_end; ++n) block<F, M, 1>(x, xs, K, w, row_bytes, n, y, N, lead);
+  row_blocks<F, M>(row_bytes, n_begin, n_end, [&](auto r, int64_t n, int64_t lead) {
+    block<F, M, decltype(r)::value>(x, xs, K, w, row_bytes, n, y, N, lead);
+  });
+}
+
+// fn(std::integral_constant<int, m>{}) for m = M (1..7), or 8 for M >= 8: the row count as a
+// template argument.
+template <typename Fn>
+void with_rows(int64_t M, Fn&& fn) {
+  switch (M) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    case 6: return fn(std::integral_constant<int, 6>{});
+    case 7: return fn(std::integral_constant<int, 7>{});
+    default: return fn(std::integral_constant<int, 8>{});
+  }
 }
 
 template <typename F>
 void rows_any(int64_t M, const float* x, const float* xs, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n0,
               int64_t n1, float* y, int64_t N) {
-  switch (M) {
-    case 1: return rows<F, 1>(x, xs, K, w, row_bytes, n0, n1, y, N);
-    case 2: return rows<F, 2>(x, xs, K, w, row_bytes, n0, n1, y, N);
-    case 3: return rows<F, 3>(x, xs, K, w, row_bytes, n0, n1, y, N);
-    case 4: return rows<F, 4>(x, xs, K, w, row_bytes, n0, n1, y, N);
-    case 5: return rows<F, 5>(x, xs, K, w, row_bytes, n0, n1, y, N);
-    case 6: return rows<F, 6>(x, xs, K, w, row_bytes, n0, n1, y, N);
-    case 7: return rows<F, 7>(x, xs, K, w, row_bytes, n0, n1, y, N);
-    default: return rows<F, 8>(x, xs, K, w, row_bytes, n0, n1, y, N);
-  }
+  with_rows(M, [&](auto m) { rows<F, decltype(m)::value>(x, xs, K, w, row_bytes, n0, n1, y, N); });
 }
 
 // y (M, N) = x (M, K) @ W (N, K)^T for W in format F: the tiles and row chunks of kernels.h's

@@ -64,6 +64,7 @@ class QuantWeight:
     blocks: torch.Tensor  # (N, K // block * block_bytes) uint8, contiguous: row n's blocks in blocks[n]
     qtype: int  # GGML type id
     shape: tuple[int, int]  # (N, K)
+    q8_rows: bool = False  # products quantize their rows to 8 bits (where the format has it; quant_q8.h)
 
     def __post_init__(self) -> None:
         name, block, block_bytes = FORMATS[qtype_id(self.qtype)]
@@ -97,24 +98,31 @@ class QuantWeight:
         return FORMATS[self.qtype][1]
 
     def kernel_view(self) -> torch.Tensor:
-        """The blocks as the one-call forward reads them: uint8 ``(N, K / block, block_bytes)``
-        (a view; each format has its own block size in bytes, so the shape names the format)."""
+        """The blocks as the kernels read them: uint8 ``(N, K / block, block_bytes)`` (a view; each
+        format has its own block size in bytes, so the shape names the format), int8 where the
+        products quantize their rows to 8 bits (:attr:`q8_rows`)."""
         _, block, block_bytes = FORMATS[self.qtype]
         N, K = self.shape
-        return self.blocks.view(N, K // block, block_bytes)
+        view = self.blocks.view(N, K // block, block_bytes)
+        return view.view(torch.int8) if self.q8_rows else view
 
     def rows(self, start: int, count: int) -> QuantWeight:
         """Weight rows ``start .. start + count - 1`` (a view: blocks are row-wise)."""
-        return QuantWeight(self.blocks[start : start + count], self.qtype, (count, self.shape[1]))
+        return QuantWeight(
+            self.blocks[start : start + count], self.qtype, (count, self.shape[1]), self.q8_rows
+        )
 
     @classmethod
     def cat(cls, weights: list[QuantWeight]) -> QuantWeight:
         """The weights stacked row-wise (one product for several layers); one format and width."""
         first = weights[0]
-        if any(w.qtype != first.qtype or w.shape[1] != first.shape[1] for w in weights):
-            raise ValueError("QuantWeight.cat: the weights must share one format and column count")
+        if any(
+            w.qtype != first.qtype or w.shape[1] != first.shape[1] or w.q8_rows != first.q8_rows
+            for w in weights
+        ):
+            raise ValueError("QuantWeight.cat: the weights must share one format, column count and q8_rows")
         blocks = torch.cat([w.blocks for w in weights])  # (sum N_i, row_bytes)
-        return cls(blocks, first.qtype, (blocks.shape[0], first.shape[1]))
+        return cls(blocks, first.qtype, (blocks.shape[0], first.shape[1]), first.q8_rows)
 
     @classmethod
     def from_gguf(cls, tensor: Any) -> QuantWeight:
@@ -149,12 +157,16 @@ def q5_0_as_q8_0(qweight: QuantWeight) -> QuantWeight:
     N, K = qweight.shape
     blocks = qweight.blocks.numpy().reshape(N, K // 32, 22)
     high = blocks[..., 2:6].copy().view(np.uint32)  # (N, K/32, 1): bit i is weight i's fifth bit
-    packed = blocks[..., 6:]  # (N, K/32, 16): weight i < 16 in the low nibble of byte i, 16 + i in the high one
+    packed = blocks[
+        ..., 6:
+    ]  # (N, K/32, 16): weight i < 16 in the low nibble of byte i, 16 + i in the high one
     low = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.int16)  # (N, K/32, 32)
     fifth = (high >> np.arange(32, dtype=np.uint32)) & 1  # (N, K/32, 32)
     quants = (low | (fifth.astype(np.int16) << 4)) - 16  # (N, K/32, 32) in -16..15
     out = np.concatenate([blocks[..., :2], quants.astype(np.int8).view(np.uint8)], axis=-1)  # (N, K/32, 34)
-    return QuantWeight(torch.from_numpy(np.ascontiguousarray(out.reshape(N, -1))), qtype_id("Q8_0"), (N, K))
+    return QuantWeight(
+        torch.from_numpy(np.ascontiguousarray(out.reshape(N, -1))), qtype_id("Q8_0"), (N, K), qweight.q8_rows
+    )
 
 
 def dequantize(qweight: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -185,7 +197,10 @@ def quant_linear(x: torch.Tensor, qweight: QuantWeight, bias: torch.Tensor | Non
     ):
         op = kernels._op()
         if op is not None:
-            return op.quant_linear(x, qweight.blocks, qweight.qtype, N, K, bias)  # type: ignore[attr-defined,no-any-return]
+            blocks = (
+                qweight.blocks.view(torch.int8) if qweight.q8_rows else qweight.blocks
+            )  # int8: 8-bit rows
+            return op.quant_linear(x, blocks, qweight.qtype, N, K, bias)  # type: ignore[attr-defined,no-any-return]
     chunk = max(1, _DEQUANTIZE_CHUNK // max(K, 1))  # weight rows dequantized at a time
     if N <= chunk:
         return F.linear(x, dequantize(qweight, x.dtype).to(x.device), bias)

@@ -29,6 +29,7 @@ from specdec.models.gguf_file import TensorInfo, read_gguf
 from specdec.models.gguf_quants import DEQUANTIZERS, dequantize
 from specdec.models.gguf_tokenizer import tokenizer_from_metadata
 from specdec.models.tokenizer import Tokenizer
+from specdec.options import get_options
 
 # general.architecture -> (Hugging Face architecture, q/k rows permuted by the converter).
 # Mistral and SmolLM files say "llama".
@@ -200,6 +201,7 @@ def load_gguf(path: Path, dtype: torch.dtype, quantized: bool | None = False) ->
     blocks of the same weights, :func:`~specdec.kernels.quant.q5_0_as_q8_0`). ``quantized=None``:
     quantized where the file's layer matrices all are (:func:`quantized_matrices`)."""
     contents = read_gguf(path)
+    q8_rows = get_options().q8_rows  # read once per load: every matrix of the model alike
     if quantized is None:
         quantized = quantized_matrices(contents.tensors)
     meta = contents.metadata
@@ -223,7 +225,7 @@ def load_gguf(path: Path, dtype: torch.dtype, quantized: bool | None = False) ->
             value = unpermute_rows(value, cfg.num_key_value_heads)
         if keep:
             N, K = tensor.shape
-            weight = QuantWeight(value.contiguous(), quant_type(tensor.type_name), (N, K))
+            weight = QuantWeight(value.contiguous(), quant_type(tensor.type_name), (N, K), q8_rows)
             state[name] = q5_0_as_q8_0(weight) if weight.name == "Q5_0" else weight  # same weights, 2x faster
         else:
             state[name] = value.to(torch.float32 if quantized else dtype)

@@ -1,0 +1,248 @@
+// Products of K-quant weights with rows quantized to 8 bits (experimental; q8 rows).
+//
+// Each row of x becomes int8 quants per group of 32 with a float32 scale (dx = max|x| / 127,
+// q = round(x / dx)), and a product sums integer dot products of the weight quants with them
+// (vpmaddubsw / vpmaddwd, exact) before any float32 operation, as llama.cpp does: a few integer
+// operations per 32 weights instead of widening every quant to float32. The rows are then not
+// float32 any more: the product is exact for the quantized rows (up to float32 rounding of the
+// scales' products), not for x. Every output is one chain of the same operations whatever M is
+// (batch invariance), in every build (integer sums are exact).
+#pragma once
+#include "quant.h"
+
+#pragma GCC push_options
+#pragma GCC target("f16c")
+
+namespace specdec {
+namespace quant {
+
+// x (M, K) float32 as 8-bit rows: q (M, K) int8, per group of 32 d (M, K / 32) its scale and
+// s (M, K / 32) = d * sum(q) of the group.
+struct Rows8 {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  Rows8(const float* x, int64_t M, int64_t K) : q(M * K), d(M * K / 32), s(M * K / 32 + 8) {  // s: 8 spare zeros
+    for (int64_t g = 0; g < M * K / 32; ++g) {
+      const float* xg = x + 32 * g;
+      float amax = 0.0f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xg[i]));
+      const float scale = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int sum = 0;
+      for (int i = 0; i < 32; ++i) {
+        const int v = static_cast<int>(std::nearbyint(xg[i] * inverse));
+        q[32 * g + i] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      d[g] = scale;
+      s[g] = scale * static_cast<float>(sum);
+    }
+  }
+};
+
+// A block of each format as the 8-bit product reads it: its groups of 32 weights as 32 int8
+// quants (kSigned) or uint8 ones, each with its integer scale in every int16 lane (scale16; 1
+// where the format has one scale a block), the block's float32 scale d and, for formats with a
+// min, the factor of each group's s (min: lane j for group j of the block).
+template <typename F>
+struct Q8Block;
+
+inline __m256i ones16() { return _mm256_set1_epi16(1); }
+inline __m256 first_lane(float v) { return _mm256_zextps128_ps256(_mm_set_ss(v)); }  // (v, 0, ..., 0)
+// The 32 nibbles of 16 bytes as uint8 in weight order: low nibbles (weights 0-15), then high.
+inline __m256i nibbles32(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+template <>
+struct Q8Block<Q8_0> {  // w = d * q
+  static constexpr bool kSigned = true, kMin = false;
+  __m256 d, min;
+  const uint8_t* b;
+  explicit Q8Block(const uint8_t* block) : d(_mm256_set1_ps(half(block))), min(), b(block) {}
+  __m256i group(int, __m256i& scale16) const {
+    scale16 = ones16();
+    return bytes32(b + 2);
+  }
+};
+
+template <>
+struct Q8Block<Q4_0> {  // w = d * q - 8 d
+  static constexpr bool kSigned = false, kMin = true;
+  __m256 d, min;
+  const uint8_t* b;
+  explicit Q8Block(const uint8_t* block) : b(block) {
+    const float scale = half(block);
+    d = _mm256_set1_ps(scale);
+    min = first_lane(-8.0f * scale);
+  }
+  __m256i group(int, __m256i& scale16) const {
+    scale16 = ones16();
+    return nibbles32(b + 2);
+  }
+};
+
+template <>
+struct Q8Block<Q4_1> {  // w = d * q + m
+  static constexpr bool kSigned = false, kMin = true;
+  __m256 d, min;
+  const uint8_t* b;
+  explicit Q8Block(const uint8_t* block) : b(block) {
+    uint32_t both;
+    std::memcpy(&both, block, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(both)));  // (d, m, 0, 0)
+    d = _mm256_broadcastss_ps(dm);
+    min = _mm256_zextps128_ps256(_mm_insert_ps(_mm_setzero_ps(), dm, 0x4E));  // (m, 0, ..., 0)
+  }
+  __m256i group(int, __m256i& scale16) const {
+    scale16 = ones16();
+    return nibbles32(b + 4);
+  }
+};
+
+template <>
+struct Q8Block<Q4_K> {  // group j: w = d * scale_j * q - dmin * min_j
+  static constexpr bool kSigned = false, kMin = true;
+  __m256 d, min;
+  const uint8_t* b;
+  __m256i scale_bytes;  // the 8 scales, as bytes 0-7 of every 64-bit lane
+  explicit Q8Block(const uint8_t* block) : b(block) {
+    const KScales ks(block + 4, half(block), half(block + 2));
+    d = _mm256_set1_ps(half(block));
+    min = ks.neg_min;
+    uint32_t u[3];
+    std::memcpy(u, block + 4, 12);
+    const uint64_t scales = (u[0] & 0x3F3F3F3F) | uint64_t((u[2] & 0x0F0F0F0F) | (((u[0] >> 6) & 0x03030303) << 4)) << 32;
+    scale_bytes = _mm256_set1_epi64x(static_cast<long long>(scales));
+  }
+  __m256i group(int j, __m256i& scale16) const {
+    // scale_j in every int16 lane: byte j, then a zero high byte (shuffle index 0x80 gives 0)
+    scale16 = _mm256_shuffle_epi8(scale_bytes, _mm256_set1_epi16(static_cast<short>(0x8000 | j)));
+    const __m256i qs = bytes32(b + 16 + 32 * (j / 2));
+    return _mm256_and_si256(j % 2 ? _mm256_srli_epi16(qs, 4) : qs, _mm256_set1_epi8(0x0F));
+  }
+};
+
+template <>
+struct Q8Block<Q6_K> {  // sub-block of 16: w = d * scale * (q - 32)
+  static constexpr bool kSigned = true, kMin = false;
+  __m256 d, min;
+  const uint8_t* b;
+  __m256i scales[2];  // half h: its 8 scales as int16, in both 128-bit lanes
+  explicit Q8Block(const uint8_t* block) : d(_mm256_set1_ps(half(block + 208))), min(), b(block) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h)
+      scales[h] = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 192 + 8 * h))));
+  }
+  __m256i group(int j, __m256i& scale16) const {  // group 4h + g as Q6_K::groups builds it
+    const int h = j / 4, g = j % 4;
+    // int16 scale 2g in the low 128 bits (weights 0-15), 2g + 1 in the high ones (16-31)
+    const __m256i pick = _mm256_setr_epi8(4 * g, 4 * g + 1, 4 * g, 4 * g + 1, 4 * g, 4 * g + 1, 4 * g, 4 * g + 1, 4 * g,
+                                          4 * g + 1, 4 * g, 4 * g + 1, 4 * g, 4 * g + 1, 4 * g, 4 * g + 1, 4 * g + 2, 4 * g + 3,
+                                          4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3,
+                                          4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3);
+    scale16 = _mm256_shuffle_epi8(scales[h], pick);
+    const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+    const __m256i high = bytes32(qh), low = bytes32(ql + 32 * (g % 2));
+    const __m256i nibbles = _mm256_and_si256(g < 2 ? low : _mm256_srli_epi16(low, 4), _mm256_set1_epi8(0x0F));
+    const __m256i top = g == 0 ? _mm256_slli_epi16(high, 4) : g == 1 ? _mm256_slli_epi16(high, 2) : g == 2 ? high : _mm256_srli_epi16(high, 2);
+    return _mm256_sub_epi8(_mm256_or_si256(nibbles, _mm256_and_si256(top, _mm256_set1_epi8(0x30))), _mm256_set1_epi8(32));
+  }
+};
+
+template <typename F>
+constexpr bool kHasQ8 = false;
+template <> constexpr bool kHasQ8<Q8_0> = true;
+template <> constexpr bool kHasQ8<Q4_0> = true;
+template <> constexpr bool kHasQ8<Q4_1> = true;
+template <> constexpr bool kHasQ8<Q4_K> = true;
+template <> constexpr bool kHasQ8<Q6_K> = true;
+
+// R weight rows against M 8-bit rows: per block, part = sum over its groups of dx_g * (scale_g *
+// sum(q_w * q_x)) (the sum in integers), then acc += d * part (+ min * s of its groups): the same
+// float32 chain for a row whatever M and R are.
+template <typename F, int M, int R>
+__attribute__((noinline)) void block_q8(const Rows8& rows, int64_t m0, int64_t K, const uint8_t* w, int64_t row_bytes,
+                                        int64_t n0, float* y, int64_t N, int64_t lead) {
+  using B = Q8Block<F>;
+  constexpr int kGroups = F::kBlock / 32;
+  __m256 acc[M][R];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t blocks = K / F::kBlock, groups = K / 32;
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* b = w + (n0 + r) * row_bytes + kb * F::kBytes;
+#pragma GCC unroll 4
+      for (int64_t line = 0; line < F::kBytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(b + lead + line), _MM_HINT_T1);
+      const B block(b);
+      __m256 part[M];
+#pragma GCC unroll 8
+      for (int j = 0; j < kGroups; ++j) {
+        __m256i scale16;
+        const __m256i q = block.group(j, scale16);
+        const __m256i magnitude = B::kSigned ? _mm256_abs_epi8(q) : q;
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const int64_t g = (m0 + m) * groups + kb * kGroups + j;
+          const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows.q.data() + 32 * g));
+          const __m256i pairs = _mm256_maddubs_epi16(magnitude, B::kSigned ? _mm256_sign_epi8(xq, q) : xq);
+          const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, scale16));  // exact integers
+          const __m256 dx = _mm256_set1_ps(rows.d[g]);
+          part[m] = j == 0 ? _mm256_mul_ps(dot, dx) : _mm256_fmadd_ps(dot, dx, part[m]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        acc[m][r] = _mm256_fmadd_ps(block.d, part[m], acc[m][r]);
+        if constexpr (B::kMin) {
+          const float* s = rows.s.data() + (m0 + m) * groups + kb * kGroups;  // (8 floats; s is padded)
+          acc[m][r] = _mm256_fmadd_ps(block.min, _mm256_loadu_ps(s), acc[m][r]);
+        }
+      }
+    }
+  }
+  store_sums<M, R>(acc, true, y, N, n0, [](int, int, float s) { return s; });
+}
+
+template <typename F, int M>
+void rows_q8(const Rows8& rows, int64_t m0, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n_begin,
+             int64_t n_end, float* y, int64_t N) {
+  row_blocks<F, M>(row_bytes, n_begin, n_end, [&](auto r, int64_t n, int64_t lead) {
+    block_q8<F, M, decltype(r)::value>(rows, m0, K, w, row_bytes, n, y, N, lead);
+  });
+}
+
+// y (M, N) = the 8-bit rows of x (M, K) @ W (N, K)^T for W in format F (kHasQ8<F>).
+template <typename F>
+void run_q8(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
+  const int64_t row_bytes = K / F::kBlock * F::kBytes;
+  const Rows8 rows(x, M, K);
+  const int64_t tile = weight_tile(N, row_bytes);
+  at::parallel_for(0, N, tile, [&](int64_t begin, int64_t end) {
+    for (int64_t t0 = begin; t0 < end; t0 += tile) {
+      const int64_t t1 = std::min(end, t0 + tile);
+      for_each_chunk(M, [&](int64_t m0, int64_t mc) {
+        with_rows(mc, [&](auto m) { rows_q8<F, decltype(m)::value>(rows, m0, K, w, row_bytes, t0, t1, y + m0 * N, N); });
+      });
+    }
+  });
+}
+
+// y = x @ W^T with 8-bit rows where format F has such a product, else with float32 rows (run).
+template <typename F>
+void run_rows(bool q8, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
+  if constexpr (kHasQ8<F>) {
+    if (q8) return run_q8<F>(x, M, K, w, N, y);
+  }
+  run<F>(x, M, K, w, N, y);
+}
+
+}  // namespace quant
+}  // namespace specdec
+
+#pragma GCC pop_options
