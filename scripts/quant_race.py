@@ -66,12 +66,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/specdec/llama.cpp/build/bin")
     parser.add_argument("--model", type=Path, default=None, help="a GGUF file (default: SmolLM2 Q4_1)")
-    parser.add_argument("--dtypes", default="quantized,float32,bfloat16")
+    parser.add_argument(
+        "--dtypes", default="quantized,float32,bfloat16", help="q8: quantized with 8-bit rows"
+    )
     parser.add_argument("--hf", default="", help="Hugging Face dtypes to time too, e.g. float32,bfloat16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = args.model or sources.smollm2_path()
-    models = {dtype: specdec.load_model(path, dtype=dtype) for dtype in args.dtypes.split(",")}
+    models = {}
+    for dtype in args.dtypes.split(","):  # "q8": quantized with 8-bit rows (--q8-rows)
+        with specdec.options.using(q8_rows=dtype == "q8"):
+            models[dtype] = specdec.load_model(path, dtype="quantized" if dtype == "q8" else dtype)
     for model in models.values():
         specdec_tok_s(model)  # warm up
     from specdec.bench.methods import load_hf

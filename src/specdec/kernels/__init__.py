@@ -66,8 +66,14 @@ def _cpu_supported() -> str | None:
     return None
 
 
-AVX512VL_BUILD = ("specdec_kernels_avx512vl", ["-mavx512f", "-mavx512vl", "-mprefer-vector-width=256", "-DSPECDEC_VREGS=32"])
-AVX512BF16_BUILD = ("specdec_kernels_avx512bf16", [*AVX512VL_BUILD[1], "-mavx512bf16", "-DSPECDEC_BF16DOT"])
+AVX512VL_BUILD = (
+    "specdec_kernels_avx512vl",
+    ["-mavx512f", "-mavx512vl", "-mprefer-vector-width=256", "-DSPECDEC_VREGS=32"],
+)
+AVX512BF16_BUILD = (
+    "specdec_kernels_avx512bf16",
+    [*AVX512VL_BUILD[1], "-mavx512bf16", "-mavx512vnni", "-DSPECDEC_BF16DOT"],
+)
 AVX2_BUILD: tuple[str, list[str]] = ("specdec_kernels", [])
 
 
@@ -84,7 +90,7 @@ def _builds() -> list[tuple[str, list[str]]]:
     wanted = get_options().cpu_kernels
     if " avx512f" not in flags or " avx512vl" not in flags or wanted == "avx2":
         return [AVX2_BUILD]
-    if " avx512_bf16" in flags and wanted != "avx512vl":
+    if " avx512_bf16" in flags and " avx512_vnni" in flags and wanted != "avx512vl":
         return [AVX512BF16_BUILD, AVX512VL_BUILD, AVX2_BUILD]
     return [AVX512VL_BUILD, AVX2_BUILD]
 
@@ -530,4 +536,3 @@ def exit_sample(
         tokens, start, num_tokens, inv_freq, embed, k_cache, v_cache, weights, num_layers, exit_norm, exit_proj,
         lm_head, ids, uniforms, temperature, top_k, top_p, num_heads, num_kv_heads, head_dim, eps,
     )  # fmt: skip
-

@@ -46,61 +46,6 @@ struct Rows8 {
 template <typename F>
 struct Q8Block;
 
-inline __m256i ones16() { return _mm256_set1_epi16(1); }
-inline __m256 first_lane(float v) { return _mm256_zextps128_ps256(_mm_set_ss(v)); }  // (v, 0, ..., 0)
-// The 32 nibbles of 16 bytes as uint8 in weight order: low nibbles (weights 0-15), then high.
-inline __m256i nibbles32(const uint8_t* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
-
-template <>
-struct Q8Block<Q8_0> {  // w = d * q
-  static constexpr bool kSigned = true, kMin = false;
-  __m256 d, min;
-  const uint8_t* b;
-  explicit Q8Block(const uint8_t* block) : d(_mm256_set1_ps(half(block))), min(), b(block) {}
-  __m256i group(int, __m256i& scale16) const {
-    scale16 = ones16();
-    return bytes32(b + 2);
-  }
-};
-
-template <>
-struct Q8Block<Q4_0> {  // w = d * q - 8 d
-  static constexpr bool kSigned = false, kMin = true;
-  __m256 d, min;
-  const uint8_t* b;
-  explicit Q8Block(const uint8_t* block) : b(block) {
-    const float scale = half(block);
-    d = _mm256_set1_ps(scale);
-    min = first_lane(-8.0f * scale);
-  }
-  __m256i group(int, __m256i& scale16) const {
-    scale16 = ones16();
-    return nibbles32(b + 2);
-  }
-};
-
-template <>
-struct Q8Block<Q4_1> {  // w = d * q + m
-  static constexpr bool kSigned = false, kMin = true;
-  __m256 d, min;
-  const uint8_t* b;
-  explicit Q8Block(const uint8_t* block) : b(block) {
-    uint32_t both;
-    std::memcpy(&both, block, 4);
-    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(both)));  // (d, m, 0, 0)
-    d = _mm256_broadcastss_ps(dm);
-    min = _mm256_zextps128_ps256(_mm_insert_ps(_mm_setzero_ps(), dm, 0x4E));  // (m, 0, ..., 0)
-  }
-  __m256i group(int, __m256i& scale16) const {
-    scale16 = ones16();
-    return nibbles32(b + 4);
-  }
-};
-
 template <>
 struct Q8Block<Q4_K> {  // group j: w = d * scale_j * q - dmin * min_j
   static constexpr bool kSigned = false, kMin = true;
@@ -150,6 +95,126 @@ struct Q8Block<Q6_K> {  // sub-block of 16: w = d * scale * (q - 32)
     return _mm256_sub_epi8(_mm256_or_si256(nibbles, _mm256_and_si256(top, _mm256_set1_epi8(0x30))), _mm256_set1_epi8(32));
   }
 };
+
+// The formats with one scale a block of 32 (Q8_0, Q4_0, Q4_1) go four blocks at a time: the four
+// integer dot products are summed lane-wise into one vector (vphaddd: lanes 0-3 the first half of
+// blocks 0-3, lanes 4-7 the second half), so that one conversion, one product of the four weight
+// scales with the four row scales and one FMA serve four blocks, and one FMA their mins.
+template <typename F>
+struct Quad;
+
+// The 32 nibbles of 16 bytes as uint8 in weight order: low nibbles (weights 0-15), then high.
+inline __m256i nibbles32(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+}
+
+// The first 4 bytes of each of n <= 4 blocks (`bytes` apart) as fp16 pairs, converted:
+// (h0, h0', h1, h1', h2, h2', h3, h3') with zeros for the blocks past n.
+inline __m256 head_pairs(const uint8_t* b, int64_t bytes, int n) {
+  const auto head = [&](int i) {  // (inserted lane by lane: four stores and one wide load stall)
+    int32_t v = 0;
+    if (i < n) std::memcpy(&v, b + i * bytes, 4);
+    return v;
+  };
+  return _mm256_cvtph_ps(_mm_setr_epi32(head(0), head(1), head(2), head(3)));
+}
+inline __m256 lanes_of(__m256 v, int a, int b, int c, int d) {  // (v[a], v[b], v[c], v[d]) twice
+  return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(a, b, c, d, a, b, c, d));
+}
+constexpr int kLowHalf = 0xF0;  // _mm256_blend_ps mask: keep lanes 0-3, the rest from the zero vector
+
+template <>
+struct Quad<Q8_0> {  // w = d * q
+  static constexpr bool kSigned = true, kMin = false;
+  static __m256i quants(const uint8_t* b) { return bytes32(b + 2); }
+  static void scales(const uint8_t* b, int n, __m256& d, __m256&) { d = lanes_of(head_pairs(b, 34, n), 0, 2, 4, 6); }
+};
+
+template <>
+struct Quad<Q4_0> {  // w = d * q - 8 d
+  static constexpr bool kSigned = false, kMin = true;
+  static __m256i quants(const uint8_t* b) { return nibbles32(b + 2); }
+  static void scales(const uint8_t* b, int n, __m256& d, __m256& min) {
+    d = lanes_of(head_pairs(b, 18, n), 0, 2, 4, 6);
+    min = _mm256_mul_ps(d, _mm256_setr_ps(-8, -8, -8, -8, 0, 0, 0, 0));
+  }
+};
+
+template <>
+struct Quad<Q4_1> {  // w = d * q + m
+  static constexpr bool kSigned = false, kMin = true;
+  static __m256i quants(const uint8_t* b) { return nibbles32(b + 4); }
+  static void scales(const uint8_t* b, int n, __m256& d, __m256& min) {
+    const __m256 pairs = head_pairs(b, 20, n);  // (d0, m0, d1, m1, ...)
+    d = lanes_of(pairs, 0, 2, 4, 6);
+    min = _mm256_blend_ps(lanes_of(pairs, 1, 3, 5, 7), _mm256_setzero_ps(), kLowHalf);
+  }
+};
+
+// Sums of 4 products of unsigned bytes u and signed bytes s, per int32 lane: one vpdpbusd where the
+// build has AVX512-VNNI, else vpmaddubsw then vpmaddwd (no int16 sum saturates here: |u| <= 128,
+// |s| <= 127); the same integers either way.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#ifdef __AVX512VNNI__
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// The four float32 at p, or the first n of them and zeros.
+inline __m128 four(const float* p, int n) {
+  if (n == 4) return _mm_loadu_ps(p);
+  const __m128i keep = _mm_cmpgt_epi32(_mm_set1_epi32(n), _mm_setr_epi32(0, 1, 2, 3));
+  return _mm_maskload_ps(p, keep);
+}
+
+template <typename F, int M, int R>
+__attribute__((noinline)) void quads_q8(const Rows8& rows, int64_t m0, int64_t K, const uint8_t* w, int64_t row_bytes,
+                                        int64_t n0, float* y, int64_t N, int64_t lead) {
+  using Q = Quad<F>;
+  __m256 acc[M][R];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t blocks = K / 32;
+  for (int64_t k4 = 0; k4 < blocks; k4 += 4) {
+    const int n = static_cast<int>(std::min<int64_t>(4, blocks - k4));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* b = w + (n0 + r) * row_bytes + k4 * F::kBytes;
+#pragma GCC unroll 4
+      for (int64_t line = 0; line < 4 * F::kBytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(b + lead + line), _MM_HINT_T1);
+      __m256 d, min;
+      Q::scales(b, n, d, min);
+      __m256i q[4], magnitude[4];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        q[i] = i < n ? Q::quants(b + i * F::kBytes) : _mm256_setzero_si256();
+        magnitude[i] = Q::kSigned ? _mm256_abs_epi8(q[i]) : q[i];
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const int64_t g = (m0 + m) * blocks + k4;  // the row's group of block k4
+        __m256i dot[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const __m256i xq = i < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows.q.data() + 32 * (g + i)))
+                                   : _mm256_setzero_si256();
+          dot[i] = dot_u8s8(magnitude[i], Q::kSigned ? _mm256_sign_epi8(xq, q[i]) : xq);
+        }
+        const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(dot[0], dot[1]), _mm256_hadd_epi32(dot[2], dot[3]));
+        const __m128 dx = four(rows.d.data() + g, n);
+        const __m256 scale = _mm256_mul_ps(d, _mm256_set_m128(dx, dx));  // (d_i * dx_i), twice
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[m][r]);
+        if constexpr (Q::kMin) acc[m][r] = _mm256_fmadd_ps(min, _mm256_zextps128_ps256(four(rows.s.data() + g, n)), acc[m][r]);
+      }
+    }
+  }
+  store_sums<M, R>(acc, true, y, N, n0, [](int, int, float s) { return s; });
+}
 
 template <typename F>
 constexpr bool kHasQ8 = false;
@@ -213,7 +278,8 @@ template <typename F, int M>
 void rows_q8(const Rows8& rows, int64_t m0, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n_begin,
              int64_t n_end, float* y, int64_t N) {
   row_blocks<F, M>(row_bytes, n_begin, n_end, [&](auto r, int64_t n, int64_t lead) {
-    block_q8<F, M, decltype(r)::value>(rows, m0, K, w, row_bytes, n, y, N, lead);
+    if constexpr (F::kBlock == 32) quads_q8<F, M, decltype(r)::value>(rows, m0, K, w, row_bytes, n, y, N, lead);
+    else block_q8<F, M, decltype(r)::value>(rows, m0, K, w, row_bytes, n, y, N, lead);
   });
 }
 
