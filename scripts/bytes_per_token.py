@@ -60,7 +60,9 @@ def ms_per_token(model: LoadedModel) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="GGUF files or names (smollm2)")
-    parser.add_argument("--dtypes", default="quantized,bfloat16,float32")
+    parser.add_argument(
+        "--dtypes", default="quantized,bfloat16,float32", help="q8: quantized with 8-bit rows"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,8 +73,9 @@ def main() -> None:
     )
     for name in args.models:
         for dtype in args.dtypes.split(","):
-            model = specdec.load_model(name, dtype=dtype)
-            if dtype == "quantized" and not model.quantized:
+            with specdec.options.using(q8_rows=dtype == "q8"):  # q8: quantized with 8-bit rows
+                model = specdec.load_model(name, dtype="quantized" if dtype == "q8" else dtype)
+            if dtype in ("quantized", "q8") and not model.quantized:
                 continue
             nbytes = weight_bytes(model)
             floor, plain = nbytes / bandwidth * 1e3, ms_per_token(model)
