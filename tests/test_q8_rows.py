@@ -75,9 +75,14 @@ def test_formats_without_an_8_bit_product_keep_float32_rows(name):
 
 
 @needs_kernels
-def test_zero_rows_give_zero():
-    qweight = q8(random_weight("Q4_K", 16, 256, seed=6))
+@pytest.mark.parametrize("name", WITH_Q8)
+def test_zero_rows_give_zero_and_a_nan_or_inf_gives_nan_only_in_its_row(name):
+    qweight = q8(random_weight(name, 16, 256, seed=6))
     assert torch.equal(quant_linear(torch.zeros(2, 256), qweight), torch.zeros(2, 16))
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(6))
+    x[0, 5], x[2, 200] = float("nan"), float("inf")
+    y = quant_linear(x, qweight)
+    assert y[0].isnan().all() and y[2].isnan().all() and torch.isfinite(y[1]).all()
 
 
 def test_the_option_reads_its_environment_variable():

@@ -174,12 +174,17 @@ constexpr bool kFactored = F::kBlock == 32;
 // bytes 0-3, 4-7, 8-11), byte k of each result is sub-block k or 4 + k.
 struct KScales {
   __m256 scale, neg_min;  // lane j: d * scale_j and -(dmin * min_j), as gguf rounds them
-  KScales(const uint8_t* s, float d, float dmin) {
+  // The 8 scales and the 8 mins as bytes 0-7 of a uint64 each.
+  static void unpack(const uint8_t* s, uint64_t& scales, uint64_t& mins) {
     uint32_t u[3];
     std::memcpy(u, s, 12);
     const uint32_t six = 0x3F3F3F3F, four = 0x0F0F0F0F, two = 0x03030303;
-    const uint64_t scales = (u[0] & six) | uint64_t((u[2] & four) | (((u[0] >> 6) & two) << 4)) << 32;
-    const uint64_t mins = (u[1] & six) | uint64_t(((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4)) << 32;
+    scales = (u[0] & six) | uint64_t((u[2] & four) | (((u[0] >> 6) & two) << 4)) << 32;
+    mins = (u[1] & six) | uint64_t(((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4)) << 32;
+  }
+  KScales(const uint8_t* s, float d, float dmin) {
+    uint64_t scales, mins;
+    unpack(s, scales, mins);
     const __m256 sign = _mm256_set1_ps(-0.0f);
     scale = _mm256_mul_ps(_mm256_set1_ps(d), widen(scales));
     neg_min = _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), widen(mins)), sign);

@@ -1,13 +1,17 @@
-// Products of K-quant weights with rows quantized to 8 bits (experimental; q8 rows).
+// Products of quantized weights with rows quantized to 8 bits (q8_rows, `--q8-rows`).
 //
 // Each row of x becomes int8 quants per group of 32 with a float32 scale (dx = max|x| / 127,
-// q = round(x / dx)), and a product sums integer dot products of the weight quants with them
-// (vpmaddubsw / vpmaddwd, exact) before any float32 operation, as llama.cpp does: a few integer
-// operations per 32 weights instead of widening every quant to float32. The rows are then not
-// float32 any more: the product is exact for the quantized rows (up to float32 rounding of the
-// scales' products), not for x. Every output is one chain of the same operations whatever M is
-// (batch invariance), in every build (integer sums are exact).
+// q = round(x * 127 / max|x|)), and a product sums integer dot products of the weight quants with
+// them (vpmaddubsw / vpmaddwd, or vpdpbusd with AVX512-VNNI; exact) before any float32 operation,
+// as llama.cpp does: a few integer operations per 32 weights instead of widening every quant to
+// float32. The rows are then not float32 any more: the product is exact for the quantized rows
+// (up to float32 rounding of the scales' products), not for x. Every output is one chain of the
+// same operations whatever M is (batch invariance), in every build (integer sums are exact).
+// Formats: Q8_0, Q4_0, Q4_1 (four blocks at a time, quads_q8), Q4_K, Q6_K (per super-block,
+// block_q8); the others keep float32 rows (run_rows).
 #pragma once
+#include <limits>
+
 #include "quant.h"
 
 #pragma GCC push_options
@@ -25,7 +29,16 @@ struct Rows8 {
     for (int64_t g = 0; g < M * K / 32; ++g) {
       const float* xg = x + 32 * g;
       float amax = 0.0f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xg[i]));
+      bool finite = true;
+      for (int i = 0; i < 32; ++i) {
+        amax = std::max(amax, std::fabs(xg[i]));
+        finite = finite && std::isfinite(xg[i]);
+      }
+      if (!finite) {  // NaN or inf in the group: its products are NaN, as float32 rows would make them
+        std::fill_n(q.begin() + 32 * g, 32, int8_t{0});
+        d[g] = s[g] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
       const float scale = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
       int sum = 0;
       for (int i = 0; i < 32; ++i) {
@@ -39,10 +52,10 @@ struct Rows8 {
   }
 };
 
-// A block of each format as the 8-bit product reads it: its groups of 32 weights as 32 int8
-// quants (kSigned) or uint8 ones, each with its integer scale in every int16 lane (scale16; 1
-// where the format has one scale a block), the block's float32 scale d and, for formats with a
-// min, the factor of each group's s (min: lane j for group j of the block).
+// A K-quant super-block as the 8-bit product reads it: its groups of 32 weights as 32 int8 quants
+// (kSigned) or uint8 ones, each with its integer scale(s) in the int16 lanes that multiply them
+// (scale16), the super-block's float32 scale d and, for formats with mins, the factor of each
+// group's s (min: lane j for group j).
 template <typename F>
 struct Q8Block;
 
@@ -56,9 +69,8 @@ struct Q8Block<Q4_K> {  // group j: w = d * scale_j * q - dmin * min_j
     const KScales ks(block + 4, half(block), half(block + 2));
     d = _mm256_set1_ps(half(block));
     min = ks.neg_min;
-    uint32_t u[3];
-    std::memcpy(u, block + 4, 12);
-    const uint64_t scales = (u[0] & 0x3F3F3F3F) | uint64_t((u[2] & 0x0F0F0F0F) | (((u[0] >> 6) & 0x03030303) << 4)) << 32;
+    uint64_t scales, mins;
+    KScales::unpack(block + 4, scales, mins);
     scale_bytes = _mm256_set1_epi64x(static_cast<long long>(scales));
   }
   __m256i group(int j, __m256i& scale16) const {
