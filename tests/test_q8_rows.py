@@ -14,9 +14,14 @@ import pytest
 import torch
 
 from specdec import SpeculativeGenerator, kernels, load_model, make_drafter, options
+from specdec.drafters.ngram import NgramDrafter
 from specdec.kernels.quant import QuantLinear, QuantWeight, quant_linear
+from specdec.sampling import SamplingParams
+from specdec.serving.batch_engine import BatchEngine, EngineEvent, EngineRequest
+from specdec.serving.metrics import ServerMetrics
 from test_quant_kernels import gguf_weight, random_weight
 from test_quant_model import PROMPT, assert_batch_invariant, logits_of, write_quant_gguf
+from test_serving_engine import run_engine
 
 needs_kernels = pytest.mark.skipif(kernels.load() is None, reason=f"no kernels here: {kernels.status()}")
 WITH_Q8 = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
@@ -116,3 +121,23 @@ def test_a_model_loaded_with_q8_rows_is_batch_invariant_and_speculation_stays_lo
     ):
         out = SpeculativeGenerator(model, drafter).generate(PROMPT, max_new_tokens=30)
         assert out.token_ids == plain, type(drafter).__name__
+
+
+@needs_kernels
+def test_a_model_with_q8_rows_in_the_batch_engine_equals_its_plain_greedy(tmp_path: Path) -> None:
+    with options.using(q8_rows=True):
+        model = load_model(write_quant_gguf(tmp_path / "t.gguf", "Q4_K", seed=23))
+    prompts = [PROMPT, PROMPT[3:], [5, 6, 7, 5, 6, 7, 5, 6], [40, 41]]
+    outputs: dict[int, list[int]] = {}
+    requests = []
+    for i, ids in enumerate(prompts):
+
+        def emit(event: EngineEvent, i: int = i) -> None:
+            outputs.setdefault(i, []).extend(event.token_ids)
+
+        requests.append(EngineRequest(ids, 20 + i, SamplingParams(), emit))
+    engine = BatchEngine(model, lambda: NgramDrafter(3), 4, ServerMetrics("t"), adaptive_draft_tokens=False)
+    run_engine(engine, requests)
+    plain = SpeculativeGenerator(model)
+    for i, ids in enumerate(prompts):
+        assert outputs[i] == plain.generate(ids, max_new_tokens=20 + i).token_ids, i
