@@ -35,9 +35,11 @@ CPU in its decoding passes (the kernels' AVX2 and AVX-512 builds are bit-identic
 prefill uses the BLAS library, whose kernels differ between CPUs, so on rare near-ties the output
 can differ. A model run in **bfloat16** with ``bf16_rows`` (the default) rounds activations to
 bfloat16 only where the CPU has AVX512-BF16: its output can differ between such CPUs and AVX2-only
-ones more often. A quantized model loaded with ``q8_rows`` computes a slightly different function
-(rows rounded to 8 bits per group of 32, as llama.cpp's CPU products do), the same on every x86 CPU. Either way speculative output equals plain output on the same machine, token for
-token: losslessness is always with respect to the function the machine runs.
+ones more often. A quantized model loaded with ``q8_rows`` computes a slightly different function:
+its decoding and verify passes round their rows to 8 bits per group of 32, as llama.cpp's CPU
+products do (the same bits on every x86 CPU). Either way speculative output equals plain output
+on the same machine, token for token: losslessness is always with respect to the function the
+machine runs.
 """
 
 from __future__ import annotations
