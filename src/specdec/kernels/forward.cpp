@@ -48,9 +48,9 @@ enum LayerWeight : int64_t {
 
 // A weight in a GGUF block format: uint8 (N, K / block, block_bytes) (QuantWeight.kernel_view);
 // int8 for a weight whose products quantize their rows to 8 bits (quant_q8.h).
-inline bool quantized(const at::Tensor& w) { return w.scalar_type() == at::kByte || w.scalar_type() == at::kChar; }
-inline bool q8_rows(const at::Tensor& w) { return w.scalar_type() == at::kChar; }
-inline const uint8_t* block_bytes(const at::Tensor& w) { return static_cast<const uint8_t*>(w.data_ptr()); }
+inline bool quantized(const at::Tensor& w) { return quant::is_blocks(w); }
+using quant::block_bytes;
+using quant::q8_rows;
 
 inline int64_t quant_type(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 3 && w.is_contiguous(), "specdec forward: quantized weights must be contiguous (N, blocks, bytes)");

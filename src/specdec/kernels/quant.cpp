@@ -10,12 +10,11 @@
 namespace specdec {
 namespace {
 
-// Checks the raw blocks of an (N, K) weight of GGML type `type`: a contiguous uint8 CPU tensor of
-// N * row_bytes bytes.
+// Checks the raw blocks of an (N, K) weight of GGML type `type`: a contiguous uint8 (or int8: 8-bit
+// rows) CPU tensor of N * row_bytes bytes.
 void check_blocks(const at::Tensor& blocks, int64_t type, int64_t N, int64_t K, const char* op) {
-  TORCH_CHECK(blocks.device().is_cpu() && (blocks.scalar_type() == at::kByte || blocks.scalar_type() == at::kChar) &&
-                  blocks.is_contiguous(),
-              op, ": blocks must be a contiguous uint8 (or int8: 8-bit rows) CPU tensor");
+  TORCH_CHECK(blocks.device().is_cpu() && quant::is_blocks(blocks) && blocks.is_contiguous(), op,
+              ": blocks must be a contiguous uint8 (or int8: 8-bit rows) CPU tensor");
   const int64_t bytes = quant::row_bytes(type, K);
   TORCH_CHECK(bytes >= 0, op, ": GGML type ", type, " has no kernel");
   TORCH_CHECK(K % quant::block_size(type) == 0, op, ": ", K, " columns are not whole blocks of ",
@@ -34,10 +33,9 @@ at::Tensor quant_linear(const at::Tensor& input, const at::Tensor& blocks, int64
   check_blocks(blocks, type, N, K, "quant_linear");
   const at::Tensor x = input.reshape({-1, K}).to(at::kFloat).contiguous();  // (M, K)
   at::Tensor y = at::empty({x.size(0), N}, x.options());                    // (M, N) float32
-  const uint8_t* w = static_cast<const uint8_t*>(blocks.data_ptr());
-  const bool q8 = blocks.scalar_type() == at::kChar;
+  const uint8_t* w = quant::block_bytes(blocks);
   quant::dispatch(type, [&](auto format) {
-    quant::run_rows<decltype(format)>(q8, x.data_ptr<float>(), x.size(0), K, w, N, y.data_ptr<float>());
+    quant::run_rows<decltype(format)>(quant::q8_rows(blocks), x.data_ptr<float>(), x.size(0), K, w, N, y.data_ptr<float>());
   });
   if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
@@ -49,13 +47,12 @@ at::Tensor quant_linear(const at::Tensor& input, const at::Tensor& blocks, int64
 at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t type, int64_t N, int64_t K) {
   check_blocks(blocks, type, N, K, "quant_dequantize");
   at::Tensor out = at::empty({N, K}, at::TensorOptions().dtype(at::kFloat));  // (N, K)
-  const uint8_t* w = static_cast<const uint8_t*>(blocks.data_ptr());
+  const uint8_t* w = quant::block_bytes(blocks);
   quant::dispatch(type, [&](auto format) {
     quant::dequantize<decltype(format)>(w, N, K, out.data_ptr<float>());
   });
   return out;
 }
-
 
 }  // namespace
 }  // namespace specdec

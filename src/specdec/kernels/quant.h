@@ -174,17 +174,13 @@ constexpr bool kFactored = F::kBlock == 32;
 // bytes 0-3, 4-7, 8-11), byte k of each result is sub-block k or 4 + k.
 struct KScales {
   __m256 scale, neg_min;  // lane j: d * scale_j and -(dmin * min_j), as gguf rounds them
-  // The 8 scales and the 8 mins as bytes 0-7 of a uint64 each.
-  static void unpack(const uint8_t* s, uint64_t& scales, uint64_t& mins) {
+  uint64_t scales;        // the 8 scales as bytes 0-7 (the 8-bit rows' products, quant_q8.h)
+  KScales(const uint8_t* s, float d, float dmin) {
     uint32_t u[3];
     std::memcpy(u, s, 12);
     const uint32_t six = 0x3F3F3F3F, four = 0x0F0F0F0F, two = 0x03030303;
     scales = (u[0] & six) | uint64_t((u[2] & four) | (((u[0] >> 6) & two) << 4)) << 32;
-    mins = (u[1] & six) | uint64_t(((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4)) << 32;
-  }
-  KScales(const uint8_t* s, float d, float dmin) {
-    uint64_t scales, mins;
-    unpack(s, scales, mins);
+    const uint64_t mins = (u[1] & six) | uint64_t(((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4)) << 32;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     scale = _mm256_mul_ps(_mm256_set1_ps(d), widen(scales));
     neg_min = _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), widen(mins)), sign);
@@ -205,7 +201,7 @@ __attribute__((always_inline)) inline void k_group(int j, const __m256 (&q)[4], 
   emit(j, q, ds, ds, lane(ks.neg_min, j));
 }
 
-// Q4_K: 256 weights in 144 bytes: fp16 d, fp16 dmin, scales[12] (scale_min), uint8 qs[128].
+// Q4_K: 256 weights in 144 bytes: fp16 d, fp16 dmin, scales[12] (KScales), uint8 qs[128].
 // Sub-block j (32 weights) is the low (j even) or high (j odd) nibbles of qs[32 * (j / 2) ..+32].
 // w = (d * scale_j) * q - (dmin * min_j).
 struct Q4_K {
@@ -230,7 +226,7 @@ struct Q4_K {
   }
 };
 
-// Q5_K: 256 weights in 176 bytes: fp16 d, fp16 dmin, scales[12] (scale_min), qh[32], qs[128].
+// Q5_K: 256 weights in 176 bytes: fp16 d, fp16 dmin, scales[12] (KScales), qh[32], qs[128].
 // Weight l of sub-block j: its low 4 bits as Q4_K, its fifth bit bit j of qh[l].
 // w = (d * scale_j) * q - (dmin * min_j).
 struct Q5_K {
@@ -338,6 +334,15 @@ __attribute__((always_inline)) inline void decode(const uint8_t* b, Emit&& emit)
   });
 }
 
+// Every cache line of the `bytes` bytes at p into L2 (a prefetch never faults): one line holds ~2
+// blocks of the 32-weight formats, a super-block of the K-quants spans 3-4 lines, and with only
+// the first of them asked for, passes over short rows (SmolLM2's ffn_down, 1,536 weights) ran at a
+// third of the bandwidth, the hardware prefetcher not yet on their rows.
+__attribute__((always_inline)) inline void prefetch_lines(const uint8_t* p, int64_t bytes) {
+#pragma GCC unroll 4
+  for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(p + line), _MM_HINT_T1);
+}
+
 // R weight rows (n0 .. n0+R-1) against M rows of x: R*M accumulators, each one FMA chain over the
 // row's groups of 32 weights in column order, whatever M and R are (so the bits of y[m, n] never
 // depend on them). A group adds s * (x . q) to the chain (groups()), and mn * xs for formats with a
@@ -357,13 +362,7 @@ __attribute__((noinline)) void block(const float* x, const float* xs, int64_t K,
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + (n0 + r) * row_bytes + kb * F::kBytes;
-      // Every cache line of the block `lead` bytes on (a prefetch never faults): one line holds
-      // ~2 blocks of the 32-weight formats, a super-block of the K-quants spans 3-4 lines, and with
-      // only the first of them asked for, passes over short rows (SmolLM2's ffn_down, 1,536
-      // weights) ran at a third of the bandwidth, the hardware prefetcher not yet on their rows.
-#pragma GCC unroll 4
-      for (int64_t line = 0; line < F::kBytes; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(wb + lead + line), _MM_HINT_T1);
+      prefetch_lines(wb + lead, F::kBytes);
       groups<F>(wb, [&](int g, const __m256(&q)[4], __m256 s0, [[maybe_unused]] __m256 s1,
                         [[maybe_unused]] __m256 mn) {
 #pragma GCC unroll 8
@@ -446,8 +445,21 @@ void rows_any(int64_t M, const float* x, const float* xs, int64_t K, const uint8
   with_rows(M, [&](auto m) { rows<F, decltype(m)::value>(x, xs, K, w, row_bytes, n0, n1, y, N); });
 }
 
-// y (M, N) = x (M, K) @ W (N, K)^T for W in format F: the tiles and row chunks of kernels.h's
-// run() (weight_tile, for_each_chunk).
+// body(t0, t1, m0, mc) for each tile [t0, t1) of N weight rows of `row_bytes` (the threads share
+// the tiles) and each chunk [m0, m0 + mc) of M rows of x: kernels.h's run() (weight_tile,
+// for_each_chunk).
+template <typename Body>
+void over_tiles(int64_t N, int64_t row_bytes, int64_t M, Body&& body) {
+  const int64_t tile = weight_tile(N, row_bytes);
+  at::parallel_for(0, N, tile, [&](int64_t begin, int64_t end) {
+    for (int64_t t0 = begin; t0 < end; t0 += tile) {
+      const int64_t t1 = std::min(end, t0 + tile);
+      for_each_chunk(M, [&](int64_t m0, int64_t mc) { body(t0, t1, m0, mc); });
+    }
+  });
+}
+
+// y (M, N) = x (M, K) @ W (N, K)^T for W in format F.
 template <typename F>
 void run(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
   const int64_t row_bytes = K / F::kBlock * F::kBytes, groups32 = K / 32;
@@ -461,15 +473,9 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, floa
       _mm256_storeu_ps(xs.data() + i * 8, sum);
     }
   }
-  const int64_t tile = weight_tile(N, row_bytes);
-  at::parallel_for(0, N, tile, [&](int64_t begin, int64_t end) {
-    for (int64_t t0 = begin; t0 < end; t0 += tile) {
-      const int64_t t1 = std::min(end, t0 + tile);
-      for_each_chunk(M, [&](int64_t m0, int64_t mc) {
-        const float* sums = xs.empty() ? nullptr : xs.data() + m0 * groups32 * 8;
-        rows_any<F>(mc, x + m0 * K, sums, K, w, row_bytes, t0, t1, y + m0 * N, N);
-      });
-    }
+  over_tiles(N, row_bytes, M, [&](int64_t t0, int64_t t1, int64_t m0, int64_t mc) {
+    const float* sums = xs.empty() ? nullptr : xs.data() + m0 * groups32 * 8;
+    rows_any<F>(mc, x + m0 * K, sums, K, w, row_bytes, t0, t1, y + m0 * N, N);
   });
 }
 
@@ -484,6 +490,12 @@ void dequantize(const uint8_t* w, int64_t N, int64_t K, float* out) {
     }
   });
 }
+
+// Weights as the ops take them: a format's blocks as uint8, or as int8 where the products quantize
+// their rows to 8 bits (quant_q8.h; QuantWeight.kernel_view).
+inline bool is_blocks(const at::Tensor& w) { return w.scalar_type() == at::kByte || w.scalar_type() == at::kChar; }
+inline bool q8_rows(const at::Tensor& w) { return w.scalar_type() == at::kChar; }
+inline const uint8_t* block_bytes(const at::Tensor& w) { return static_cast<const uint8_t*>(w.data_ptr()); }
 
 // Bytes of one row of K weights of format `type`, or -1 for a format without kernels.
 inline int64_t row_bytes(int64_t type, int64_t K) {

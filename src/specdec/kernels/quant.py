@@ -197,9 +197,7 @@ def quant_linear(x: torch.Tensor, qweight: QuantWeight, bias: torch.Tensor | Non
     ):
         op = kernels._op()
         if op is not None:
-            blocks = (
-                qweight.blocks.view(torch.int8) if qweight.q8_rows else qweight.blocks
-            )  # int8: 8-bit rows
+            blocks = qweight.kernel_view()  # int8 where the rows are quantized to 8 bits
             return op.quant_linear(x, blocks, qweight.qtype, N, K, bias)  # type: ignore[attr-defined,no-any-return]
     chunk = max(1, _DEQUANTIZE_CHUNK // max(K, 1))  # weight rows dequantized at a time
     if N <= chunk:

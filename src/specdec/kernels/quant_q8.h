@@ -69,9 +69,7 @@ struct Q8Block<Q4_K> {  // group j: w = d * scale_j * q - dmin * min_j
     const KScales ks(block + 4, half(block), half(block + 2));
     d = _mm256_set1_ps(half(block));
     min = ks.neg_min;
-    uint64_t scales, mins;
-    KScales::unpack(block + 4, scales, mins);
-    scale_bytes = _mm256_set1_epi64x(static_cast<long long>(scales));
+    scale_bytes = _mm256_set1_epi64x(static_cast<long long>(ks.scales));
   }
   __m256i group(int j, __m256i& scale16) const {
     // scale_j in every int16 lane: byte j, then a zero high byte (shuffle index 0x80 gives 0)
@@ -197,8 +195,7 @@ __attribute__((noinline)) void quads_q8(const Rows8& rows, int64_t m0, int64_t K
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const uint8_t* b = w + (n0 + r) * row_bytes + k4 * F::kBytes;
-#pragma GCC unroll 4
-      for (int64_t line = 0; line < 4 * F::kBytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(b + lead + line), _MM_HINT_T1);
+      prefetch_lines(b + lead, 4 * F::kBytes);
       __m256 d, min;
       Q::scales(b, n, d, min);
       __m256i q[4], magnitude[4];
@@ -254,8 +251,7 @@ __attribute__((noinline)) void block_q8(const Rows8& rows, int64_t m0, int64_t K
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const uint8_t* b = w + (n0 + r) * row_bytes + kb * F::kBytes;
-#pragma GCC unroll 4
-      for (int64_t line = 0; line < F::kBytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(b + lead + line), _MM_HINT_T1);
+      prefetch_lines(b + lead, F::kBytes);
       const B block(b);
       __m256 part[M];
 #pragma GCC unroll 8
@@ -300,14 +296,8 @@ template <typename F>
 void run_q8(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
   const int64_t row_bytes = K / F::kBlock * F::kBytes;
   const Rows8 rows(x, M, K);
-  const int64_t tile = weight_tile(N, row_bytes);
-  at::parallel_for(0, N, tile, [&](int64_t begin, int64_t end) {
-    for (int64_t t0 = begin; t0 < end; t0 += tile) {
-      const int64_t t1 = std::min(end, t0 + tile);
-      for_each_chunk(M, [&](int64_t m0, int64_t mc) {
-        with_rows(mc, [&](auto m) { rows_q8<F, decltype(m)::value>(rows, m0, K, w, row_bytes, t0, t1, y + m0 * N, N); });
-      });
-    }
+  over_tiles(N, row_bytes, M, [&](int64_t t0, int64_t t1, int64_t m0, int64_t mc) {
+    with_rows(mc, [&](auto m) { rows_q8<F, decltype(m)::value>(rows, m0, K, w, row_bytes, t0, t1, y + m0 * N, N); });
   });
 }
 
