@@ -113,6 +113,12 @@ def test_a_model_loaded_with_q8_rows_is_batch_invariant_and_speculation_stays_lo
     # ... close to the exact one at most positions (each product is within ~1 % of it; a random
     # model amplifies that at some: Q6_K's random scales give one position a cosine of 0.6)
     assert torch.nn.functional.cosine_similarity(ours, reference, dim=-1).median() > 0.99
+    # prefill (more than MAX_ROWS tokens: dequantized chunks and torch's GEMM, in bfloat16 where the
+    # build has AVX512-BF16) stays as close
+    prefill = [(7 * i) % 96 for i in range(45)]
+    ours, reference = logits_of(model, prefill), logits_of(exact, prefill)
+    assert torch.isfinite(ours).all()
+    assert torch.nn.functional.cosine_similarity(ours, reference, dim=-1).median() > 0.99
     assert_batch_invariant(model)
     plain = SpeculativeGenerator(model).generate(PROMPT, max_new_tokens=30).token_ids
     for drafter in (

@@ -70,17 +70,28 @@ void dequantize_rows(const at::Tensor& w, const uint8_t* blocks, int64_t n, floa
   quant::dispatch(quant_type(w), [&](auto format) { quant::dequantize<decltype(format)>(blocks, n, K, out); });
 }
 
-// Rows [start, start + n) of a weight as float32 (n, K): widened, or dequantized.
-at::Tensor dense_rows(const at::Tensor& w, int64_t start, int64_t n) {
-  if (!quantized(w)) return w.narrow(0, start, n).to(at::kFloat);
-  at::Tensor out = at::empty({n, in_features(w)}, at::TensorOptions().dtype(at::kFloat));
-  dequantize_rows(w, block_bytes(w) + start * w.stride(0), n, out.data_ptr<float>());
-  return out;
+// The dtype of prefill's GEMM for a weight: bfloat16 for a model run in bfloat16 with bfloat16 rows
+// (kernels.h, bf16_prefill), and for blocks whose products round their rows to 8 bits (q8_rows)
+// where the build has AVX512-BF16: their decoding already rounds each row more coarsely than
+// bfloat16 does, and torch's bfloat16 GEMM is 2.2x its float32 one on a Zen 4. Else float32.
+inline at::ScalarType prefill_dtype(const at::Tensor& w) {
+#ifdef SPECDEC_BF16DOT
+  if (q8_rows(w)) return at::kBFloat16;
+#endif
+  return bf16_prefill(w) ? at::kBFloat16 : at::kFloat;
 }
 
-// Columns [start, start + n) of a weight as float32 (N, n); for blocks, whole blocks of columns.
-at::Tensor dense_cols(const at::Tensor& w, int64_t start, int64_t n) {
-  if (!quantized(w)) return w.narrow(1, start, n).to(at::kFloat);
+// Rows [start, start + n) of a weight as `dtype` (n, K): a view, converted, or dequantized.
+at::Tensor dense_rows(const at::Tensor& w, int64_t start, int64_t n, at::ScalarType dtype) {
+  if (!quantized(w)) return w.narrow(0, start, n).to(dtype);
+  at::Tensor out = at::empty({n, in_features(w)}, at::TensorOptions().dtype(at::kFloat));
+  dequantize_rows(w, block_bytes(w) + start * w.stride(0), n, out.data_ptr<float>());
+  return out.to(dtype);
+}
+
+// Columns [start, start + n) of a weight as `dtype` (N, n); for blocks, whole blocks of columns.
+at::Tensor dense_cols(const at::Tensor& w, int64_t start, int64_t n, at::ScalarType dtype) {
+  if (!quantized(w)) return w.narrow(1, start, n).to(dtype);
   const int64_t block = quant::block_size(quant_type(w));
   TORCH_CHECK(start % block == 0 && n % block == 0, "specdec forward: column chunks must be whole blocks");
   const at::Tensor part = w.narrow(1, start / block, n / block).contiguous();  // (N, n / block, bytes)
@@ -88,7 +99,7 @@ at::Tensor dense_cols(const at::Tensor& w, int64_t start, int64_t n) {
   quant::dispatch(quant_type(w), [&](auto format) {
     quant::dequantize<decltype(format)>(block_bytes(part), w.size(0), n, out.data_ptr<float>());
   });
-  return out;
+  return out.to(dtype);
 }
 
 // A fused product's weight: one matrix, or parts (q, k, v or gate, up) whose outputs sit side by
@@ -159,22 +170,18 @@ void linear(const float* x, int64_t M, const at::Tensor& w, const c10::optional<
     quant::dispatch(quant_type(w), [&](auto format) {
       quant::run_rows<decltype(format)>(q8_rows(w), x, M, K, block_bytes(w), N, y);
     });
-  } else if (quantized(w)) {
-    const at::Tensor xs = at::from_blob(const_cast<float*>(x), {M, K}, f32);
-    const at::Tensor out = at::from_blob(y, {M, N}, f32);
-    const int64_t chunk = std::max<int64_t>(1, kDequantizeChunk / K);
-    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-      const int64_t n = std::min(chunk, N - n0);
-      out.narrow(1, n0, n).copy_(at::mm(xs, dense_rows(w, n0, n).t()));
-    }
   } else if (few) {
     product(x, M, w, y);
-  } else if (bf16_prefill(w)) {
-    const at::Tensor rows = at::from_blob(const_cast<float*>(x), {M, K}, f32).to(at::kBFloat16);
-    at::from_blob(y, {M, N}, f32).copy_(at::mm(rows, w.t()));
-  } else {
-    at::Tensor out = at::from_blob(y, {M, N}, f32);
-    at::mm_out(out, at::from_blob(const_cast<float*>(x), {M, K}, f32), w.to(at::kFloat).t());
+  } else {  // prefill: torch's GEMM, on chunks of rows of a weight in blocks (dequantized)
+    const at::ScalarType dtype = prefill_dtype(w);
+    const at::Tensor rows = at::from_blob(const_cast<float*>(x), {M, K}, f32).to(dtype);  // (M, K)
+    at::Tensor out = at::from_blob(y, {M, N}, f32);  // (M, N)
+    const int64_t chunk = quantized(w) ? std::max<int64_t>(1, kDequantizeChunk / K) : N;
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+      const int64_t n = std::min(chunk, N - n0);
+      if (dtype == at::kFloat && n == N) at::mm_out(out, rows, dense_rows(w, 0, N, dtype).t());
+      else out.narrow(1, n0, n).copy_(at::mm(rows, dense_rows(w, n0, n, dtype).t()));
+    }
   }
   if (b.has_value() && b->defined()) {
     const at::Tensor bias = b->to(at::kFloat).contiguous();
@@ -364,51 +371,44 @@ inline void silu_mul(const G* gate, const G* up, float* act, int64_t F) {
   }
 }
 
-// Prefill MLP, y (R, d) = down(silu(gate(x)) * up(x)) for x (R, d): torch's BLAS over the
+// Prefill MLP, y (R, d) = down(silu(gate(x)) * up(x)) for x (R, d): torch's GEMM over the
 // intermediate features in chunks of kMlpChunk, so a chunk's gate and up activations stay in cache
 // instead of one (R, 2F) buffer going out to memory and back (1.7x faster on a 32768-wide MLP,
-// the same on a 4x-wide one). bfloat16 weights are widened a chunk at a time, or, for a model run
-// in bfloat16 with bfloat16 rows (bf16_prefill), multiplied as they are with rows rounded to
-// bfloat16 (linear, below).
+// the same on a 4x-wide one). Weights in blocks are dequantized a chunk at a time, bfloat16 ones
+// widened; or, where every weight's prefill_dtype is bfloat16, rows are rounded to bfloat16 and
+// multiplied with bfloat16 weights (linear, above).
 constexpr int64_t kMlpChunk = 1024;
 
 void mlp_prefill(const float* x, int64_t R, const FusedWeight& gate_up, const at::Tensor& down, float* y) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const int64_t F = gate_up.out_features() / 2;
-  const at::Tensor xs = at::from_blob(const_cast<float*>(x), {R, in_features(gate_up.parts[0])}, f32);  // (R, d)
-  at::Tensor out = at::from_blob(y, {R, down.size(0)}, f32);                                        // (R, d)
+  const bool bf16 = prefill_dtype(down) == at::kBFloat16 &&
+                    std::all_of(gate_up.parts.begin(), gate_up.parts.end(),
+                                [](const at::Tensor& w) { return prefill_dtype(w) == at::kBFloat16; });
+  const at::ScalarType dtype = bf16 ? at::kBFloat16 : at::kFloat;
+  const at::Tensor rows =
+      at::from_blob(const_cast<float*>(x), {R, in_features(gate_up.parts[0])}, f32).to(dtype);  // (R, d)
+  at::Tensor out = at::from_blob(y, {R, down.size(0)}, f32);                                    // (R, d)
   out.zero_();
-  // Rows [start, start + n) of the fused gate/up weight: a view, or float32 rows (dense_rows).
-  auto narrow = [&](int64_t start, int64_t n) {
-    const auto [part, first] = gate_up.locate(start, n);
-    return part.narrow(0, first, n);
-  };
+  // Rows [start, start + n) of the fused gate/up weight as `dtype` (dense_rows).
   auto dense = [&](int64_t start, int64_t n) {
     const auto [part, first] = gate_up.locate(start, n);
-    return dense_rows(part, first, n);
+    return dense_rows(part, first, n, dtype);
   };
-  if (std::all_of(gate_up.parts.begin(), gate_up.parts.end(), [](const at::Tensor& w) { return bf16_prefill(w); })) {
-    const at::Tensor rows = xs.to(at::kBFloat16);  // (R, d)
-    for (int64_t c = 0; c < F; c += kMlpChunk) {
-      const int64_t n = std::min(kMlpChunk, F - c);
-      const at::Tensor gate = at::mm(rows, narrow(c, n).t());   // (R, n) bfloat16
-      const at::Tensor up = at::mm(rows, narrow(F + c, n).t());  // (R, n) bfloat16
-      at::Tensor act = at::empty({R, n}, f32);                              // (R, n)
-      for (int64_t r = 0; r < R; ++r)
-        silu_mul(gate.data_ptr<at::BFloat16>() + r * n, up.data_ptr<at::BFloat16>() + r * n,
-                 act.data_ptr<float>() + r * n, n);
-      out.add_(at::mm(act.to(at::kBFloat16), down.narrow(1, c, n).t()));
-    }
-    return;
-  }
   for (int64_t c = 0; c < F; c += kMlpChunk) {
     const int64_t n = std::min(kMlpChunk, F - c);
-    const at::Tensor gate = at::mm(xs, dense(c, n).t());   // (R, n)
-    const at::Tensor up = at::mm(xs, dense(F + c, n).t());  // (R, n)
-    at::Tensor act = at::empty({R, n}, f32);                                           // (R, n)
-    for (int64_t r = 0; r < R; ++r)
-      silu_mul(gate.data_ptr<float>() + r * n, up.data_ptr<float>() + r * n, act.data_ptr<float>() + r * n, n);
-    out.addmm_(act, dense_cols(down, c, n).t());
+    const at::Tensor gate = at::mm(rows, dense(c, n).t());   // (R, n)
+    const at::Tensor up = at::mm(rows, dense(F + c, n).t());  // (R, n)
+    at::Tensor act = at::empty({R, n}, f32);                  // (R, n)
+    for (int64_t r = 0; r < R; ++r) {
+      if (bf16)
+        silu_mul(gate.data_ptr<at::BFloat16>() + r * n, up.data_ptr<at::BFloat16>() + r * n,
+                 act.data_ptr<float>() + r * n, n);
+      else
+        silu_mul(gate.data_ptr<float>() + r * n, up.data_ptr<float>() + r * n, act.data_ptr<float>() + r * n, n);
+    }
+    if (bf16) out.add_(at::mm(act.to(at::kBFloat16), dense_cols(down, c, n, dtype).t()));
+    else out.addmm_(act, dense_cols(down, c, n, dtype).t());
   }
 }
 
