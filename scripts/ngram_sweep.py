@@ -22,6 +22,7 @@ from tqdm import tqdm
 from specdec import SpeculativeGenerator, load_model
 from specdec.bench.tasks import build_tasks, default_tasks
 from specdec.drafters.ngram import NgramDrafter
+from specdec.options import set_options
 
 
 def cpu_time(
@@ -51,8 +52,12 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=2, help="prompts per task")
     parser.add_argument("--configs", default="1x4,2x4,2x2,2x4x8,2x4x8s", help="comma list of NxK[xM][s]")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument(
+        "--q8-rows", action="store_true", help="a quantized target with 8-bit rows (--q8-rows)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    set_options(q8_rows=args.q8_rows)
     configs = {c: parse(c) for c in args.configs.split(",")}
     target = load_model(args.target)
     names = list(default_tasks(target.path, target.tokenizer))

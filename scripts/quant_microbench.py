@@ -46,7 +46,7 @@ def main() -> None:
         weight = QuantWeight(torch.from_numpy(np.ascontiguousarray(blocks)), type_id, (N, K))
         variants = [("", weight)]
         if args.q8_rows:
-            variants.append(("q8 ", QuantWeight(weight.blocks, type_id, (N, K), q8_rows=True)))
+            variants.append(("q8 ", weight.with_q8_rows()))
         for label, w in variants:
             times = [(M, best_time(torch.randn(M, K), w)) for M in map(int, args.rows.split(","))]
             one = times[0][1]

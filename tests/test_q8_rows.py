@@ -15,7 +15,7 @@ import torch
 
 from specdec import SpeculativeGenerator, kernels, load_model, make_drafter, options
 from specdec.drafters.ngram import NgramDrafter
-from specdec.kernels.quant import QuantLinear, QuantWeight, quant_linear
+from specdec.kernels.quant import QuantLinear, QuantWeight, dequantize, quant_linear
 from specdec.sampling import SamplingParams
 from specdec.serving.batch_engine import BatchEngine, EngineEvent, EngineRequest
 from specdec.serving.metrics import ServerMetrics
@@ -42,19 +42,56 @@ def eight_bit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def q8(qweight: QuantWeight) -> QuantWeight:
-    return QuantWeight(qweight.blocks, qweight.qtype, qweight.shape, q8_rows=True)
+    return qweight.with_q8_rows()
+
+
+def width(name: str) -> int:
+    """K for a test of `name`: for the 32-weight formats 27 blocks, 6 quads of the quad layout and 3
+    blocks left in GGUF's layout (K-quants: 3 super-blocks)."""
+    return 768 if name.endswith("_K") else 864
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("K", [864, 96, 128])  # quads and a tail, a tail only, one quad
+def test_the_quad_layout_holds_the_same_weights_and_goes_back_exactly(name, K):
+    qweight = random_weight(name, 5, K, seed=K)
+    quads = qweight.with_q8_rows()
+    assert quads.q8_rows and quads.blocks.shape == qweight.blocks.shape
+    assert torch.equal(quads.gguf_blocks(), qweight.blocks)
+    assert torch.equal(dequantize(quads), gguf_weight(qweight))  # the file's weights, bit for bit
+    block_bytes = qweight.blocks.shape[1] // (K // 32)
+    whole = K // 128 * 4 * block_bytes  # bytes of the whole quads
+    assert torch.equal(quads.blocks[:, whole:], qweight.blocks[:, whole:])  # the tail as GGUF has it
+    if whole:
+        assert not torch.equal(quads.blocks[:, :whole], qweight.blocks[:, :whole])  # rearranged
+    # Only the bytes move: the headers come first, one after the other.
+    header = {"Q8_0": 2, "Q4_0": 2, "Q4_1": 4}[name]
+    if whole:
+        for i in range(4):
+            assert torch.equal(
+                quads.blocks[:, header * i : header * (i + 1)],
+                qweight.blocks[:, block_bytes * i : block_bytes * i + header],
+            )
+
+
+@needs_kernels
+def test_formats_without_a_quad_layout_share_their_blocks():
+    qweight = random_weight("Q4_K", 4, 256, seed=1)
+    assert qweight.with_q8_rows().blocks is qweight.blocks
 
 
 @needs_kernels
 @pytest.mark.parametrize("name", WITH_Q8)
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])
 def test_product_is_the_quantized_rows_product_within_float32_rounding(name, rows):
-    qweight = random_weight(name, 75, 768, seed=rows)
+    K = width(name)
+    qweight = random_weight(name, 75, K, seed=rows)
     weight = gguf_weight(qweight).double()  # (N, K)
-    x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows))
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
     ours = quant_linear(x, q8(qweight)).double()
     reference = eight_bit_rows(x) @ weight.T
-    bound = (768 / 8 + 8) * 2.0**-24 * (eight_bit_rows(x).abs() @ weight.abs().T)
+    bound = (K / 8 + 8) * 2.0**-24 * (eight_bit_rows(x).abs() @ weight.abs().T)
     assert ((ours - reference).abs() <= bound).all()
     # Negative control: against x itself the 8-bit rows are off by far more than float32 rounding.
     exact = x.double() @ weight.T
@@ -65,8 +102,8 @@ def test_product_is_the_quantized_rows_product_within_float32_rounding(name, row
 @needs_kernels
 @pytest.mark.parametrize("name", WITH_Q8)
 def test_a_pass_of_k_rows_equals_k_passes_of_one_row_bitwise(name):
-    qweight = q8(random_weight(name, 70, 512, seed=4))
-    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(4))
+    qweight = q8(random_weight(name, 70, width(name), seed=4))
+    x = torch.randn(9, width(name), generator=torch.Generator().manual_seed(4))
     together = quant_linear(x, qweight)
     assert all(torch.equal(quant_linear(x[i : i + 1], qweight), together[i : i + 1]) for i in range(9))
 

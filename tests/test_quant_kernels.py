@@ -167,7 +167,7 @@ for name in NAMES:
     qweight = random_weight(name, 70, 512, seed=7)
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(7))
     together = quant_linear(x, qweight)
-    q8 = quant_linear(x, type(qweight)(qweight.blocks, qweight.qtype, qweight.shape, True))  # 8-bit rows
+    q8 = quant_linear(x, qweight.with_q8_rows())  # 8-bit rows
     out[name] = {
         "dequantized": bool(torch.equal(dequantize(qweight), gguf_weight(qweight))),
         "invariant": all(torch.equal(quant_linear(x[i : i + 1], qweight), together[i : i + 1]) for i in range(9)),

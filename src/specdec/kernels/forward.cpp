@@ -64,10 +64,11 @@ inline int64_t in_features(const at::Tensor& w) {
   return quantized(w) ? w.size(1) * quant::block_size(quant_type(w)) : w.size(1);
 }
 
-// out (n, K) float32 = the weights of n quantized rows stored at `blocks` (row after row).
+// out (n, K) float32 = the weights of n quantized rows of w stored at `blocks` (row after row, in
+// w's layout: quant_q8.h's quad layout for 8-bit rows).
 void dequantize_rows(const at::Tensor& w, const uint8_t* blocks, int64_t n, float* out) {
   const int64_t K = in_features(w);
-  quant::dispatch(quant_type(w), [&](auto format) { quant::dequantize<decltype(format)>(blocks, n, K, out); });
+  quant::dispatch(quant_type(w), [&](auto format) { quant::dequantize_any<decltype(format)>(q8_rows(w), blocks, n, K, out); });
 }
 
 // The dtype of prefill's GEMM for a weight: bfloat16 for a model run in bfloat16 with bfloat16 rows
@@ -92,6 +93,8 @@ at::Tensor dense_rows(const at::Tensor& w, int64_t start, int64_t n, at::ScalarT
 // Columns [start, start + n) of a weight as `dtype` (N, n); for blocks, whole blocks of columns.
 at::Tensor dense_cols(const at::Tensor& w, int64_t start, int64_t n, at::ScalarType dtype) {
   if (!quantized(w)) return w.narrow(1, start, n).to(dtype);
+  if (q8_rows(w) && quant::has_quads(quant_type(w)))  // whole rows: a quad may straddle the range's ends
+    return dense_rows(w, 0, w.size(0), at::kFloat).narrow(1, start, n).to(dtype);
   const int64_t block = quant::block_size(quant_type(w));
   TORCH_CHECK(start % block == 0 && n % block == 0, "specdec forward: column chunks must be whole blocks");
   const at::Tensor part = w.narrow(1, start / block, n / block).contiguous();  // (N, n / block, bytes)

@@ -43,13 +43,24 @@ at::Tensor quant_linear(const at::Tensor& input, const at::Tensor& blocks, int64
   return y.to(input.scalar_type()).view(shape);
 }
 
-// The (N, K) float32 weights the products multiply.
+// The (N, K) float32 weights the products multiply (blocks as quant_linear takes them).
 at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t type, int64_t N, int64_t K) {
   check_blocks(blocks, type, N, K, "quant_dequantize");
   at::Tensor out = at::empty({N, K}, at::TensorOptions().dtype(at::kFloat));  // (N, K)
   const uint8_t* w = quant::block_bytes(blocks);
   quant::dispatch(type, [&](auto format) {
-    quant::dequantize<decltype(format)>(w, N, K, out.data_ptr<float>());
+    quant::dequantize_any<decltype(format)>(quant::q8_rows(blocks), w, N, K, out.data_ptr<float>());
+  });
+  return out;
+}
+
+// The blocks of an (N, K) weight in the quad layout of 8-bit rows (quant_q8.h; to_quads), or back
+// in GGUF's layout; a copy, uint8.
+at::Tensor quant_quads(const at::Tensor& blocks, int64_t type, int64_t N, int64_t K, bool to_quads) {
+  check_blocks(blocks, type, N, K, "quant_quads");
+  at::Tensor out = at::empty_like(blocks, at::TensorOptions().dtype(at::kByte));
+  quant::dispatch(type, [&](auto format) {
+    quant::convert_rows<decltype(format)>(quant::block_bytes(blocks), out.data_ptr<uint8_t>(), N, K, to_quads);
   });
   return out;
 }
@@ -61,4 +72,5 @@ TORCH_LIBRARY_FRAGMENT(specdec, m) {
   m.def("quant_linear(Tensor input, Tensor blocks, int type, int N, int K, Tensor? bias) -> Tensor",
         &specdec::quant_linear);
   m.def("quant_dequantize(Tensor blocks, int type, int N, int K) -> Tensor", &specdec::quant_dequantize);
+  m.def("quant_quads(Tensor blocks, int type, int N, int K, bool to_quads) -> Tensor", &specdec::quant_quads);
 }

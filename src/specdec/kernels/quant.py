@@ -41,6 +41,7 @@ FORMATS: dict[int, tuple[str, int, int]] = {
     14: ("Q6_K", 256, 210),
 }
 _SUPPORTED = ", ".join(name for name, _, _ in FORMATS.values())
+QUAD_FORMATS = ("Q8_0", "Q4_0", "Q4_1")  # kept in quant_q8.h's quad layout with 8-bit rows
 _DEQUANTIZE_CHUNK = 1 << 22  # weights dequantized at a time above MAX_ROWS rows (16 MB of float32)
 
 
@@ -64,7 +65,9 @@ class QuantWeight:
     blocks: torch.Tensor  # (N, K // block * block_bytes) uint8, contiguous: row n's blocks in blocks[n]
     qtype: int  # GGML type id
     shape: tuple[int, int]  # (N, K)
-    q8_rows: bool = False  # products quantize their rows to 8 bits (where the format has it; quant_q8.h)
+    # Products quantize their rows to 8 bits (where the format has it; quant_q8.h); Q8_0, Q4_0 and
+    # Q4_1 blocks are then in quant_q8.h's quad layout: make such a weight with with_q8_rows().
+    q8_rows: bool = False
 
     def __post_init__(self) -> None:
         name, block, block_bytes = FORMATS[qtype_id(self.qtype)]
@@ -105,6 +108,26 @@ class QuantWeight:
         N, K = self.shape
         view = self.blocks.view(N, K // block, block_bytes)
         return view.view(torch.int8) if self.q8_rows else view
+
+    def with_q8_rows(self) -> QuantWeight:
+        """This weight with 8-bit rows (:attr:`q8_rows`): its blocks rearranged into the quad layout
+        where the format has one (Q8_0, Q4_0, Q4_1: a copy of the same size), else shared. Needs
+        the CPU kernels, the only products that run 8-bit rows."""
+        if self.q8_rows:
+            return self
+        op = kernels._op()
+        if op is None:
+            raise RuntimeError(f"8-bit rows need specdec's CPU kernels: {kernels.status()}")
+        blocks = self.blocks
+        if self.name in QUAD_FORMATS:
+            blocks = op.quant_quads(blocks, self.qtype, *self.shape, True)  # type: ignore[attr-defined]
+        return QuantWeight(blocks, self.qtype, self.shape, q8_rows=True)
+
+    def gguf_blocks(self) -> torch.Tensor:
+        """The blocks in GGUF's layout (the quad layout of :meth:`with_q8_rows` undone: a copy)."""
+        if not (self.q8_rows and self.name in QUAD_FORMATS):
+            return self.blocks
+        return kernels._op().quant_quads(self.blocks, self.qtype, *self.shape, False)  # type: ignore[union-attr]
 
     def rows(self, start: int, count: int) -> QuantWeight:
         """Weight rows ``start .. start + count - 1`` (a view: blocks are row-wise)."""
@@ -164,9 +187,8 @@ def q5_0_as_q8_0(qweight: QuantWeight) -> QuantWeight:
     fifth = (high >> np.arange(32, dtype=np.uint32)) & 1  # (N, K/32, 32)
     quants = (low | (fifth.astype(np.int16) << 4)) - 16  # (N, K/32, 32) in -16..15
     out = np.concatenate([blocks[..., :2], quants.astype(np.int8).view(np.uint8)], axis=-1)  # (N, K/32, 34)
-    return QuantWeight(
-        torch.from_numpy(np.ascontiguousarray(out.reshape(N, -1))), qtype_id("Q8_0"), (N, K), qweight.q8_rows
-    )
+    q8_0 = QuantWeight(torch.from_numpy(np.ascontiguousarray(out.reshape(N, -1))), qtype_id("Q8_0"), (N, K))
+    return q8_0.with_q8_rows() if qweight.q8_rows else q8_0
 
 
 def dequantize(qweight: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -174,8 +196,9 @@ def dequantize(qweight: QuantWeight, dtype: torch.dtype = torch.float32) -> torc
     N, K = qweight.shape
     op = kernels._op()
     if op is not None:
-        weight = op.quant_dequantize(qweight.blocks, qweight.qtype, N, K)  # type: ignore[attr-defined]
-    else:
+        blocks = qweight.blocks.view(torch.int8) if qweight.q8_rows else qweight.blocks  # int8: its layout
+        weight = op.quant_dequantize(blocks, qweight.qtype, N, K)  # type: ignore[attr-defined]
+    else:  # (no kernels: no 8-bit rows either, so GGUF's layout)
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize as gguf_dequantize
 
@@ -204,7 +227,7 @@ def quant_linear(x: torch.Tensor, qweight: QuantWeight, bias: torch.Tensor | Non
         return F.linear(x, dequantize(qweight, x.dtype).to(x.device), bias)
     parts = []
     for n0 in range(0, N, chunk):
-        part = QuantWeight(qweight.blocks[n0 : n0 + chunk], qweight.qtype, (min(chunk, N - n0), K))
+        part = qweight.rows(n0, min(chunk, N - n0))
         parts.append(F.linear(x, dequantize(part, x.dtype).to(x.device)))  # (..., chunk)
     y = torch.cat(parts, dim=-1)  # (..., N)
     return y if bias is None else y + bias
@@ -213,7 +236,9 @@ def quant_linear(x: torch.Tensor, qweight: QuantWeight, bias: torch.Tensor | Non
 def embedding(ids: torch.Tensor, qweight: QuantWeight) -> torch.Tensor:
     """``F.embedding(ids, dequantize(qweight))`` ``(..., K)`` float32, dequantizing only the rows looked up."""
     flat = ids.reshape(-1).to(torch.long)  # (n,)
-    rows = QuantWeight(qweight.blocks.index_select(0, flat), qweight.qtype, (flat.numel(), qweight.shape[1]))
+    rows = QuantWeight(
+        qweight.blocks.index_select(0, flat), qweight.qtype, (flat.numel(), qweight.shape[1]), qweight.q8_rows
+    )
     return dequantize(rows).view(*ids.shape, qweight.shape[1])
 
 

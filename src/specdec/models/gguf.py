@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from specdec import kernels
 from specdec.kernels.quant import FORMATS, QuantWeight, q5_0_as_q8_0
 from specdec.models.config import ModelConfig, ModelLoadError
 from specdec.models.gguf_file import TensorInfo, read_gguf
@@ -201,7 +202,8 @@ def load_gguf(path: Path, dtype: torch.dtype, quantized: bool | None = False) ->
     blocks of the same weights, :func:`~specdec.kernels.quant.q5_0_as_q8_0`). ``quantized=None``:
     quantized where the file's layer matrices all are (:func:`quantized_matrices`)."""
     contents = read_gguf(path)
-    q8_rows = get_options().q8_rows  # read once per load: every matrix of the model alike
+    # read once per load: every matrix of the model alike (8-bit rows are the kernels' products)
+    q8_rows = get_options().q8_rows and kernels.load() is not None
     if quantized is None:
         quantized = quantized_matrices(contents.tensors)
     meta = contents.metadata
@@ -225,8 +227,9 @@ def load_gguf(path: Path, dtype: torch.dtype, quantized: bool | None = False) ->
             value = unpermute_rows(value, cfg.num_key_value_heads)
         if keep:
             N, K = tensor.shape
-            weight = QuantWeight(value.contiguous(), quant_type(tensor.type_name), (N, K), q8_rows)
-            state[name] = q5_0_as_q8_0(weight) if weight.name == "Q5_0" else weight  # same weights, 2x faster
+            weight = QuantWeight(value.contiguous(), quant_type(tensor.type_name), (N, K))
+            weight = q5_0_as_q8_0(weight) if weight.name == "Q5_0" else weight  # same weights, 2x faster
+            state[name] = weight.with_q8_rows() if q8_rows else weight
         else:
             state[name] = value.to(torch.float32 if quantized else dtype)
     tokenizer = tokenizer_from_metadata(meta) if "tokenizer.ggml.model" in meta else None
