@@ -127,7 +127,9 @@ class QuantWeight:
         """The blocks in GGUF's layout (the quad layout of :meth:`with_q8_rows` undone: a copy)."""
         if not (self.q8_rows and self.name in QUAD_FORMATS):
             return self.blocks
-        return kernels._op().quant_quads(self.blocks, self.qtype, *self.shape, False)  # type: ignore[union-attr]
+        op = kernels._op()
+        assert op is not None  # (with_q8_rows made the layout with the kernels)
+        return op.quant_quads(self.blocks, self.qtype, *self.shape, False)  # type: ignore[attr-defined,no-any-return]
 
     def rows(self, start: int, count: int) -> QuantWeight:
         """Weight rows ``start .. start + count - 1`` (a view: blocks are row-wise)."""
