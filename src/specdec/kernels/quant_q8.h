@@ -24,11 +24,15 @@ namespace specdec {
 namespace quant {
 
 // x (M, K) float32 as 8-bit rows: q (M, K) int8, per group of 32 d (M, K / 32) its scale and
-// s (M, K / 32) = d * sum(q) of the group.
+// s (M, K / 32) = d * sum(q) of the group. With `quads` (the products of quad_q8), each run of four
+// whole groups of a row holds its quants in the quad layout's order (quant j of vector t: byte
+// 32 t + 8 i + j is quant 8 t + j of group i, the weights' order below), and for each such quad
+// d8 = (d0, d0, d1, d1, d2, d2, d3, d3) and s8 = (s0, 0, s1, 0, s2, 0, s3, 0): the row's factors of
+// the lanes of a quad's integer dot product.
 struct Rows8 {
   std::vector<int8_t> q;
-  std::vector<float> d, s;
-  Rows8(const float* x, int64_t M, int64_t K) : q(M * K), d(M * K / 32), s(M * K / 32 + 8) {  // s: 8 spare zeros
+  std::vector<float> d, s, d8, s8;
+  Rows8(const float* x, int64_t M, int64_t K, bool quads = false) : q(M * K), d(M * K / 32), s(M * K / 32 + 8) {  // s: 8 spare zeros
     for (int64_t g = 0; g < M * K / 32; ++g) {
       const float* xg = x + 32 * g;
       float amax = 0.0f;
@@ -52,6 +56,30 @@ struct Rows8 {
       d[g] = scale;
       s[g] = scale * static_cast<float>(sum);
     }
+    if (quads) arrange_quads(M, K);
+  }
+
+  // The quad of groups starting at group g (of the whole (M, K / 32)): its factors' offset in d8, s8.
+  static int64_t quad_index(int64_t g) { return 2 * g; }  // (8 floats a quad of 4 groups)
+
+ private:
+  void arrange_quads(int64_t M, int64_t K) {
+    const int64_t groups = K / 32;
+    d8.assign(2 * M * groups, 0.0f);
+    s8.assign(2 * M * groups, 0.0f);
+    int8_t quad[128];
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k + 4 <= groups; k += 4) {
+        const int64_t g = m * groups + k;
+        int8_t* p = q.data() + 32 * g;
+        for (int t = 0; t < 4; ++t)
+          for (int i = 0; i < 4; ++i) std::copy_n(p + 32 * i + 8 * t, 8, quad + 32 * t + 8 * i);
+        std::copy_n(quad, 128, p);
+        for (int i = 0; i < 4; ++i) {
+          d8[quad_index(g) + 2 * i] = d8[quad_index(g) + 2 * i + 1] = d[g + i];
+          s8[quad_index(g) + 2 * i] = s[g + i];
+        }
+      }
   }
 };
 
@@ -114,14 +142,17 @@ struct Q8Block<Q6_K> {  // sub-block of 16: w = d * scale * (q - 32)
 // blocks 0-3, lanes 4-7 the second half), so that one conversion, one product of the four weight
 // scales with the four row scales and one FMA serve four blocks, and one FMA their mins.
 //
-// Their weights with 8-bit rows are kept in the quad layout (QuantWeight.with_q8_rows, to_quads):
-// each run of four whole blocks of a row, in the same 4 * kBytes bytes, holds the four headers
-// (fp16 d, or d and m) side by side, then the quants: Q8_0's four 32-byte arrays as they are; for
-// the 4-bit formats 64 bytes where byte j < 32 holds weight j of block 0 in its low nibble and of
-// block 1 in its high one, byte 32 + j those of blocks 2 and 3. The last blocks of a row that make
-// no whole quad keep GGUF's layout. One load then gives four scales and one two blocks' quants,
-// where GGUF's layout takes four loads and inserts for the scales and one per block for the quants
-// (the 1-row Q4_1 product is about 1.3x faster).
+// Their weights with 8-bit rows are kept in the quad layout (QuantWeight.with_q8_rows,
+// convert_rows): each run of four whole blocks of a row, in the same 4 * kBytes bytes, holds the
+// four headers (fp16 d, or d and m) side by side, then the quants as four 32-byte vectors, vector
+// t holding quants 8t .. 8t + 7 of block 0, then of blocks 1, 2 and 3: Q8_0's vectors one after the
+// other; for the 4-bit formats 64 bytes, vectors 0 and 1 as the low and high nibbles of the first
+// 32, vectors 2 and 3 of the last 32. The last blocks of a row that make no whole quad keep GGUF's
+// layout. One load then gives four scales, one (or one and two bit operations) a vector, and the
+// four vectors' integer dot products with the row's quants in the same order (Rows8) add up in one
+// register: int32 lanes 2i and 2i + 1 belong to block i, and one conversion, one product of scales
+// and one FMA serve the quad, with no horizontal sums (the 1-row Q4_1 product is ~1.7x faster than
+// on GGUF's layout, and each further row costs half as much).
 template <typename F>
 struct Quad;
 
@@ -139,37 +170,41 @@ uint8_t gguf_quant(const uint8_t* block, int j) {
   return j < 16 ? byte & 0x0F : byte >> 4;
 }
 
-// One quad: four blocks of GGUF's layout `blocks` into the quad layout at `quad`, or back.
+// Quant j of block i of a quad's quants in the quad layout.
+template <typename F>
+uint8_t quad_quant(const uint8_t* quants, int i, int j) {
+  const int t = j / 8, at = 8 * i + j % 8;  // vector t, byte `at` of it
+  if constexpr (std::is_same_v<F, Q8_0>) return quants[32 * t + at];
+  const uint8_t byte = quants[32 * (t / 2) + at];
+  return t % 2 ? byte >> 4 : byte & 0x0F;
+}
+
+// One quad: four blocks in GGUF's layout at `from` into the quad layout at `to`, or back.
 template <typename F>
 void convert_quad(const uint8_t* from, uint8_t* to, bool to_quad) {
   constexpr int H = kHeader<F>;
-  if (!to_quad) {  // back: rebuild each block from its header and quants
-    for (int i = 0; i < 4; ++i) {
-      uint8_t* block = to + i * F::kBytes;
-      std::memcpy(block, from + i * H, H);
-      const uint8_t* quants = from + 4 * H;
-      if constexpr (std::is_same_v<F, Q8_0>) {
-        std::memcpy(block + 2, quants + 32 * i, 32);
-      } else {
-        const uint8_t* pair = quants + 32 * (i / 2);  // blocks 2i', 2i' + 1 share 32 bytes
-        auto nibble = [&](int j) { return i % 2 ? pair[j] >> 4 : pair[j] & 0x0F; };
-        for (int j = 0; j < 16; ++j) block[H + j] = static_cast<uint8_t>(nibble(j) | nibble(j + 16) << 4);
+  if (to_quad) {
+    for (int i = 0; i < 4; ++i) std::memcpy(to + i * H, from + i * F::kBytes, H);
+    uint8_t* quants = to + 4 * H;
+    std::memset(quants, 0, 4 * F::kBytes - 4 * H);
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 32; ++j) {
+        const uint8_t v = gguf_quant<F>(from + i * F::kBytes, j);
+        const int t = j / 8, at = 8 * i + j % 8;
+        if constexpr (std::is_same_v<F, Q8_0>) quants[32 * t + at] = v;
+        else quants[32 * (t / 2) + at] |= static_cast<uint8_t>(t % 2 ? v << 4 : v);
       }
-    }
     return;
   }
-  for (int i = 0; i < 4; ++i) std::memcpy(to + i * H, from + i * F::kBytes, H);
-  uint8_t* quants = to + 4 * H;
-  for (int i = 0; i < 4; i += 2)
-    for (int j = 0; j < 32; ++j) {
-      const uint8_t *a = from + i * F::kBytes, *b = a + F::kBytes;
-      if constexpr (std::is_same_v<F, Q8_0>) {
-        quants[32 * i + j] = gguf_quant<F>(a, j);
-        quants[32 * (i + 1) + j] = gguf_quant<F>(b, j);
-      } else {
-        quants[16 * i + j] = static_cast<uint8_t>(gguf_quant<F>(a, j) | gguf_quant<F>(b, j) << 4);
-      }
+  const uint8_t* quants = from + 4 * H;
+  for (int i = 0; i < 4; ++i) {
+    uint8_t* block = to + i * F::kBytes;
+    std::memcpy(block, from + i * H, H);
+    for (int j = 0; j < (std::is_same_v<F, Q8_0> ? 32 : 16); ++j) {
+      if constexpr (std::is_same_v<F, Q8_0>) block[2 + j] = quad_quant<F>(quants, i, j);
+      else block[H + j] = static_cast<uint8_t>(quad_quant<F>(quants, i, j) | quad_quant<F>(quants, i, j + 16) << 4);
     }
+  }
 }
 
 // N rows of K weights from GGUF's layout into the quad layout (to_quads) or back; formats without
@@ -225,13 +260,14 @@ inline __m256 lanes_of(__m256 v, int a, int b, int c, int d) {  // (v[a], v[b], 
 }
 constexpr int kLowHalf = 0xF0;  // _mm256_blend_ps mask: keep lanes 0-3, the rest from the zero vector
 
-// The four fp16 scales at p, converted: (d0, d1, d2, d3) twice.
-inline __m256 four_halves(const uint8_t* p) {
-  return lanes_of(_mm256_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 0, 1, 2, 3);
+// The scales of a quad's lanes (Rows8): (h0, h0, h1, h1, h2, h2, h3, h3) of the four fp16 at p.
+inline __m256 pairs_of_halves(const uint8_t* p) {
+  const __m256 h = _mm256_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
 }
 
-// Quants of a whole quad in the quad layout (below) of a 4-bit format: two 256-bit loads, each
-// the nibbles of two blocks.
+// The four quant vectors of a whole quad in the quad layout of a 4-bit format: two 256-bit loads,
+// each the nibbles of two vectors.
 inline void quad_nibbles(const uint8_t* p, __m256i (&q)[4]) {
   const __m256i mask = _mm256_set1_epi8(0x0F), v01 = bytes32(p), v23 = bytes32(p + 32);
   q[0] = _mm256_and_si256(v01, mask);
@@ -240,15 +276,16 @@ inline void quad_nibbles(const uint8_t* p, __m256i (&q)[4]) {
   q[3] = _mm256_and_si256(_mm256_srli_epi16(v23, 4), mask);
 }
 
-// Each Quad<F> reads four blocks as GGUF stores them (scales, quants: a row's last blocks) and a
-// whole quad in the quad layout (quad): the same values either way.
+// Each Quad<F> reads four blocks as GGUF stores them (scales, quants: a row's last blocks), or a
+// whole quad in the quad layout (quad): its four quant vectors, d = (d0, d0, d1, d1, ...) and the
+// mins alike, the factors of the quad's lanes.
 template <>
 struct Quad<Q8_0> {  // w = d * q
   static constexpr bool kSigned = true, kMin = false;
   static __m256i quants(const uint8_t* b) { return bytes32(b + 2); }
   static void scales(const uint8_t* b, int n, __m256& d, __m256&) { d = lanes_of(head_pairs(b, 34, n), 0, 2, 4, 6); }
   static void quad(const uint8_t* b, __m256& d, __m256&, __m256i (&q)[4]) {
-    d = four_halves(b);
+    d = pairs_of_halves(b);
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) q[i] = bytes32(b + 8 + 32 * i);
   }
@@ -263,8 +300,8 @@ struct Quad<Q4_0> {  // w = d * q - 8 d
     min = _mm256_mul_ps(d, _mm256_setr_ps(-8, -8, -8, -8, 0, 0, 0, 0));
   }
   static void quad(const uint8_t* b, __m256& d, __m256& min, __m256i (&q)[4]) {
-    d = four_halves(b);
-    min = _mm256_mul_ps(d, _mm256_setr_ps(-8, -8, -8, -8, 0, 0, 0, 0));
+    d = pairs_of_halves(b);
+    min = _mm256_mul_ps(d, _mm256_set1_ps(-8));
     quad_nibbles(b + 8, q);
   }
 };
@@ -277,7 +314,9 @@ struct Quad<Q4_1> {  // w = d * q + m
     split_pairs(head_pairs(b, 20, n), d, min);
   }
   static void quad(const uint8_t* b, __m256& d, __m256& min, __m256i (&q)[4]) {
-    split_pairs(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))), d, min);
+    const __m256 pairs = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));  // (d0, m0, d1, ...)
+    d = _mm256_permutevar8x32_ps(pairs, _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6));
+    min = _mm256_permutevar8x32_ps(pairs, _mm256_setr_epi32(1, 1, 3, 3, 5, 5, 7, 7));
     quad_nibbles(b + 16, q);
   }
   static void split_pairs(__m256 pairs, __m256& d, __m256& min) {  // pairs: (d0, m0, d1, m1, ...)
@@ -297,6 +336,15 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+// acc + dot_u8s8(u, s) (one vpdpbusd with AVX512-VNNI).
+inline __m256i dot_u8s8_add(__m256i acc, __m256i u, __m256i s) {
+#ifdef __AVX512VNNI__
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, dot_u8s8(u, s));
+#endif
+}
+
 // The four float32 at p, or the first n of them and zeros.
 inline __m128 four(const float* p, int n) {
   if (n == 4) return _mm_loadu_ps(p);
@@ -304,6 +352,11 @@ inline __m128 four(const float* p, int n) {
   return _mm_maskload_ps(p, keep);
 }
 
+// R weight rows against M 8-bit rows, four blocks at a time: a whole quad (quad layout) as one
+// integer dot product whose lanes 2i, 2i + 1 hold block i's sums, then acc += float(dot) * (d *
+// dx) (+ min * s), per lane; a row's last blocks in GGUF's layout, each block's dot product summed
+// horizontally (vphaddd) into lanes i and 4 + i, then the same. The same float32 chain for a row
+// whatever M and R are.
 template <typename F, int M, int R>
 __attribute__((noinline)) void quads_q8(const Rows8& rows, int64_t m0, int64_t K, const uint8_t* w, int64_t row_bytes,
                                         int64_t n0, float* y, int64_t N, int64_t lead) {
@@ -313,27 +366,51 @@ __attribute__((noinline)) void quads_q8(const Rows8& rows, int64_t m0, int64_t K
   for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-  const int64_t blocks = K / 32;
-  for (int64_t k4 = 0; k4 < blocks; k4 += 4) {
-    const int n = static_cast<int>(std::min<int64_t>(4, blocks - k4));
+  const int64_t blocks = K / 32, whole = blocks - blocks % 4;
+  for (int64_t k4 = 0; k4 < whole; k4 += 4) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const uint8_t* b = w + (n0 + r) * row_bytes + k4 * F::kBytes;
       prefetch_lines(b + lead, 4 * F::kBytes);
       __m256 d, min;
       __m256i q[4], magnitude[4];
-      if (n == 4) {
-        Q::quad(b, d, min, q);
-      } else {  // a row's last blocks, as GGUF stores them
-        Q::scales(b, n, d, min);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) q[i] = i < n ? Q::quants(b + i * F::kBytes) : _mm256_setzero_si256();
-      }
+      Q::quad(b, d, min, q);
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) magnitude[i] = Q::kSigned ? _mm256_abs_epi8(q[i]) : q[i];
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
         const int64_t g = (m0 + m) * blocks + k4;  // the row's group of block k4
+        const int8_t* xq = rows.q.data() + 32 * g;  // (the quad's four vectors, Rows8)
+        __m256i dot = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; ++t) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * t));
+          dot = dot_u8s8_add(dot, magnitude[t], Q::kSigned ? _mm256_sign_epi8(x, q[t]) : x);
+        }
+        const float* factors = rows.d8.data() + Rows8::quad_index(g);
+        const __m256 scale = _mm256_mul_ps(d, _mm256_loadu_ps(factors));  // (d_i * dx_i), twice each
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[m][r]);
+        if constexpr (Q::kMin) acc[m][r] = _mm256_fmadd_ps(min, _mm256_loadu_ps(rows.s8.data() + Rows8::quad_index(g)), acc[m][r]);
+      }
+    }
+  }
+  if (whole < blocks) {  // a row's last 1-3 blocks, as GGUF stores them
+    const int n = static_cast<int>(blocks - whole);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* b = w + (n0 + r) * row_bytes + whole * F::kBytes;
+      prefetch_lines(b + lead, n * F::kBytes);
+      __m256 d, min;
+      Q::scales(b, n, d, min);
+      __m256i q[4], magnitude[4];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        q[i] = i < n ? Q::quants(b + i * F::kBytes) : _mm256_setzero_si256();
+        magnitude[i] = Q::kSigned ? _mm256_abs_epi8(q[i]) : q[i];
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const int64_t g = (m0 + m) * blocks + whole;
         __m256i dot[4];
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) {
@@ -422,7 +499,7 @@ void rows_q8(const Rows8& rows, int64_t m0, int64_t K, const uint8_t* w, int64_t
 template <typename F>
 void run_q8(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
   const int64_t row_bytes = K / F::kBlock * F::kBytes;
-  const Rows8 rows(x, M, K);
+  const Rows8 rows(x, M, K, kQuads<F>);
   over_tiles(N, row_bytes, M, [&](int64_t t0, int64_t t1, int64_t m0, int64_t mc) {
     with_rows(mc, [&](auto m) { rows_q8<F, decltype(m)::value>(rows, m0, K, w, row_bytes, t0, t1, y + m0 * N, N); });
   });
