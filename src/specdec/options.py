@@ -25,7 +25,7 @@ field                  environment override    meaning
                                                 quantize the rows of their decoding and verify
                                                 products to 8 bits (``1``: on; off by
                                                 default): llama.cpp's numerics, about twice
-                                                the speed on K-quant blocks.
+                                                the speed (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
 ``cuda_graphs``        ``SPECDEC_CUDA_GRAPHS``  replay recorded CUDA graphs for chain passes.
 ``cache_dir``          ``SPECDEC_CACHE``        downloads (the default model's wheel) land here.
 =====================  ======================  =============================================
@@ -37,7 +37,8 @@ can differ. A model run in **bfloat16** with ``bf16_rows`` (the default) rounds 
 bfloat16 only where the CPU has AVX512-BF16: its output can differ between such CPUs and AVX2-only
 ones more often. A quantized model loaded with ``q8_rows`` computes a slightly different function:
 its decoding and verify passes round their rows to 8 bits per group of 32, as llama.cpp's CPU
-products do (the same bits on every x86 CPU). Either way speculative output equals plain output
+products do (the same bits on every x86 CPU), and its prefill rounds them to bfloat16 where the
+CPU has AVX512-BF16 (torch's bfloat16 GEMM). Either way speculative output equals plain output
 on the same machine, token for token: losslessness is always with respect to the function the
 machine runs.
 """
