@@ -9,7 +9,6 @@ float32 model dequantized from the same file the logits differ only by float32 r
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import gguf

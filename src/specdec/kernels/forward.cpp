@@ -182,8 +182,8 @@ void linear(const float* x, int64_t M, const at::Tensor& w, const c10::optional<
     const int64_t chunk = quantized(w) ? std::max<int64_t>(1, kDequantizeChunk / K) : N;
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
       const int64_t n = std::min(chunk, N - n0);
-      if (dtype == at::kFloat && n == N) at::mm_out(out, rows, dense_rows(w, 0, N, dtype).t());
-      else out.narrow(1, n0, n).copy_(at::mm(rows, dense_rows(w, n0, n, dtype).t()));
+      if (dtype == at::kFloat && n == N) at::mm_out(out, rows, dense_rows(w, 0, N, dtype).t());  // straight into y
+      else out.narrow(1, n0, n).copy_(at::mm(rows, dense_rows(w, n0, n, dtype).t()));  // (bfloat16 out: widened)
     }
   }
   if (b.has_value() && b->defined()) {
