@@ -137,12 +137,13 @@ struct Q8Block<Q6_K> {  // sub-block of 16: w = d * scale * (q - 32)
   }
 };
 
-// The formats with one scale a block of 32 (Q8_0, Q4_0, Q4_1) go four blocks at a time: the four
-// integer dot products are summed lane-wise into one vector (vphaddd: lanes 0-3 the first half of
-// blocks 0-3, lanes 4-7 the second half), so that one conversion, one product of the four weight
-// scales with the four row scales and one FMA serve four blocks, and one FMA their mins.
+// The formats with one scale a block of 32 (Q8_0, Q4_0, Q4_1) go four blocks at a time, so that
+// one conversion, one product of the four weight scales with the four row scales and one FMA serve
+// four blocks, and one FMA their mins. A row's last 1-3 blocks, in GGUF's layout, have their
+// integer dot products summed lane-wise into one vector (vphaddd: lanes 0-3 the first half of
+// blocks 0-3, lanes 4-7 the second half); the whole quads before them need no such sums:
 //
-// Their weights with 8-bit rows are kept in the quad layout (QuantWeight.with_q8_rows,
+// their weights with 8-bit rows are kept in the quad layout (QuantWeight.with_q8_rows,
 // convert_rows): each run of four whole blocks of a row, in the same 4 * kBytes bytes, holds the
 // four headers (fp16 d, or d and m) side by side, then the quants as four 32-byte vectors, vector
 // t holding quants 8t .. 8t + 7 of block 0, then of blocks 1, 2 and 3: Q8_0's vectors one after the
@@ -158,51 +159,46 @@ struct Quad;
 
 template <typename F>
 constexpr bool kQuads = std::is_same_v<F, Q8_0> || std::is_same_v<F, Q4_0> || std::is_same_v<F, Q4_1>;
-inline bool has_quads(int64_t type) { return type == kQ8_0 || type == kQ4_0 || type == kQ4_1; }
+inline bool has_quads(int64_t type) {  // kQuads of the format of `type`
+  bool quads = false;
+  dispatch(type, [&](auto format) { quads = kQuads<decltype(format)>; });
+  return quads;
+}
 template <typename F>
 constexpr int kHeader = std::is_same_v<F, Q8_0> ? 2 : static_cast<int>(F::kBytes) - 16;  // bytes before the quants
 
-// Quant j (0-31) of a block as GGUF stores it: Q8_0's int8 bits, or a nibble.
+// Where quant j (0-31) of a block sits: {byte, bit shift} in GGUF's block (Q8_0's int8 bits, or a
+// nibble: weight j < 16 low in byte j, 16 + j high), and in a quad's quants (block i, vector j / 8).
+struct Slot {
+  int byte, shift;
+};
 template <typename F>
-uint8_t gguf_quant(const uint8_t* block, int j) {
-  if constexpr (std::is_same_v<F, Q8_0>) return block[2 + j];
-  const uint8_t byte = block[kHeader<F> + j % 16];
-  return j < 16 ? byte & 0x0F : byte >> 4;
+Slot gguf_slot(int j) {
+  if constexpr (std::is_same_v<F, Q8_0>) return {2 + j, 0};
+  return {kHeader<F> + j % 16, 4 * (j / 16)};
 }
-
-// Quant j of block i of a quad's quants in the quad layout.
 template <typename F>
-uint8_t quad_quant(const uint8_t* quants, int i, int j) {
+Slot quad_slot(int i, int j) {
   const int t = j / 8, at = 8 * i + j % 8;  // vector t, byte `at` of it
-  if constexpr (std::is_same_v<F, Q8_0>) return quants[32 * t + at];
-  const uint8_t byte = quants[32 * (t / 2) + at];
-  return t % 2 ? byte >> 4 : byte & 0x0F;
+  if constexpr (std::is_same_v<F, Q8_0>) return {32 * t + at, 0};
+  return {32 * (t / 2) + at, 4 * (t % 2)};
 }
 
-// One quad: four blocks in GGUF's layout at `from` into the quad layout at `to`, or back.
+// One quad: four blocks in GGUF's layout at `from` into the quad layout at `to`, or back: each
+// header moved whole, each quant from its slot in one layout to its slot in the other.
 template <typename F>
 void convert_quad(const uint8_t* from, uint8_t* to, bool to_quad) {
   constexpr int H = kHeader<F>;
-  if (to_quad) {
-    for (int i = 0; i < 4; ++i) std::memcpy(to + i * H, from + i * F::kBytes, H);
-    uint8_t* quants = to + 4 * H;
-    std::memset(quants, 0, 4 * F::kBytes - 4 * H);
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 32; ++j) {
-        const uint8_t v = gguf_quant<F>(from + i * F::kBytes, j);
-        const int t = j / 8, at = 8 * i + j % 8;
-        if constexpr (std::is_same_v<F, Q8_0>) quants[32 * t + at] = v;
-        else quants[32 * (t / 2) + at] |= static_cast<uint8_t>(t % 2 ? v << 4 : v);
-      }
-    return;
-  }
-  const uint8_t* quants = from + 4 * H;
+  constexpr int kMask = std::is_same_v<F, Q8_0> ? 0xFF : 0x0F;
+  std::memset(to, 0, 4 * F::kBytes);
   for (int i = 0; i < 4; ++i) {
-    uint8_t* block = to + i * F::kBytes;
-    std::memcpy(block, from + i * H, H);
-    for (int j = 0; j < (std::is_same_v<F, Q8_0> ? 32 : 16); ++j) {
-      if constexpr (std::is_same_v<F, Q8_0>) block[2 + j] = quad_quant<F>(quants, i, j);
-      else block[H + j] = static_cast<uint8_t>(quad_quant<F>(quants, i, j) | quad_quant<F>(quants, i, j + 16) << 4);
+    const int gguf_header = i * static_cast<int>(F::kBytes), quad_header = i * H;
+    std::memcpy(to + (to_quad ? quad_header : gguf_header), from + (to_quad ? gguf_header : quad_header), H);
+    for (int j = 0; j < 32; ++j) {
+      const Slot g = gguf_slot<F>(j), q = quad_slot<F>(i, j);
+      const Slot gguf{gguf_header + g.byte, g.shift}, quad{4 * H + q.byte, q.shift};  // offsets in the 4 blocks
+      const Slot &source = to_quad ? gguf : quad, &target = to_quad ? quad : gguf;
+      to[target.byte] |= static_cast<uint8_t>(((from[source.byte] >> source.shift) & kMask) << target.shift);
     }
   }
 }
