@@ -90,17 +90,20 @@ at::Tensor dense_rows(const at::Tensor& w, int64_t start, int64_t n, at::ScalarT
   return out.to(dtype);
 }
 
-// Columns [start, start + n) of a weight as `dtype` (N, n); for blocks, whole blocks of columns.
+// Columns [start, start + n) of a weight as `dtype` (N, n); for blocks, whole blocks of columns,
+// and in the quad layout of 8-bit rows (quant_q8.h) a range that starts at a quad and takes whole
+// quads or ends with the row, so that its blocks make the same quads (mlp_prefill's chunks do).
 at::Tensor dense_cols(const at::Tensor& w, int64_t start, int64_t n, at::ScalarType dtype) {
   if (!quantized(w)) return w.narrow(1, start, n).to(dtype);
-  if (q8_rows(w) && quant::has_quads(quant_type(w)))  // whole rows: a quad may straddle the range's ends
-    return dense_rows(w, 0, w.size(0), at::kFloat).narrow(1, start, n).to(dtype);
-  const int64_t block = quant::block_size(quant_type(w));
+  const int64_t block = quant::block_size(quant_type(w)), K = in_features(w);
   TORCH_CHECK(start % block == 0 && n % block == 0, "specdec forward: column chunks must be whole blocks");
+  if (q8_rows(w) && quant::has_quads(quant_type(w)))
+    TORCH_CHECK(start % (4 * block) == 0 && (n % (4 * block) == 0 || start + n == K),
+                "specdec forward: column chunks of the quad layout must be whole quads or end the row");
   const at::Tensor part = w.narrow(1, start / block, n / block).contiguous();  // (N, n / block, bytes)
   at::Tensor out = at::empty({w.size(0), n}, at::TensorOptions().dtype(at::kFloat));
   quant::dispatch(quant_type(w), [&](auto format) {
-    quant::dequantize<decltype(format)>(block_bytes(part), w.size(0), n, out.data_ptr<float>());
+    quant::dequantize_any<decltype(format)>(q8_rows(w), block_bytes(part), w.size(0), n, out.data_ptr<float>());
   });
   return out.to(dtype);
 }
