@@ -91,6 +91,15 @@ inline __m256 hsum8(const __m256* v) {
   return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
+// The M x R accumulators of a block of products, zeroed.
+template <int M, int R>
+__attribute__((always_inline)) inline void zero_sums(__m256 (&acc)[M][R]) {
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+}
+
 // y[m, n0 + r] = tail(m, r, hsum(acc[m][r])): the sums of a block's accumulators, plus its scalar
 // tail (the columns past the last whole vector). Without a tail, blocks of 4 or 8 weight rows
 // sum a row of x's accumulators at once (hsum4 / hsum8: the same bits as hsum).
@@ -139,10 +148,7 @@ struct FmaStep {
 template <typename Step, int M, int R, typename W>
 __attribute__((noinline)) void block(const typename Step::X* x, int64_t K, const W* w, int64_t n0, float* y, int64_t N, int64_t lead) {
   __m256 acc[M][R];
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  zero_sums<M, R>(acc);
   const int64_t Kv = K - K % Step::kWidth;
   const bool prefetch = (n0 + R) * K + lead <= N * K;  // never point past the last weight
   for (int64_t k = 0; k < Kv; k += Step::kWidth) {

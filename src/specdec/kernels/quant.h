@@ -352,10 +352,7 @@ template <typename F, int M, int R>
 __attribute__((noinline)) void block(const float* x, const float* xs, int64_t K, const uint8_t* w, int64_t row_bytes,
                                      int64_t n0, float* y, int64_t N, int64_t lead) {
   __m256 acc[M][R];
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  zero_sums<M, R>(acc);
   constexpr int64_t kGroups = F::kBlock / 32;
   const int64_t blocks = K / F::kBlock, groups32 = K / 32;
   for (int64_t kb = 0; kb < blocks; ++kb) {

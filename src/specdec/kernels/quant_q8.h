@@ -358,10 +358,7 @@ __attribute__((noinline)) void quads_q8(const Rows8& rows, int64_t m0, int64_t K
                                         int64_t n0, float* y, int64_t N, int64_t lead) {
   using Q = Quad<F>;
   __m256 acc[M][R];
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  zero_sums<M, R>(acc);
   const int64_t blocks = K / 32, whole = blocks - blocks % 4;
   for (int64_t k4 = 0; k4 < whole; k4 += 4) {
 #pragma GCC unroll 8
@@ -442,10 +439,7 @@ __attribute__((noinline)) void block_q8(const Rows8& rows, int64_t m0, int64_t K
   using B = Q8Block<F>;
   constexpr int kGroups = F::kBlock / 32;
   __m256 acc[M][R];
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  zero_sums<M, R>(acc);
   const int64_t blocks = K / F::kBlock, groups = K / 32;
   for (int64_t kb = 0; kb < blocks; ++kb) {
 #pragma GCC unroll 8
